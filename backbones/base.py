@@ -1,0 +1,203 @@
+"""The adapter base class: how didi reads one model family tensor by tensor and which tensors it decomposes.
+
+An `Adapter` is configuration only (name patterns, the non-matrix policy, reshape rules). `Zoo` binds an adapter
+to θ0 and the task checkpoints, checks they fit together before any heavy compute, and plans what happens to
+every tensor. A new family subclasses `Adapter` and overrides the few hooks it needs (see README).
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+
+from didi.errors import DidiError
+from didi.sources import TensorSource
+
+NonMatrixPolicy = Literal["shared", "per_task"]
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """What happens to one tensor: decomposed as an m×n matrix, or handled by the non-matrix policy."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    matrix_shape: tuple[int, int] | None  # None: not decomposed
+    layer: int  # block index for plots (-1: outside the blocks)
+    kind: str  # matrix kind for plots ("attn.in_proj_weight", "mlp.c_fc.weight", ...)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers?|blocks?|resblocks|h|encoder\.layer)\.(\d+)\.")
+
+
+class Adapter:
+    """Generic state-dict adapter; families override `scope`, `is_decomposed`, reshape rules and `build_model`.
+
+    Args:
+        include: fnmatch patterns; when given, only matching tensors are decomposed (others follow the
+            non-matrix policy).
+        exclude: fnmatch patterns of tensors never decomposed.
+        nonmatrix_policy: `shared` folds the mean delta of non-matrix tensors into the stored base (cost 0);
+            `per_task` keeps each task's exact delta (counted in the budget).
+    """
+
+    registry_name: str = "state_dict"
+
+    def __init__(
+        self,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        nonmatrix_policy: NonMatrixPolicy = "shared",
+    ) -> None:
+        if nonmatrix_policy not in ("shared", "per_task"):
+            raise DidiError(f"nonmatrix_policy: expected 'shared' or 'per_task', found {nonmatrix_policy!r}")
+        self.include = list(include) if include else None
+        self.exclude = list(exclude or [])
+        self.nonmatrix_policy = nonmatrix_policy
+
+    # ------------------------------------------------------------------------------------- family hooks
+    def open_source(self, path: str | Path, allow_pickle: bool = False) -> TensorSource:
+        """Open one checkpoint; families with other layouts override this."""
+        return TensorSource(path, allow_pickle=allow_pickle)
+
+    def in_scope(self, name: str) -> bool:
+        """Whether a tensor belongs to the merged model (and to |θ0|). Default: every tensor."""
+        return True
+
+    def is_decomposed(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+        """Default: every 2-D floating tensor, subject to include/exclude patterns."""
+        if not dtype.is_floating_point or len(shape) != 2 or min(shape) < 1:
+            return False
+        return self._pattern_ok(name)
+
+    def _pattern_ok(self, name: str) -> bool:
+        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+            return False
+        return self.include is None or any(fnmatch.fnmatchcase(name, p) for p in self.include)
+
+    def matrix_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, int]:
+        """Reshape rule: (out, in, kh, kw) → (out, in·kh·kw); 2-D stays as it is."""
+        return (shape[0], math.prod(shape[1:]))
+
+    def layer_of(self, name: str) -> tuple[int, str]:
+        """(block index, matrix kind) for rank plots; -1 for tensors outside numbered blocks."""
+        m = _LAYER_RE.search(name)
+        if not m:
+            return -1, name
+        return int(m.group(1)), name[m.end():]
+
+    def build_model(self, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """A runnable model from a state dict; the generic adapter has no architecture to build."""
+        raise NotImplementedError(f"adapter '{self.registry_name}' cannot build a runnable model")
+
+    def settings(self) -> dict:
+        """What the manifest records so that a later load can rebuild the same adapter."""
+        return {"include": self.include, "exclude": self.exclude, "nonmatrix_policy": self.nonmatrix_policy}
+
+
+@dataclass
+class Zoo:
+    """θ0 plus named task checkpoints, bound to an adapter and checked for compatibility (no SVD yet)."""
+
+    adapter: Adapter
+    base: str
+    tasks: dict[str, str]
+    allow_pickle: bool = False
+    plan: list[TensorPlan] = field(init=False)
+    base_params: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tasks = parse_tasks(self.tasks)
+        self.base_source = self.adapter.open_source(self.base, self.allow_pickle)
+        self.task_sources = {t: self.adapter.open_source(p, self.allow_pickle) for t, p in self.tasks.items()}
+        self._check_and_plan()
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    @property
+    def matrices(self) -> list[TensorPlan]:
+        return [p for p in self.plan if p.matrix_shape is not None]
+
+    @property
+    def nonmatrices(self) -> list[TensorPlan]:
+        return [p for p in self.plan if p.matrix_shape is None]
+
+    def _check_and_plan(self) -> None:
+        a, src = self.adapter, self.base_source
+        names = [n for n in src.keys() if a.in_scope(n)]
+        if not names:
+            raise DidiError(f"{self.base}: no tensors in the scope of adapter '{a.registry_name}'")
+        base_set = set(names)
+        for t, ts in self.task_sources.items():
+            tnames = {n for n in ts.keys() if a.in_scope(n)}
+            missing, extra = sorted(base_set - tnames), sorted(tnames - base_set)
+            if missing:
+                raise DidiError(f"task '{t}' ({self.tasks[t]}): tensor '{missing[0]}' of the base model is missing"
+                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            if extra:
+                raise DidiError(f"task '{t}' ({self.tasks[t]}): tensor '{extra[0]}' is not in the base model "
+                                f"{self.base}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+            for n in names:
+                if ts.shape(n) != src.shape(n):
+                    raise DidiError(f"task '{t}': tensor '{n}' has shape {list(ts.shape(n))}, "
+                                    f"the base model has {list(src.shape(n))}")
+        plan = []
+        for n in names:
+            shape, dtype = src.shape(n), src.dtype(n)
+            ms = a.matrix_shape(n, shape) if a.is_decomposed(n, shape, dtype) else None
+            layer, kind = a.layer_of(n)
+            plan.append(TensorPlan(n, tuple(shape), dtype, ms, layer, kind))
+        self.plan = plan
+        self.base_params = sum(p.numel for p in plan if p.dtype.is_floating_point)
+
+    def read(self, name: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """θ0's tensor and every task's, cast to `dtype`; NaN/Inf anywhere is an error naming the source."""
+        out = []
+        for label, s in [("base", self.base_source), *self.task_sources.items()]:
+            t = s.get(name)
+            if t.dtype.is_floating_point:
+                t = t.to(dtype)
+                if not torch.isfinite(t).all():
+                    where = "the base model" if label == "base" else f"task '{label}'"
+                    raise DidiError(f"{where} ({s.path}): tensor '{name}' contains NaN or Inf")
+            out.append(t)
+        return out[0], out[1:]
+
+
+def parse_tasks(tasks: dict[str, str] | Sequence[str]) -> dict[str, str]:
+    """Tasks as {name: path}, or a list of `name=path` / plain paths (name = file or directory stem)."""
+    if isinstance(tasks, dict):
+        items = [(str(k), str(v)) for k, v in tasks.items()]
+    else:
+        items = []
+        for spec in tasks:
+            spec = str(spec)
+            if "=" in spec and not Path(spec).exists():
+                k, v = spec.split("=", 1)
+            else:
+                k, v = Path(spec).name.split(".")[0], spec
+            items.append((k, v))
+    names = [k for k, _ in items]
+    dup = sorted({k for k in names if names.count(k) > 1})
+    if dup:
+        raise DidiError(f"tasks: duplicate task name(s) {dup}; give each task a unique name (name=path)")
+    if len(items) == 0:
+        raise DidiError("tasks: no tasks given; pass at least two fine-tuned models")
+    if len(items) == 1:
+        raise DidiError(f"tasks: only one task ({names[0]}); merging needs at least two fine-tuned models")
+    for k, _ in items:
+        if not k or "/" in k or k.startswith("."):
+            raise DidiError(f"tasks: invalid task name {k!r} (it names a file in the artifact)")
+    return dict(items)

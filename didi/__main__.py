@@ -1,0 +1,5 @@
+import sys
+
+from didi.cli import main
+
+sys.exit(main())

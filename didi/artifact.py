@@ -1,0 +1,202 @@
+"""The artifact: a directory anyone can use without didi's training code.
+
+    manifest.json            format, adapter + settings, sources + sha256 of every tensor used, tasks,
+                             method + hyper-parameters, ranks, storage breakdown and ratio, versions, file sha256
+    fold.safetensors         deltas folded into the stored base (every task; replaces base tensors, cost 0)
+    shared.safetensors       terms every task adds: "<name>::lora_A" (m×r), "<name>::lora_B" (r×n), "<name>::dense"
+    tasks/<task>.safetensors terms of one task: lora pairs, "<name>::dense", or "<name>::mask" + "<name>::scale"
+                             (scale · mask ⊙ shared "<name>::ref")
+    rank_heatmap.png         (DiDi) ranks per layer and matrix kind
+
+Task t's weights: θ0[name] + fold + A_s B_s + A_t B_t + dense_t + scale_t·mask_t⊙ref, reshaped to the tensor's
+shape. Written to a temporary directory and renamed into place at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from didi.accounting import Stored, price_files, storage_report
+from didi.errors import DidiError
+from didi.sources import file_sha256
+
+FORMAT = "didi-artifact"
+FORMAT_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("didi-merging", "torch", "lightning", "safetensors"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; rename it to `path` only if the block succeeds."""
+    path = Path(path)
+    if path.exists():
+        raise DidiError(f"{path}: output directory already exists; choose another path or delete it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.time_ns()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_artifact(path: str | Path, manifest: dict, fold: dict[str, torch.Tensor], shared: dict[str, torch.Tensor],
+                   tasks: dict[str, dict[str, torch.Tensor]], extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write tensors + manifest atomically; fills in storage, file checksums and versions."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        files: dict[str, Path] = {}
+        (tmp / "tasks").mkdir()
+        if fold:
+            save_file(_contig(fold), str(tmp / "fold.safetensors"))
+            files["fold"] = tmp / "fold.safetensors"
+        save_file(_contig(shared), str(tmp / "shared.safetensors"))
+        files["shared"] = tmp / "shared.safetensors"
+        for t in manifest["tasks"]:
+            f = tmp / "tasks" / f"{t}.safetensors"
+            save_file(_contig(tasks.get(t, {})), str(f))
+            files[t] = f
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        manifest = dict(manifest)
+        manifest["format"], manifest["format_version"] = FORMAT, FORMAT_VERSION
+        manifest["storage"] = {**storage_report(price_files(files), manifest["base_params"]),
+                               **manifest.get("storage", {})}
+        manifest["files"] = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest["versions"] = versions()
+        manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return path
+
+
+def _contig(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in d.items()}
+
+
+class Artifact:
+    """A loaded artifact: `task_state_dict(name)` rebuilds θ0 + shared + expert for one task."""
+
+    def __init__(self, path: str | Path, verify: bool = True) -> None:
+        self.path = Path(path)
+        mf = self.path / "manifest.json"
+        if not mf.exists():
+            raise DidiError(f"{self.path}: not a didi artifact (no manifest.json)")
+        try:
+            self.manifest = json.loads(mf.read_text())
+        except json.JSONDecodeError as e:
+            raise DidiError(f"{mf}: corrupt manifest ({e})") from e
+        if self.manifest.get("format") != FORMAT:
+            raise DidiError(f"{mf}: format {self.manifest.get('format')!r} is not {FORMAT!r}")
+        if self.manifest.get("format_version", 0) > FORMAT_VERSION:
+            raise DidiError(f"{mf}: format version {self.manifest['format_version']} is newer than this didi "
+                            f"({FORMAT_VERSION}); upgrade didi")
+        if verify:
+            for rel, digest in self.manifest["files"].items():
+                f = self.path / rel
+                if not f.exists():
+                    raise DidiError(f"{self.path}: file {rel} listed in the manifest is missing")
+                if file_sha256(f) != digest:
+                    raise DidiError(f"{f}: sha256 does not match the manifest (corrupt or modified)")
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.manifest["tasks"])
+
+    @property
+    def storage_ratio(self) -> float:
+        return float(self.manifest["storage"]["ratio"])
+
+    def _load(self, rel: str) -> dict[str, torch.Tensor]:
+        f = self.path / rel
+        return load_file(str(f)) if f.exists() else {}
+
+    def fold(self) -> dict[str, torch.Tensor]:
+        return self._load("fold.safetensors")
+
+    def shared(self) -> dict[str, torch.Tensor]:
+        return self._load("shared.safetensors")
+
+    def task_terms(self, task: str) -> dict[str, torch.Tensor]:
+        if task not in self.tasks:
+            raise DidiError(f"{self.path}: unknown task {task!r}; tasks: {self.tasks}")
+        return self._load(f"tasks/{task}.safetensors")
+
+    def task_deltas(self, task: str) -> dict[str, torch.Tensor]:
+        """name -> full delta of `task` w.r.t. θ0 (fp32, the tensor's shape)."""
+        shapes = {n: tuple(v["shape"]) for n, v in self.manifest["tensors"].items()}
+        out: dict[str, torch.Tensor] = {}
+
+        def add(name: str, d: torch.Tensor) -> None:
+            d = d.float().reshape(shapes[name])
+            out[name] = out[name] + d if name in out else d
+
+        for name, d in self.fold().items():
+            add(name, d)
+        shared, own = self.shared(), self.task_terms(task)
+        for terms in (shared, own):
+            for key, v in terms.items():
+                name, kind = key.rsplit("::", 1)
+                if kind == "lora_A":
+                    add(name, v.float() @ terms[f"{name}::lora_B"].float())
+                elif kind == "dense":
+                    add(name, v)
+                elif kind == "mask":
+                    add(name, own[f"{name}::scale"].float() * v.float() * shared[f"{name}::ref"].float())
+        return out
+
+    def task_state_dict(self, task: str, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """θ0 + fold + shared + expert for `task`, in θ0's dtypes. θ0 is read through the recorded adapter
+        from the recorded base path unless `base` (a state dict) is given."""
+        deltas = self.task_deltas(task)
+        if base is None:
+            base = dict(self.open_base().items())
+        out = {}
+        for name, w in base.items():
+            out[name] = (w.float() + deltas[name]).to(w.dtype) if name in deltas else w
+        missing = sorted(set(deltas) - set(base))
+        if missing:
+            raise DidiError(f"{self.path}: base model lacks tensor '{missing[0]}' that the artifact changes")
+        return out
+
+    def adapter(self):
+        from didi.backbones import build_adapter
+
+        a = self.manifest["adapter"]
+        return build_adapter(a["name"], a["settings"])
+
+    def open_base(self):
+        src = self.manifest["sources"]["base"]
+        return self.adapter().open_source(src["path"], src.get("allow_pickle", False))
+
+    def stored(self) -> list[Stored]:
+        files = {"shared": self.path / "shared.safetensors",
+                 **{t: self.path / "tasks" / f"{t}.safetensors" for t in self.tasks}}
+        if (self.path / "fold.safetensors").exists():
+            files["fold"] = self.path / "fold.safetensors"
+        return price_files(files)
+
+
+def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
+    return Artifact(path, verify=verify)

@@ -1,0 +1,244 @@
+"""Budgets: presets, feasibility, and turning continuous searched ranks into integer ranks at the exact target.
+
+After the search: round, multiply every rank by one global factor found by bisection, then spend what is left
+on the single rank units with the largest exact error decrease per stored element (closed form), so the final
+ratio is as close to the target as possible without exceeding it.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+from didi.accounting import lora_elements
+from didi.closed_form import GroupTerms, error_from_masks, hard_mask
+from didi.errors import DidiError
+
+PRESETS = {"S": 1.24, "M": 1.4, "L": 2.0}
+
+
+def parse_budget(budget: float | str) -> float:
+    """`S`/`M`/`L` (1.24/1.4/2.0, the paper's sizes) or any ratio > 1 such as 1.05 or "1.05"."""
+    if isinstance(budget, str):
+        if budget.upper() in PRESETS:
+            return PRESETS[budget.upper()]
+        try:
+            budget = float(budget)
+        except ValueError:
+            raise DidiError(f"budget: expected S, M, L or a storage ratio such as 1.24, found {budget!r}") from None
+    if not budget > 1.0:
+        raise DidiError(f"budget: a storage ratio must be > 1 (the backbone alone is 1.0), found {budget}")
+    return float(budget)
+
+
+@dataclass
+class RankProblem:
+    """Everything the budget needs: matrix sizes, rank bounds, |θ0| and what is stored regardless of ranks."""
+
+    m: torch.Tensor  # [L] int64
+    n: torch.Tensor  # [L]
+    bound_s: torch.Tensor  # [L] int64, ≤ search width K of the matrix
+    bound_t: torch.Tensor  # [L,T]
+    base_params: int
+    fixed_elements: float  # e.g. per-task dense non-matrix deltas
+
+    @property
+    def unit(self) -> torch.Tensor:
+        """Elements of one rank unit of each matrix (m + n)."""
+        return lora_elements(self.m, self.n, 1)
+
+    def elements(self, r_s: torch.Tensor, r_t: torch.Tensor) -> torch.Tensor:
+        return (lora_elements(self.m, self.n, r_s) + lora_elements(self.m[:, None], self.n[:, None], r_t).sum(-1)
+                ).sum() + self.fixed_elements
+
+    def ratio(self, r_s: torch.Tensor, r_t: torch.Tensor) -> float:
+        return 1.0 + float(self.elements(r_s.double(), r_t.double())) / self.base_params
+
+    def min_ratio(self) -> float:
+        return 1.0 + self.fixed_elements / self.base_params
+
+    def max_ratio(self) -> float:
+        return self.ratio(self.bound_s, self.bound_t)
+
+    def max_elements(self, target: float) -> int:
+        return int((target - 1.0) * self.base_params + 1e-6) - int(round(self.fixed_elements))
+
+    def check(self, target: float) -> None:
+        """Refuse an unreachable budget before any heavy compute."""
+        lo, hi = self.min_ratio(), self.max_ratio()
+        if target < lo + float(self.unit.min()) / self.base_params:
+            raise DidiError(f"budget {target:g}: below what must be stored anyway (ratio {lo:.6g} for the per-task "
+                            f"non-matrix deltas, plus {float(self.unit.min())} elements for a single rank unit); "
+                            f"ask for more, or use nonmatrix_policy=shared")
+        if target > hi + 1e-12:
+            raise DidiError(f"budget {target:g}: above full rank (every module at its full numerical rank costs "
+                            f"ratio {hi:.6g}); ask for at most {hi:.6g}")
+
+
+class Allocator:
+    """Exact errors and marginal gains of integer ranks over matrix groups (closed form, hard masks)."""
+
+    def __init__(self, groups: list[tuple[torch.Tensor, GroupTerms]], problem: RankProblem) -> None:
+        self.groups = [(idx, terms.to(dtype=torch.float64)) for idx, terms in groups]
+        self.problem = problem
+        self.T = problem.bound_t.shape[1]
+        self.tau_total = float(sum(t.tau_sq.sum() for _, t in self.groups))
+        self.last_gain = 0.0  # gain per element of the last unit greedy_fill added (the budget's multiplier)
+
+    def error(self, r_s: torch.Tensor, r_t: torch.Tensor) -> float:
+        """Σ_t Σ_l ‖E_t,l‖² / Σ_t Σ_l ‖τ_t,l‖² at integer ranks (relative squared error)."""
+        tot = 0.0
+        for idx, terms in self.groups:
+            g_s, g_t = hard_mask(r_s[idx], terms.K), hard_mask(r_t[idx], terms.K)
+            tot += float(error_from_masks(terms, g_s.double(), g_t.double()).sum())
+        return tot / self.tau_total
+
+    def _gains(self, idx: torch.Tensor, terms: GroupTerms, r_s: torch.Tensor, r_t: torch.Tensor):
+        """Exact error decrease of adding one rank unit to the shared module / each expert, [L] and [L,T].
+
+        Removing component j = r+1 from the dropped mass sets d_j from σ_j to 0, so the decrease is
+        σ_j² + 2σ_j (cross and tail terms at j) — O(T·K) per matrix, no SVD, no m×n matrix.
+        """
+        K = terms.K
+        rs, rt = r_s[idx], r_t[idx]
+        d_s = (1 - hard_mask(rs, K).double()) * terms.sigma_s
+        d_t = (1 - hard_mask(rt, K).double()) * terms.sigma_t
+        # expert t, component j = rt (0-based): σ² + 2σ[(Cᵀ d_s)_j + q_j]
+        Ct_ds = torch.einsum("ltkj,lk->ltj", terms.C, d_s)
+        j_t = rt.clamp(max=K - 1)
+        sig_t = terms.sigma_t.gather(-1, j_t[..., None])[..., 0]
+        lin_t = (Ct_ds + terms.q).gather(-1, j_t[..., None])[..., 0]
+        gain_t = sig_t * sig_t + 2 * sig_t * lin_t
+        gain_t = torch.where(rt < K, gain_t, torch.full_like(gain_t, -float("inf")))
+        # shared, component j = rs: Σ_t σ² + 2σ[(C d_t)_j + p_j]
+        C_dt = torch.einsum("ltkj,ltj->ltk", terms.C, d_t)
+        j_s = rs.clamp(max=K - 1)
+        sig_s = terms.sigma_s.gather(-1, j_s[:, None])[:, 0]
+        lin_s = (C_dt + terms.p).gather(-1, j_s[:, None, None].expand(-1, self.T, 1))[..., 0].sum(-1)
+        gain_s = self.T * sig_s * sig_s + 2 * sig_s * lin_s
+        gain_s = torch.where(rs < K, gain_s, torch.full_like(gain_s, -float("inf")))
+        return gain_s, gain_t
+
+    def greedy_fill(self, r_s: torch.Tensor, r_t: torch.Tensor, max_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add single rank units by largest gain per element while they fit; returns new integer ranks."""
+        p = self.problem
+        r_s, r_t = r_s.clone().long(), r_t.clone().long()
+        left = max_elements - int(p.elements(r_s, r_t) - p.fixed_elements)
+        unit = p.unit
+        heap: list = []
+        where = {}  # global matrix -> (group, position)
+        for g, (idx, _) in enumerate(self.groups):
+            for pos, l in enumerate(idx.tolist()):
+                where[l] = (g, pos)
+
+        def push(l: int) -> None:
+            g, pos = where[l]
+            idx, terms = self.groups[g]
+            gs, gt = self._gains(idx[pos:pos + 1], terms.__class__(*(getattr(terms, f)[pos:pos + 1]
+                                                                     for f in terms.__dataclass_fields__)), r_s, r_t)
+            u = float(unit[l])
+            if r_s[l] < p.bound_s[l] and gs[0] > 0:
+                heapq.heappush(heap, (-float(gs[0]) / u, l, -1, int(r_s[l])))
+            for t in range(self.T):
+                if r_t[l, t] < p.bound_t[l, t] and gt[0, t] > 0:
+                    heapq.heappush(heap, (-float(gt[0, t]) / u, l, t, int(r_t[l, t])))
+
+        for l in range(len(unit)):
+            push(l)
+        while heap:
+            neg_gain, l, t, r_then = heapq.heappop(heap)
+            current = int(r_s[l]) if t < 0 else int(r_t[l, t])
+            if current != r_then:
+                continue  # stale entry (the matrix changed since)
+            u = int(unit[l])
+            if u > left:
+                continue
+            if t < 0:
+                r_s[l] += 1
+            else:
+                r_t[l, t] += 1
+            left -= u
+            self.last_gain = -neg_gain
+            # every candidate of matrix l changes (cross terms): drop its stale entries lazily and re-push
+            heap = [h for h in heap if h[1] != l]
+            heapq.heapify(heap)
+            push(l)
+        return r_s, r_t
+
+    def removal_losses(self, r_s: torch.Tensor, r_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact error increase of removing the last rank unit of each module ([L], [L,T]; inf at rank 0)."""
+        L_ = len(r_s)
+        loss_s = torch.full((L_,), float("inf"), dtype=torch.float64)
+        loss_t = torch.full((L_, self.T), float("inf"), dtype=torch.float64)
+        for idx, terms in self.groups:
+            gs, _ = self._gains(idx, terms, (r_s - 1).clamp_min(0), r_t)
+            _, gt = self._gains(idx, terms, r_s, (r_t - 1).clamp_min(0))
+            loss_s[idx] = torch.where(r_s[idx] > 0, gs, loss_s[idx])
+            loss_t[idx] = torch.where(r_t[idx] > 0, gt, loss_t[idx])
+        return loss_s, loss_t
+
+    def polish(self, r_s: torch.Tensor, r_t: torch.Tensor, max_elements: int, max_iters: int = 500,
+               tries: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local search: free the cheapest unit (least error per element), refill greedily, keep if better."""
+        r_s, r_t = r_s.clone().long(), r_t.clone().long()
+        err = self.error(r_s, r_t)
+        unit = self.problem.unit.double()
+        for _ in range(max_iters):
+            ls, lt = self.removal_losses(r_s, r_t)
+            score = torch.cat([ls / unit, (lt / unit[:, None]).reshape(-1)])
+            improved = False
+            for c in torch.argsort(score)[:tries].tolist():
+                if not torch.isfinite(score[c]):
+                    break
+                a_s, a_t = r_s.clone(), r_t.clone()
+                if c < len(r_s):
+                    a_s[c] -= 1
+                else:
+                    a_t.view(-1)[c - len(r_s)] -= 1
+                a_s, a_t = self.greedy_fill(a_s, a_t, max_elements)
+                new = self.error(a_s, a_t)
+                if new < err * (1 - 1e-12):
+                    r_s, r_t, err, improved = a_s, a_t, new, True
+                    break
+            if not improved:
+                break
+        return r_s, r_t
+
+
+def rescale_to_budget(r_s: torch.Tensor, r_t: torch.Tensor, problem: RankProblem, max_elements: int,
+                      iters: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round, then one global factor c by bisection: ranks = min(bound, floor(c·round(r))) within budget."""
+    rs, rt = r_s.double().clamp_min(0).round(), r_t.double().clamp_min(0).round()
+
+    def at(c: float):
+        return (torch.minimum((c * rs).floor(), problem.bound_s.double()).long(),
+                torch.minimum((c * rt).floor(), problem.bound_t.double()).long())
+
+    def fits(c: float) -> bool:
+        a, b = at(c)
+        return int(problem.elements(a, b) - problem.fixed_elements) <= max_elements
+
+    lo, hi = 0.0, 1.0
+    while fits(hi) and hi < 1e6:
+        lo, hi = hi, hi * 2
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return at(lo)
+
+
+def uniform_ranks(problem: RankProblem, max_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same rank r for every module (clipped at its bound), the largest r that fits."""
+    def at(r: int):
+        return (torch.clamp(problem.bound_s, max=r), torch.clamp(problem.bound_t, max=r))
+
+    lo, hi = 0, int(max(problem.bound_s.max(), problem.bound_t.max()))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        a, b = at(mid)
+        if int(problem.elements(a, b) - problem.fixed_elements) <= max_elements:
+            lo = mid
+        else:
+            hi = mid - 1
+    return at(lo)

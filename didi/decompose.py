@@ -1,0 +1,252 @@
+"""Step 1 of DiDi: split task vectors into shared + experts, SVD them, and keep the results in a factor store.
+
+Per decomposed matrix: M_s = merge(τ_1..τ_T) (mean by default), M_t = τ_t − M_s, and thin SVDs of all T+1
+modules in one batched call. The store keeps U, σ, V up to `max_rank` plus the few inner products that make
+the closed form exact for any search width K ≤ max_rank (method.md §3), so searches at other budgets and
+stage 2 reuse it instead of redoing SVDs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from didi.backbones.base import Zoo
+from didi.closed_form import GroupTerms
+from didi.errors import DidiError
+from didi.sources import tensor_sha256
+
+STORE_VERSION = 1
+
+
+def _mean(taus: torch.Tensor) -> torch.Tensor:
+    return taus.mean(0)
+
+
+#: Static merges usable for the shared part (M_s). Extended by `didi.methods` (TIES, TSV-M, ...).
+SHARED_MERGES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"mean": _mean}
+
+
+@dataclass(frozen=True)
+class MatrixEntry:
+    """Index row of one decomposed matrix in the store."""
+
+    idx: int
+    name: str
+    shape: tuple[int, ...]
+    m: int
+    n: int
+    K: int  # columns kept in the store (min(m, n) or max_rank)
+    bound_s: int  # numerical rank of M_s (≤ K)
+    bound_t: tuple[int, ...]  # numerical rank of each M_t
+    layer: int
+    kind: str
+
+
+class FactorStore:
+    """On-disk results of `decompose` for one zoo and one set of decomposition settings."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        index = self.root / "index.json"
+        if not index.exists():
+            raise DidiError(f"{self.root}: not a didi factor store (no index.json)")
+        meta = json.loads(index.read_text())
+        if meta.get("store_version") != STORE_VERSION:
+            raise DidiError(f"{self.root}: factor store version {meta.get('store_version')} is not "
+                            f"{STORE_VERSION}; delete it to recompute")
+        self.meta = meta
+        self.tasks: list[str] = meta["tasks"]
+        self.matrices = [MatrixEntry(**{**e, "shape": tuple(e["shape"]), "bound_t": tuple(e["bound_t"])})
+                         for e in meta["matrices"]]
+        self.nonmatrix: dict[str, dict] = meta["nonmatrix"]  # name -> {"shape", "zero": bool}
+        self.base_params: int = meta["base_params"]
+        self.sha256: dict = meta["sha256"]
+
+    def load(self, i: int) -> dict[str, torch.Tensor]:
+        return load_file(str(self.root / "matrices" / f"{i:05d}.safetensors"))
+
+    def nonmatrix_deltas(self) -> dict[str, torch.Tensor]:
+        f = self.root / "nonmatrix.safetensors"
+        return load_file(str(f)) if f.exists() else {}
+
+    def terms(self, i: int, K: int, device=None, dtype=torch.float32) -> GroupTerms:
+        """Closed-form terms of matrix i at search width K (≤ stored K), batched as L=1."""
+        f = self.load(i)
+        return terms_from_factors(f, K, device=device, dtype=dtype)
+
+
+def terms_from_factors(f: dict[str, torch.Tensor], K: int, device=None, dtype=torch.float32) -> GroupTerms:
+    """C_t, p_t, q_t and c_t = ‖R_s + R_t‖² at width K from the stored factors (method.md §3, truncated case)."""
+    Ks = f["S_s"].shape[-1]
+    if K > Ks:
+        raise DidiError(f"search width K={K} exceeds the {Ks} singular components kept in the factor store")
+    wdt = torch.float64
+    U_s, V_s = f["U_s"][:, :K].to(device, wdt), f["V_s"][:, :K].to(device, wdt)
+    U_t, V_t = f["U_t"][..., :K].to(device, wdt), f["V_t"][..., :K].to(device, wdt)
+    S_s, S_t = f["S_s"][:K].to(device, wdt), f["S_t"][:, :K].to(device, wdt)
+    a, b = f["a"][:, :K].to(device, wdt), f["b"][:, :K].to(device, wdt)
+    C = torch.einsum("mk,tmj->tkj", U_s, U_t) * torch.einsum("nk,tnj->tkj", V_s, V_t)  # [T,K,K]
+    Cs_t = torch.einsum("tkj,tj->tk", C, S_t)
+    Cts = torch.einsum("tkj,k->tj", C, S_s)
+    p = a - Cs_t
+    q = b - Cts
+    const = (f["ms_sq"].to(device, wdt) - (S_s ** 2).sum() + f["mt_sq"].to(device, wdt) - (S_t ** 2).sum(-1)
+             + 2 * (f["inner"].to(device, wdt) - (S_t * b).sum(-1) - (S_s * a).sum(-1) + (S_s * Cs_t).sum(-1)))
+    const = const.clamp_min(0)
+    out = GroupTerms(S_s[None], S_t[None], C[None], p[None], q[None], const[None], f["tau_sq"].to(device, wdt)[None])
+    return out.to(dtype=dtype)
+
+
+def numerical_rank(S: torch.Tensor, tol: float) -> int:
+    return int((S > tol).sum())
+
+
+def decompose_matrix(taus: torch.Tensor, merge: Callable[[torch.Tensor], torch.Tensor], max_rank: int | None,
+                     rtol: float | None = None) -> tuple[dict[str, torch.Tensor], int, list[int]]:
+    """SVDs and inner products of one matrix's T task vectors taus [T,m,n] (on the compute device/dtype)."""
+    T, m, n = taus.shape
+    k = min(m, n)
+    K = k if max_rank is None else min(k, max_rank)
+    Ms = merge(taus)
+    Mt = taus - Ms
+    U, S, Vh = torch.linalg.svd(torch.cat([Ms[None], Mt]), full_matrices=False)  # [T+1,m,k],[T+1,k],[T+1,k,n]
+    U, S, V = U[..., :K], S[..., :K], Vh[..., :K, :].transpose(-2, -1)
+    U_s, S_s, V_s, U_t, S_t, V_t = U[0], S[0], V[0], U[1:], S[1:], V[1:]
+    a = torch.einsum("mk,tmn,nk->tk", U_s, Mt, V_s)  # diag(U_sᵀ M_t V_s)
+    b = torch.einsum("tmk,mn,tnk->tk", U_t, Ms, V_t)  # diag(U_tᵀ M_s V_t)
+    f64 = torch.float64
+    scale = float(S[:, 0].max()) if K else 0.0
+    eps = torch.finfo(taus.dtype).eps
+    tol = (rtol if rtol is not None else max(m, n) * eps) * scale
+    bound_s = numerical_rank(S_s, tol)
+    bound_t = [numerical_rank(S_t[t], tol) for t in range(T)]
+    factors = {
+        "U_s": U_s, "S_s": S_s.to(f64), "V_s": V_s, "U_t": U_t, "S_t": S_t.to(f64), "V_t": V_t,
+        "a": a.to(f64), "b": b.to(f64),
+        "ms_sq": (Ms.to(f64) ** 2).sum(), "mt_sq": (Mt.to(f64) ** 2).sum((-2, -1)),
+        "inner": (Ms.to(f64)[None] * Mt.to(f64)).sum((-2, -1)), "tau_sq": (taus.to(f64) ** 2).sum((-2, -1)),
+    }
+    return {k_: v.detach().contiguous().cpu() for k_, v in factors.items()}, bound_s, bound_t
+
+
+@dataclass
+class DecomposeConfig:
+    """How task vectors are decomposed.
+
+    Args:
+        shared_merge: static merge that defines the shared part M_s (`mean` is the paper's choice).
+        max_rank: keep at most this many singular components per module (None: all). Set it for big
+            matrices (Llama) to the largest rank the search may reach; the closed form stays exact.
+        dtype: `float32` or `float64` for the SVDs.
+        device: `auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`, ...
+        cache_dir: where factor stores live; a second merge of the same models reuses them.
+    """
+
+    shared_merge: str = "mean"
+    max_rank: int | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    cache_dir: str = "~/.cache/didi/factors"
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in ("float32", "float64"):
+            raise DidiError(f"decompose.dtype: expected 'float32' or 'float64', found {self.dtype!r}")
+        return getattr(torch, self.dtype)
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def _fingerprint(zoo: Zoo, cfg: DecomposeConfig) -> str:
+    """Cache key from the sources' file stats, the task order, the adapter's settings and the decomposition."""
+    h = hashlib.sha256()
+
+    def stat(p: str) -> list:
+        p = Path(p)
+        files = sorted(p.rglob("*")) if p.is_dir() else [p]
+        return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+
+    payload = {
+        "v": STORE_VERSION, "base": stat(zoo.base), "tasks": [[t, stat(p)] for t, p in zoo.tasks.items()],
+        "adapter": [zoo.adapter.registry_name, zoo.adapter.settings()],
+        "cfg": [cfg.shared_merge, cfg.max_rank, cfg.dtype],
+    }
+    h.update(json.dumps(payload, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
+
+
+def decompose(zoo: Zoo, cfg: DecomposeConfig, progress: bool = True) -> FactorStore:
+    """Return the factor store for `zoo`, computing it (and writing it atomically) only if not cached."""
+    if cfg.shared_merge not in SHARED_MERGES:
+        raise DidiError(f"decompose.shared_merge: unknown static merge {cfg.shared_merge!r}; "
+                        f"available: {sorted(SHARED_MERGES)}")
+    dtype, device = cfg.torch_dtype(), cfg.torch_device()
+    root = Path(os.path.expanduser(cfg.cache_dir)) / _fingerprint(zoo, cfg)
+    if (root / "index.json").exists():
+        return FactorStore(root)
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}-{time.time_ns()}")
+    (tmp / "matrices").mkdir(parents=True)
+    try:
+        _decompose_into(zoo, cfg, tmp, dtype, device, progress)
+        if root.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return FactorStore(root)
+
+
+def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, progress: bool) -> None:
+    merge = SHARED_MERGES[cfg.shared_merge]
+    tasks = zoo.task_names
+    sha: dict[str, dict[str, str]] = {"base": {}, **{t: {} for t in tasks}}
+    matrices, nonmatrix, nm_tensors = [], {}, {}
+    for plan in tqdm(zoo.plan, desc="decompose", unit="tensor", disable=not progress):
+        base, task_ts = zoo.read(plan.name, dtype=dtype)
+        sha["base"][plan.name] = tensor_sha256(base)
+        for t, x in zip(tasks, task_ts):
+            sha[t][plan.name] = tensor_sha256(x)
+        if not plan.dtype.is_floating_point:
+            for t, x in zip(tasks, task_ts):
+                if not torch.equal(x, base):
+                    raise DidiError(f"task '{t}': non-floating tensor '{plan.name}' ({plan.dtype}) differs from "
+                                    f"the base model; didi cannot merge integer tensors")
+            continue
+        taus = torch.stack([x - base for x in task_ts])
+        zero = not bool(taus.abs().max() > 0) if taus.numel() else True
+        if plan.matrix_shape is None or zero:
+            nonmatrix[plan.name] = {"shape": list(plan.shape), "zero": zero}
+            if not zero:
+                for t, d in zip(tasks, taus):
+                    nm_tensors[f"{t}::{plan.name}"] = d.to(torch.float32).contiguous()
+            continue
+        m, n = plan.matrix_shape
+        taus = taus.reshape(len(tasks), m, n).to(device)
+        factors, bound_s, bound_t = decompose_matrix(taus, merge, cfg.max_rank)
+        i = len(matrices)
+        save_file({k: v.contiguous() for k, v in factors.items()}, str(out / "matrices" / f"{i:05d}.safetensors"))
+        matrices.append(MatrixEntry(i, plan.name, plan.shape, m, n, int(factors["S_s"].shape[0]), bound_s,
+                                    tuple(bound_t), plan.layer, plan.kind))
+    if not matrices:
+        raise DidiError(f"{zoo.base}: no matrix has a non-zero task vector; nothing to decompose")
+    if nm_tensors:
+        save_file(nm_tensors, str(out / "nonmatrix.safetensors"))
+    meta = {
+        "store_version": STORE_VERSION, "tasks": tasks, "base_params": zoo.base_params,
+        "config": asdict(cfg), "matrices": [asdict(e) for e in matrices], "nonmatrix": nonmatrix, "sha256": sha,
+    }
+    (out / "index.json").write_text(json.dumps(meta))

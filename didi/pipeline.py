@@ -1,0 +1,389 @@
+"""The DiDi pipeline: decompose → rank search → budget → LoRA refinement → artifact.
+
+Each stage is a function so that `didi merge`, `didi search` and `didi refine` (and the benchmarks) share it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from safetensors.torch import load_file
+
+from didi.backbones.base import Zoo
+from didi.budget import Allocator, RankProblem, parse_budget, rescale_to_budget, uniform_ranks
+from didi.callbacks import RankEvolution, rank_heatmap_png
+from didi.closed_form import GroupTerms
+from didi.datamodules.layers import LayerBatchDataModule
+from didi.decompose import DecomposeConfig, FactorStore, decompose, terms_from_factors
+from didi.errors import DidiError
+from didi.refine import LoRARefine, RefineConfig
+from didi.search import RankSearch, SearchConfig
+
+Allocation = Literal["search", "greedy", "uniform"]
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings shared by both stages (any cluster launch goes through these).
+
+    Args:
+        accelerator: `auto`, `cpu`, `gpu`, ...
+        devices: devices per node (`2`, `auto`, ...).
+        strategy: `auto`, `ddp`, `ddp_spawn`, ...
+        num_nodes: nodes (SLURM / torchrun set the rest from the environment).
+        logger: `csv` (default), `wandb` (honours WANDB_MODE=offline), or `none`.
+        log_dir: where CSV logs (and W&B offline runs) go.
+        wandb_project: W&B project name.
+        log_every_n_steps: logging period.
+        progress_bar: show Lightning progress bars.
+    """
+
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    logger: Literal["csv", "wandb", "none"] = "csv"
+    log_dir: str = "didi_runs"
+    wandb_project: str = "didi"
+    log_every_n_steps: int = 10
+    progress_bar: bool = True
+
+
+@dataclass
+class Ranks:
+    """Integer ranks per matrix (shared [L], experts [L,T]) with the continuous ranks they came from."""
+
+    r_s: torch.Tensor
+    r_t: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+    def to_json(self, store: FactorStore) -> dict:
+        return {
+            "tasks": store.tasks, "info": self.info,
+            "ranks": {e.name: {"shared": int(self.r_s[e.idx]), **{t: int(self.r_t[e.idx, j])
+                                                               for j, t in enumerate(store.tasks)}}
+                      for e in store.matrices},
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, store: FactorStore) -> "Ranks":
+        if d["tasks"] != store.tasks:
+            raise DidiError(f"ranks file: tasks {d['tasks']} differ from the zoo's tasks {store.tasks}")
+        missing = [e.name for e in store.matrices if e.name not in d["ranks"]]
+        if missing:
+            raise DidiError(f"ranks file: no ranks for matrix '{missing[0]}'")
+        r_s = torch.tensor([d["ranks"][e.name]["shared"] for e in store.matrices])
+        r_t = torch.tensor([[d["ranks"][e.name][t] for t in store.tasks] for e in store.matrices])
+        return cls(r_s, r_t, d.get("info", {}))
+
+
+_LOGGERS: dict[int, object] = {}
+
+
+def make_trainer(tcfg: TrainerConfig, callbacks: list, stage: str, max_steps: int = -1,
+                 max_epochs: int = -1) -> L.Trainer:
+    """One Trainer per stage: the search runs `max_steps` optimiser steps; the refinement one epoch (its
+    manual optimisation advances no global step)."""
+    logger = _logger(tcfg, stage)
+    return L.Trainer(
+        accelerator=tcfg.accelerator, devices=tcfg.devices, strategy=tcfg.strategy, num_nodes=tcfg.num_nodes,
+        max_steps=max_steps, max_epochs=max_epochs, logger=logger, log_every_n_steps=tcfg.log_every_n_steps,
+        enable_progress_bar=tcfg.progress_bar, enable_model_summary=False, callbacks=callbacks,
+        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
+        default_root_dir=tcfg.log_dir, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+
+
+def _logger(tcfg: TrainerConfig, stage: str):
+    if tcfg.logger == "none":
+        return False
+    if tcfg.logger == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        key = id(tcfg)  # one W&B run for both stages of one merge
+        if key not in _LOGGERS:
+            Path(tcfg.log_dir).mkdir(parents=True, exist_ok=True)
+            _LOGGERS[key] = WandbLogger(project=tcfg.wandb_project, save_dir=tcfg.log_dir)
+        return _LOGGERS[key]
+    if tcfg.logger == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(tcfg.log_dir, name=stage)
+    raise DidiError(f"trainer.logger: expected csv, wandb or none, found {tcfg.logger!r}")
+
+
+# ---------------------------------------------------------------------------------------------- problem
+def rank_problem(store: FactorStore, widths: list[int], nonmatrix_policy: str) -> RankProblem:
+    """Bounds are min(numerical rank, search width K); fixed cost = per-task non-matrix deltas if counted."""
+    T = len(store.tasks)
+    fixed = 0.0
+    if nonmatrix_policy == "per_task":
+        for meta in store.nonmatrix.values():
+            if not meta["zero"]:
+                fixed += T * float(torch.Size(meta["shape"]).numel())
+    ents = store.matrices
+    return RankProblem(
+        m=torch.tensor([e.m for e in ents]), n=torch.tensor([e.n for e in ents]),
+        bound_s=torch.tensor([min(e.bound_s, k) for e, k in zip(ents, widths)]),
+        bound_t=torch.tensor([[min(b, k) for b in e.bound_t] for e, k in zip(ents, widths)]),
+        base_params=store.base_params, fixed_elements=fixed,
+    )
+
+
+class TermsCache:
+    """Closed-form terms of every matrix at its search width, computed once (in memory) and grouped by K."""
+
+    def __init__(self, store: FactorStore, widths: list[int]) -> None:
+        self.store, self.widths = store, widths
+        self._terms: dict[int, GroupTerms] = {}
+
+    def get(self, i: int) -> GroupTerms:
+        if i not in self._terms:
+            self._terms[i] = terms_from_factors(self.store.load(i), self.widths[i], dtype=torch.float64)
+        return self._terms[i]
+
+    def groups(self, indices: list[int], dtype=torch.float32) -> list[tuple[torch.Tensor, GroupTerms]]:
+        by_k: dict[int, list[int]] = {}
+        for i in indices:
+            by_k.setdefault(self.widths[i], []).append(i)
+        out = []
+        for _, idx in sorted(by_k.items()):
+            ts = [self.get(i) for i in idx]
+            stacked = GroupTerms(*(torch.cat([getattr(t, f) for t in ts]) for f in GroupTerms.__dataclass_fields__))
+            out.append((torch.tensor(idx), stacked.to(dtype=dtype)))
+        return out
+
+    def tau_total(self) -> float:
+        return float(sum(self.get(i).tau_sq.sum() for i in range(len(self.widths))))
+
+
+def _widths(store: FactorStore, cap: int) -> list[int]:
+    return [min(e.K, cap) for e in store.matrices]
+
+
+def greedy_ranks(store: FactorStore, target: float, policy: str, cap: int | None = None):
+    """Greedy marginal-gain allocation from zero at width `cap` (grown until no module is cut by it)."""
+    K_max = max(e.K for e in store.matrices)
+    cap = min(K_max, cap or 128)
+    while True:
+        widths = _widths(store, cap)
+        problem = rank_problem(store, widths, policy)
+        cache = TermsCache(store, widths)
+        alloc = Allocator(cache.groups(list(range(len(widths))), torch.float64), problem)
+        budget = problem.max_elements(target)
+        L_, T = problem.bound_t.shape
+        r_s, r_t = alloc.greedy_fill(torch.zeros(L_, dtype=torch.long), torch.zeros(L_, T, dtype=torch.long), budget)
+        cut = [(r_s[i] >= widths[i] and store.matrices[i].bound_s > widths[i]) or
+               any(r_t[i, t] >= widths[i] and store.matrices[i].bound_t[t] > widths[i] for t in range(T))
+               for i in range(L_)]
+        if not any(cut) or cap >= K_max:
+            return r_s, r_t, cap, alloc.last_gain
+        cap = min(K_max, cap * 2)
+
+
+# ----------------------------------------------------------------------------------------------- stages
+def allocate(store: FactorStore, target: float, scfg: SearchConfig, tcfg: TrainerConfig, policy: str,
+             allocation: Allocation = "search", work_dir: Path | None = None, resume: bool = False) -> Ranks:
+    """Stage 1 and the budget: integer ranks at the exact target (ratio ≤ target, short by < one unit)."""
+    K_max = max(e.K for e in store.matrices)
+    problem_full = rank_problem(store, [e.K for e in store.matrices], policy)
+    problem_full.check(target)
+    g_s, g_t, g_cap, lam = greedy_ranks(store, target, policy)
+    cap = min(K_max, scfg.rank_cap or max(32, 2 * int(max(g_s.max(), g_t.max()))))
+    widths = _widths(store, cap)
+    problem = rank_problem(store, widths, policy)
+    problem.check(target)
+    cache = TermsCache(store, widths)
+    everything = list(range(len(widths)))
+    alloc = Allocator(cache.groups(everything, torch.float64), problem)
+    budget = problem.max_elements(target)
+    info: dict = {"allocation": allocation, "target_ratio": target, "search_width": cap}
+    if allocation == "greedy":
+        r_s, r_t = alloc.greedy_fill(torch.zeros_like(g_s), torch.zeros_like(g_t), budget)
+    elif allocation == "uniform":
+        r_s, r_t = uniform_ranks(problem, budget)
+    elif allocation == "search":
+        tau_total = cache.tau_total()
+        gamma = scfg.gamma
+        if gamma == "auto":  # exact-penalty threshold: marginal error decrease per element, in loss units
+            gamma = scfg.gamma_scale * lam * problem.base_params / tau_total
+        info["gamma"] = float(gamma)
+        if scfg.init == "uniform":
+            init_s, init_t = uniform_ranks(problem, budget)
+        else:
+            init_s, init_t = problem.bound_s, problem.bound_t
+        dm = LayerBatchDataModule(len(widths), cache.groups, scfg.layer_batch_size)
+        module = RankSearch(scfg, problem, target, tau_total, float(gamma), init_s, init_t, dm.num_batches)
+        callbacks: list = [RankEvolution(store.matrices, every_n_steps=tcfg.log_every_n_steps)]
+        ckpt = None
+        if work_dir is not None:
+            from lightning.pytorch.callbacks import ModelCheckpoint
+
+            callbacks.append(ModelCheckpoint(dirpath=work_dir / "search", save_last=True, every_n_train_steps=50,
+                                             save_top_k=0))
+            last = work_dir / "search" / "last.ckpt"
+            ckpt = str(last) if resume and last.exists() else None
+        trainer = make_trainer(tcfg, callbacks, "search", max_steps=scfg.steps)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        rf_s, rf_t = module.r_s.detach().cpu(), module.r_t.detach().cpu()
+        info["search_ratio"] = problem.ratio(rf_s.double(), rf_t.double())
+        info["search_rec_err_soft"] = float(trainer.callback_metrics.get("search/rec_err", float("nan")))
+        r_s, r_t = rescale_to_budget(rf_s, rf_t, problem, budget)
+        info["rescaled_rec_err"] = alloc.error(r_s, r_t)
+        r_s, r_t = alloc.greedy_fill(r_s, r_t, budget)
+        if scfg.polish:
+            r_s, r_t = alloc.polish(r_s, r_t, budget)
+    else:
+        raise DidiError(f"allocation: expected search, greedy or uniform, found {allocation!r}")
+    info["rec_err"] = alloc.error(r_s, r_t)
+    info["greedy_rec_err"] = alloc.error(*alloc.greedy_fill(torch.zeros_like(g_s), torch.zeros_like(g_t), budget)) \
+        if allocation == "search" else None
+    info["ratio"] = problem.ratio(r_s, r_t)
+    return Ranks(r_s, r_t, info)
+
+
+def _refine_loader(zoo: Zoo, store: FactorStore, ranks: Ranks, done_dir: Path):
+    names = {e.idx: e for e in store.matrices}
+
+    def load(indices: list[int]) -> list[dict]:
+        jobs = []
+        for i in indices:
+            if (done_dir / f"{i:05d}.safetensors").exists():
+                continue  # finished by an earlier (interrupted) run
+            e = names[i]
+            base, taus = zoo.read(e.name)
+            f = store.load(i)
+            jobs.append({"idx": i, "taus": torch.stack([(x - base).reshape(e.m, e.n) for x in taus]),
+                         **{k: f[k] for k in ("U_s", "S_s", "V_s", "U_t", "S_t", "V_t")},
+                         "r_s": int(ranks.r_s[i]), "r_t": [int(r) for r in ranks.r_t[i]]})
+        return jobs
+
+    return load
+
+
+def refine(zoo: Zoo, store: FactorStore, ranks: Ranks, rcfg: RefineConfig, tcfg: TrainerConfig,
+           work_dir: Path) -> tuple[dict, dict, dict]:
+    """Stage 2; returns (shared terms, per-task terms, metrics)."""
+    out = work_dir / "refine"
+    out.mkdir(parents=True, exist_ok=True)
+    tau_total = sum(float(store.load(e.idx)["tau_sq"].sum()) for e in store.matrices)
+    dm = LayerBatchDataModule(len(store.matrices), _refine_loader(zoo, store, ranks, out), rcfg.layer_batch_size)
+    module = LoRARefine(rcfg, out, tau_total)
+    trainer = make_trainer(tcfg, [], "refine", max_epochs=1)
+    trainer.fit(module, datamodule=dm)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    shared, tasks = {}, {t: {} for t in store.tasks}
+    before = after = 0.0
+    for e in store.matrices:
+        f = load_file(str(out / f"{e.idx:05d}.safetensors"))
+        before, after = before + float(f["err_before"]), after + float(f["err_after"])
+        if f["A_s"].shape[1]:
+            shared[f"{e.name}::lora_A"], shared[f"{e.name}::lora_B"] = f["A_s"], f["B_s"]
+        for j, t in enumerate(store.tasks):
+            if f[f"A_t{j}"].shape[1]:
+                tasks[t][f"{e.name}::lora_A"], tasks[t][f"{e.name}::lora_B"] = f[f"A_t{j}"], f[f"B_t{j}"]
+    metrics = {"rec_err_before": before / tau_total, "rec_err_after": after / tau_total,
+               "optimizer": rcfg.optimizer}
+    return shared, tasks, metrics
+
+
+def nonmatrix_terms(store: FactorStore, policy: str) -> tuple[dict, dict]:
+    """Non-matrix deltas: mean folded into the base (`shared`) or exact per task (`per_task`)."""
+    deltas = store.nonmatrix_deltas()
+    fold, tasks = {}, {t: {} for t in store.tasks}
+    for name, meta in store.nonmatrix.items():
+        if meta["zero"]:
+            continue
+        per = [deltas[f"{t}::{name}"] for t in store.tasks]
+        if policy == "shared":
+            fold[name] = torch.stack(per).mean(0)
+        else:
+            for t, d in zip(store.tasks, per):
+                tasks[t][f"{name}::dense"] = d
+    return fold, tasks
+
+
+def work_dir_for(output: str | Path) -> Path:
+    o = Path(output)
+    return o.with_name(f".{o.name}.work")
+
+
+def is_global_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and (
+        not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        or torch.distributed.get_rank() == 0)
+
+
+def write_didi_artifact(output: str | Path, zoo: Zoo, store: FactorStore, ranks: Ranks, shared: dict, tasks: dict,
+                        hyper: dict, metrics: dict) -> Path:
+    from didi.artifact import write_artifact
+
+    fold, nm_tasks = nonmatrix_terms(store, zoo.adapter.nonmatrix_policy)
+    for t in tasks:
+        tasks[t].update(nm_tasks[t])
+    tensors = {p.name: {"shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", ""),
+                        "matrix_shape": list(p.matrix_shape) if p.matrix_shape else None} for p in zoo.plan
+               if p.dtype.is_floating_point}
+    manifest = {
+        "method": {"name": "didi", "hyper_parameters": hyper},
+        "adapter": {"name": zoo.adapter.registry_name, "settings": zoo.adapter.settings()},
+        "sources": {"base": {"path": str(Path(zoo.base).resolve()), "allow_pickle": zoo.allow_pickle,
+                             "sha256": store.sha256["base"]},
+                    "tasks": {t: {"path": str(Path(p).resolve()), "sha256": store.sha256[t]}
+                              for t, p in zoo.tasks.items()}},
+        "tasks": store.tasks, "base_params": store.base_params, "tensors": tensors,
+        **ranks.to_json(store), "storage": {"target_ratio": ranks.info.get("target_ratio")},
+        "metrics": {"allocation": ranks.info, "refine": metrics},
+    }
+    png = rank_heatmap_png(store.matrices, ranks.r_s, ranks.r_t,
+                           title=f"DiDi ranks at {ranks.info.get('ratio', 0):.4g}x")
+    return write_artifact(output, manifest, fold, shared, tasks, extra_files={"rank_heatmap.png": png})
+
+
+def run_merge(zoo: Zoo, output: str | Path, budget: float | str, dcfg: DecomposeConfig, scfg: SearchConfig,
+              rcfg: RefineConfig, tcfg: TrainerConfig, allocation: Allocation = "search", resume: bool = False,
+              progress: bool = True) -> Path | None:
+    """The whole `didi merge`; returns the artifact path (None on non-zero DDP ranks)."""
+    target = parse_budget(budget)
+    output = Path(output)
+    if output.exists():
+        raise DidiError(f"{output}: output directory already exists; choose another path or delete it")
+    precheck_budget(zoo, target)
+    work = work_dir_for(output)
+    work.mkdir(parents=True, exist_ok=True)
+    store = decompose(zoo, dcfg, progress=progress)
+    ranks = allocate(store, target, scfg, tcfg, zoo.adapter.nonmatrix_policy, allocation, work, resume)
+    shared, tasks, metrics = refine(zoo, store, ranks, rcfg, tcfg, work)
+    if not is_global_zero():
+        return None
+    hyper = {"budget": target, "allocation": allocation, "decompose": asdict(dcfg), "search": asdict(scfg),
+             "refine": asdict(rcfg)}
+    path = write_didi_artifact(output, zoo, store, ranks, shared, tasks, hyper, metrics)
+    (path / "ranks.json").write_text(json.dumps(ranks.to_json(store), indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
+def precheck_budget(zoo: Zoo, target: float) -> None:
+    """Cheap refusal before any SVD: below one rank unit, or above full rank of every module."""
+    T = len(zoo.tasks)
+    units = [sum(p.matrix_shape) for p in zoo.matrices]
+    if not units:
+        raise DidiError(f"{zoo.base}: adapter '{zoo.adapter.registry_name}' decomposes no tensor of this model")
+    full = sum((T + 1) * min(p.matrix_shape) * sum(p.matrix_shape) for p in zoo.matrices)
+    fixed = T * sum(p.numel for p in zoo.nonmatrices if p.dtype.is_floating_point) \
+        if zoo.adapter.nonmatrix_policy == "per_task" else 0
+    hi = 1 + (full + fixed) / zoo.base_params
+    lo = 1 + min(units) / zoo.base_params
+    if target > hi:
+        raise DidiError(f"budget {target:g}: above full rank (every module at full rank costs ratio {hi:.6g} at "
+                        f"most); ask for less")
+    if target < lo:
+        raise DidiError(f"budget {target:g}: below the cost of a single rank unit (ratio {lo:.6g})")

@@ -1,0 +1,159 @@
+"""Stage 2: data-free refinement of the LoRA factors (method.md §2, step 3), one layer batch at a time.
+
+Init A = U√Σ, B = √ΣVᵀ from the truncated SVDs. The loss (1/T) Σ_t ‖A_sB_s + A_tB_t − τ_t‖² is separable
+across matrices, so each training step takes this process's share of a layer batch, moves only those τ's and
+factors to the device, optimises them to the end and writes them to a per-matrix file; no state crosses
+matrices, so DDP needs no gradient exchange and 2 processes reproduce 1 process exactly.
+
+Two optimisers:
+- `als` (default): exact block-coordinate descent. With the shared factors fixed, each expert's optimum is the
+  rank-r_t truncated SVD of τ_t − A_sB_s; with the experts fixed, the shared optimum is the rank-r_s truncated
+  SVD of mean_t(τ_t − A_tB_t). Each block is solved by subspace iteration warm-started from the current
+  factors, and a block update is kept only if it lowers the error, so the error never increases.
+- `adam`: the paper's gradient refinement (learning rate relative to each factor's RMS).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import lightning as L
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+
+@dataclass
+class RefineConfig:
+    """Stage-2 hyper-parameters.
+
+    Args:
+        optimizer: `als` (closed-form block updates), `adam`, or `none` (keep the truncated SVDs).
+        sweeps: ALS sweeps (experts then shared) per matrix.
+        power_iters: subspace iterations per ALS block update.
+        steps: Adam iterations per matrix.
+        lr: Adam step relative to the RMS of each initial factor.
+        layer_batch_size: matrices per training step.
+        dtype: compute dtype (`float32` or `float64`).
+    """
+
+    optimizer: Literal["als", "adam", "none"] = "als"
+    sweeps: int = 4
+    power_iters: int = 2
+    steps: int = 200
+    lr: float = 0.01
+    layer_batch_size: int | None = 8
+    dtype: str = "float32"
+
+
+def init_factors(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = U_r √Σ_r (m×r), B = √Σ_r V_rᵀ (r×n)."""
+    sq = S[:r].clamp_min(0).sqrt().to(U.dtype)
+    return U[:, :r] * sq, (V[:, :r] * sq).T.contiguous()
+
+
+def task_errors(taus: torch.Tensor, A_s, B_s, A_t: list, B_t: list) -> torch.Tensor:
+    """‖A_sB_s + A_tB_t − τ_t‖² per task [T] (materialised: stage 2 needs τ anyway)."""
+    Ms = A_s @ B_s
+    return torch.stack([((Ms + A @ B - tau) ** 2).sum() for tau, A, B in zip(taus, A_t, B_t)])
+
+
+def _best_rank_r(X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r approximation of X by subspace iteration from the column space of A; returns (A', B') with B' = QᵀX."""
+    r = A.shape[1]
+    if r == 0:
+        return A, B
+    Q = torch.linalg.qr(X @ B.T if B.abs().sum() > 0 else A)[0]
+    for _ in range(iters):
+        Q = torch.linalg.qr(X @ (X.T @ Q))[0]
+    return Q, Q.T @ X
+
+
+def refine_als(taus: torch.Tensor, A_s, B_s, A_t: list, B_t: list, sweeps: int, power_iters: int):
+    """Exact block-coordinate descent; each accepted block update lowers the total error."""
+    T = taus.shape[0]
+    err = task_errors(taus, A_s, B_s, A_t, B_t)
+    for _ in range(sweeps):
+        Ms = A_s @ B_s
+        for t in range(T):
+            X = taus[t] - Ms
+            A, B = _best_rank_r(X, A_t[t], B_t[t], power_iters)
+            e = ((X - A @ B) ** 2).sum()
+            if e < err[t]:
+                A_t[t], B_t[t], err[t] = A, B, e
+        if A_s.shape[1]:
+            R = torch.stack([taus[t] - A_t[t] @ B_t[t] for t in range(T)])
+            A, B = _best_rank_r(R.mean(0), A_s, B_s, power_iters)
+            new = ((R - (A @ B)[None]) ** 2).sum((-2, -1))
+            if new.sum() < err.sum():
+                A_s, B_s, err = A, B, new
+    return A_s, B_s, A_t, B_t
+
+
+def refine_adam(taus: torch.Tensor, A_s, B_s, A_t: list, B_t: list, steps: int, lr: float):
+    params = [p.clone().requires_grad_(True) for p in [A_s, B_s, *A_t, *B_t]]
+    groups = [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-12))}
+              for p in params if p.numel()]
+    if not groups:
+        return A_s, B_s, A_t, B_t
+    T = taus.shape[0]
+    opt = torch.optim.Adam(groups)
+    best = None
+    with torch.enable_grad():
+        for _ in range(steps + 1):
+            opt.zero_grad()
+            loss = task_errors(taus, params[0], params[1], params[2:2 + T], params[2 + T:]).sum()
+            if best is None or loss.item() < best[0]:  # keep the best iterate: never worse than the init
+                best = (loss.item(), [p.detach().clone() for p in params])
+            loss.backward()
+            opt.step()
+    p = best[1]
+    return p[0], p[1], p[2:2 + T], p[2 + T:]
+
+
+class LoRARefine(L.LightningModule):
+    """Fit loop over layer batches; each batch item is a list of matrix jobs, results go to `out_dir`.
+
+    A job is a dict with `idx`, `taus` [T,m,n], `U_s,S_s,V_s,U_t,S_t,V_t` and ranks `r_s`, `r_t`.
+    """
+
+    def __init__(self, cfg: RefineConfig, out_dir: str | Path, tau_total: float,
+                 on_result: Callable[[dict], None] | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.tau_total = tau_total
+        self.automatic_optimization = False  # each step solves its matrices to the end
+        # DDP refuses a module without a trainable parameter; this one is never used (matrices are independent).
+        self._ddp_anchor = nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch: list[dict], batch_idx: int) -> None:
+        dt = getattr(torch, self.cfg.dtype)
+        before = after = 0.0
+        for job in batch:
+            taus = job["taus"].to(self.device, dt)
+            mv = {k: job[k].to(self.device, dt) for k in ("U_s", "S_s", "V_s", "U_t", "S_t", "V_t")}
+            A_s, B_s = init_factors(mv["U_s"], mv["S_s"], mv["V_s"], int(job["r_s"]))
+            pairs = [init_factors(mv["U_t"][t], mv["S_t"][t], mv["V_t"][t], int(r)) for t, r in enumerate(job["r_t"])]
+            A_t, B_t = [a for a, _ in pairs], [b for _, b in pairs]
+            e0 = float(task_errors(taus, A_s, B_s, A_t, B_t).sum())
+            if self.cfg.optimizer == "als":
+                A_s, B_s, A_t, B_t = refine_als(taus, A_s, B_s, A_t, B_t, self.cfg.sweeps, self.cfg.power_iters)
+            elif self.cfg.optimizer == "adam":
+                A_s, B_s, A_t, B_t = refine_adam(taus, A_s, B_s, A_t, B_t, self.cfg.steps, self.cfg.lr)
+            e1 = float(task_errors(taus, A_s, B_s, A_t, B_t).sum())
+            before, after = before + e0, after + e1
+            tensors = {"A_s": A_s, "B_s": B_s, "err_before": torch.tensor(e0, dtype=torch.float64),
+                       "err_after": torch.tensor(e1, dtype=torch.float64)}
+            for t in range(len(A_t)):
+                tensors[f"A_t{t}"], tensors[f"B_t{t}"] = A_t[t], B_t[t]
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
+                      str(self.out_dir / f"{int(job['idx']):05d}.safetensors"))
+        world = self.trainer.world_size
+        self.log("refine/rec_err_before", before / self.tau_total, reduce_fx="sum", sync_dist=world > 1)
+        self.log("refine/rec_err_after", after / self.tau_total, reduce_fx="sum", sync_dist=world > 1,
+                 prog_bar=True)
+
+    def configure_optimizers(self):
+        return None

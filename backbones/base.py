@@ -96,6 +96,14 @@ class Adapter:
             return -1, name
         return int(m.group(1)), name[m.end():]
 
+    def locate(self, name: str) -> tuple[str, str]:
+        """(module path, parameter name) of tensor `name` inside `build_model()`'s module (routed wrapping).
+
+        Default: state-dict names are module paths, so "blocks.0.mlp.fc.weight" → ("blocks.0.mlp.fc", "weight").
+        """
+        module, _, param = name.rpartition(".")
+        return module, param
+
     def build_model(self, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
         """A runnable model from a state dict; the generic adapter has no architecture to build."""
         raise NotImplementedError(f"adapter '{self.registry_name}' cannot build a runnable model")

@@ -6,10 +6,13 @@
     shared.safetensors       terms every task adds: "<name>::lora_A" (m×r), "<name>::lora_B" (r×n), "<name>::dense"
     tasks/<task>.safetensors terms of one task: lora pairs, "<name>::dense", or "<name>::mask" + "<name>::scale"
                              (scale · mask ⊙ shared "<name>::ref")
+    groups/<gid>.safetensors (optional) terms shared by a SUBSET of the tasks (FlexMerge's task clusters): lora
+                             pairs or "<name>::dense"; manifest["groups"][gid] lists the member tasks. Each group
+                             file is stored (and priced) once, like shared.safetensors, and added to its members.
     rank_heatmap.png         (DiDi) ranks per layer and matrix kind
 
-Task t's weights: θ0[name] + fold + A_s B_s + A_t B_t + dense_t + scale_t·mask_t⊙ref, reshaped to the tensor's
-shape. Written to a temporary directory and renamed into place at the end.
+Task t's weights: θ0[name] + fold + A_s B_s + A_t B_t + dense_t + scale_t·mask_t⊙ref (+ the terms of every
+group containing t), reshaped to the tensor's shape. Written to a temporary directory and renamed into place at the end.
 """
 from __future__ import annotations
 
@@ -63,9 +66,17 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def write_artifact(path: str | Path, manifest: dict, fold: dict[str, torch.Tensor], shared: dict[str, torch.Tensor],
-                   tasks: dict[str, dict[str, torch.Tensor]], extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write tensors + manifest atomically; fills in storage, file checksums and versions."""
+                   tasks: dict[str, dict[str, torch.Tensor]], extra_files: dict[str, bytes] | None = None,
+                   groups: dict[str, tuple[list[str], dict[str, torch.Tensor]]] | None = None) -> Path:
+    """Write tensors + manifest atomically; fills in storage, file checksums and versions.
+
+    `groups` maps a group id to (member tasks, terms) for terms shared by a subset of the tasks."""
     path = Path(path)
+    for gid, (members, _) in (groups or {}).items():
+        bad = sorted(set(members) - set(manifest["tasks"]))
+        if bad or not members or not gid.replace("_", "").replace("-", "").isalnum():
+            raise DidiError(f"artifact group {gid!r}: needs a plain name and member tasks among "
+                            f"{manifest['tasks']}, found members {members}")
     with atomic_dir(path) as tmp:
         files: dict[str, Path] = {}
         (tmp / "tasks").mkdir()
@@ -78,10 +89,17 @@ def write_artifact(path: str | Path, manifest: dict, fold: dict[str, torch.Tenso
             f = tmp / "tasks" / f"{t}.safetensors"
             save_file(_contig(tasks.get(t, {})), str(f))
             files[t] = f
+        if groups:
+            (tmp / "groups").mkdir()
+            for gid, (_, terms) in groups.items():
+                save_file(_contig(terms), str(tmp / "groups" / f"{gid}.safetensors"))
+                files[f"group:{gid}"] = tmp / "groups" / f"{gid}.safetensors"
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         manifest = dict(manifest)
         manifest["format"], manifest["format_version"] = FORMAT, FORMAT_VERSION
+        if groups:
+            manifest["groups"] = {gid: list(members) for gid, (members, _) in groups.items()}
         manifest["storage"] = {**storage_report(price_files(files), manifest["base_params"]),
                                **manifest.get("storage", {})}
         manifest["files"] = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -143,6 +161,11 @@ class Artifact:
             raise DidiError(f"{self.path}: unknown task {task!r}; tasks: {self.tasks}")
         return self._load(f"tasks/{task}.safetensors")
 
+    def group_terms(self, task: str) -> list[dict[str, torch.Tensor]]:
+        """Terms of every group (tensors shared by a subset of the tasks) that contains `task`."""
+        return [self._load(f"groups/{gid}.safetensors") for gid, members in self.manifest.get("groups", {}).items()
+                if task in members]
+
     def task_deltas(self, task: str) -> dict[str, torch.Tensor]:
         """name -> full delta of `task` w.r.t. θ0 (fp32, the tensor's shape)."""
         shapes = {n: tuple(v["shape"]) for n, v in self.manifest["tensors"].items()}
@@ -155,7 +178,7 @@ class Artifact:
         for name, d in self.fold().items():
             add(name, d)
         shared, own = self.shared(), self.task_terms(task)
-        for terms in (shared, own):
+        for terms in (shared, own, *self.group_terms(task)):
             for key, v in terms.items():
                 name, kind = key.rsplit("::", 1)
                 if kind == "lora_A":
@@ -195,6 +218,8 @@ class Artifact:
                  **{t: self.path / "tasks" / f"{t}.safetensors" for t in self.tasks}}
         if (self.path / "fold.safetensors").exists():
             files["fold"] = self.path / "fold.safetensors"
+        for gid in self.manifest.get("groups", {}):
+            files[f"group:{gid}"] = self.path / "groups" / f"{gid}.safetensors"
         return price_files(files)
 
 

@@ -179,29 +179,41 @@ class Allocator:
         return loss_s, loss_t
 
     def polish(self, r_s: torch.Tensor, r_t: torch.Tensor, max_elements: int, max_iters: int = 500,
-               tries: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-        """Local search: free the cheapest unit (least error per element), refill greedily, keep if better."""
+               max_removed: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exchange moves: while the best unit that does not fit is worth more per element than the cheapest
+        units held, free those (fewest first, at most `max_removed`), refill greedily, keep if the exact error
+        drops. Never increases the error; stops at a local optimum of the discrete problem."""
         r_s, r_t = r_s.clone().long(), r_t.clone().long()
         err = self.error(r_s, r_t)
         unit = self.problem.unit.double()
+        p = self.problem
         for _ in range(max_iters):
-            ls, lt = self.removal_losses(r_s, r_t)
-            score = torch.cat([ls / unit, (lt / unit[:, None]).reshape(-1)])
-            improved = False
-            for c in torch.argsort(score)[:tries].tolist():
-                if not torch.isfinite(score[c]):
+            add_s = torch.zeros(len(r_s), dtype=torch.float64)
+            add_t = torch.zeros_like(r_t, dtype=torch.float64)
+            for idx, terms in self.groups:
+                gs, gt = self._gains(idx, terms, r_s, r_t)
+                add_s[idx], add_t[idx] = gs, gt
+            add_s = torch.where(r_s < p.bound_s, add_s, torch.full_like(add_s, -float("inf")))
+            add_t = torch.where(r_t < p.bound_t, add_t, torch.full_like(add_t, -float("inf")))
+            best_add = float(torch.cat([add_s / unit, (add_t / unit[:, None]).reshape(-1)]).max())
+            a_s, a_t = r_s.clone(), r_t.clone()
+            moved = False
+            for _k in range(max_removed):
+                ls, lt = self.removal_losses(a_s, a_t)
+                score = torch.cat([ls / unit, (lt / unit[:, None]).reshape(-1)])
+                c = int(torch.argmin(score))
+                if not score[c] < best_add:
                     break
-                a_s, a_t = r_s.clone(), r_t.clone()
-                if c < len(r_s):
+                if c < len(a_s):
                     a_s[c] -= 1
                 else:
-                    a_t.view(-1)[c - len(r_s)] -= 1
-                a_s, a_t = self.greedy_fill(a_s, a_t, max_elements)
-                new = self.error(a_s, a_t)
+                    a_t.view(-1)[c - len(a_s)] -= 1
+                b_s, b_t = self.greedy_fill(a_s, a_t, max_elements)
+                new = self.error(b_s, b_t)
                 if new < err * (1 - 1e-12):
-                    r_s, r_t, err, improved = a_s, a_t, new, True
+                    r_s, r_t, err, moved = b_s, b_t, new, True
                     break
-            if not improved:
+            if not moved:
                 break
         return r_s, r_t
 

@@ -190,6 +190,8 @@ def _fingerprint(zoo: Zoo, cfg: DecomposeConfig) -> str:
 def decompose(zoo: Zoo, cfg: DecomposeConfig, progress: bool = True) -> FactorStore:
     """Return the factor store for `zoo`, computing it (and writing it atomically) only if not cached."""
     if cfg.shared_merge not in SHARED_MERGES:
+        import didi.methods  # noqa: F401  (registers the registry's static merges: ties, tsv_m)
+    if cfg.shared_merge not in SHARED_MERGES:
         raise DidiError(f"decompose.shared_merge: unknown static merge {cfg.shared_merge!r}; "
                         f"available: {sorted(SHARED_MERGES)}")
     dtype, device = cfg.torch_dtype(), cfg.torch_device()

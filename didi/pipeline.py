@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -188,6 +189,41 @@ def greedy_ranks(store: FactorStore, target: float, policy: str, cap: int | None
 
 
 # ----------------------------------------------------------------------------------------------- stages
+def _search(store: FactorStore, cache: TermsCache, problem: RankProblem, alloc: Allocator, target: float,
+            budget: int, lam: float, scfg: SearchConfig, tcfg: TrainerConfig, work_dir: Path | None, resume: bool,
+            info: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The differentiable search (Lightning fit), then round → global factor → greedy fill (method.md §2.3)."""
+    tau_total = cache.tau_total()
+    gamma = scfg.gamma
+    if gamma == "auto":  # exact-penalty threshold: marginal error decrease per element, in loss units
+        gamma = scfg.gamma_scale * lam * problem.base_params / tau_total
+    info["gamma"] = float(gamma)
+    if scfg.init == "uniform":
+        init_s, init_t = uniform_ranks(problem, budget)
+    else:
+        init_s, init_t = problem.bound_s, problem.bound_t
+    dm = LayerBatchDataModule(len(cache.widths), cache.groups, scfg.layer_batch_size)
+    module = RankSearch(scfg, problem, target, tau_total, float(gamma), init_s, init_t, dm.num_batches)
+    callbacks: list = [RankEvolution(store.matrices, every_n_steps=tcfg.log_every_n_steps)]
+    ckpt = None
+    if work_dir is not None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=work_dir / "search", save_last=True, every_n_train_steps=50,
+                                         save_top_k=0))
+        last = work_dir / "search" / "last.ckpt"
+        ckpt = str(last) if resume and last.exists() else None
+    trainer = make_trainer(tcfg, callbacks, "search", max_steps=scfg.steps)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    rf_s, rf_t = module.r_s.detach().cpu(), module.r_t.detach().cpu()
+    info["search_ratio"] = problem.ratio(rf_s.double(), rf_t.double())
+    info["search_rec_err_soft"] = float(trainer.callback_metrics.get("search/rec_err", float("nan")))
+    info["continuous_ranks"] = {"shared": rf_s.tolist(), "experts": rf_t.tolist()}
+    r_s, r_t = rescale_to_budget(rf_s, rf_t, problem, budget)
+    info["rescaled_rec_err"] = alloc.error(r_s, r_t)
+    return alloc.greedy_fill(r_s, r_t, budget)
+
+
 def allocate(store: FactorStore, target: float, scfg: SearchConfig, tcfg: TrainerConfig, policy: str,
              allocation: Allocation = "search", work_dir: Path | None = None, resume: bool = False) -> Ranks:
     """Stage 1 and the budget: integer ranks at the exact target (ratio ≤ target, short by < one unit)."""
@@ -204,67 +240,52 @@ def allocate(store: FactorStore, target: float, scfg: SearchConfig, tcfg: Traine
     alloc = Allocator(cache.groups(everything, torch.float64), problem)
     budget = problem.max_elements(target)
     info: dict = {"allocation": allocation, "target_ratio": target, "search_width": cap}
+    zeros_s, zeros_t = torch.zeros_like(g_s), torch.zeros_like(g_t)
     if allocation == "greedy":
-        r_s, r_t = alloc.greedy_fill(torch.zeros_like(g_s), torch.zeros_like(g_t), budget)
+        r_s, r_t = alloc.greedy_fill(zeros_s, zeros_t, budget)
     elif allocation == "uniform":
         r_s, r_t = uniform_ranks(problem, budget)
     elif allocation == "search":
-        tau_total = cache.tau_total()
-        gamma = scfg.gamma
-        if gamma == "auto":  # exact-penalty threshold: marginal error decrease per element, in loss units
-            gamma = scfg.gamma_scale * lam * problem.base_params / tau_total
-        info["gamma"] = float(gamma)
-        if scfg.init == "uniform":
-            init_s, init_t = uniform_ranks(problem, budget)
-        else:
-            init_s, init_t = problem.bound_s, problem.bound_t
-        dm = LayerBatchDataModule(len(widths), cache.groups, scfg.layer_batch_size)
-        module = RankSearch(scfg, problem, target, tau_total, float(gamma), init_s, init_t, dm.num_batches)
-        callbacks: list = [RankEvolution(store.matrices, every_n_steps=tcfg.log_every_n_steps)]
-        ckpt = None
-        if work_dir is not None:
-            from lightning.pytorch.callbacks import ModelCheckpoint
-
-            callbacks.append(ModelCheckpoint(dirpath=work_dir / "search", save_last=True, every_n_train_steps=50,
-                                             save_top_k=0))
-            last = work_dir / "search" / "last.ckpt"
-            ckpt = str(last) if resume and last.exists() else None
-        trainer = make_trainer(tcfg, callbacks, "search", max_steps=scfg.steps)
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
-        rf_s, rf_t = module.r_s.detach().cpu(), module.r_t.detach().cpu()
-        info["search_ratio"] = problem.ratio(rf_s.double(), rf_t.double())
-        info["search_rec_err_soft"] = float(trainer.callback_metrics.get("search/rec_err", float("nan")))
-        r_s, r_t = rescale_to_budget(rf_s, rf_t, problem, budget)
-        info["rescaled_rec_err"] = alloc.error(r_s, r_t)
-        r_s, r_t = alloc.greedy_fill(r_s, r_t, budget)
+        r_s, r_t = _search(store, cache, problem, alloc, target, budget, lam, scfg, tcfg, work_dir, resume, info)
         if scfg.polish:
             r_s, r_t = alloc.polish(r_s, r_t, budget)
+        info["search_rec_err"] = alloc.error(r_s, r_t)
+        if scfg.guard:  # keep the best of the searched, greedy and uniform allocations (exact error)
+            cands = {"search": (r_s, r_t), "greedy": alloc.greedy_fill(zeros_s, zeros_t, budget),
+                     "uniform": uniform_ranks(problem, budget)}
+            if scfg.polish:
+                cands["greedy"] = alloc.polish(*cands["greedy"], budget)
+            errs = {k: alloc.error(*v) for k, v in cands.items()}
+            info.update({f"{k}_rec_err": v for k, v in errs.items()})
+            info["chosen"] = min(errs, key=errs.get)
+            r_s, r_t = cands[info["chosen"]]
     else:
         raise DidiError(f"allocation: expected search, greedy or uniform, found {allocation!r}")
     info["rec_err"] = alloc.error(r_s, r_t)
-    info["greedy_rec_err"] = alloc.error(*alloc.greedy_fill(torch.zeros_like(g_s), torch.zeros_like(g_t), budget)) \
-        if allocation == "search" else None
     info["ratio"] = problem.ratio(r_s, r_t)
     return Ranks(r_s, r_t, info)
 
 
-def _refine_loader(zoo: Zoo, store: FactorStore, ranks: Ranks, done_dir: Path):
-    names = {e.idx: e for e in store.matrices}
+class RefineJobs:
+    """Loads the refinement jobs of a layer batch: τ_t read from the checkpoints, factors from the store.
 
-    def load(indices: list[int]) -> list[dict]:
+    A class, not a closure, so that `ddp_spawn` can pickle it."""
+
+    def __init__(self, zoo: Zoo, store: FactorStore, ranks: Ranks, done_dir: Path) -> None:
+        self.zoo, self.store, self.ranks, self.done_dir = zoo, store, ranks, done_dir
+
+    def __call__(self, indices: list[int]) -> list[dict]:
         jobs = []
         for i in indices:
-            if (done_dir / f"{i:05d}.safetensors").exists():
+            if (self.done_dir / f"{i:05d}.safetensors").exists():
                 continue  # finished by an earlier (interrupted) run
-            e = names[i]
-            base, taus = zoo.read(e.name)
-            f = store.load(i)
+            e = self.store.matrices[i]
+            base, taus = self.zoo.read(e.name)
+            f = self.store.load(i)
             jobs.append({"idx": i, "taus": torch.stack([(x - base).reshape(e.m, e.n) for x in taus]),
                          **{k: f[k] for k in ("U_s", "S_s", "V_s", "U_t", "S_t", "V_t")},
-                         "r_s": int(ranks.r_s[i]), "r_t": [int(r) for r in ranks.r_t[i]]})
+                         "r_s": int(self.ranks.r_s[i]), "r_t": [int(r) for r in self.ranks.r_t[i]]})
         return jobs
-
-    return load
 
 
 def refine(zoo: Zoo, store: FactorStore, ranks: Ranks, rcfg: RefineConfig, tcfg: TrainerConfig,
@@ -273,7 +294,7 @@ def refine(zoo: Zoo, store: FactorStore, ranks: Ranks, rcfg: RefineConfig, tcfg:
     out = work_dir / "refine"
     out.mkdir(parents=True, exist_ok=True)
     tau_total = sum(float(store.load(e.idx)["tau_sq"].sum()) for e in store.matrices)
-    dm = LayerBatchDataModule(len(store.matrices), _refine_loader(zoo, store, ranks, out), rcfg.layer_batch_size)
+    dm = LayerBatchDataModule(len(store.matrices), RefineJobs(zoo, store, ranks, out), rcfg.layer_batch_size)
     module = LoRARefine(rcfg, out, tau_total)
     trainer = make_trainer(tcfg, [], "refine", max_epochs=1)
     trainer.fit(module, datamodule=dm)
@@ -313,6 +334,20 @@ def nonmatrix_terms(store: FactorStore, policy: str) -> tuple[dict, dict]:
 def work_dir_for(output: str | Path) -> Path:
     o = Path(output)
     return o.with_name(f".{o.name}.work")
+
+
+@contextmanager
+def _work_dir(work: Path):
+    """The run's scratch directory (search checkpoints, refined matrices). Removed when the input is bad;
+    kept after a crash or an interrupt so that `--resume true` / a re-run continues from it."""
+    existed = work.exists()
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+    except DidiError:
+        if not existed:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def is_global_zero() -> bool:
@@ -357,10 +392,10 @@ def run_merge(zoo: Zoo, output: str | Path, budget: float | str, dcfg: Decompose
         raise DidiError(f"{output}: output directory already exists; choose another path or delete it")
     precheck_budget(zoo, target)
     work = work_dir_for(output)
-    work.mkdir(parents=True, exist_ok=True)
     store = decompose(zoo, dcfg, progress=progress)
-    ranks = allocate(store, target, scfg, tcfg, zoo.adapter.nonmatrix_policy, allocation, work, resume)
-    shared, tasks, metrics = refine(zoo, store, ranks, rcfg, tcfg, work)
+    with _work_dir(work):
+        ranks = allocate(store, target, scfg, tcfg, zoo.adapter.nonmatrix_policy, allocation, work, resume)
+        shared, tasks, metrics = refine(zoo, store, ranks, rcfg, tcfg, work)
     if not is_global_zero():
         return None
     hyper = {"budget": target, "allocation": allocation, "decompose": asdict(dcfg), "search": asdict(scfg),

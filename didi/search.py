@@ -37,7 +37,9 @@ class SearchConfig:
             at the target, at least 32, at most what the factor store kept.
         init: `uniform` (same rank everywhere, at the target) or `full` (every module at its bound).
         layer_batch_size: matrices per global step (None: all of them in one batch).
-        polish: after budgeting, swap single rank units between modules while that lowers the exact error.
+        polish: after budgeting, exchange rank units between modules while that lowers the exact error.
+        guard: keep the best (exact closed-form error) of the searched, greedy and uniform allocations, so the
+            default is never worse than either baseline (the manifest records all three errors and the choice).
     """
 
     steps: int = 200
@@ -50,6 +52,7 @@ class SearchConfig:
     init: Literal["uniform", "full"] = "uniform"
     layer_batch_size: int | None = None
     polish: bool = True
+    guard: bool = True
 
 
 class RankSearch(L.LightningModule):

@@ -136,6 +136,17 @@ class TensorSource:
             self._files[name] = f
             self._meta[name] = (tuple(t.shape), t.dtype)
 
+    def __getstate__(self) -> dict:
+        """Picklable (ddp_spawn sends the zoo to worker processes): file handles are reopened on demand."""
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    def _handle(self, f: Path):
+        if f not in self._handles:
+            self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
+        return self._handles[f]
+
     # ------------------------------------------------------------------------------------------- access
     def keys(self) -> list[str]:
         return list(self._files)
@@ -155,7 +166,7 @@ class TensorSource:
         if self._pickled is not None:
             return self._pickled[name]
         try:
-            return self._handles[self._files[name]].get_tensor(name)
+            return self._handle(self._files[name]).get_tensor(name)
         except Exception as e:
             raise DidiError(f"{self._files[name]}: tensor '{name}' could not be read ({e})") from e
 

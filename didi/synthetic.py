@@ -76,3 +76,42 @@ def make_zoo(root: str | Path, T: int = 4, width: int = 32, layers: int = 2, sha
         save_file({k: (v + taus[k][t]).contiguous() for k, v in base.items()}, str(p))
         tasks[f"task_{t}"] = p
     return root / "base.safetensors", tasks
+
+
+def spectral(m: int, n: int, decay: float, scale: float, g: torch.Generator) -> torch.Tensor:
+    """A full-rank matrix with singular values scale · i^(−decay): a fine-tune-like, not exactly low-rank, spectrum."""
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, k, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(n, k, generator=g))[0]
+    s = scale * torch.arange(1, k + 1, dtype=torch.float32) ** (-decay)
+    return (U * s) @ V.T
+
+
+def make_spectral_zoo(root: str | Path, T: int = 8, width: int = 64, layers: int = 4, mlp_ratio: int = 4,
+                      seed: int = 0) -> tuple[Path, dict[str, Path]]:
+    """A ViT-shaped zoo whose task vectors have power-law spectra that vary by layer and matrix kind.
+
+    Later layers get larger and more task-specific task vectors (as fine-tunes of vision transformers do),
+    so the best rank allocation is far from uniform. Used by the allocation and end-to-end benchmarks.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    base: dict[str, torch.Tensor] = {}
+    names = list(block_shapes(width, layers, mlp_ratio).items())
+    for name, (m, n) in names:
+        base[name] = torch.randn(m, n, generator=g) / n ** 0.5
+    save_file(base, str(root / "base.safetensors"))
+    taus: dict[str, list[torch.Tensor]] = {}
+    for j, (name, (m, n)) in enumerate(names):
+        depth = int(name.split(".")[1]) / max(1, layers - 1)
+        kind_decay = 0.6 + 0.15 * (j % 4)  # attention in/out and MLP up/down decay differently
+        shared = spectral(m, n, kind_decay, 1.0 + depth, g)
+        taus[name] = [shared + spectral(m, n, kind_decay + 0.2 - 0.3 * depth, (0.5 + 1.5 * depth) *
+                                        (0.6 + 0.8 * torch.rand((), generator=g).item()), g) for _ in range(T)]
+    tasks = {}
+    for t in range(T):
+        p = root / f"task_{t}.safetensors"
+        save_file({k: (v + taus[k][t]).contiguous() for k, v in base.items()}, str(p))
+        tasks[f"task_{t}"] = p
+    return root / "base.safetensors", tasks

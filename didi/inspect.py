@@ -1,0 +1,41 @@
+"""`didi inspect`: what an artifact stores, what it costs, and the ranks it gives every module."""
+from __future__ import annotations
+
+import json
+
+from didi.artifact import load_artifact
+
+
+def inspect_data(path: str) -> dict:
+    """The JSON view: storage_ratio, base_params, tasks, ranks {tensor: {"shared": int, task: int}}, breakdown."""
+    a = load_artifact(path)
+    m = a.manifest
+    st = m["storage"]
+    return {
+        "path": str(a.path), "method": m["method"]["name"], "storage_ratio": float(st["ratio"]),
+        "target_ratio": st.get("target_ratio"), "base_params": int(m["base_params"]), "tasks": a.tasks,
+        "ranks": m.get("ranks", {}), "storage": {"stored_elements": st["stored_elements"],
+                                                  "by_module": st["by_module"], "by_kind": st["by_kind"]},
+        "metrics": m.get("metrics", {}), "adapter": m["adapter"],
+    }
+
+
+def inspect_artifact(path: str, as_json: bool = False) -> str:
+    d = inspect_data(path)
+    if as_json:
+        return json.dumps(d, indent=1)
+    lines = [f"artifact {d['path']}  method={d['method']}  adapter={d['adapter']['name']}",
+             f"tasks ({len(d['tasks'])}): {', '.join(d['tasks'])}",
+             f"storage ratio {d['storage_ratio']:.6g}" + (f" (target {d['target_ratio']:g})" if d["target_ratio"]
+                                                            else "") + f" of |θ0| = {d['base_params']:,}",
+             "", "storage breakdown (elements):"]
+    for k, v in sorted(d["storage"]["by_module"].items()):
+        lines.append(f"  {k:<24} {v:>14,.0f}  ({v / d['base_params']:.4%} of θ0)")
+    if d["ranks"]:
+        tasks = d["tasks"]
+        head = ["tensor", "shared", *tasks]
+        rows = [[name, str(r.get("shared", 0)), *(str(r.get(t, 0)) for t in tasks)] for name, r in d["ranks"].items()]
+        widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+        lines += ["", "ranks:", "  " + "  ".join(h.ljust(w) for h, w in zip(head, widths))]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)

@@ -96,6 +96,11 @@ class Adapter:
             return -1, name
         return int(m.group(1)), name[m.end():]
 
+    def policy_of(self, name: str) -> NonMatrixPolicy:
+        """Non-matrix policy of one tensor that is not decomposed; families override it per tensor (e.g. Llama
+        embeddings per task while norms are shared)."""
+        return self.nonmatrix_policy
+
     def locate(self, name: str) -> tuple[str, str]:
         """(module path, parameter name) of tensor `name` inside `build_model()`'s module (routed wrapping).
 

@@ -25,7 +25,7 @@ from didi.closed_form import GroupTerms
 from didi.errors import DidiError
 from didi.sources import tensor_sha256
 
-STORE_VERSION = 1
+STORE_VERSION = 2
 
 
 def _mean(taus: torch.Tensor) -> torch.Tensor:
@@ -75,9 +75,12 @@ class FactorStore:
     def load(self, i: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.root / "matrices" / f"{i:05d}.safetensors"))
 
-    def nonmatrix_deltas(self) -> dict[str, torch.Tensor]:
-        f = self.root / "nonmatrix.safetensors"
-        return load_file(str(f)) if f.exists() else {}
+    def nonmatrix_deltas(self, name: str) -> dict[str, torch.Tensor]:
+        """task -> delta of one non-decomposed tensor (one file per tensor: memory stays per tensor)."""
+        meta = self.nonmatrix[name]
+        if meta["zero"]:
+            return {}
+        return load_file(str(self.root / "nonmatrix" / f"{meta['file']:05d}.safetensors"))
 
     def terms(self, i: int, K: int, device=None, dtype=torch.float32) -> GroupTerms:
         """Closed-form terms of matrix i at search width K (≤ stored K), batched as L=1."""
@@ -216,7 +219,8 @@ def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, pr
     merge = SHARED_MERGES[cfg.shared_merge]
     tasks = zoo.task_names
     sha: dict[str, dict[str, str]] = {"base": {}, **{t: {} for t in tasks}}
-    matrices, nonmatrix, nm_tensors = [], {}, {}
+    matrices, nonmatrix = [], {}
+    (out / "nonmatrix").mkdir()
     for plan in tqdm(zoo.plan, desc="decompose", unit="tensor", disable=not progress):
         base, task_ts = zoo.read(plan.name, dtype=dtype)
         sha["base"][plan.name] = tensor_sha256(base)
@@ -231,10 +235,10 @@ def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, pr
         taus = torch.stack([x - base for x in task_ts])
         zero = not bool(taus.abs().max() > 0) if taus.numel() else True
         if plan.matrix_shape is None or zero:
-            nonmatrix[plan.name] = {"shape": list(plan.shape), "zero": zero}
+            nonmatrix[plan.name] = {"shape": list(plan.shape), "zero": zero, "file": len(nonmatrix)}
             if not zero:
-                for t, d in zip(tasks, taus):
-                    nm_tensors[f"{t}::{plan.name}"] = d.to(torch.float32).contiguous()
+                save_file({t: d.to(torch.float32).contiguous() for t, d in zip(tasks, taus)},
+                          str(out / "nonmatrix" / f"{len(nonmatrix) - 1:05d}.safetensors"))
             continue
         m, n = plan.matrix_shape
         taus = taus.reshape(len(tasks), m, n).to(device)
@@ -245,8 +249,6 @@ def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, pr
                                     tuple(bound_t), plan.layer, plan.kind))
     if not matrices:
         raise DidiError(f"{zoo.base}: no matrix has a non-zero task vector; nothing to decompose")
-    if nm_tensors:
-        save_file(nm_tensors, str(out / "nonmatrix.safetensors"))
     meta = {
         "store_version": STORE_VERSION, "tasks": tasks, "base_params": zoo.base_params,
         "config": asdict(cfg), "matrices": [asdict(e) for e in matrices], "nonmatrix": nonmatrix, "sha256": sha,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from didi.artifact import load_artifact
+from didi.methods.published import artifact_ratio_row
 
 
 def inspect_data(path: str) -> dict:
@@ -16,7 +17,7 @@ def inspect_data(path: str) -> dict:
         "target_ratio": st.get("target_ratio"), "base_params": int(m["base_params"]), "tasks": a.tasks,
         "ranks": m.get("ranks", {}), "storage": {"stored_elements": st["stored_elements"],
                                                   "by_module": st["by_module"], "by_kind": st["by_kind"]},
-        "metrics": m.get("metrics", {}), "adapter": m["adapter"],
+        "metrics": m.get("metrics", {}), "adapter": m["adapter"], "published": artifact_ratio_row(m),
     }
 
 
@@ -28,7 +29,14 @@ def inspect_artifact(path: str, as_json: bool = False) -> str:
              f"tasks ({len(d['tasks'])}): {', '.join(d['tasks'])}",
              f"storage ratio {d['storage_ratio']:.6g}" + (f" (target {d['target_ratio']:g})" if d["target_ratio"]
                                                             else "") + f" of |θ0| = {d['base_params']:,}",
-             "", "storage breakdown (elements):"]
+             ]
+    pub = d["published"]
+    if pub.get("published") is not None:
+        lines.append(f"published ratio ({pub['paper'] or pub['method']}): {pub['published']:g}; ours "
+                     f"{d['storage_ratio']:.4g} — {pub['reason']}")
+    elif pub.get("reason"):
+        lines.append(f"published ratio: none — {pub['reason']}")
+    lines += ["", "storage breakdown (elements):"]
     for k, v in sorted(d["storage"]["by_module"].items()):
         lines.append(f"  {k:<24} {v:>14,.0f}  ({v / d['base_params']:.4%} of θ0)")
     if d["ranks"]:

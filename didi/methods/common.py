@@ -1,0 +1,134 @@
+"""What every tensor-streaming method shares: reading task vectors tensor by tensor, and writing the artifact.
+
+Methods read one tensor of θ0 and of every task at a time (`Zoo.read`, fp32), so peak input memory is one
+tensor × (T + 1); they return `Terms` in the artifact vocabulary (fold / shared / per-task / group terms) and
+`write_method_artifact` writes them with the same manifest keys as `didi merge`, priced by the same
+accounting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from didi.backbones.base import TensorPlan, Zoo
+from didi.errors import DidiError
+from didi.sources import tensor_sha256
+
+
+@dataclass
+class Terms:
+    """A method's output before writing: terms keyed "<tensor>::<kind>" (fold keyed by tensor name)."""
+
+    tasks: list[str]
+    fold: dict[str, torch.Tensor] = field(default_factory=dict)
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+    per_task: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    groups: dict[str, tuple[list[str], dict[str, torch.Tensor]]] = field(default_factory=dict)
+    ranks: dict[str, dict[str, int]] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    target_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        for t in self.tasks:
+            self.per_task.setdefault(t, {})
+
+    def add_lora(self, owner: dict[str, torch.Tensor], name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        owner[f"{name}::lora_A"], owner[f"{name}::lora_B"] = A.contiguous(), B.contiguous()
+
+
+@dataclass
+class Delta:
+    """One tensor of the zoo: its plan, θ0's value and the task vectors stacked [T, *shape] (fp32)."""
+
+    plan: TensorPlan
+    base: torch.Tensor
+    taus: torch.Tensor
+
+    @property
+    def zero(self) -> bool:
+        return self.taus.numel() == 0 or not bool(self.taus.abs().max() > 0)
+
+    @property
+    def is_matrix(self) -> bool:
+        return self.plan.matrix_shape is not None
+
+    def matrices(self) -> torch.Tensor:
+        """Task vectors as [T, m, n] by the adapter's reshape rule (only for decomposed tensors)."""
+        m, n = self.plan.matrix_shape  # type: ignore[misc]
+        return self.taus.reshape(self.taus.shape[0], m, n)
+
+
+class DeltaReader:
+    """Iterates a zoo's floating tensors as task vectors, recording every tensor's sha256 for the manifest."""
+
+    def __init__(self, zoo: Zoo) -> None:
+        self.zoo = zoo
+        self.sha256: dict[str, dict[str, str]] = {"base": {}, **{t: {} for t in zoo.task_names}}
+
+    def __iter__(self) -> Iterator[Delta]:
+        tasks = self.zoo.task_names
+        for plan in self.zoo.plan:
+            base, xs = self.zoo.read(plan.name)
+            self.sha256["base"][plan.name] = tensor_sha256(base)
+            for t, x in zip(tasks, xs):
+                self.sha256[t][plan.name] = tensor_sha256(x)
+            if not plan.dtype.is_floating_point:
+                for t, x in zip(tasks, xs):
+                    if not torch.equal(x, base):
+                        raise DidiError(f"task '{t}': non-floating tensor '{plan.name}' ({plan.dtype}) "
+                                        f"differs from the base model; didi cannot merge integer tensors")
+                continue
+            yield Delta(plan, base, torch.stack([x - base for x in xs]))
+
+
+def lora_from_svd(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r truncated SVD of M (m×n) as A = U_r√Σ_r (m×r), B = √Σ_r V_rᵀ (r×n)."""
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    sq = S[:r].sqrt()
+    return U[:, :r] * sq, sq[:, None] * Vh[:r]
+
+
+def write_method_artifact(output: str | Path, zoo: Zoo, reader: DeltaReader, method: str, options: Any,
+                          terms: Terms) -> Path:
+    """Write `terms` as a didi artifact (manifest keys as `didi.pipeline.write_didi_artifact`)."""
+    from didi.artifact import write_artifact
+
+    tensors = {p.name: {"shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", ""),
+                        "matrix_shape": list(p.matrix_shape) if p.matrix_shape else None} for p in zoo.plan
+               if p.dtype.is_floating_point}
+    manifest = {
+        "method": {"name": method, "hyper_parameters": dataclasses.asdict(options)},
+        "adapter": {"name": zoo.adapter.registry_name, "settings": zoo.adapter.settings()},
+        "sources": {"base": {"path": str(Path(zoo.base).resolve()), "allow_pickle": zoo.allow_pickle,
+                             "sha256": reader.sha256["base"]},
+                    "tasks": {t: {"path": str(Path(p).resolve()), "sha256": reader.sha256[t]}
+                              for t, p in zoo.tasks.items()}},
+        "tasks": zoo.task_names, "base_params": zoo.base_params, "tensors": tensors,
+        "ranks": terms.ranks, "storage": {"target_ratio": terms.target_ratio},
+        "metrics": terms.metrics,
+    }
+    return write_artifact(output, manifest, terms.fold, terms.shared, terms.per_task,
+                          groups=terms.groups or None)
+
+
+def apply_method(name: str, zoo: Zoo, output: str | Path, options: Any = None) -> Path:
+    """Run registered method `name` on `zoo` with `options` (dataclass, dict or None); write its artifact."""
+    from didi.methods.registry import get_method
+
+    spec = get_method(name)
+    opts = spec.make_options(options)
+    output = Path(output)
+    if output.exists():
+        raise DidiError(f"{output}: output directory already exists; choose another path or delete it")
+    t0 = time.perf_counter()
+    if spec.writes_artifact:
+        return spec.fn(zoo, opts, output)
+    reader = DeltaReader(zoo)
+    terms = spec.fn(zoo, opts, reader)
+    terms.metrics["wall_time_s"] = time.perf_counter() - t0
+    return write_method_artifact(output, zoo, reader, name, opts, terms)

@@ -5,12 +5,14 @@ Each stage is a function so that `didi merge`, `didi search` and `didi refine` (
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, Union
 
 import lightning as L
 import torch
@@ -87,6 +89,20 @@ class Ranks:
 _LOGGERS: dict[int, object] = {}
 
 
+class _QuietLightning(logging.Filter):
+    """Drops Lightning's advertising tip; everything else it says is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_QuietLightning())
+for _msg in (".*IterableDataset.*has `__len__` defined.*", ".*returned `None`, this fit will run with no optimizer.*",
+             ".*smaller than the logging interval.*", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+             ".*does not have many workers.*"):
+    warnings.filterwarnings("ignore", message=_msg)
+
+
 def make_trainer(tcfg: TrainerConfig, callbacks: list, stage: str, max_steps: int = -1,
                  max_epochs: int = -1) -> L.Trainer:
     """One Trainer per stage: the search runs `max_steps` optimiser steps; the refinement one epoch (its
@@ -120,14 +136,22 @@ def _logger(tcfg: TrainerConfig, stage: str):
 
 
 # ---------------------------------------------------------------------------------------------- problem
-def rank_problem(store: FactorStore, widths: list[int], nonmatrix_policy: str) -> RankProblem:
+Policy = Union[str, Callable[[str], str]]
+
+
+def policy_fn(policy: Policy) -> Callable[[str], str]:
+    """A non-matrix policy for every tensor (`shared`/`per_task`) or per tensor (an adapter's `policy_of`)."""
+    return policy if callable(policy) else (lambda name: policy)
+
+
+def rank_problem(store: FactorStore, widths: list[int], policy: Policy) -> RankProblem:
     """Bounds are min(numerical rank, search width K); fixed cost = per-task non-matrix deltas if counted."""
     T = len(store.tasks)
     fixed = 0.0
-    if nonmatrix_policy == "per_task":
-        for meta in store.nonmatrix.values():
-            if not meta["zero"]:
-                fixed += T * float(torch.Size(meta["shape"]).numel())
+    pol = policy_fn(policy)
+    for name, meta in store.nonmatrix.items():
+        if not meta["zero"] and pol(name) == "per_task":
+            fixed += T * float(torch.Size(meta["shape"]).numel())
     ents = store.matrices
     return RankProblem(
         m=torch.tensor([e.m for e in ents]), n=torch.tensor([e.n for e in ents]),
@@ -168,7 +192,7 @@ def _widths(store: FactorStore, cap: int) -> list[int]:
     return [min(e.K, cap) for e in store.matrices]
 
 
-def greedy_ranks(store: FactorStore, target: float, policy: str, cap: int | None = None):
+def greedy_ranks(store: FactorStore, target: float, policy: Policy, cap: int | None = None):
     """Greedy marginal-gain allocation from zero at width `cap` (grown until no module is cut by it)."""
     K_max = max(e.K for e in store.matrices)
     cap = min(K_max, cap or 128)
@@ -224,7 +248,7 @@ def _search(store: FactorStore, cache: TermsCache, problem: RankProblem, alloc: 
     return alloc.greedy_fill(r_s, r_t, budget)
 
 
-def allocate(store: FactorStore, target: float, scfg: SearchConfig, tcfg: TrainerConfig, policy: str,
+def allocate(store: FactorStore, target: float, scfg: SearchConfig, tcfg: TrainerConfig, policy: Policy,
              allocation: Allocation = "search", work_dir: Path | None = None, resume: bool = False) -> Ranks:
     """Stage 1 and the budget: integer ranks at the exact target (ratio ≤ target, short by < one unit)."""
     K_max = max(e.K for e in store.matrices)
@@ -315,15 +339,15 @@ def refine(zoo: Zoo, store: FactorStore, ranks: Ranks, rcfg: RefineConfig, tcfg:
     return shared, tasks, metrics
 
 
-def nonmatrix_terms(store: FactorStore, policy: str) -> tuple[dict, dict]:
+def nonmatrix_terms(store: FactorStore, policy: Policy) -> tuple[dict, dict]:
     """Non-matrix deltas: mean folded into the base (`shared`) or exact per task (`per_task`)."""
-    deltas = store.nonmatrix_deltas()
     fold, tasks = {}, {t: {} for t in store.tasks}
     for name, meta in store.nonmatrix.items():
         if meta["zero"]:
             continue
-        per = [deltas[f"{t}::{name}"] for t in store.tasks]
-        if policy == "shared":
+        deltas = store.nonmatrix_deltas(name)
+        per = [deltas[t] for t in store.tasks]
+        if policy_fn(policy)(name) == "shared":
             fold[name] = torch.stack(per).mean(0)
         else:
             for t, d in zip(store.tasks, per):
@@ -360,7 +384,7 @@ def write_didi_artifact(output: str | Path, zoo: Zoo, store: FactorStore, ranks:
                         hyper: dict, metrics: dict) -> Path:
     from didi.artifact import write_artifact
 
-    fold, nm_tasks = nonmatrix_terms(store, zoo.adapter.nonmatrix_policy)
+    fold, nm_tasks = nonmatrix_terms(store, zoo.adapter.policy_of)
     for t in tasks:
         tasks[t].update(nm_tasks[t])
     tensors = {p.name: {"shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", ""),
@@ -379,7 +403,9 @@ def write_didi_artifact(output: str | Path, zoo: Zoo, store: FactorStore, ranks:
     }
     png = rank_heatmap_png(store.matrices, ranks.r_s, ranks.r_t,
                            title=f"DiDi ranks at {ranks.info.get('ratio', 0):.4g}x")
-    return write_artifact(output, manifest, fold, shared, tasks, extra_files={"rank_heatmap.png": png})
+    ranks_json = json.dumps(ranks.to_json(store), indent=1).encode()
+    return write_artifact(output, manifest, fold, shared, tasks,
+                          extra_files={"rank_heatmap.png": png, "ranks.json": ranks_json})
 
 
 def run_merge(zoo: Zoo, output: str | Path, budget: float | str, dcfg: DecomposeConfig, scfg: SearchConfig,
@@ -394,16 +420,23 @@ def run_merge(zoo: Zoo, output: str | Path, budget: float | str, dcfg: Decompose
     work = work_dir_for(output)
     store = decompose(zoo, dcfg, progress=progress)
     with _work_dir(work):
-        ranks = allocate(store, target, scfg, tcfg, zoo.adapter.nonmatrix_policy, allocation, work, resume)
+        ranks = allocate(store, target, scfg, tcfg, zoo.adapter.policy_of, allocation, work, resume)
         shared, tasks, metrics = refine(zoo, store, ranks, rcfg, tcfg, work)
     if not is_global_zero():
         return None
     hyper = {"budget": target, "allocation": allocation, "decompose": asdict(dcfg), "search": asdict(scfg),
              "refine": asdict(rcfg)}
     path = write_didi_artifact(output, zoo, store, ranks, shared, tasks, hyper, metrics)
-    (path / "ranks.json").write_text(json.dumps(ranks.to_json(store), indent=1))
+    log_heatmap(tcfg, path)
     shutil.rmtree(work, ignore_errors=True)
     return path
+
+
+def log_heatmap(tcfg: TrainerConfig, artifact: Path) -> None:
+    """Send the artifact's rank heatmap to the W&B run of this merge (when W&B is the logger)."""
+    logger = _LOGGERS.get(id(tcfg))
+    if logger is not None and (artifact / "rank_heatmap.png").exists():
+        logger.log_image(key="rank_heatmap", images=[str(artifact / "rank_heatmap.png")])
 
 
 def precheck_budget(zoo: Zoo, target: float) -> None:
@@ -413,8 +446,8 @@ def precheck_budget(zoo: Zoo, target: float) -> None:
     if not units:
         raise DidiError(f"{zoo.base}: adapter '{zoo.adapter.registry_name}' decomposes no tensor of this model")
     full = sum((T + 1) * min(p.matrix_shape) * sum(p.matrix_shape) for p in zoo.matrices)
-    fixed = T * sum(p.numel for p in zoo.nonmatrices if p.dtype.is_floating_point) \
-        if zoo.adapter.nonmatrix_policy == "per_task" else 0
+    fixed = T * sum(p.numel for p in zoo.nonmatrices
+                    if p.dtype.is_floating_point and zoo.adapter.policy_of(p.name) == "per_task")
     hi = 1 + (full + fixed) / zoo.base_params
     lo = 1 + min(units) / zoo.base_params
     if target > hi:

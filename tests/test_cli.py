@@ -31,8 +31,10 @@ def test_merge_inspect_search_refine(tmp_path, tiny_zoo, capsys):
     assert isinstance(d["base_params"], int) and d["tasks"] == list(tasks)
     some = next(iter(d["ranks"].values()))
     assert set(some) == {"shared", *tasks} and all(isinstance(v, int) for v in some.values())
+    assert d["published"]["method"] == "didi" and d["published"]["reason"]
     assert main(["inspect", str(out)]) == 0
-    assert "ranks:" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "ranks:" in text and "published ratio" in text
     # the stages alone: search writes ranks, refine turns them into the same kind of artifact
     ranks = tmp_path / "ranks.json"
     args = _merge_args(tmp_path, base, tasks, ranks)

@@ -153,3 +153,5 @@ def test_csv_and_wandb_offline_logging(tmp_path, tiny_zoo, fast, monkeypatch):
     assert runs, "no offline W&B run written"
     assert any(p.suffix == ".wandb" for p in runs[0].iterdir())
     assert json.loads((tmp_path / "wb" / "manifest.json").read_text())["files"]["rank_heatmap.png"]
+    media = list(runs[0].rglob("*.png"))
+    assert any("rank_heatmap" in p.name for p in media), media  # the heatmap went to the W&B run

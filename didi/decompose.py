@@ -114,32 +114,46 @@ def numerical_rank(S: torch.Tensor, tol: float) -> int:
     return int((S > tol).sum())
 
 
-def decompose_matrix(taus: torch.Tensor, merge: Callable[[torch.Tensor], torch.Tensor], max_rank: int | None,
-                     rtol: float | None = None) -> tuple[dict[str, torch.Tensor], int, list[int]]:
-    """SVDs and inner products of one matrix's T task vectors taus [T,m,n] (on the compute device/dtype)."""
-    T, m, n = taus.shape
+def decompose_batch(taus: torch.Tensor, merge: Callable[[torch.Tensor], torch.Tensor], max_rank: int | None,
+                    rtol: float | None = None) -> list[tuple[dict[str, torch.Tensor], int, list[int]]]:
+    """SVDs and inner products of B same-shape matrices, taus [B,T,m,n] on the compute device/dtype.
+
+    The B·(T+1) SVDs (shared + experts of every matrix) run as one batched call.
+    """
+    B, T, m, n = taus.shape
     k = min(m, n)
     K = k if max_rank is None else min(k, max_rank)
-    Ms = merge(taus)
-    Mt = taus - Ms
-    U, S, Vh = torch.linalg.svd(torch.cat([Ms[None], Mt]), full_matrices=False)  # [T+1,m,k],[T+1,k],[T+1,k,n]
-    U, S, V = U[..., :K], S[..., :K], Vh[..., :K, :].transpose(-2, -1)
-    U_s, S_s, V_s, U_t, S_t, V_t = U[0], S[0], V[0], U[1:], S[1:], V[1:]
-    a = torch.einsum("mk,tmn,nk->tk", U_s, Mt, V_s)  # diag(U_sᵀ M_t V_s)
-    b = torch.einsum("tmk,mn,tnk->tk", U_t, Ms, V_t)  # diag(U_tᵀ M_s V_t)
-    f64 = torch.float64
-    scale = float(S[:, 0].max()) if K else 0.0
+    Ms = torch.stack([merge(x) for x in taus])  # [B,m,n]
+    Mt = taus - Ms[:, None]
+    U, S, Vh = torch.linalg.svd(torch.cat([Ms[:, None], Mt], 1).reshape(B * (T + 1), m, n), full_matrices=False)
+    U = U[..., :K].reshape(B, T + 1, m, K)
+    S = S[..., :K].reshape(B, T + 1, K)
+    V = Vh[..., :K, :].transpose(-2, -1).reshape(B, T + 1, n, K)
     eps = torch.finfo(taus.dtype).eps
-    tol = (rtol if rtol is not None else max(m, n) * eps) * scale
-    bound_s = numerical_rank(S_s, tol)
-    bound_t = [numerical_rank(S_t[t], tol) for t in range(T)]
-    factors = {
-        "U_s": U_s, "S_s": S_s.to(f64), "V_s": V_s, "U_t": U_t, "S_t": S_t.to(f64), "V_t": V_t,
-        "a": a.to(f64), "b": b.to(f64),
-        "ms_sq": (Ms.to(f64) ** 2).sum(), "mt_sq": (Mt.to(f64) ** 2).sum((-2, -1)),
-        "inner": (Ms.to(f64)[None] * Mt.to(f64)).sum((-2, -1)), "tau_sq": (taus.to(f64) ** 2).sum((-2, -1)),
-    }
-    return {k_: v.detach().contiguous().cpu() for k_, v in factors.items()}, bound_s, bound_t
+    f64 = torch.float64
+    out = []
+    for j in range(B):
+        U_s, S_s, V_s, U_t, S_t, V_t = U[j, 0], S[j, 0], V[j, 0], U[j, 1:], S[j, 1:], V[j, 1:]
+        ms, mt = Ms[j], Mt[j]
+        a = torch.einsum("mk,tmn,nk->tk", U_s, mt, V_s)  # diag(U_sᵀ M_t V_s)
+        b = torch.einsum("tmk,mn,tnk->tk", U_t, ms, V_t)  # diag(U_tᵀ M_s V_t)
+        scale = float(S[j, :, 0].max()) if K else 0.0
+        tol = (rtol if rtol is not None else max(m, n) * eps) * scale
+        factors = {
+            "U_s": U_s, "S_s": S_s.to(f64), "V_s": V_s, "U_t": U_t, "S_t": S_t.to(f64), "V_t": V_t,
+            "a": a.to(f64), "b": b.to(f64),
+            "ms_sq": (ms.to(f64) ** 2).sum(), "mt_sq": (mt.to(f64) ** 2).sum((-2, -1)),
+            "inner": (ms.to(f64)[None] * mt.to(f64)).sum((-2, -1)), "tau_sq": (taus[j].to(f64) ** 2).sum((-2, -1)),
+        }
+        out.append(({k_: v.detach().contiguous().cpu() for k_, v in factors.items()}, numerical_rank(S_s, tol),
+                    [numerical_rank(S_t[t], tol) for t in range(T)]))
+    return out
+
+
+def decompose_matrix(taus: torch.Tensor, merge: Callable[[torch.Tensor], torch.Tensor], max_rank: int | None,
+                     rtol: float | None = None) -> tuple[dict[str, torch.Tensor], int, list[int]]:
+    """One matrix, taus [T,m,n]: see `decompose_batch`."""
+    return decompose_batch(taus[None], merge, max_rank, rtol)[0]
 
 
 @dataclass
@@ -153,6 +167,8 @@ class DecomposeConfig:
         dtype: `float32` or `float64` for the SVDs.
         device: `auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`, ...
         cache_dir: where factor stores live; a second merge of the same models reuses them.
+        batch_mb: same-shape matrices are decomposed together (one batched SVD call) up to this many MB of
+            task vectors per call.
     """
 
     shared_merge: str = "mean"
@@ -160,6 +176,7 @@ class DecomposeConfig:
     dtype: str = "float32"
     device: str = "auto"
     cache_dir: str = "~/.cache/didi/factors"
+    batch_mb: int = 512
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in ("float32", "float64"):
@@ -184,7 +201,7 @@ def _fingerprint(zoo: Zoo, cfg: DecomposeConfig) -> str:
     payload = {
         "v": STORE_VERSION, "base": stat(zoo.base), "tasks": [[t, stat(p)] for t, p in zoo.tasks.items()],
         "adapter": [zoo.adapter.registry_name, zoo.adapter.settings()],
-        "cfg": [cfg.shared_merge, cfg.max_rank, cfg.dtype],
+        "cfg": [cfg.shared_merge, cfg.max_rank, cfg.dtype],  # batch_mb changes no result
     }
     h.update(json.dumps(payload, sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
@@ -221,6 +238,19 @@ def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, pr
     sha: dict[str, dict[str, str]] = {"base": {}, **{t: {} for t in tasks}}
     matrices, nonmatrix = [], {}
     (out / "nonmatrix").mkdir()
+    pending: dict[tuple[int, int], list] = {}  # matrix shape -> [(plan, taus)] waiting for one batched SVD
+
+    def flush(shape: tuple[int, int]) -> None:
+        batch = pending.pop(shape, [])
+        if not batch:
+            return
+        stacked = torch.stack([t for _, t in batch]).to(device)
+        for (plan, _), (factors, bound_s, bound_t) in zip(batch, decompose_batch(stacked, merge, cfg.max_rank)):
+            i = len(matrices)
+            save_file(factors, str(out / "matrices" / f"{i:05d}.safetensors"))
+            matrices.append(MatrixEntry(i, plan.name, plan.shape, shape[0], shape[1], int(factors["S_s"].shape[0]),
+                                        bound_s, tuple(bound_t), plan.layer, plan.kind))
+
     for plan in tqdm(zoo.plan, desc="decompose", unit="tensor", disable=not progress):
         base, task_ts = zoo.read(plan.name, dtype=dtype)
         sha["base"][plan.name] = tensor_sha256(base)
@@ -240,13 +270,12 @@ def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, pr
                 save_file({t: d.to(torch.float32).contiguous() for t, d in zip(tasks, taus)},
                           str(out / "nonmatrix" / f"{len(nonmatrix) - 1:05d}.safetensors"))
             continue
-        m, n = plan.matrix_shape
-        taus = taus.reshape(len(tasks), m, n).to(device)
-        factors, bound_s, bound_t = decompose_matrix(taus, merge, cfg.max_rank)
-        i = len(matrices)
-        save_file({k: v.contiguous() for k, v in factors.items()}, str(out / "matrices" / f"{i:05d}.safetensors"))
-        matrices.append(MatrixEntry(i, plan.name, plan.shape, m, n, int(factors["S_s"].shape[0]), bound_s,
-                                    tuple(bound_t), plan.layer, plan.kind))
+        shape = plan.matrix_shape
+        pending.setdefault(shape, []).append((plan, taus.reshape(len(tasks), *shape)))
+        if sum(t.numel() * t.element_size() for _, t in pending[shape]) >= cfg.batch_mb * 2**20:
+            flush(shape)
+    for shape in list(pending):
+        flush(shape)
     if not matrices:
         raise DidiError(f"{zoo.base}: no matrix has a non-zero task vector; nothing to decompose")
     meta = {

@@ -48,3 +48,8 @@ def build_adapter(name: str, settings: dict | None = None) -> Adapter:
 
 __all__ = ["ADAPTERS", "Adapter", "TensorPlan", "Zoo", "build_adapter", "get_adapter_class", "parse_tasks",
            "register_adapter"]
+
+from didi.backbones import hf_encoder as _hf_encoder  # noqa: E402,F401  (registers "hf_encoder")
+from didi.backbones import open_clip as _open_clip  # noqa: E402,F401  (registers "open_clip")
+from didi.backbones import hf_clip as _hf_clip  # noqa: E402,F401  (registers "hf_clip")
+from didi.backbones import hf_llama as _hf_llama  # noqa: E402,F401  (registers "hf_llama")

@@ -98,24 +98,25 @@ class Allocator:
         """Exact error decrease of adding one rank unit to the shared module / each expert, [L] and [L,T].
 
         Removing component j = r+1 from the dropped mass sets d_j from σ_j to 0, so the decrease is
-        σ_j² + 2σ_j (cross and tail terms at j) — O(T·K) per matrix, no SVD, no m×n matrix.
+        σ_j² + 2σ_j (cross and tail terms at j): one row or column of each C_t, O(T·K) per matrix.
         """
         K = terms.K
         rs, rt = r_s[idx], r_t[idx]
         d_s = (1 - hard_mask(rs, K).double()) * terms.sigma_s
         d_t = (1 - hard_mask(rt, K).double()) * terms.sigma_t
-        # expert t, component j = rt (0-based): σ² + 2σ[(Cᵀ d_s)_j + q_j]
-        Ct_ds = torch.einsum("ltkj,lk->ltj", terms.C, d_s)
+        L, T = rt.shape
+        # expert t, component j = rt (0-based): σ² + 2σ[(Cᵀ d_s)_j + q_j]; only column j of C is read
         j_t = rt.clamp(max=K - 1)
+        C_col = terms.C.gather(-1, j_t[..., None, None].expand(L, T, K, 1))[..., 0]  # C[l,t,:,j_t]
         sig_t = terms.sigma_t.gather(-1, j_t[..., None])[..., 0]
-        lin_t = (Ct_ds + terms.q).gather(-1, j_t[..., None])[..., 0]
+        lin_t = (C_col * d_s[:, None, :]).sum(-1) + terms.q.gather(-1, j_t[..., None])[..., 0]
         gain_t = sig_t * sig_t + 2 * sig_t * lin_t
         gain_t = torch.where(rt < K, gain_t, torch.full_like(gain_t, -float("inf")))
-        # shared, component j = rs: Σ_t σ² + 2σ[(C d_t)_j + p_j]
-        C_dt = torch.einsum("ltkj,ltj->ltk", terms.C, d_t)
+        # shared, component j = rs: Σ_t σ² + 2σ[(C d_t)_j + p_j]; only row j of every C_t is read
         j_s = rs.clamp(max=K - 1)
+        C_row = terms.C.gather(-2, j_s[:, None, None, None].expand(L, T, 1, K))[..., 0, :]  # C[l,t,j_s,:]
         sig_s = terms.sigma_s.gather(-1, j_s[:, None])[:, 0]
-        lin_s = (C_dt + terms.p).gather(-1, j_s[:, None, None].expand(-1, self.T, 1))[..., 0].sum(-1)
+        lin_s = ((C_row * d_t).sum(-1) + terms.p.gather(-1, j_s[:, None, None].expand(L, T, 1))[..., 0]).sum(-1)
         gain_s = self.T * sig_s * sig_s + 2 * sig_s * lin_s
         gain_s = torch.where(rs < K, gain_s, torch.full_like(gain_s, -float("inf")))
         return gain_s, gain_t
@@ -132,20 +133,25 @@ class Allocator:
             for pos, l in enumerate(idx.tolist()):
                 where[l] = (g, pos)
 
+        def push_gains(ls: list[int], gs: torch.Tensor, gt: torch.Tensor) -> None:
+            for i, l in enumerate(ls):
+                u = float(unit[l])
+                if r_s[l] < p.bound_s[l] and gs[i] > 0:
+                    heap.append((-float(gs[i]) / u, l, -1, int(r_s[l])))
+                for t in range(self.T):
+                    if r_t[l, t] < p.bound_t[l, t] and gt[i, t] > 0:
+                        heap.append((-float(gt[i, t]) / u, l, t, int(r_t[l, t])))
+
         def push(l: int) -> None:
             g, pos = where[l]
             idx, terms = self.groups[g]
-            gs, gt = self._gains(idx[pos:pos + 1], terms.__class__(*(getattr(terms, f)[pos:pos + 1]
-                                                                     for f in terms.__dataclass_fields__)), r_s, r_t)
-            u = float(unit[l])
-            if r_s[l] < p.bound_s[l] and gs[0] > 0:
-                heapq.heappush(heap, (-float(gs[0]) / u, l, -1, int(r_s[l])))
-            for t in range(self.T):
-                if r_t[l, t] < p.bound_t[l, t] and gt[0, t] > 0:
-                    heapq.heappush(heap, (-float(gt[0, t]) / u, l, t, int(r_t[l, t])))
+            one = GroupTerms(*(getattr(terms, f)[pos:pos + 1] for f in GroupTerms.__dataclass_fields__))
+            push_gains([l], *self._gains(idx[pos:pos + 1], one, r_s, r_t))
+            heapq.heapify(heap)
 
-        for l in range(len(unit)):
-            push(l)
+        for idx, terms in self.groups:  # all matrices at once, then one matrix per accepted unit
+            push_gains(idx.tolist(), *self._gains(idx, terms, r_s, r_t))
+        heapq.heapify(heap)
         while heap:
             neg_gain, l, t, r_then = heapq.heappop(heap)
             current = int(r_s[l]) if t < 0 else int(r_t[l, t])
@@ -162,7 +168,6 @@ class Allocator:
             self.last_gain = -neg_gain
             # every candidate of matrix l changes (cross terms): drop its stale entries lazily and re-push
             heap = [h for h in heap if h[1] != l]
-            heapq.heapify(heap)
             push(l)
         return r_s, r_t
 

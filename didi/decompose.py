@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from didi.backbones.base import Zoo
 from didi.closed_form import GroupTerms
 from didi.errors import DidiError
+from didi.linalg import svd
 from didi.sources import tensor_sha256
 
 STORE_VERSION = 2
@@ -125,7 +126,7 @@ def decompose_batch(taus: torch.Tensor, merge: Callable[[torch.Tensor], torch.Te
     K = k if max_rank is None else min(k, max_rank)
     Ms = torch.stack([merge(x) for x in taus])  # [B,m,n]
     Mt = taus - Ms[:, None]
-    U, S, Vh = torch.linalg.svd(torch.cat([Ms[:, None], Mt], 1).reshape(B * (T + 1), m, n), full_matrices=False)
+    U, S, Vh = svd(torch.cat([Ms[:, None], Mt], 1).reshape(B * (T + 1), m, n))
     U = U[..., :K].reshape(B, T + 1, m, K)
     S = S[..., :K].reshape(B, T + 1, K)
     V = Vh[..., :K, :].transpose(-2, -1).reshape(B, T + 1, n, K)

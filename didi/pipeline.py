@@ -167,6 +167,7 @@ class TermsCache:
     def __init__(self, store: FactorStore, widths: list[int]) -> None:
         self.store, self.widths = store, widths
         self._terms: dict[int, GroupTerms] = {}
+        self._groups: dict[tuple, list] = {}
 
     def get(self, i: int) -> GroupTerms:
         if i not in self._terms:
@@ -174,6 +175,13 @@ class TermsCache:
         return self._terms[i]
 
     def groups(self, indices: list[int], dtype=torch.float32) -> list[tuple[torch.Tensor, GroupTerms]]:
+        """Terms of `indices`, stacked per search width; memoised, since every epoch asks for the same batches."""
+        key = (tuple(indices), dtype)
+        if key not in self._groups:
+            self._groups[key] = self._stack(indices, dtype)
+        return self._groups[key]
+
+    def _stack(self, indices: list[int], dtype) -> list[tuple[torch.Tensor, GroupTerms]]:
         by_k: dict[int, list[int]] = {}
         for i in indices:
             by_k.setdefault(self.widths[i], []).append(i)

@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from didi.linalg import orthonormal
+
 
 @dataclass
 class RefineConfig:
@@ -64,9 +66,9 @@ def _best_rank_r(X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, iters: int) 
     r = A.shape[1]
     if r == 0:
         return A, B
-    Q = torch.linalg.qr(X @ B.T if B.abs().sum() > 0 else A)[0]
+    Q = orthonormal(X @ B.T if B.abs().sum() > 0 else A)
     for _ in range(iters):
-        Q = torch.linalg.qr(X @ (X.T @ Q))[0]
+        Q = orthonormal(X @ (X.T @ Q))
     return Q, Q.T @ X
 
 

@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from didi.linalg import orthonormal
+
 
 def lowrank(m: int, n: int, r: int, scale: float, g: torch.Generator) -> torch.Tensor:
     if r == 0:
         return torch.zeros(m, n)
-    U = torch.linalg.qr(torch.randn(m, r, generator=g))[0]
-    V = torch.linalg.qr(torch.randn(n, r, generator=g))[0]
+    U = orthonormal(torch.randn(m, r, generator=g))
+    V = orthonormal(torch.randn(n, r, generator=g))
     s = scale * torch.linspace(1.0, 0.3, r)
     return (U * s) @ V.T
 
@@ -30,6 +32,17 @@ def planted_task_vectors(m: int, n: int, T: int, shared_rank: int, expert_rank: 
     if noise:
         taus = taus + noise * scale * torch.randn(taus.shape, generator=g) / (m * n) ** 0.5
     return taus
+
+
+def write_zoo(root: Path, base: dict[str, torch.Tensor], taus: dict, T: int) -> tuple[Path, dict[str, Path]]:
+    """base.safetensors and task_<t>.safetensors = base + τ_t; returns (base path, {task: path})."""
+    save_file(base, str(root / "base.safetensors"))
+    tasks = {}
+    for t in range(T):
+        p = root / f"task_{t}.safetensors"
+        save_file({k: (v + taus[k][t]).contiguous() for k, v in base.items()}, str(p))
+        tasks[f"task_{t}"] = p
+    return root / "base.safetensors", tasks
 
 
 def block_shapes(width: int, layers: int, mlp_ratio: int = 4) -> dict[str, tuple[int, int]]:
@@ -69,20 +82,14 @@ def make_zoo(root: str | Path, T: int = 4, width: int = 32, layers: int = 2, sha
                 taus[nm] = 0.01 * torch.randn(T, size, generator=g)
         base["frozen.weight"] = torch.randn(width, 4, generator=g)  # never fine-tuned: zero delta
         taus["frozen.weight"] = torch.zeros(T, width, 4)
-    save_file(base, str(root / "base.safetensors"))
-    tasks = {}
-    for t in range(T):
-        p = root / f"task_{t}.safetensors"
-        save_file({k: (v + taus[k][t]).contiguous() for k, v in base.items()}, str(p))
-        tasks[f"task_{t}"] = p
-    return root / "base.safetensors", tasks
+    return write_zoo(root, base, taus, T)
 
 
 def spectral(m: int, n: int, decay: float, scale: float, g: torch.Generator) -> torch.Tensor:
     """A full-rank matrix with singular values scale · i^(−decay): a fine-tune-like, not exactly low-rank, spectrum."""
     k = min(m, n)
-    U = torch.linalg.qr(torch.randn(m, k, generator=g))[0]
-    V = torch.linalg.qr(torch.randn(n, k, generator=g))[0]
+    U = orthonormal(torch.randn(m, k, generator=g))
+    V = orthonormal(torch.randn(n, k, generator=g))
     s = scale * torch.arange(1, k + 1, dtype=torch.float32) ** (-decay)
     return (U * s) @ V.T
 
@@ -101,7 +108,6 @@ def make_spectral_zoo(root: str | Path, T: int = 8, width: int = 64, layers: int
     names = list(block_shapes(width, layers, mlp_ratio).items())
     for name, (m, n) in names:
         base[name] = torch.randn(m, n, generator=g) / n ** 0.5
-    save_file(base, str(root / "base.safetensors"))
     taus: dict[str, list[torch.Tensor]] = {}
     for j, (name, (m, n)) in enumerate(names):
         depth = int(name.split(".")[1]) / max(1, layers - 1)
@@ -109,9 +115,4 @@ def make_spectral_zoo(root: str | Path, T: int = 8, width: int = 64, layers: int
         shared = spectral(m, n, kind_decay, 1.0 + depth, g)
         taus[name] = [shared + spectral(m, n, kind_decay + 0.2 - 0.3 * depth, (0.5 + 1.5 * depth) *
                                         (0.6 + 0.8 * torch.rand((), generator=g).item()), g) for _ in range(T)]
-    tasks = {}
-    for t in range(T):
-        p = root / f"task_{t}.safetensors"
-        save_file({k: (v + taus[k][t]).contiguous() for k, v in base.items()}, str(p))
-        tasks[f"task_{t}"] = p
-    return root / "base.safetensors", tasks
+    return write_zoo(root, base, taus, T)

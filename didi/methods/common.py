@@ -17,6 +17,7 @@ import torch
 
 from didi.backbones.base import TensorPlan, Zoo
 from didi.errors import DidiError
+from didi.linalg import svd
 from didi.sources import tensor_sha256
 
 
@@ -88,7 +89,7 @@ class DeltaReader:
 
 def lora_from_svd(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-r truncated SVD of M (m×n) as A = U_r√Σ_r (m×r), B = √Σ_r V_rᵀ (r×n)."""
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    U, S, Vh = svd(M)
     sq = S[:r].sqrt()
     return U[:, :r] * sq, sq[:, None] * Vh[:r]
 

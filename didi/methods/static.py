@@ -16,6 +16,7 @@ import torch
 
 from didi.backbones.base import Zoo
 from didi.errors import DidiError
+from didi.linalg import svd
 from didi.methods.common import DeltaReader, Terms
 from didi.methods.registry import register_method
 
@@ -57,12 +58,12 @@ def tsv_m_merge(taus: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     s = min(m, n) // T
     if s == 0:
         return taus.mean(0)
-    U, S, Vh = torch.linalg.svd(taus, full_matrices=False)
+    U, S, Vh = svd(taus)
     Uc = U[..., :s].permute(1, 0, 2).reshape(m, T * s)  # [U_1 | U_2 | ...]
     Vc = Vh[:, :s, :].reshape(T * s, n)  # [V_1ᵀ; V_2ᵀ; ...]
     Sc = S[:, :s].reshape(T * s)
-    Pu, _, Qu = torch.linalg.svd(Uc, full_matrices=False)
-    Pv, _, Qv = torch.linalg.svd(Vc, full_matrices=False)
+    Pu, _, Qu = svd(Uc)
+    Pv, _, Qv = svd(Vc)
     return alpha * (Pu @ Qu) @ torch.diag(Sc) @ (Pv @ Qv)
 
 

@@ -1,0 +1,234 @@
+"""Image classification data for evaluation (one ImageFolder per task), open_clip preprocessing, zero-shot heads.
+
+A task's data is a directory in `torchvision.datasets.ImageFolder` layout (`<class>/<image>`), or a directory
+holding `<split>/` in that layout. Batches hold `pixel_values` (the adapter's eval transform), `labels`,
+`task_id` (position in `task_order`, the artifact's task order) and `index`. Under DDP each process reads a
+disjoint share (`ShardSampler`, no padding), as for text.
+
+Heads: a zero-shot head per task from the open_clip text tower of θ0 (class names × prompt templates, the
+normalised mean text embedding per class, times CLIP's logit scale) — the text tower is not merged and sits
+outside the storage budget, as in the paper — or given head weights (`didi.evaluate.load_head`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from didi.datamodules.text import ShardSampler
+from didi.errors import DidiError
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+# ------------------------------------------------------------------------------------ open_clip helpers
+def open_clip_transform(model: nn.Module) -> Callable:
+    """The eval transform open_clip uses for `model` (size, resize mode, mean/std from its preprocess config)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    visual = getattr(model, "visual", model)
+    cfg = getattr(visual, "preprocess_cfg", None)
+    if not cfg:  # a model built from a config dict: open_clip's defaults (OpenAI mean/std) at its image size
+        size = getattr(visual, "image_size", None)
+        if size is None:
+            raise DidiError(f"{type(model).__name__}: no open_clip preprocess config and no image size")
+        cfg = {"size": size}
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+
+
+def open_clip_tokenizer(adapter) -> Callable:
+    """open_clip's tokenizer of the adapter's architecture (bundled BPE vocabulary: nothing is downloaded)."""
+    import open_clip
+
+    if adapter.model_config:
+        ctx = adapter.model_config.get("text_cfg", {}).get("context_length", 77)
+        return open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
+    return open_clip.get_tokenizer(adapter.model_name)
+
+
+class ImageFeatures(nn.Module):
+    """L2-normalised image embeddings of an open_clip model (the module `RoutedModel` wraps, prefix "clip")."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(pixel_values), dim=-1)
+
+
+class RoutedImageFeatures(nn.Module):
+    """Evaluator features: example i runs through θ0 + shared + expert of its task (a RoutedModel over
+    `ImageFeatures`)."""
+
+    def __init__(self, routed: nn.Module) -> None:
+        super().__init__()
+        self.routed = routed
+
+    def forward(self, batch: dict, task_ids: torch.Tensor) -> torch.Tensor:
+        return self.routed(batch["pixel_values"], task_ids=task_ids)
+
+
+def routed_image_features(clip: nn.Module, artifact, adapter) -> RoutedImageFeatures:
+    from didi.routing import RoutedModel
+
+    return RoutedImageFeatures(RoutedModel(ImageFeatures(clip), artifact, adapter=adapter, prefix="clip"))
+
+
+@torch.no_grad()
+def zero_shot_head(clip: nn.Module, tokenizer: Callable, classnames: Sequence[str],
+                   templates: Sequence[str] = DEFAULT_TEMPLATES) -> nn.Linear:
+    """Linear head (classes × embed, no bias): logit_scale · normalise(mean_t normalise(text(template_t(c))))."""
+    if not classnames:
+        raise DidiError("zero-shot head: no class names")
+    bad = [t for t in templates if "{}" not in t]
+    if bad or not templates:
+        raise DidiError(f"zero-shot head: every prompt template needs a '{{}}' for the class name; found {bad or []}")
+    rows = []
+    for c in classnames:
+        emb = clip.encode_text(tokenizer([t.format(c) for t in templates]))
+        rows.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=-1))
+    W = torch.stack(rows) * clip.logit_scale.exp()
+    head = nn.Linear(W.shape[1], W.shape[0], bias=False)
+    head.weight.data.copy_(W)
+    return head.requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def task_folder(path: str | Path, split: str = "test") -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise DidiError(f"{p}: no such directory (expected an ImageFolder layout: <class>/<image>)")
+    return p / split if (p / split).is_dir() else p
+
+
+def classnames_of(path: str | Path, split: str = "test") -> list[str]:
+    """Class names of an ImageFolder directory: sorted sub-folder names, '_' read as a space."""
+    from torchvision.datasets.folder import find_classes
+
+    try:
+        classes, _ = find_classes(str(task_folder(path, split)))
+    except FileNotFoundError as e:
+        raise DidiError(f"{path}: {e}") from e
+    return [c.replace("_", " ") for c in classes]
+
+
+class TaggedImages(Dataset):
+    """(image file, label, task id) of several tasks in task order; images are read and transformed lazily."""
+
+    def __init__(self, items: list[tuple[str, int, int]], transform: Callable) -> None:
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        from torchvision.datasets.folder import default_loader
+
+        path, label, task = self.items[i]
+        return {"pixel_values": self.transform(default_loader(path)), "label": label, "task_id": task, "index": i}
+
+
+def collate_images(examples: list[dict]) -> dict:
+    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "labels": torch.tensor([e["label"] for e in examples]),
+            "task_id": torch.tensor([e["task_id"] for e in examples]),
+            "index": torch.tensor([e["index"] for e in examples])}
+
+
+class ImageClassificationDataModule(L.LightningDataModule):
+    """Per-task image classification data (ImageFolder layout) for evaluation.
+
+    Args:
+        tasks: {task name: ImageFolder directory, or a directory holding `<split>/`}.
+        transform: image → tensor (e.g. `open_clip_transform(model)`).
+        task_order: task names in the order their ids are numbered (the artifact's); default: `tasks`' order.
+        split: sub-directory used when present.
+        num_classes: {task: classes of its head}; a folder with more classes is an error.
+        batch_size: examples per batch (per process).
+        limit_per_task: keep only the first examples of each task (quick runs).
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(self, tasks: dict[str, str], transform: Callable, task_order: Sequence[str] | None = None,
+                 split: str = "test", num_classes: dict[str, int] | None = None, batch_size: int = 32,
+                 limit_per_task: int | None = None, num_workers: int = 0) -> None:
+        super().__init__()
+        self.tasks = dict(tasks)
+        self.task_order = list(task_order) if task_order is not None else list(self.tasks)
+        unknown = [t for t in self.tasks if t not in self.task_order]
+        if unknown:
+            raise DidiError(f"data: task {unknown[0]!r} is not one of the model's tasks {self.task_order}")
+        self.transform, self.split, self.num_classes = transform, split, dict(num_classes or {})
+        self.batch_size, self.limit, self.num_workers = batch_size, limit_per_task, num_workers
+        self.dataset: TaggedImages | None = None
+
+    def load(self) -> TaggedImages:
+        from torchvision.datasets import ImageFolder
+
+        items = []
+        for name, path in self.tasks.items():
+            root = task_folder(path, self.split)
+            try:
+                folder = ImageFolder(str(root))
+            except (FileNotFoundError, RuntimeError) as e:
+                raise DidiError(f"task {name!r} ({root}): not an ImageFolder directory ({e})") from e
+            samples = folder.samples[: self.limit] if self.limit is not None else folder.samples
+            if not samples:
+                raise DidiError(f"task {name!r}: no images in {root}")
+            C = self.num_classes.get(name)
+            if C is not None and len(folder.classes) > C:
+                raise DidiError(f"task {name!r} ({root}): {len(folder.classes)} class folders, the head has {C} "
+                                f"classes (labels outside the head)")
+            tid = self.task_order.index(name)
+            items += [(p, label, tid) for p, label in samples]
+        return TaggedImages(items, self.transform)
+
+    def counts(self) -> dict[str, int]:
+        ds = self.dataset or self.load()
+        out = {t: 0 for t in self.tasks}
+        for _, _, tid in ds.items:
+            out[self.task_order[tid]] += 1
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            self.dataset = self.load()
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        sampler = None
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            sampler = ShardSampler(self.dataset, trainer.world_size, trainer.global_rank)
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler,
+                          collate_fn=collate_images, num_workers=self.num_workers)
+
+    val_dataloader = test_dataloader
+
+
+def evaluate_images(art, adapter, data: dict[str, str], heads: dict[str, str] | None, base: str | None,
+                    batch_size: int, limit_per_task: int | None, trainer,
+                    templates: Sequence[str] = DEFAULT_TEMPLATES) -> dict[str, dict]:
+    """Routed per-task accuracy of an open_clip artifact (what `didi evaluate` runs for image models): the given
+    head file of a task, or else its zero-shot head from θ0's text tower and the folder's class names."""
+    from didi.evaluate import load_head, run_evaluation
+
+    src = base or art.manifest["sources"]["base"]["path"]
+    base_sd = dict(adapter.open_source(src, art.manifest["sources"]["base"].get("allow_pickle", False)).items())
+    clip = adapter.build_model(base_sd)
+    tokenizer = open_clip_tokenizer(adapter)
+    hds = {t: load_head(heads[t]) if heads and t in heads else zero_shot_head(clip, tokenizer, classnames_of(d),
+                                                                              templates)
+           for t, d in data.items()}
+    dm = ImageClassificationDataModule(data, open_clip_transform(clip), task_order=art.tasks, batch_size=batch_size,
+                                       num_classes={t: h.out_features for t, h in hds.items()},
+                                       limit_per_task=limit_per_task)
+    dm.setup("test")  # bad data fails here, before any process is spawned
+    return run_evaluation(routed_image_features(adapter.build_model(base_sd), art, adapter), hds, art.tasks, dm,
+                          trainer)

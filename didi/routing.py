@@ -1,0 +1,491 @@
+"""Routed-expert inference: serve every task of an artifact from one model, mixed-task batches included.
+
+`RoutedModel` takes the adapter's runnable model built from θ0 and an artifact. The terms every task shares
+(fold, A_sB_s, shared dense) are added to the base weights once. Per task, a decomposed weight W gets its
+expert: the artifact stores A_t (m×r) and B_t (r×n), W_t = W + A_sB_s + A_tB_t, so a row x of task t computes
+
+    y = x Wᵀ + (x B_tᵀ) A_tᵀ                         (never forming the m×n product)
+
+Rows of a mixed batch are grouped per task, as PEFT's `_mixed_batch_forward` does. A batch of one task takes
+the fast path: W_t is materialised once and kept while the same task comes back.
+
+Per-task terms that are not low rank ("::dense", "::mask"·"::scale"·shared "::ref", as baselines store them)
+are materialised per task (cached): on a routed layer they become a dense delta of that layer; on a parameter
+that no wrapper handles (a LayerNorm, an embedding, nn.MultiheadAttention's in-projection until someone
+registers a wrapper for it) the batch is split per task and each part runs with that task's parameters
+swapped in. Every method's artifact therefore runs through the same code; evaluation never special-cases one.
+
+Extending: `register_wrapper(module_type)(factory)`, factory(module, parent, params) → a `RoutedLayer` or
+None when it cannot wrap that module (e.g. nn.Linear inside nn.MultiheadAttention, whose forward reads
+`out_proj.weight` without calling `out_proj`).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from didi.errors import DidiError
+
+
+# ------------------------------------------------------------------------------------------------ routers
+class Router(ABC):
+    """Maps a batch to one task index per example (0..T-1, in the artifact's task order)."""
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        self.tasks = list(tasks)
+
+    @abstractmethod
+    def __call__(self, batch: Mapping[str, Any]) -> torch.Tensor: ...
+
+    def check(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(ids).long().reshape(-1)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.tasks)):
+            bad = int(ids.max()) if int(ids.max()) >= len(self.tasks) else int(ids.min())
+            raise DidiError(f"router: task id {bad} is outside the artifact's {len(self.tasks)} tasks "
+                            f"{self.tasks}")
+        return ids
+
+
+class OracleRouter(Router):
+    """The task id (or task name) each example carries under `key`: the paper's oracle routing."""
+
+    def __init__(self, tasks: Sequence[str], key: str = "task_id") -> None:
+        super().__init__(tasks)
+        self.key = key
+
+    def __call__(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        if self.key not in batch:
+            raise DidiError(f"oracle router: the batch has no '{self.key}' field (keys: {sorted(batch)})")
+        ids = batch[self.key]
+        if isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], str):
+            unknown = sorted({t for t in ids if t not in self.tasks})
+            if unknown:
+                raise DidiError(f"oracle router: unknown task {unknown[0]!r}; the artifact has {self.tasks}")
+            ids = [self.tasks.index(t) for t in ids]
+        return self.check(torch.as_tensor(ids))
+
+
+# ------------------------------------------------------------------------------------------- artifact terms
+@dataclass
+class TaskTerms:
+    """One task's own terms for one tensor: a low-rank pair and/or a dense delta (tensor shape)."""
+
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+
+    def delta(self, shape: Sequence[int]) -> torch.Tensor:
+        d = None
+        if self.A is not None:
+            d = (self.A.float() @ self.B.float()).reshape(shape)
+        if self.dense is not None:
+            d = self.dense.float().reshape(shape) if d is None else d + self.dense.float().reshape(shape)
+        return d
+
+
+def artifact_terms(artifact) -> tuple[dict[str, torch.Tensor], list[dict[str, TaskTerms]]]:
+    """(common delta per tensor — fold + shared low rank + shared dense —, per task {tensor: TaskTerms})."""
+    shapes = {n: tuple(v["shape"]) for n, v in artifact.manifest["tensors"].items()}
+
+    def shape_of(name: str) -> tuple[int, ...]:
+        if name not in shapes:
+            raise DidiError(f"{artifact.path}: term for tensor '{name}' that the manifest does not list")
+        return shapes[name]
+
+    common: dict[str, torch.Tensor] = {}
+
+    def add(name: str, d: torch.Tensor) -> None:
+        d = d.float().reshape(shape_of(name))
+        common[name] = common[name] + d if name in common else d
+
+    for name, d in artifact.fold().items():
+        add(name, d)
+    shared = artifact.shared()
+    for key, v in shared.items():
+        name, kind = key.rsplit("::", 1)
+        if kind == "lora_A":
+            add(name, v.float() @ shared[f"{name}::lora_B"].float())
+        elif kind == "dense":
+            add(name, v)
+        elif kind not in ("lora_B", "ref"):
+            raise DidiError(f"{artifact.path}/shared.safetensors: unknown term kind '{kind}' in '{key}'")
+    per_task: list[dict[str, TaskTerms]] = []
+    for t in artifact.tasks:
+        terms: dict[str, TaskTerms] = {}
+        groups = artifact.group_terms(t) if hasattr(artifact, "group_terms") else []
+        for own in (artifact.task_terms(t), *groups):  # group terms (task subsets) count as the task's own
+            for key, v in own.items():
+                name, kind = key.rsplit("::", 1)
+                shape_of(name)
+                tt = terms.setdefault(name, TaskTerms())
+                if kind == "lora_A":
+                    A, B = v, own[f"{name}::lora_B"]
+                    if tt.A is None:
+                        tt.A, tt.B = A, B
+                    else:  # two low-rank pairs = one pair of the summed rank: [A1 A2] [B1; B2]
+                        tt.A, tt.B = torch.cat([tt.A, A], 1), torch.cat([tt.B, B], 0)
+                elif kind in ("dense", "mask"):
+                    if kind == "mask":
+                        if f"{name}::ref" not in shared or f"{name}::scale" not in own:
+                            raise DidiError(f"{artifact.path}: task '{t}' masks '{name}' but the scale or the "
+                                            f"shared '{name}::ref' is missing")
+                        v = own[f"{name}::scale"].float() * v.float() * shared[f"{name}::ref"].float()
+                    v = v.float().reshape(shape_of(name))
+                    tt.dense = v if tt.dense is None else tt.dense + v
+                elif kind not in ("lora_B", "scale"):
+                    raise DidiError(f"{artifact.path}: task '{t}': unknown term kind '{kind}' in '{key}'")
+        per_task.append(terms)
+    return common, per_task
+
+
+# ------------------------------------------------------------------------------------------- routed layers
+class RoutedLayer(nn.Module):
+    """A wrapped module: per row, the task's expert is added; `single` selects the one-task fast path."""
+
+    batch_dim: int = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.task_ids: torch.Tensor | None = None  # routing context of the current forward (mixed batch)
+        self.single: int | None = None  # fast path: every row belongs to this task
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class RoutedLinear(RoutedLayer):
+    """nn.Linear with per-task experts (low rank on the weight, dense deltas on the weight and the bias)."""
+
+    def __init__(self, base: nn.Linear, batch_dim: int = 0) -> None:
+        super().__init__()
+        self.base = base
+        self.batch_dim = batch_dim
+        self.experts: dict[int, dict[str, torch.Tensor]] = {}
+        self._active: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def add_expert(self, task: int, param: str, terms: TaskTerms) -> None:
+        """Attach task `task`'s terms for `param` ("weight" or "bias")."""
+        ref = getattr(self.base, param)
+        e = self.experts.setdefault(task, {})
+        if param == "weight" and terms.A is not None:
+            e["A"], e["B"] = terms.A.to(ref.dtype), terms.B.to(ref.dtype)
+        dense = None
+        if param == "bias" and terms.A is not None:
+            dense = terms.delta(ref.shape)
+        elif terms.dense is not None:
+            dense = terms.dense.reshape(ref.shape)
+        if dense is not None:
+            key = "D" if param == "weight" else "db"
+            e[key] = dense.to(ref.dtype) if key not in e else e[key] + dense.to(ref.dtype)
+        self._active = None
+
+    def _apply(self, fn, recurse=True):  # keep expert tensors on the module's device / dtype
+        super()._apply(fn, recurse)
+        self.experts = {t: {k: fn(v) for k, v in e.items()} for t, e in self.experts.items()}
+        self._active = None
+        return self
+
+    def materialised(self, task: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W_t, b_t of one task (kept while the same task comes back)."""
+        if self._active is not None and self._active[0] == task:
+            return self._active[1], self._active[2]
+        W, b = self.base.weight, self.base.bias
+        e = self.experts.get(task, {})
+        if "A" in e:
+            W = torch.addmm(W, e["A"], e["B"])
+        if "D" in e:
+            W = W + e["D"]
+        if "db" in e:
+            b = e["db"] if b is None else b + e["db"]
+        self._active = (task, W.detach(), None if b is None else b.detach())
+        return self._active[1], self._active[2]
+
+    def expert(self, x: torch.Tensor, task: int) -> torch.Tensor | None:
+        e = self.experts.get(task)
+        if not e:
+            return None
+        d = None
+        if "A" in e:
+            d = (x @ e["B"].T) @ e["A"].T
+        if "D" in e:
+            d = x @ e["D"].T if d is None else d + x @ e["D"].T
+        if "db" in e:
+            d = e["db"].expand(*x.shape[:-1], -1) if d is None else d + e["db"]
+        return d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.single is not None:
+            W, b = self.materialised(self.single)
+            return F.linear(x, W, b)
+        y = self.base(x)
+        ids = self.task_ids
+        if ids is None:
+            raise DidiError("routed layer called without routing (call RoutedModel with task_ids)")
+        bd = self.batch_dim
+        if x.shape[bd] != ids.numel():
+            raise DidiError(f"routed layer: input has {x.shape[bd]} rows along dim {bd}, the router gave "
+                            f"{ids.numel()} task ids")
+        for t in torch.unique(ids).tolist():
+            rows = (ids == t).nonzero().squeeze(1).to(x.device)
+            d = self.expert(x.index_select(bd, rows), t)
+            if d is not None:
+                y = y.index_add(bd, rows, d.to(y.dtype))
+        return y
+
+
+WrapperFactory = Callable[[nn.Module, "nn.Module | None", set], "RoutedLayer | None"]
+WRAPPERS: dict[type, WrapperFactory] = {}
+
+
+def register_wrapper(module_type: type):
+    """Decorator: `factory(module, parent, params)` wraps modules of `module_type` (exact type or subclass)."""
+
+    def wrap(factory: WrapperFactory) -> WrapperFactory:
+        WRAPPERS[module_type] = factory
+        return factory
+
+    return wrap
+
+
+@register_wrapper(nn.Linear)
+def _wrap_linear(module: nn.Module, parent: nn.Module | None, params: set) -> RoutedLayer | None:
+    if isinstance(parent, nn.MultiheadAttention) or not params <= {"weight", "bias"}:
+        return None  # MHA reads out_proj.weight directly; its forward never calls the Linear
+    return RoutedLinear(module)
+
+
+def _find_wrapper(module: nn.Module) -> WrapperFactory | None:
+    for cls in type(module).__mro__:
+        if cls in WRAPPERS:
+            return WRAPPERS[cls]
+    return None
+
+
+# --------------------------------------------------------------------------------------------- the model
+def _slice(obj: Any, rows: torch.Tensor, B: int) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.index_select(0, rows.to(obj.device)) if obj.dim() and obj.shape[0] == B else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_slice(o, rows, B) for o in obj)
+    if isinstance(obj, dict):
+        return type(obj)({k: _slice(v, rows, B) for k, v in obj.items()})
+    return obj
+
+
+def _gather(parts: list[tuple[torch.Tensor, Any]], B: int) -> Any:
+    """Reassemble per-group outputs into batch order."""
+    first = parts[0][1]
+    if isinstance(first, torch.Tensor):
+        if not first.dim():
+            raise DidiError("routed model: per-example outputs are needed to split a batch per task")
+        out = first.new_empty((B, *first.shape[1:]))
+        for rows, o in parts:
+            out[rows.to(o.device)] = o
+        return out
+    if isinstance(first, (list, tuple)):
+        return type(first)(_gather([(r, o[i]) for r, o in parts], B) for i in range(len(first)))
+    if isinstance(first, dict):
+        vals = {k: _gather([(r, o[k]) for r, o in parts], B) for k in first}
+        try:
+            return type(first)(**vals)
+        except TypeError:
+            return type(first)(vals)
+    if first is None:
+        return None
+    raise DidiError(f"routed model: cannot reassemble outputs of type {type(first).__name__}")
+
+
+class RoutedModel(nn.Module):
+    """θ0 + shared (folded once) + per-example experts chosen by `task_ids` (from a `Router`).
+
+    Args:
+        model: the adapter's runnable model built from θ0 (its weights are changed in place).
+        artifact: a loaded artifact (any method: DiDi or a baseline).
+        adapter: locates each tensor inside `model` (default: the artifact's adapter).
+        prefix: module path of the adapter's model inside `model` (e.g. "encoder.").
+        router: optional; `route(batch)` uses it.
+        cache_tasks: per-task parameter sets kept for unwrapped parameters (None: all).
+
+    `fast_path` (attribute, default True): a one-task batch runs on materialised weights; set it to False to
+    route such a batch row by row like a mixed one (tests compare the two).
+    """
+
+    fast_path: bool = True
+
+    def __init__(self, model: nn.Module, artifact, adapter=None, prefix: str = "", router: Router | None = None,
+                 cache_tasks: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.tasks = artifact.tasks
+        self.router = router
+        self.cache_tasks = cache_tasks
+        adapter = adapter or artifact.adapter()
+        if adapter.registry_name != artifact.manifest["adapter"]["name"]:
+            raise DidiError(f"{artifact.path}: made with adapter '{artifact.manifest['adapter']['name']}', "
+                            f"not '{adapter.registry_name}'")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        common, per_task = artifact_terms(artifact)
+        locs: dict[str, tuple[str, str]] = {}
+        for name in set(common) | {n for terms in per_task for n in terms}:
+            mod, pname = adapter.locate(name)
+            mod = prefix.rstrip(".") + ("." if prefix and mod else "") + mod if prefix else mod
+            locs[name] = (mod, pname)
+            param = self._param(mod, pname, name, artifact)
+            if name in common:
+                with torch.no_grad():
+                    param.add_(common[name].reshape(param.shape).to(param.dtype))
+        # per-task terms: wrap modules that have a wrapper, swap the rest per task
+        by_module: dict[str, set[str]] = {}
+        for terms in per_task:
+            for name in terms:
+                by_module.setdefault(locs[name][0], set()).add(locs[name][1])
+        self.routed: dict[str, RoutedLayer] = {}
+        wrapped: set[str] = set()
+        for mod, params in sorted(by_module.items()):
+            module = self.model.get_submodule(mod)
+            parent = self.model.get_submodule(mod.rpartition(".")[0]) if "." in mod else (
+                self.model if mod else None)
+            factory = _find_wrapper(module)
+            layer = factory(module, parent, params) if factory else None
+            if layer is None:
+                continue
+            self._replace(mod, layer)
+            self.routed[mod] = layer
+            wrapped.add(mod)
+        self.swapped: dict[str, tuple[str, str]] = {}
+        self._swap_terms: list[dict[str, TaskTerms]] = [{} for _ in per_task]
+        for j, terms in enumerate(per_task):
+            for name, tt in terms.items():
+                mod, pname = locs[name]
+                if mod in wrapped:
+                    self.routed[mod].add_expert(j, pname, tt)
+                else:
+                    self.swapped[name] = (mod, pname)
+                    self._swap_terms[j][name] = tt
+        self._base_values = {n: self._get(m, p).detach().clone() for n, (m, p) in self.swapped.items()}
+        self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self._current: int | None = None
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _param(self, mod: str, pname: str, name: str, artifact) -> torch.Tensor:
+        try:
+            module = self.model.get_submodule(mod)
+        except AttributeError:
+            raise DidiError(f"{artifact.path}: tensor '{name}' has no module '{mod}' in the runnable "
+                            f"{type(self.model).__name__} (artifact and backbone do not match)") from None
+        p = getattr(module, pname, None)
+        if not isinstance(p, torch.Tensor):
+            raise DidiError(f"{artifact.path}: tensor '{name}' is not a parameter of module '{mod}' "
+                            f"({type(module).__name__}); artifact and backbone do not match")
+        shape = tuple(artifact.manifest["tensors"][name]["shape"])
+        if tuple(p.shape) != shape:
+            raise DidiError(f"{artifact.path}: tensor '{name}' has shape {list(shape)} in the artifact, the "
+                            f"model has {list(p.shape)} (artifact and backbone do not match)")
+        return p
+
+    def _get(self, mod: str, pname: str) -> torch.Tensor:
+        m = self.model.get_submodule(mod)
+        return getattr(m.base if isinstance(m, RoutedLayer) and hasattr(m, "base") else m, pname)
+
+    def _replace(self, path: str, new: nn.Module) -> None:
+        parent_path, _, attr = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        setattr(parent, attr, new)
+
+    def _task_values(self, task: int) -> dict[str, torch.Tensor]:
+        if task in self._cache:
+            self._cache.move_to_end(task)
+            return self._cache[task]
+        vals = {}
+        for name, base in self._base_values.items():
+            tt = self._swap_terms[task].get(name)
+            vals[name] = base if tt is None else (base.float() + tt.delta(base.shape).to(base.device)).to(base.dtype)
+        self._cache[task] = vals
+        if self.cache_tasks is not None:
+            while len(self._cache) > max(1, self.cache_tasks):
+                self._cache.popitem(last=False)
+        return vals
+
+    def _set_swapped(self, task: int) -> None:
+        if self._current == task or not self.swapped:
+            return
+        vals = self._task_values(task)
+        for name, (mod, pname) in self.swapped.items():
+            self._get(mod, pname).data = vals[name]
+        self._current = task
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._base_values = {k: fn(v) for k, v in self._base_values.items()}
+        self._cache.clear()
+        self._current = None
+        if self.swapped:
+            for name, (mod, pname) in self.swapped.items():  # parameters now hold the base values again
+                self._get(mod, pname).data = self._base_values[name]
+        return self
+
+    # ------------------------------------------------------------------------------------------ forward
+    def route(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        if self.router is None:
+            raise DidiError("routed model: no router given")
+        return self.router(batch)
+
+    def _check_ids(self, task_ids) -> torch.Tensor:
+        if isinstance(task_ids, str):
+            if task_ids not in self.tasks:
+                raise DidiError(f"routed model: unknown task {task_ids!r}; tasks: {self.tasks}")
+            task_ids = self.tasks.index(task_ids)
+        ids = torch.as_tensor(task_ids).long().reshape(-1).cpu()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.tasks)):
+            bad = int(ids.max()) if int(ids.max()) >= len(self.tasks) else int(ids.min())
+            raise DidiError(f"routed model: task id {bad} is outside the {len(self.tasks)} tasks {self.tasks}")
+        return ids
+
+    def _run_single(self, task: int, args, kwargs) -> Any:
+        self._set_swapped(task)
+        for layer in self.routed.values():
+            layer.single = task
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            for layer in self.routed.values():
+                layer.single = None
+
+    def forward(self, *args, task_ids, **kwargs) -> Any:
+        """Run `model(*args, **kwargs)`; example i uses task `task_ids[i]` (a tensor, an int or a task name:
+        one task for the whole batch)."""
+        ids = self._check_ids(task_ids)
+        uniq = torch.unique(ids).tolist()
+        if not uniq:
+            raise DidiError("routed model: empty batch")
+        if len(uniq) == 1 and self.fast_path:
+            return self._run_single(uniq[0], args, kwargs)
+        if not self.swapped:
+            for layer in self.routed.values():
+                layer.task_ids = ids
+            try:
+                return self.model(*args, **kwargs)
+            finally:
+                for layer in self.routed.values():
+                    layer.task_ids = None
+        B = ids.numel()
+        parts = []
+        for t in uniq:
+            rows = (ids == t).nonzero().squeeze(1)
+            parts.append((rows, self._run_single(t, _slice(args, rows, B), _slice(kwargs, rows, B))))
+        return _gather(parts, B)

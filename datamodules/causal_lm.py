@@ -27,10 +27,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchmetrics import SumMetric
 
-from didi.datamodules.text import ShardSampler
+from didi.datamodules.text import ShardedEvalDataModule
 from didi.errors import DidiError
 
 TEXT, CHOICE = 0, 1
@@ -105,7 +105,7 @@ def collate_lm(items: list, pad_id: int = 0) -> dict:
             "labels": torch.tensor([it[4] for it in items])}
 
 
-class CausalLMDataModule(L.LightningDataModule):
+class CausalLMDataModule(ShardedEvalDataModule):
     """Per-task perplexity windows and multiple-choice questions for a causal LM.
 
     Args:
@@ -196,21 +196,8 @@ class CausalLMDataModule(L.LightningDataModule):
             out[self.task_order[tid]] += (len(rows[0]) - starts[0]) if kind == TEXT else 1
         return out
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.dataset is None:
-            self.dataset = self.load()
-
-    def test_dataloader(self) -> DataLoader:
-        self.setup()
-        sampler = None
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.world_size > 1:
-            sampler = ShardSampler(self.dataset, trainer.world_size, trainer.global_rank)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler,
-                          collate_fn=_Collate(pad), num_workers=0)
-
-    val_dataloader = test_dataloader
+    def collate(self):
+        return _Collate(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
 
 
 class _Collate:

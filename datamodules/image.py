@@ -14,13 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from didi.datamodules.text import ShardSampler
+from didi.datamodules.text import ShardedEvalDataModule
 from didi.errors import DidiError
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -141,7 +140,7 @@ def collate_images(examples: list[dict]) -> dict:
             "index": torch.tensor([e["index"] for e in examples])}
 
 
-class ImageClassificationDataModule(L.LightningDataModule):
+class ImageClassificationDataModule(ShardedEvalDataModule):
     """Per-task image classification data (ImageFolder layout) for evaluation.
 
     Args:
@@ -196,20 +195,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
             out[self.task_order[tid]] += 1
         return out
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.dataset is None:
-            self.dataset = self.load()
-
-    def test_dataloader(self) -> DataLoader:
-        self.setup()
-        sampler = None
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.world_size > 1:
-            sampler = ShardSampler(self.dataset, trainer.world_size, trainer.global_rank)
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler,
-                          collate_fn=collate_images, num_workers=self.num_workers)
-
-    val_dataloader = test_dataloader
+    def collate(self):
+        return collate_images
 
 
 def evaluate_images(art, adapter, data: dict[str, str], heads: dict[str, str] | None, base: str | None,

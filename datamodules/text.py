@@ -110,6 +110,36 @@ def load_tokenizer(path: str | Path):
         raise DidiError(f"{p}: no usable tokenizer ({e})") from e
 
 
+class ShardedEvalDataModule(L.LightningDataModule):
+    """Evaluation data loaded once (`load()`), served in order; under DDP each process takes a disjoint share
+    (`ShardSampler`, no padding). Subclasses give `load()` and `collate()`."""
+
+    dataset: Dataset | None = None
+    batch_size: int = 32
+    num_workers: int = 0
+
+    def load(self) -> Dataset:
+        raise NotImplementedError
+
+    def collate(self):
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            self.dataset = self.load()
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        sampler = None
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            sampler = ShardSampler(self.dataset, trainer.world_size, trainer.global_rank)
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler,
+                          collate_fn=self.collate(), num_workers=self.num_workers)
+
+    val_dataloader = test_dataloader
+
+
 class TextClassificationDataModule(L.LightningDataModule):
     """Per-task text classification data.
 

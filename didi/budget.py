@@ -88,11 +88,20 @@ class Allocator:
 
     def error(self, r_s: torch.Tensor, r_t: torch.Tensor) -> float:
         """Σ_t Σ_l ‖E_t,l‖² / Σ_t Σ_l ‖τ_t,l‖² at integer ranks (relative squared error)."""
-        tot = 0.0
+        return float(self.matrix_errors(r_s, r_t).sum()) / self.tau_total
+
+    def matrix_errors(self, r_s: torch.Tensor, r_t: torch.Tensor, only: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ_t ‖E_t,l‖² per matrix [L] (absolute); with `only` (a bool mask [L]) just those matrices, 0 elsewhere."""
+        out = torch.zeros(len(r_s), dtype=torch.float64)
         for idx, terms in self.groups:
-            g_s, g_t = hard_mask(r_s[idx], terms.K), hard_mask(r_t[idx], terms.K)
-            tot += float(error_from_masks(terms, g_s.double(), g_t.double()).sum())
-        return tot / self.tau_total
+            pos = torch.arange(len(idx)) if only is None else torch.nonzero(only[idx]).flatten()
+            if len(pos) == 0:
+                continue
+            sub = GroupTerms(*(getattr(terms, f)[pos] for f in GroupTerms.__dataclass_fields__))
+            ids = idx[pos]
+            g_s, g_t = hard_mask(r_s[ids], terms.K), hard_mask(r_t[ids], terms.K)
+            out[ids] = error_from_masks(sub, g_s.double(), g_t.double()).sum(-1)
+        return out
 
     def _gains(self, idx: torch.Tensor, terms: GroupTerms, r_s: torch.Tensor, r_t: torch.Tensor):
         """Exact error decrease of adding one rank unit to the shared module / each expert, [L] and [L,T].
@@ -189,7 +198,7 @@ class Allocator:
         units held, free those (fewest first, at most `max_removed`), refill greedily, keep if the exact error
         drops. Never increases the error; stops at a local optimum of the discrete problem."""
         r_s, r_t = r_s.clone().long(), r_t.clone().long()
-        err = self.error(r_s, r_t)
+        errs = self.matrix_errors(r_s, r_t)  # per matrix: a move only re-evaluates the matrices it touched
         unit = self.problem.unit.double()
         p = self.problem
         for _ in range(max_iters):
@@ -214,9 +223,11 @@ class Allocator:
                 else:
                     a_t.view(-1)[c - len(a_s)] -= 1
                 b_s, b_t = self.greedy_fill(a_s, a_t, max_elements)
-                new = self.error(b_s, b_t)
-                if new < err * (1 - 1e-12):
-                    r_s, r_t, err, moved = b_s, b_t, new, True
+                touched = (b_s != r_s) | (b_t != r_t).any(-1)
+                new = self.matrix_errors(b_s, b_t, only=touched)
+                if float(new[touched].sum()) < float(errs[touched].sum()) - 1e-12 * float(errs.sum()):
+                    errs = torch.where(touched, new, errs)
+                    r_s, r_t, moved = b_s, b_t, True
                     break
             if not moved:
                 break

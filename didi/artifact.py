@@ -65,6 +65,20 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def zoo_manifest(zoo, sha256: dict[str, dict[str, str]]) -> dict:
+    """The manifest keys every method shares: adapter, sources with per-tensor sha256, tasks, |θ0|, tensors."""
+    return {
+        "adapter": {"name": zoo.adapter.registry_name, "settings": zoo.adapter.settings()},
+        "sources": {"base": {"path": str(Path(zoo.base).resolve()), "allow_pickle": zoo.allow_pickle,
+                             "sha256": sha256["base"]},
+                    "tasks": {t: {"path": str(Path(p).resolve()), "sha256": sha256[t]} for t, p in zoo.tasks.items()}},
+        "tasks": zoo.task_names, "base_params": zoo.base_params,
+        "tensors": {p.name: {"shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", ""),
+                             "matrix_shape": list(p.matrix_shape) if p.matrix_shape else None}
+                    for p in zoo.plan if p.dtype.is_floating_point},
+    }
+
+
 def write_artifact(path: str | Path, manifest: dict, fold: dict[str, torch.Tensor], shared: dict[str, torch.Tensor],
                    tasks: dict[str, dict[str, torch.Tensor]], extra_files: dict[str, bytes] | None = None,
                    groups: dict[str, tuple[list[str], dict[str, torch.Tensor]]] | None = None) -> Path:

@@ -390,22 +390,13 @@ def is_global_zero() -> bool:
 
 def write_didi_artifact(output: str | Path, zoo: Zoo, store: FactorStore, ranks: Ranks, shared: dict, tasks: dict,
                         hyper: dict, metrics: dict) -> Path:
-    from didi.artifact import write_artifact
+    from didi.artifact import write_artifact, zoo_manifest
 
     fold, nm_tasks = nonmatrix_terms(store, zoo.adapter.policy_of)
     for t in tasks:
         tasks[t].update(nm_tasks[t])
-    tensors = {p.name: {"shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", ""),
-                        "matrix_shape": list(p.matrix_shape) if p.matrix_shape else None} for p in zoo.plan
-               if p.dtype.is_floating_point}
     manifest = {
-        "method": {"name": "didi", "hyper_parameters": hyper},
-        "adapter": {"name": zoo.adapter.registry_name, "settings": zoo.adapter.settings()},
-        "sources": {"base": {"path": str(Path(zoo.base).resolve()), "allow_pickle": zoo.allow_pickle,
-                             "sha256": store.sha256["base"]},
-                    "tasks": {t: {"path": str(Path(p).resolve()), "sha256": store.sha256[t]}
-                              for t, p in zoo.tasks.items()}},
-        "tasks": store.tasks, "base_params": store.base_params, "tensors": tensors,
+        "method": {"name": "didi", "hyper_parameters": hyper}, **zoo_manifest(zoo, store.sha256),
         **ranks.to_json(store), "storage": {"target_ratio": ranks.info.get("target_ratio")},
         "metrics": {"allocation": ranks.info, "refine": metrics},
     }

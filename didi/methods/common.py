@@ -97,19 +97,11 @@ def lora_from_svd(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
 def write_method_artifact(output: str | Path, zoo: Zoo, reader: DeltaReader, method: str, options: Any,
                           terms: Terms) -> Path:
     """Write `terms` as a didi artifact (manifest keys as `didi.pipeline.write_didi_artifact`)."""
-    from didi.artifact import write_artifact
+    from didi.artifact import write_artifact, zoo_manifest
 
-    tensors = {p.name: {"shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", ""),
-                        "matrix_shape": list(p.matrix_shape) if p.matrix_shape else None} for p in zoo.plan
-               if p.dtype.is_floating_point}
     manifest = {
         "method": {"name": method, "hyper_parameters": dataclasses.asdict(options)},
-        "adapter": {"name": zoo.adapter.registry_name, "settings": zoo.adapter.settings()},
-        "sources": {"base": {"path": str(Path(zoo.base).resolve()), "allow_pickle": zoo.allow_pickle,
-                             "sha256": reader.sha256["base"]},
-                    "tasks": {t: {"path": str(Path(p).resolve()), "sha256": reader.sha256[t]}
-                              for t, p in zoo.tasks.items()}},
-        "tasks": zoo.task_names, "base_params": zoo.base_params, "tensors": tensors,
+        **zoo_manifest(zoo, reader.sha256),
         "ranks": terms.ranks, "storage": {"target_ratio": terms.target_ratio},
         "metrics": terms.metrics,
     }

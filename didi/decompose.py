@@ -169,7 +169,8 @@ class DecomposeConfig:
         device: `auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`, ...
         cache_dir: where factor stores live; a second merge of the same models reuses them.
         batch_mb: same-shape matrices are decomposed together (one batched SVD call) up to this many MB of
-            task vectors per call.
+            task vectors per call; it also bounds the host memory held between reads (a matrix larger than
+            this is decomposed alone, so memory stays independent of the layer count).
     """
 
     shared_merge: str = "mean"
@@ -177,7 +178,7 @@ class DecomposeConfig:
     dtype: str = "float32"
     device: str = "auto"
     cache_dir: str = "~/.cache/didi/factors"
-    batch_mb: int = 512
+    batch_mb: int = 64
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in ("float32", "float64"):

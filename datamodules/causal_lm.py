@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchmetrics import SumMetric
 
-from didi.datamodules.text import ShardedEvalDataModule
+from didi.datamodules.text import ShardedEvalDataModule, task_order_of
 from didi.errors import DidiError
 
 TEXT, CHOICE = 0, 1
@@ -123,10 +123,7 @@ class CausalLMDataModule(ShardedEvalDataModule):
                  limit_per_task: int | None = None) -> None:
         super().__init__()
         self.tasks = dict(tasks)
-        self.task_order = list(task_order) if task_order is not None else list(self.tasks)
-        unknown = [t for t in self.tasks if t not in self.task_order]
-        if unknown:
-            raise DidiError(f"data: task {unknown[0]!r} is not one of the model's tasks {self.task_order}")
+        self.task_order = task_order_of(self.tasks, task_order)
         if max_length < 2:
             raise DidiError(f"max_length: at least 2 tokens are needed to predict one, found {max_length}")
         self.tokenizer_path, self.split = tokenizer, split

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from didi.datamodules.text import ShardedEvalDataModule
+from didi.datamodules.text import ShardedEvalDataModule, task_order_of
 from didi.errors import DidiError
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -159,10 +159,7 @@ class ImageClassificationDataModule(ShardedEvalDataModule):
                  limit_per_task: int | None = None, num_workers: int = 0) -> None:
         super().__init__()
         self.tasks = dict(tasks)
-        self.task_order = list(task_order) if task_order is not None else list(self.tasks)
-        unknown = [t for t in self.tasks if t not in self.task_order]
-        if unknown:
-            raise DidiError(f"data: task {unknown[0]!r} is not one of the model's tasks {self.task_order}")
+        self.task_order = task_order_of(self.tasks, task_order)
         self.transform, self.split, self.num_classes = transform, split, dict(num_classes or {})
         self.batch_size, self.limit, self.num_workers = batch_size, limit_per_task, num_workers
         self.dataset: TaggedImages | None = None

@@ -110,6 +110,15 @@ def load_tokenizer(path: str | Path):
         raise DidiError(f"{p}: no usable tokenizer ({e})") from e
 
 
+def task_order_of(tasks: dict[str, str], task_order: Sequence[str] | None) -> list[str]:
+    """The model's task order (task ids index it); every data task must be one of the model's tasks."""
+    order = list(task_order) if task_order is not None else list(tasks)
+    unknown = [t for t in tasks if t not in order]
+    if unknown:
+        raise DidiError(f"data: task {unknown[0]!r} is not one of the model's tasks {order}")
+    return order
+
+
 class ShardedEvalDataModule(L.LightningDataModule):
     """Evaluation data loaded once (`load()`), served in order; under DDP each process takes a disjoint share
     (`ShardSampler`, no padding). Subclasses give `load()` and `collate()`."""
@@ -159,10 +168,7 @@ class TextClassificationDataModule(L.LightningDataModule):
                  max_length: int = 128, limit_per_task: int | None = None, seed: int = 0) -> None:
         super().__init__()
         self.tasks = dict(tasks)
-        self.task_order = list(task_order) if task_order is not None else list(self.tasks)
-        unknown = [t for t in self.tasks if t not in self.task_order]
-        if unknown:
-            raise DidiError(f"data: task {unknown[0]!r} is not one of the model's tasks {self.task_order}")
+        self.task_order = task_order_of(self.tasks, task_order)
         self.tokenizer_path, self.split, self.num_classes = tokenizer, split, dict(num_classes or {})
         self.batch_size, self.max_length, self.limit, self.seed = batch_size, max_length, limit_per_task, seed
         self._tokenizer = None

@@ -24,7 +24,7 @@ from didi.backbones.base import Zoo
 from didi.closed_form import GroupTerms
 from didi.errors import DidiError
 from didi.linalg import svd
-from didi.sources import tensor_sha256
+from didi.task_vectors import DeltaReader
 
 STORE_VERSION = 2
 
@@ -237,7 +237,6 @@ def decompose(zoo: Zoo, cfg: DecomposeConfig, progress: bool = True) -> FactorSt
 def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, progress: bool) -> None:
     merge = SHARED_MERGES[cfg.shared_merge]
     tasks = zoo.task_names
-    sha: dict[str, dict[str, str]] = {"base": {}, **{t: {} for t in tasks}}
     matrices, nonmatrix = [], {}
     (out / "nonmatrix").mkdir()
     pending: dict[tuple[int, int], list] = {}  # matrix shape -> [(plan, taus)] waiting for one batched SVD
@@ -253,27 +252,17 @@ def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, pr
             matrices.append(MatrixEntry(i, plan.name, plan.shape, shape[0], shape[1], int(factors["S_s"].shape[0]),
                                         bound_s, tuple(bound_t), plan.layer, plan.kind))
 
-    for plan in tqdm(zoo.plan, desc="decompose", unit="tensor", disable=not progress):
-        base, task_ts = zoo.read(plan.name, dtype=dtype)
-        sha["base"][plan.name] = tensor_sha256(base)
-        for t, x in zip(tasks, task_ts):
-            sha[t][plan.name] = tensor_sha256(x)
-        if not plan.dtype.is_floating_point:
-            for t, x in zip(tasks, task_ts):
-                if not torch.equal(x, base):
-                    raise DidiError(f"task '{t}': non-floating tensor '{plan.name}' ({plan.dtype}) differs from "
-                                    f"the base model; didi cannot merge integer tensors")
-            continue
-        taus = torch.stack([x - base for x in task_ts])
-        zero = not bool(taus.abs().max() > 0) if taus.numel() else True
-        if plan.matrix_shape is None or zero:
+    reader = DeltaReader(zoo, dtype)
+    for d in tqdm(reader, desc="decompose", unit="tensor", disable=not progress):
+        plan, zero = d.plan, d.zero
+        if not d.is_matrix or zero:
             nonmatrix[plan.name] = {"shape": list(plan.shape), "zero": zero, "file": len(nonmatrix)}
             if not zero:
-                save_file({t: d.to(torch.float32).contiguous() for t, d in zip(tasks, taus)},
+                save_file({t: tau.to(torch.float32).contiguous() for t, tau in zip(tasks, d.taus)},
                           str(out / "nonmatrix" / f"{len(nonmatrix) - 1:05d}.safetensors"))
             continue
         shape = plan.matrix_shape
-        pending.setdefault(shape, []).append((plan, taus.reshape(len(tasks), *shape)))
+        pending.setdefault(shape, []).append((plan, d.matrices()))
         if sum(t.numel() * t.element_size() for _, t in pending[shape]) >= cfg.batch_mb * 2**20:
             flush(shape)
     for shape in list(pending):
@@ -282,6 +271,7 @@ def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, pr
         raise DidiError(f"{zoo.base}: no matrix has a non-zero task vector; nothing to decompose")
     meta = {
         "store_version": STORE_VERSION, "tasks": tasks, "base_params": zoo.base_params,
-        "config": asdict(cfg), "matrices": [asdict(e) for e in matrices], "nonmatrix": nonmatrix, "sha256": sha,
+        "config": asdict(cfg), "matrices": [asdict(e) for e in matrices], "nonmatrix": nonmatrix,
+        "sha256": reader.sha256,
     }
     (out / "index.json").write_text(json.dumps(meta))

@@ -11,14 +11,14 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from didi.backbones.base import TensorPlan, Zoo
+from didi.backbones.base import Zoo
 from didi.errors import DidiError
 from didi.linalg import svd
-from didi.sources import tensor_sha256
+from didi.task_vectors import Delta, DeltaReader  # noqa: F401  (methods take a DeltaReader)
 
 
 @dataclass
@@ -40,51 +40,6 @@ class Terms:
 
     def add_lora(self, owner: dict[str, torch.Tensor], name: str, A: torch.Tensor, B: torch.Tensor) -> None:
         owner[f"{name}::lora_A"], owner[f"{name}::lora_B"] = A.contiguous(), B.contiguous()
-
-
-@dataclass
-class Delta:
-    """One tensor of the zoo: its plan, θ0's value and the task vectors stacked [T, *shape] (fp32)."""
-
-    plan: TensorPlan
-    base: torch.Tensor
-    taus: torch.Tensor
-
-    @property
-    def zero(self) -> bool:
-        return self.taus.numel() == 0 or not bool(self.taus.abs().max() > 0)
-
-    @property
-    def is_matrix(self) -> bool:
-        return self.plan.matrix_shape is not None
-
-    def matrices(self) -> torch.Tensor:
-        """Task vectors as [T, m, n] by the adapter's reshape rule (only for decomposed tensors)."""
-        m, n = self.plan.matrix_shape  # type: ignore[misc]
-        return self.taus.reshape(self.taus.shape[0], m, n)
-
-
-class DeltaReader:
-    """Iterates a zoo's floating tensors as task vectors, recording every tensor's sha256 for the manifest."""
-
-    def __init__(self, zoo: Zoo) -> None:
-        self.zoo = zoo
-        self.sha256: dict[str, dict[str, str]] = {"base": {}, **{t: {} for t in zoo.task_names}}
-
-    def __iter__(self) -> Iterator[Delta]:
-        tasks = self.zoo.task_names
-        for plan in self.zoo.plan:
-            base, xs = self.zoo.read(plan.name)
-            self.sha256["base"][plan.name] = tensor_sha256(base)
-            for t, x in zip(tasks, xs):
-                self.sha256[t][plan.name] = tensor_sha256(x)
-            if not plan.dtype.is_floating_point:
-                for t, x in zip(tasks, xs):
-                    if not torch.equal(x, base):
-                        raise DidiError(f"task '{t}': non-floating tensor '{plan.name}' ({plan.dtype}) "
-                                        f"differs from the base model; didi cannot merge integer tensors")
-                continue
-            yield Delta(plan, base, torch.stack([x - base for x in xs]))
 
 
 def lora_from_svd(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:

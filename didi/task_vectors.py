@@ -1,0 +1,62 @@
+"""Task vectors of a zoo, one tensor at a time: what both DiDi's decomposition and every baseline read.
+
+Reading records every tensor's sha256 (for the manifest) and refuses integer tensors that a task changed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from didi.backbones.base import TensorPlan, Zoo
+from didi.errors import DidiError
+from didi.sources import tensor_sha256
+
+
+@dataclass
+class Delta:
+    """One tensor of the zoo: its plan, θ0's value and the task vectors [T, *shape] in the reader's dtype."""
+
+    plan: TensorPlan
+    base: torch.Tensor
+    taus: torch.Tensor
+
+    @property
+    def zero(self) -> bool:
+        return self.taus.numel() == 0 or not bool(self.taus.abs().max() > 0)
+
+    @property
+    def is_matrix(self) -> bool:
+        return self.plan.matrix_shape is not None
+
+    def matrices(self) -> torch.Tensor:
+        """Task vectors as [T, m, n] by the adapter's reshape rule (only for decomposed tensors)."""
+        m, n = self.plan.matrix_shape  # type: ignore[misc]
+        return self.taus.reshape(self.taus.shape[0], m, n)
+
+
+class DeltaReader:
+    """Iterates a zoo's floating tensors as task vectors, recording every tensor's sha256 for the manifest."""
+
+    def __init__(self, zoo: Zoo, dtype: torch.dtype = torch.float32) -> None:
+        self.zoo, self.dtype = zoo, dtype
+        self.sha256: dict[str, dict[str, str]] = {"base": {}, **{t: {} for t in zoo.task_names}}
+
+    def __len__(self) -> int:
+        return len(self.zoo.plan)
+
+    def __iter__(self) -> Iterator[Delta]:
+        tasks = self.zoo.task_names
+        for plan in self.zoo.plan:
+            base, xs = self.zoo.read(plan.name, dtype=self.dtype)
+            self.sha256["base"][plan.name] = tensor_sha256(base)
+            for t, x in zip(tasks, xs):
+                self.sha256[t][plan.name] = tensor_sha256(x)
+            if not plan.dtype.is_floating_point:
+                for t, x in zip(tasks, xs):
+                    if not torch.equal(x, base):
+                        raise DidiError(f"task '{t}': non-floating tensor '{plan.name}' ({plan.dtype}) "
+                                        f"differs from the base model; didi cannot merge integer tensors")
+                continue
+            yield Delta(plan, base, torch.stack([x - base for x in xs]))

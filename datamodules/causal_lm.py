@@ -287,9 +287,9 @@ def run_causal_lm_evaluation(model: nn.Module, tasks: list[str], dm: CausalLMDat
     dm.setup("test")
     expected = dm.counts()
     ev = CausalLMEvaluator(model, tasks, dm.kinds)
-    tr = L.Trainer(accelerator=trainer.accelerator, devices=trainer.devices, strategy=trainer.strategy,
-                   num_nodes=trainer.num_nodes, logger=False, enable_progress_bar=trainer.progress_bar,
-                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=trainer.log_dir)
+    from didi.pipeline import eval_trainer
+
+    tr = eval_trainer(trainer)
     out = tr.test(ev, datamodule=dm, verbose=False)
     metrics = out[0] if out else {}
     stats = {}

@@ -35,7 +35,7 @@ from torch import nn
 from torchmetrics import SumMetric
 
 from didi.errors import DidiError
-from didi.pipeline import TrainerConfig
+from didi.pipeline import TrainerConfig, eval_trainer
 from didi.routing import OracleRouter, Router, RoutedModel
 
 
@@ -160,9 +160,7 @@ def run_evaluation(features: nn.Module, heads: dict[str, nn.Linear], tasks: list
     """Run the Evaluator under a Trainer; returns {task: {"accuracy", "n"}} and checks the counts."""
     expected = dm.counts()
     model = Evaluator(features, heads, tasks)
-    tr = L.Trainer(accelerator=trainer.accelerator, devices=trainer.devices, strategy=trainer.strategy,
-                   num_nodes=trainer.num_nodes, logger=False, enable_progress_bar=trainer.progress_bar,
-                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=trainer.log_dir)
+    tr = eval_trainer(trainer)
     out = tr.test(model, datamodule=dm, verbose=False)
     metrics = out[0] if out else {}
     res = {}

@@ -117,6 +117,13 @@ def make_trainer(tcfg: TrainerConfig, callbacks: list, stage: str, max_steps: in
     )
 
 
+def eval_trainer(tcfg: TrainerConfig) -> L.Trainer:
+    """The Trainer of an evaluation (`trainer.test`): the run's devices and strategy, no logger or checkpoints."""
+    return L.Trainer(accelerator=tcfg.accelerator, devices=tcfg.devices, strategy=tcfg.strategy,
+                     num_nodes=tcfg.num_nodes, logger=False, enable_progress_bar=tcfg.progress_bar,
+                     enable_model_summary=False, enable_checkpointing=False, default_root_dir=tcfg.log_dir)
+
+
 def _logger(tcfg: TrainerConfig, stage: str):
     if tcfg.logger == "none":
         return False

@@ -180,27 +180,47 @@ class Artifact:
         return [self._load(f"groups/{gid}.safetensors") for gid, members in self.manifest.get("groups", {}).items()
                 if task in members]
 
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor `name` as the manifest lists it (terms are reshaped to it)."""
+        spec = self.manifest["tensors"].get(name)
+        if spec is None:
+            raise DidiError(f"{self.path}: term for tensor '{name}' that the manifest does not list")
+        return tuple(spec["shape"])
+
+    def _add(self, out: dict[str, torch.Tensor], name: str, d: torch.Tensor) -> None:
+        d = d.float().reshape(self.shape_of(name))
+        out[name] = out[name] + d if name in out else d
+
+    def common_deltas(self) -> dict[str, torch.Tensor]:
+        """name -> the delta every task shares: fold + shared low-rank + shared dense (fp32, the tensor's shape).
+        Routed serving folds exactly this into the base weights once."""
+        out: dict[str, torch.Tensor] = {}
+        for name, d in self.fold().items():
+            self._add(out, name, d)
+        shared = self.shared()
+        for key, v in shared.items():
+            name, kind = key.rsplit("::", 1)
+            if kind == "lora_A":
+                self._add(out, name, v.float() @ shared[f"{name}::lora_B"].float())
+            elif kind == "dense":
+                self._add(out, name, v)
+            elif kind not in ("lora_B", "ref"):
+                raise DidiError(f"{self.path}/shared.safetensors: unknown term kind '{kind}' in '{key}'")
+        return out
+
     def task_deltas(self, task: str) -> dict[str, torch.Tensor]:
         """name -> full delta of `task` w.r.t. θ0 (fp32, the tensor's shape)."""
-        shapes = {n: tuple(v["shape"]) for n, v in self.manifest["tensors"].items()}
-        out: dict[str, torch.Tensor] = {}
-
-        def add(name: str, d: torch.Tensor) -> None:
-            d = d.float().reshape(shapes[name])
-            out[name] = out[name] + d if name in out else d
-
-        for name, d in self.fold().items():
-            add(name, d)
+        out = self.common_deltas()
         shared, own = self.shared(), self.task_terms(task)
-        for terms in (shared, own, *self.group_terms(task)):
+        for terms in (own, *self.group_terms(task)):
             for key, v in terms.items():
                 name, kind = key.rsplit("::", 1)
                 if kind == "lora_A":
-                    add(name, v.float() @ terms[f"{name}::lora_B"].float())
+                    self._add(out, name, v.float() @ terms[f"{name}::lora_B"].float())
                 elif kind == "dense":
-                    add(name, v)
+                    self._add(out, name, v)
                 elif kind == "mask":
-                    add(name, own[f"{name}::scale"].float() * v.float() * shared[f"{name}::ref"].float())
+                    self._add(out, name, own[f"{name}::scale"].float() * v.float() * shared[f"{name}::ref"].float())
         return out
 
     def task_state_dict(self, task: str, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

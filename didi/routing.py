@@ -91,38 +91,16 @@ class TaskTerms:
 
 def artifact_terms(artifact) -> tuple[dict[str, torch.Tensor], list[dict[str, TaskTerms]]]:
     """(common delta per tensor — fold + shared low rank + shared dense —, per task {tensor: TaskTerms})."""
-    shapes = {n: tuple(v["shape"]) for n, v in artifact.manifest["tensors"].items()}
-
-    def shape_of(name: str) -> tuple[int, ...]:
-        if name not in shapes:
-            raise DidiError(f"{artifact.path}: term for tensor '{name}' that the manifest does not list")
-        return shapes[name]
-
-    common: dict[str, torch.Tensor] = {}
-
-    def add(name: str, d: torch.Tensor) -> None:
-        d = d.float().reshape(shape_of(name))
-        common[name] = common[name] + d if name in common else d
-
-    for name, d in artifact.fold().items():
-        add(name, d)
+    common = artifact.common_deltas()
     shared = artifact.shared()
-    for key, v in shared.items():
-        name, kind = key.rsplit("::", 1)
-        if kind == "lora_A":
-            add(name, v.float() @ shared[f"{name}::lora_B"].float())
-        elif kind == "dense":
-            add(name, v)
-        elif kind not in ("lora_B", "ref"):
-            raise DidiError(f"{artifact.path}/shared.safetensors: unknown term kind '{kind}' in '{key}'")
     per_task: list[dict[str, TaskTerms]] = []
     for t in artifact.tasks:
         terms: dict[str, TaskTerms] = {}
-        groups = artifact.group_terms(t) if hasattr(artifact, "group_terms") else []
+        groups = artifact.group_terms(t)
         for own in (artifact.task_terms(t), *groups):  # group terms (task subsets) count as the task's own
             for key, v in own.items():
                 name, kind = key.rsplit("::", 1)
-                shape_of(name)
+                artifact.shape_of(name)
                 tt = terms.setdefault(name, TaskTerms())
                 if kind == "lora_A":
                     A, B = v, own[f"{name}::lora_B"]
@@ -136,7 +114,7 @@ def artifact_terms(artifact) -> tuple[dict[str, torch.Tensor], list[dict[str, Ta
                             raise DidiError(f"{artifact.path}: task '{t}' masks '{name}' but the scale or the "
                                             f"shared '{name}::ref' is missing")
                         v = own[f"{name}::scale"].float() * v.float() * shared[f"{name}::ref"].float()
-                    v = v.float().reshape(shape_of(name))
+                    v = v.float().reshape(artifact.shape_of(name))
                     tt.dense = v if tt.dense is None else tt.dense + v
                 elif kind not in ("lora_B", "scale"):
                     raise DidiError(f"{artifact.path}: task '{t}': unknown term kind '{kind}' in '{key}'")

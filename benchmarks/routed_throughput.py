@@ -1,138 +1,138 @@
 """Routed mixed-task throughput vs the dense single model (issue 5's benchmark).
 
-Model: a ViT-B/32-SHAPED stack built from nn.Linear layers (12 pre-norm blocks, width 768, 12 heads, MLP 3072,
-50 tokens = 49 patches + class token, scaled-dot-product attention), not open_clip itself: open_clip's attention
-is nn.MultiheadAttention, whose in-projection has no routed wrapper yet (routing.py would fall back to splitting
-the batch per task), so this measures the routed Linear path on the same 48 matrix shapes
-(in-proj 2304×768, out-proj 768×768, fc 3072×768, proj 768×3072).
-Artifact: 8 tasks, shared + expert ranks at 1.24× of |θ0| of those matrices spread uniformly (one rank unit across
-the 48 matrices costs 147,456 elements; 0.24 × 84.9M / 147,456 / 9 modules ≈ rank 15 each), random factors.
-Measured: forward passes per second at batch 64 on CPU for (a) the dense model, (b) routed, mixed batch of 8
-tasks × 8 rows, (c) routed, one-task batch (materialised fast path, weights kept between batches).
+Model: open_clip's own `ViT-B-32` image tower (random weights, `pretrained=None`; the architecture a user serves,
+with nn.MultiheadAttention and the conv patch embedding), through `OpenClipAdapter` + `RoutedModel`, exactly
+as `didi evaluate` runs it. Artifact: 8 tasks; every decomposed matrix of the tower (conv1 as 768×3072, the 12
+packed in-projections 2304×768, out-projections, MLPs, the final projection) gets one shared and one expert
+rank per task, spread uniformly so the artifact costs the requested ratio of |θ0| (1.24×: rank 14 each).
+Factors are random; the time of a forward does not depend on their values.
 
-    python benchmarks/routed_throughput.py              # the real numbers (the lead runs this)
-    python benchmarks/routed_throughput.py --tiny       # smoke test: width 32, 2 blocks, batch 8
+Measured: image forward passes per second at batch 64 (224×224) for (a) the dense model, (b) routed, a mixed
+batch of 8 tasks × 8 interleaved rows (one pass: experts added per task group), (c) routed, a one-task batch
+(materialised fast path, weights kept between batches). The three are timed in alternating rounds so a
+change of machine load hits them alike; the median round counts.
+
+    python benchmarks/routed_throughput.py                      # the numbers in BENCHMARKS.md
+    python benchmarks/routed_throughput.py --device cuda        # on a GPU
+    python benchmarks/routed_throughput.py --tiny               # smoke test: a 2-layer tower, batch 8
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from didi.artifact import load_artifact, write_artifact
-from didi.backbones import Adapter
+from didi.backbones.open_clip import OpenClipAdapter
+from didi.datamodules.image import ImageFeatures
 from didi.routing import RoutedModel
 
 RESULTS = Path(__file__).parent / "results"
+TINY = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
 
 
-class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.in_proj = nn.Linear(width, 3 * width)
-        self.out_proj = nn.Linear(width, width)
-        self.c_fc, self.c_proj = nn.Linear(width, mlp), nn.Linear(mlp, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, W = x.shape
-        q, k, v = self.in_proj(self.ln_1(x)).view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, W)
-        x = x + self.out_proj(a)
-        return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x))))
-
-
-class Tower(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, mlp: int) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp) for _ in range(layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for b in self.blocks:
-            x = b(x)
-        return x
-
-
-def make_artifact(model: nn.Module, path: Path, tasks: int, rank: int, seed: int = 0):
+def make_artifact(adapter: OpenClipAdapter, base: dict, path: Path, tasks: int, ratio: float, seed: int = 0):
+    """Uniform ranks at `ratio`: (T + 1) · r · Σ(m + n) = (ratio − 1) · |θ0| over the decomposed matrices."""
     g = torch.Generator().manual_seed(seed)
-    mats = {n: p for n, p in model.named_parameters() if p.dim() == 2}
+    scope = {k: v for k, v in base.items() if adapter.in_scope(k)}
+    mats = {k: adapter.matrix_shape(k, tuple(v.shape)) for k, v in scope.items() 
+            if adapter.is_decomposed(k, tuple(v.shape), v.dtype)}
+    base_params = sum(v.numel() for v in scope.values())
+    rank = max(1, int((ratio - 1) * base_params / ((tasks + 1) * sum(m + n for m, n in mats.values()))))
 
-    def pair(m, n):
+    def pair(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return 0.01 * torch.randn(m, rank, generator=g), 0.01 * torch.randn(rank, n, generator=g)
 
     shared, per_task = {}, {f"t{j}": {} for j in range(tasks)}
-    for name, p in mats.items():
-        shared[f"{name}::lora_A"], shared[f"{name}::lora_B"] = pair(*p.shape)
+    for name, (m, n) in mats.items():
+        shared[f"{name}::lora_A"], shared[f"{name}::lora_B"] = pair(m, n)
         for t in per_task:
-            per_task[t][f"{name}::lora_A"], per_task[t][f"{name}::lora_B"] = pair(*p.shape)
-    tensors = {n: {"shape": list(p.shape), "dtype": "float32", "matrix_shape": list(p.shape)}
-               for n, p in model.named_parameters()}
-    manifest = {"method": {"name": "benchmark"}, "adapter": {"name": "state_dict", "settings": {}},
-                "sources": {"base": {"path": "none"}}, "tasks": list(per_task),
-                "base_params": sum(p.numel() for p in mats.values()), "tensors": tensors}
+            per_task[t][f"{name}::lora_A"], per_task[t][f"{name}::lora_B"] = pair(m, n)
+    tensors = {k: {"shape": list(v.shape), "dtype": "float32", "matrix_shape": list(mats[k]) if k in mats else None}
+               for k, v in scope.items()}
+    manifest = {"method": {"name": "benchmark"}, "adapter": {"name": "open_clip", "settings": adapter.settings()},
+                "sources": {"base": {"path": "none"}}, "tasks": list(per_task), "base_params": base_params,
+                "tensors": tensors}
     write_artifact(path, manifest, {}, shared, per_task)
-    return load_artifact(path)
+    return load_artifact(path), rank
 
 
-def rate(fn, repeats: int, warmup: int = 1) -> float:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        t = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        return repeats / (time.perf_counter() - t)
+def timed(fn, sync) -> float:
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="smoke test at width 32, 2 blocks, batch 8")
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--tiny", action="store_true", help="smoke test: 2-layer tower, batch 8")
+    ap.add_argument("--rounds", type=int, default=7, help="alternating rounds (one forward of each path each)")
     ap.add_argument("--ratio", type=float, default=1.24)
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=None, help="default 64 (8 with --tiny)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args(argv)
-    width, layers, heads, mlp, tokens, batch, T = (32, 2, 2, 128, 50, 8, 8) if a.tiny else (768, 12, 12, 3072, 50, 64, 8)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    T, batch = a.tasks, a.batch or (8 if a.tiny else 64)
+    adapter = OpenClipAdapter(model_config=TINY) if a.tiny else OpenClipAdapter("ViT-B-32")
     torch.manual_seed(0)
-    model = Tower(width, layers, heads, mlp).eval()
-    mats = [p for p in model.parameters() if p.dim() == 2]
-    base = sum(p.numel() for p in mats)
-    unit = sum(sum(p.shape) for p in mats)
-    rank = max(1, int((a.ratio - 1) * base / unit / (T + 1)))
+    clip = adapter.create("cpu").eval()
+    base = {k: v.detach().clone() for k, v in clip.state_dict().items()}
     with tempfile.TemporaryDirectory() as tmp:
-        art = make_artifact(model, Path(tmp) / "art", T, rank)
+        art, rank = make_artifact(adapter, base, Path(tmp) / "art", T, a.ratio)
         ratio = art.storage_ratio
-        routed = RoutedModel(copy.deepcopy(model), art, adapter=Adapter())
-    x = torch.randn(batch, tokens, width)
-    mixed = torch.arange(batch) % T
+        routed = RoutedModel(ImageFeatures(adapter.build_model(base)), art, adapter=adapter, prefix="clip")
+    dense = ImageFeatures(clip)
+    dev = torch.device(a.device)
+    dense, routed = dense.to(dev), routed.to(dev)
+    size = clip.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    x = torch.randn(batch, 3, size, size, device=dev)
+    mixed = torch.arange(batch) % T  # interleaved: the slow (index) path, not the contiguous one
     one = torch.zeros(batch, dtype=torch.long)
-    r_dense = rate(lambda: model(x), a.repeats)
-    r_mixed = rate(lambda: routed(x, task_ids=mixed), a.repeats)
-    r_one = rate(lambda: routed(x, task_ids=one), a.repeats)
-    res = {"model": f"ViT-B/32-shaped nn.Linear stack ({layers} blocks, width {width}, MLP {mlp}, {tokens} tokens)"
-           if not a.tiny else "tiny smoke test", "tasks": T, "rank_per_module": rank, "storage_ratio": ratio,
-           "batch": batch, "device": "cpu", "threads": torch.get_num_threads(), "cpu": platform.processor(),
-           "torch": torch.__version__, "forward_per_s": {"dense": r_dense, "routed_mixed": r_mixed,
-                                                         "routed_one_task": r_one},
-           "ratio_mixed_vs_dense": r_mixed / r_dense, "ratio_one_task_vs_dense": r_one / r_dense}
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    paths = {"dense": lambda: dense(x), "routed_mixed": lambda: routed(x, task_ids=mixed),
+             "routed_one_task": lambda: routed(x, task_ids=one)}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    with torch.inference_mode():
+        for fn in paths.values():  # warm-up (and the fast path's materialisation)
+            timed(fn, sync)
+        torch.testing.assert_close(paths["routed_mixed"]().shape, paths["dense"]().shape)
+        for _ in range(a.rounds):
+            for k, fn in paths.items():
+                times[k].append(timed(fn, sync))
+    per_s = {k: 1.0 / statistics.median(v) for k, v in times.items()}
+    name_dev = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    res = {"model": "open_clip ViT-B-32 image tower (random weights)" if not a.tiny else "tiny open_clip (smoke)",
+           "tasks": T, "rank_per_module": rank, "storage_ratio": ratio, "batch": batch, "image_size": size,
+           "device": a.device, "device_name": name_dev, "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "rounds": a.rounds, "seconds_per_forward": times, "forward_per_s": per_s,
+           "ratio_mixed_vs_dense": per_s["routed_mixed"] / per_s["dense"],
+           "ratio_one_task_vs_dense": per_s["routed_one_task"] / per_s["dense"]}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "routed_throughput_tiny" if a.tiny else "routed_throughput"
+    name = "routed_throughput_tiny" if a.tiny else f"routed_throughput_{a.device.split(':')[0]}"
     (out / f"{name}.json").write_text(json.dumps(res, indent=1))
     md = (f"# Routed throughput ({res['model']})\n\n{T} tasks, rank {rank} per module (storage {ratio:.3g}×), "
-          f"batch {batch}, CPU, {res['threads']} threads, torch {torch.__version__}.\n\n"
+          f"batch {batch} at {size}×{size}, {a.device} ({name_dev}), {res['threads']} threads, torch "
+          f"{torch.__version__}, median of {a.rounds} alternating rounds.\n\n"
           f"| path | forward/s | × dense |\n|---|---:|---:|\n"
-          f"| dense single model | {r_dense:.3g} | 1.00 |\n"
-          f"| routed, mixed batch ({T} tasks) | {r_mixed:.3g} | {r_mixed / r_dense:.2f} |\n"
-          f"| routed, one-task batch (fast path) | {r_one:.3g} | {r_one / r_dense:.2f} |\n")
+          f"| dense single model | {per_s['dense']:.3g} | 1.00 |\n"
+          f"| routed, mixed batch ({T} tasks, interleaved rows) | {per_s['routed_mixed']:.3g} | "
+          f"{res['ratio_mixed_vs_dense']:.2f} |\n"
+          f"| routed, one-task batch (fast path) | {per_s['routed_one_task']:.3g} | "
+          f"{res['ratio_one_task_vs_dense']:.2f} |\n")
     (out / f"{name}.md").write_text(md)
     print(md)
     return res

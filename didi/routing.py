@@ -11,16 +11,17 @@ the fast path: W_t is materialised once and kept while the same task comes back.
 
 Per-task terms that are not low rank ("::dense", "::mask"·"::scale"·shared "::ref", as baselines store them)
 are materialised per task (cached): on a routed layer they become a dense delta of that layer; on a parameter
-that no wrapper handles (a LayerNorm, an embedding, nn.MultiheadAttention's in-projection until someone
-registers a wrapper for it) the batch is split per task and each part runs with that task's parameters
-swapped in. Every method's artifact therefore runs through the same code; evaluation never special-cases one.
+that no wrapper handles (a LayerNorm, an embedding) the batch is split per task and each part runs with that
+task's parameters swapped in. nn.MultiheadAttention (open_clip's attention) has its own wrapper that routes its
+packed in-projection and its out_proj. Every method's artifact therefore runs through the same code; evaluation never special-cases one.
 
 Extending: `register_wrapper(module_type)(factory)`, factory(module, parent, params) → a `RoutedLayer` or
-None when it cannot wrap that module (e.g. nn.Linear inside nn.MultiheadAttention, whose forward reads
-`out_proj.weight` without calling `out_proj`).
+None when it cannot wrap that module (e.g. nn.Linear inside an unwrapped nn.MultiheadAttention, whose
+forward reads `out_proj.weight` without calling `out_proj`).
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -184,7 +185,7 @@ class RoutedLinear(RoutedLayer):
         W, b = self.base.weight, self.base.bias
         e = self.experts.get(task, {})
         if "A" in e:
-            W = torch.addmm(W, e["A"], e["B"])
+            W = W + (e["A"] @ e["B"]).view_as(W)
         if "D" in e:
             W = W + e["D"]
         if "db" in e:
@@ -198,17 +199,28 @@ class RoutedLinear(RoutedLayer):
             return None
         d = None
         if "A" in e:
-            d = (x @ e["B"].T) @ e["A"].T
+            d = self._lowrank(x, e["A"], e["B"])
         if "D" in e:
-            d = x @ e["D"].T if d is None else d + x @ e["D"].T
+            dd = self._run(x, e["D"], None)
+            d = dd if d is None else d + dd
         if "db" in e:
-            d = e["db"].expand(*x.shape[:-1], -1) if d is None else d + e["db"]
+            d = self._bias(e["db"], x) if d is None else d + self._bias(e["db"], x)
         return d
+
+    # the three operations a layer type defines (nn.Linear here; RoutedConv2d overrides them)
+    def _run(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, W, b)
+
+    def _lowrank(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return (x @ B.T) @ A.T  # never the m×n product
+
+    def _bias(self, db: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return db.expand(*x.shape[:-1], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.single is not None:
             W, b = self.materialised(self.single)
-            return F.linear(x, W, b)
+            return self._run(x, W, b)
         y = self.base(x)
         ids = self.task_ids
         if ids is None:
@@ -217,12 +229,26 @@ class RoutedLinear(RoutedLayer):
         if x.shape[bd] != ids.numel():
             raise DidiError(f"routed layer: input has {x.shape[bd]} rows along dim {bd}, the router gave "
                             f"{ids.numel()} task ids")
-        for t in torch.unique(ids).tolist():
-            rows = (ids == t).nonzero().squeeze(1).to(x.device)
+        for t, rows in _groups(ids, x.device):
+            if isinstance(rows, slice):  # rows of one task are contiguous: views, added in place
+                idx = (slice(None),) * bd + (rows,)
+                d = self.expert(x[idx], t)
+                if d is not None:
+                    y[idx] += d.to(y.dtype)
+                continue
             d = self.expert(x.index_select(bd, rows), t)
             if d is not None:
-                y = y.index_add(bd, rows, d.to(y.dtype))
+                y.index_add_(bd, rows, d.to(y.dtype))  # in place: an out-of-place add copies y per task
         return y
+
+
+def _groups(ids: torch.Tensor, device: torch.device) -> list[tuple[int, "slice | torch.Tensor"]]:
+    """[(task, rows)]: a slice when the task's rows are contiguous (sorted batches), else an index tensor."""
+    uniq, counts = torch.unique_consecutive(ids, return_counts=True)
+    if uniq.numel() == torch.unique(ids).numel():  # every task appears in one run
+        bounds = [0, *torch.cumsum(counts, 0).tolist()]
+        return [(t, slice(bounds[i], bounds[i + 1])) for i, t in enumerate(uniq.tolist())]
+    return [(t, (ids == t).nonzero().squeeze(1).to(device)) for t in torch.unique(ids).tolist()]
 
 
 WrapperFactory = Callable[[nn.Module, "nn.Module | None", set], "RoutedLayer | None"]
@@ -239,11 +265,146 @@ def register_wrapper(module_type: type):
     return wrap
 
 
+class RoutedConv2d(RoutedLinear):
+    """nn.Conv2d (open_clip's patch embedding `conv1`) whose kernel is decomposed as an (out, in·kh·kw) matrix.
+
+    A (out×r) B (r×in·kh·kw) reshaped to the kernel is the convolution with B as r filters followed by a 1×1
+    convolution with A (convolution is linear in the output channels), so the expert costs r channels, not
+    a second full kernel.
+    """
+
+    def _run(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return self.base._conv_forward(x, W.view_as(self.base.weight), b)
+
+    def _lowrank(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        c = self.base
+        h = F.conv2d(x, B.view(B.shape[0], *c.weight.shape[1:]), None, c.stride, c.padding, c.dilation)
+        return F.conv2d(h, A[:, :, None, None])
+
+    def _bias(self, db: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return db[:, None, None]
+
+
+@register_wrapper(nn.Conv2d)
+def _wrap_conv2d(module: nn.Module, parent: nn.Module | None, params: set) -> RoutedLayer | None:
+    plain = module.groups == 1 and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
+    return RoutedConv2d(module) if plain and params <= {"weight", "bias"} else None
+
+
 @register_wrapper(nn.Linear)
 def _wrap_linear(module: nn.Module, parent: nn.Module | None, params: set) -> RoutedLayer | None:
     if isinstance(parent, nn.MultiheadAttention) or not params <= {"weight", "bias"}:
         return None  # MHA reads out_proj.weight directly; its forward never calls the Linear
     return RoutedLinear(module)
+
+
+class RoutedMultiheadAttention(RoutedLayer):
+    """nn.MultiheadAttention (open_clip's attention) with per-task experts on its packed in-projection.
+
+    nn.MultiheadAttention hands `in_proj_weight` and `out_proj.weight` to a fused kernel, so neither can be
+    routed from outside. This layer computes the same attention itself: the in-projection is a `RoutedLinear`
+    over the module's own `in_proj_weight`/`in_proj_bias` Parameters (shared, not copied), attention runs in
+    `scaled_dot_product_attention` (explicit softmax when `need_weights`), and `out_proj` stays a submodule
+    that `RoutedModel` wraps as a routed nn.Linear. Masks follow nn.MultiheadAttention: a boolean mask marks
+    positions that may NOT be attended, a float mask is added to the scores; `attn_mask` is (L, S) or
+    (B·H, L, S), `key_padding_mask` is (B, S). Cross-attention (query is not key) projects each input
+    separately; kdim/vdim ≠ embed_dim, bias_k/bias_v and add_zero_attn are not wrapped (None from the factory:
+    those parameters fall back to per-task swapping).
+    """
+
+    _PARAMS = {"in_proj_weight": "weight", "in_proj_bias": "bias"}
+
+    def __init__(self, base: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.base = base
+        self.batch_dim = 0 if base.batch_first else 1
+        packed = nn.Linear(base.embed_dim, 3 * base.embed_dim, bias=base.in_proj_bias is not None, device="meta")
+        packed.weight = base.in_proj_weight  # the same Parameter objects: folds and .to() reach both
+        packed.bias = base.in_proj_bias
+        self.in_proj = RoutedLinear(packed)
+        self.out_proj = base.out_proj  # RoutedModel replaces it by a RoutedLinear when it has expert terms
+
+    @property
+    def in_proj_weight(self) -> torch.Tensor:
+        return self.base.in_proj_weight
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor | None:
+        return self.base.in_proj_bias
+
+    def add_expert(self, task: int, param: str, terms: TaskTerms) -> None:
+        self.in_proj.add_expert(task, self._PARAMS[param], terms)
+
+    def _mask(self, attn_mask, key_padding_mask, is_causal: bool, B: int, L: int, S: int, dtype):
+        H = self.base.num_heads
+        mask = None
+
+        def as_float(m: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(m, dtype=dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool \
+                else m.to(dtype)
+
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(L, S, dtype=torch.bool).triu(1)
+        if attn_mask is not None:
+            m = as_float(attn_mask)
+            mask = m.view(B, H, L, S) if m.dim() == 3 else m.view(1, 1, L, S)
+        if key_padding_mask is not None:
+            k = as_float(key_padding_mask).view(B, 1, 1, S)
+            mask = k if mask is None else mask + k
+        return mask
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        base = self.base
+        unbatched = query.dim() == 2
+        self_attn = query is key and key is value
+        if unbatched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+            bd = 1
+        else:
+            bd = self.batch_dim
+        if bd == 1:  # (L, B, E) -> (B, L, E)
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        self.in_proj.task_ids, self.in_proj.single = self.task_ids, self.single
+        E, H = base.embed_dim, base.num_heads
+        if self_attn:
+            q, k, v = self.in_proj(query).chunk(3, dim=-1)
+        else:  # each input through the packed projection, its own third kept
+            q = self.in_proj(query)[..., :E]
+            k = self.in_proj(key)[..., E:2 * E]
+            v = self.in_proj(value)[..., 2 * E:]
+        B, L, S = q.shape[0], q.shape[1], k.shape[1]
+        q, k, v = (z.reshape(B, -1, H, E // H).transpose(1, 2) for z in (q, k, v))
+        mask = self._mask(attn_mask, key_padding_mask, is_causal, B, L, S, q.dtype)
+        p = base.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(E // H)
+            if mask is not None:
+                scores = scores + mask
+            weights = torch.softmax(scores, dim=-1)
+            o = F.dropout(weights, p) @ v
+            weights = weights.mean(1) if average_attn_weights else weights
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        o = self.out_proj(o.transpose(1, 2).reshape(B, L, E))
+        if bd == 1:
+            o = o.transpose(0, 1)
+        if unbatched:
+            o = o.squeeze(1)
+            weights = None if weights is None else weights.squeeze(0)
+        return o, weights
+
+
+@register_wrapper(nn.MultiheadAttention)
+def _wrap_mha(module: nn.Module, parent: nn.Module | None, params: set) -> RoutedLayer | None:
+    ok = (module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn
+          and params <= set(RoutedMultiheadAttention._PARAMS))
+    return RoutedMultiheadAttention(module) if ok else None
 
 
 def _find_wrapper(module: nn.Module) -> WrapperFactory | None:
@@ -332,6 +493,10 @@ class RoutedModel(nn.Module):
         for terms in per_task:
             for name in terms:
                 by_module.setdefault(locs[name][0], set()).add(locs[name][1])
+        for mod in list(by_module):  # a wrapped MHA is what lets its out_proj be routed: wrap it too
+            up = mod.rpartition(".")[0]
+            if "." in mod and isinstance(self.model.get_submodule(up), nn.MultiheadAttention):
+                by_module.setdefault(up, set())
         self.routed: dict[str, RoutedLayer] = {}
         wrapped: set[str] = set()
         for mod, params in sorted(by_module.items()):

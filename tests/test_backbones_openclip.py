@@ -87,6 +87,23 @@ def test_merge_tiny_clip_roundtrip(tmp_path):
             tuned = adapter.build_model(tunes[t]).encode_image(img)
             # the merge moved the features toward the fine-tune (budget 1.5 covers the planted ranks)
             assert (merged.encode_image(img) - tuned).norm() < 0.5 * (base_out - tuned).norm()
+    # routed serving of a mixed batch: attention (nn.MultiheadAttention) is routed, not swapped per task
+    from didi.datamodules.image import routed_image_features
+    from didi.routing import RoutedConv2d, RoutedMultiheadAttention
+
+    feats = routed_image_features(adapter.build_model(base), art, adapter)
+    layers = feats.routed.routed
+    assert isinstance(layers["clip.visual.transformer.resblocks.1.attn"], RoutedMultiheadAttention)
+    assert isinstance(layers["clip.visual.conv1"], RoutedConv2d)
+    assert not any(".attn" in n or "conv1" in n for n in feats.routed.swapped)
+    imgs = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    ids = torch.tensor([2, 0, 1, 0, 2])
+    with torch.no_grad():
+        got = feats({"pixel_values": imgs}, ids)
+        for i, j in enumerate(ids.tolist()):
+            model = rebuilt_adapter.build_model(art.task_state_dict(art.tasks[j]))
+            ref = torch.nn.functional.normalize(model.encode_image(imgs[i:i + 1]), dim=-1)
+            torch.testing.assert_close(got[i:i + 1], ref, rtol=1e-4, atol=1e-5)
 
 
 def test_mismatches_refused_before_any_svd(tmp_path):

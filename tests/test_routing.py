@@ -168,3 +168,109 @@ def test_group_terms_shared_by_task_subsets(tiny):
     ids = torch.tensor([0, 1, 2, 2, 1, 0, 2, 1])
     torch.testing.assert_close(routed(x, task_ids=ids), per_example_reference(model, art, base_sd, x, ids),
                                atol=1e-5, rtol=1e-5)
+
+
+class AttnNet(nn.Module):
+    """nn.MultiheadAttention (self or cross) between two Linears; forwards every mask option of the module."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.pre = nn.Linear(8, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+
+    def forward(self, x, memory=None, **kw):
+        h = self.pre(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+            memory = None if memory is None else memory.transpose(0, 1)
+        kv = h if memory is None else memory
+        o, w = self.attn(h, kv, kv, **kw)
+        o = o if self.batch_first else o.transpose(0, 1)
+        return o if w is None else (o, w)
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_is_routed_not_swapped(tmp_path, batch_first):
+    """open_clip's attention: experts on the packed in-projection (weight and bias) and on out_proj, mixed
+    batch in one pass, equal to nn.MultiheadAttention run with each example's materialised weights — with
+    boolean/float/padding/causal masks, attention weights, and cross-attention."""
+    from didi.routing import RoutedMultiheadAttention
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    model = AttnNet(batch_first).eval()
+    base_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tasks = {f"t{j}": {**lowrank_terms(g, "attn.in_proj_weight", 24, 8, 2),
+                       "attn.in_proj_bias::dense": 0.3 * torch.randn(24, generator=g),
+                       **lowrank_terms(g, "attn.out_proj.weight", 8, 8, 1)} for j in range(3)}
+    tasks["t2"] = lowrank_terms(g, "attn.out_proj.weight", 8, 8, 2)  # a task with out_proj terms only
+    shared = lowrank_terms(g, "attn.in_proj_weight", 24, 8, 1)
+    art = make_artifact(tmp_path / "a", base_sd, {}, shared, tasks)
+    routed = RoutedModel(copy.deepcopy(model), art, adapter=Adapter())
+    assert not routed.swapped and isinstance(routed.routed["attn"], RoutedMultiheadAttention)
+    assert isinstance(routed.routed["attn.out_proj"], RoutedLinear)
+    x = torch.randn(6, 5, 8, generator=g)
+    mem = torch.randn(6, 3, 8, generator=g)
+    ids = torch.tensor([2, 0, 1, 1, 0, 2])
+    pad = torch.zeros(6, 5, dtype=torch.bool)
+    pad[1, 3:] = pad[4, 4] = True
+    cases = [dict(need_weights=False), dict(need_weights=True, average_attn_weights=False),
+             dict(attn_mask=torch.ones(5, 5, dtype=torch.bool).triu(1), need_weights=False),
+             dict(attn_mask=0.5 * torch.randn(5, 5, generator=g), key_padding_mask=pad),
+             dict(attn_mask=0.5 * torch.randn(12, 5, 5, generator=g), need_weights=False),
+             dict(memory=mem, need_weights=True)]
+    for kw in cases:
+        got = routed(x, task_ids=ids, **kw)
+        outs = []
+        for i in range(6):
+            ref = copy.deepcopy(model)
+            ref.load_state_dict(art.task_state_dict(art.tasks[int(ids[i])], base=base_sd))
+            one = {k: (v[i:i + 1] if k in ("memory", "key_padding_mask") else
+                       v[2 * i:2 * i + 2] if k == "attn_mask" and v.dim() == 3 else v) for k, v in kw.items()}
+            outs.append(ref(x[i:i + 1], **one))
+        expect = (torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])) if isinstance(outs[0], tuple) \
+            else torch.cat(outs)
+        torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-4, msg=lambda m: f"{kw}: {m}")
+        base_out = model(x, **kw)
+        assert not torch.allclose(base_out[0] if isinstance(base_out, tuple) else base_out,
+                                  got[0] if isinstance(got, tuple) else got, atol=1e-3)
+    # one-task batches take the materialised fast path and agree with the per-row path
+    one = torch.ones(6, dtype=torch.long)
+    fast = routed(x, task_ids=one, need_weights=False)
+    routed.fast_path = False
+    torch.testing.assert_close(routed(x, task_ids=one, need_weights=False), fast, atol=1e-5, rtol=1e-4)
+
+
+def test_contiguous_and_interleaved_rows_agree(tiny):
+    """Task-sorted batches take the in-place slice path, interleaved ones the index path: same outputs."""
+    model, base_sd, g, tmp = tiny
+    tasks = {f"t{j}": {**lowrank_terms(g, "fc1.weight", 16, 8, 2), **lowrank_terms(g, "fc2.weight", 4, 16, 1)}
+             for j in range(3)}
+    art = make_artifact(tmp / "a", base_sd, {}, {}, tasks)
+    routed = RoutedModel(copy.deepcopy(model), art, adapter=Adapter())
+    x = torch.randn(9, 8, generator=g)
+    for ids in (torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2]), torch.tensor([2, 0, 1, 0, 2, 1, 0, 2, 2])):
+        torch.testing.assert_close(routed(x, task_ids=ids), per_example_reference(model, art, base_sd, x, ids),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_conv2d_kernel_experts(tmp_path):
+    """A conv kernel decomposed as an (out, in·kh·kw) matrix (open_clip's patch embedding): the routed
+    two-convolution expert equals the convolution with the materialised kernel, in a mixed batch."""
+    from didi.routing import RoutedConv2d
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 2)).eval()
+    base_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tasks = {f"t{j}": {**lowrank_terms(g, "0.weight", 6, 27, 2), "0.bias::dense": torch.randn(6, generator=g),
+                       "2.weight::dense": 0.2 * torch.randn(4, 6, 2, 2, generator=g)} for j in range(3)}
+    art = make_artifact(tmp_path / "a", base_sd, {}, lowrank_terms(g, "0.weight", 6, 27, 1), tasks)
+    routed = RoutedModel(copy.deepcopy(model), art, adapter=Adapter())
+    assert not routed.swapped and all(isinstance(m, RoutedConv2d) for m in routed.routed.values())
+    x = torch.randn(5, 3, 9, 9, generator=g)
+    ids = torch.tensor([1, 2, 0, 2, 1])
+    torch.testing.assert_close(routed(x, task_ids=ids), per_example_reference(model, art, base_sd, x, ids),
+                               atol=1e-5, rtol=1e-4)

@@ -122,20 +122,23 @@ def projection(rows: list[dict], T_meas: int, hidden: int, vocab: int) -> tuple[
     for T in (4, 8):
         for emb_policy, shapes in (("low_rank", L8B_LAYER * L8B_LAYERS + L8B_EMB),
                                    ("per_task", L8B_LAYER * L8B_LAYERS)):
-            big = 128256 * 4096  # the embeddings are the largest tensors read, decomposed or not
-            # per_task: decompose keeps every task's dense embedding delta (fp32) until the store is written
-            held = 0 if emb_policy == "low_rank" else 2 * T * 128256 * 4096 * 4
+            # the working set is one tensor at a time: the largest decomposed matrix (k copies of its T+1
+            # fp32 versions), or with per_task embeddings the largest projection plus the T dense embedding
+            # deltas of the one embedding tensor being written to the factor store
+            big = max(m * n for m, n in shapes)
+            held = 0 if emb_policy == "low_rank" else T * 128256 * 4096 * 4
             out.append({"tasks": T, "embeddings": emb_policy,
                         "decompose_hours_cpu_rate": c_time * svd_work(shapes, T) / 3600,
-                        "peak_host_gb": (base_mb * 2 ** 20 + k_mem * (T + 1) * big * 4 + held) / 2 ** 30})
+                        "peak_host_gb": (base_mb * 2 ** 20 + max(k_mem * (T + 1) * big * 4, held)) / 2 ** 30})
     formula = (f"time = c · Σ_matrices (T+1)·m·n·min(m,n), c = {c_time:.3e} s (measured: {r['decompose_s']:.2f} s "
                f"for {r['layers']} layers, T={T_meas}); this is the CPU rate of this machine: on a GPU node divide "
                f"by the measured GPU/CPU SVD speed-up.\n"
                f"memory = R0 + k·(T+1)·max(m·n)·4 B, R0 = {base_mb:.0f} MB (after imports and zoo checks), k = {k_mem:.2f} "
                f"(measured: peak {r['peak_rss_decompose_mb']:.0f} MB with max m·n = {biggest:,}; k also absorbs fixed "
-               f"allocator overhead, so from tiny models this over-estimates). "
-               f"With embeddings per_task, + 2·T·128256·4096·4 B: the decomposition holds every task's dense "
-               f"embedding deltas in memory until it writes the factor store.")
+               f"allocator overhead). The working set is one tensor at a time (flat in the layer count, measured above), "
+               f"so max(m·n) is the largest decomposed matrix: the 128256×4096 embeddings with embeddings=low_rank "
+               f"(the default), 14336×4096 with per_task, where the T dense embedding deltas (T·128256·4096·4 B) of "
+               f"the tensor being written are the larger term.")
     return out, formula
 
 

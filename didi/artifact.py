@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from didi.accounting import Stored, price_files, storage_report
 from didi.errors import DidiError
 from didi.sources import file_sha256
+from didi.tensorfile import TensorLike, write_tensors
 
 FORMAT = "didi-artifact"
 FORMAT_VERSION = 1
@@ -79,12 +80,14 @@ def zoo_manifest(zoo, sha256: dict[str, dict[str, str]]) -> dict:
     }
 
 
-def write_artifact(path: str | Path, manifest: dict, fold: dict[str, torch.Tensor], shared: dict[str, torch.Tensor],
-                   tasks: dict[str, dict[str, torch.Tensor]], extra_files: dict[str, bytes] | None = None,
-                   groups: dict[str, tuple[list[str], dict[str, torch.Tensor]]] | None = None) -> Path:
+def write_artifact(path: str | Path, manifest: dict, fold: dict[str, TensorLike], shared: dict[str, TensorLike],
+                   tasks: dict[str, dict[str, TensorLike]], extra_files: dict[str, bytes] | None = None,
+                   groups: dict[str, tuple[list[str], dict[str, TensorLike]]] | None = None) -> Path:
     """Write tensors + manifest atomically; fills in storage, file checksums and versions.
 
-    `groups` maps a group id to (member tasks, terms) for terms shared by a subset of the tasks."""
+    Values may be `LazyTensor`s: each is loaded only while it is written, so writing a big artifact holds one
+    tensor in memory. `groups` maps a group id to (member tasks, terms) for terms shared by a subset of the
+    tasks."""
     path = Path(path)
     for gid, (members, _) in (groups or {}).items():
         bad = sorted(set(members) - set(manifest["tasks"]))
@@ -95,18 +98,18 @@ def write_artifact(path: str | Path, manifest: dict, fold: dict[str, torch.Tenso
         files: dict[str, Path] = {}
         (tmp / "tasks").mkdir()
         if fold:
-            save_file(_contig(fold), str(tmp / "fold.safetensors"))
+            write_tensors(tmp / "fold.safetensors", fold)
             files["fold"] = tmp / "fold.safetensors"
-        save_file(_contig(shared), str(tmp / "shared.safetensors"))
+        write_tensors(tmp / "shared.safetensors", shared)
         files["shared"] = tmp / "shared.safetensors"
         for t in manifest["tasks"]:
             f = tmp / "tasks" / f"{t}.safetensors"
-            save_file(_contig(tasks.get(t, {})), str(f))
+            write_tensors(f, tasks.get(t, {}))
             files[t] = f
         if groups:
             (tmp / "groups").mkdir()
             for gid, (_, terms) in groups.items():
-                save_file(_contig(terms), str(tmp / "groups" / f"{gid}.safetensors"))
+                write_tensors(tmp / "groups" / f"{gid}.safetensors", terms)
                 files[f"group:{gid}"] = tmp / "groups" / f"{gid}.safetensors"
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
@@ -121,10 +124,6 @@ def write_artifact(path: str | Path, manifest: dict, fold: dict[str, torch.Tenso
         manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return path
-
-
-def _contig(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in d.items()}
 
 
 class Artifact:

@@ -16,7 +16,7 @@ from typing import Callable, Literal, Union
 
 import lightning as L
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from didi.backbones.base import Zoo
 from didi.budget import Allocator, RankProblem, parse_budget, rescale_to_budget, uniform_ranks
@@ -27,6 +27,7 @@ from didi.decompose import DecomposeConfig, FactorStore, decompose, terms_from_f
 from didi.errors import DidiError
 from didi.refine import LoRARefine, RefineConfig
 from didi.search import RankSearch, SearchConfig
+from didi.tensorfile import LazyTensor
 
 Allocation = Literal["search", "greedy", "uniform"]
 
@@ -339,34 +340,42 @@ def refine(zoo: Zoo, store: FactorStore, ranks: Ranks, rcfg: RefineConfig, tcfg:
     trainer.fit(module, datamodule=dm)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+    # the factors stay in their per-matrix files until the artifact is written (LazyTensor): memory does
+    # not grow with the number of matrices
     shared, tasks = {}, {t: {} for t in store.tasks}
     before = after = 0.0
     for e in store.matrices:
-        f = load_file(str(out / f"{e.idx:05d}.safetensors"))
-        before, after = before + float(f["err_before"]), after + float(f["err_after"])
-        if f["A_s"].shape[1]:
-            shared[f"{e.name}::lora_A"], shared[f"{e.name}::lora_B"] = f["A_s"], f["B_s"]
+        path = out / f"{e.idx:05d}.safetensors"
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            before, after = before + float(f.get_tensor("err_before")), after + float(f.get_tensor("err_after"))
+            ranks_of = {k: f.get_slice(k).get_shape()[1] for k in f.keys() if k.startswith("A_")}
+        if ranks_of["A_s"]:
+            shared[f"{e.name}::lora_A"] = LazyTensor.from_file(path, "A_s")
+            shared[f"{e.name}::lora_B"] = LazyTensor.from_file(path, "B_s")
         for j, t in enumerate(store.tasks):
-            if f[f"A_t{j}"].shape[1]:
-                tasks[t][f"{e.name}::lora_A"], tasks[t][f"{e.name}::lora_B"] = f[f"A_t{j}"], f[f"B_t{j}"]
+            if ranks_of[f"A_t{j}"]:
+                tasks[t][f"{e.name}::lora_A"] = LazyTensor.from_file(path, f"A_t{j}")
+                tasks[t][f"{e.name}::lora_B"] = LazyTensor.from_file(path, f"B_t{j}")
     metrics = {"rec_err_before": before / tau_total, "rec_err_after": after / tau_total,
                "optimizer": rcfg.optimizer}
     return shared, tasks, metrics
 
 
 def nonmatrix_terms(store: FactorStore, policy: Policy) -> tuple[dict, dict]:
-    """Non-matrix deltas: mean folded into the base (`shared`) or exact per task (`per_task`)."""
+    """Non-matrix deltas: mean folded into the base (`shared`) or exact per task (`per_task`), as
+    LazyTensors read from the factor store when the artifact is written (a per-task Llama embedding is
+    0.5 G elements per task)."""
     fold, tasks = {}, {t: {} for t in store.tasks}
     for name, meta in store.nonmatrix.items():
         if meta["zero"]:
             continue
-        deltas = store.nonmatrix_deltas(name)
-        per = [deltas[t] for t in store.tasks]
+        path = store.nonmatrix_path(name)
         if policy_fn(policy)(name) == "shared":
-            fold[name] = torch.stack(per).mean(0)
+            fold[name] = LazyTensor(tuple(meta["shape"]), torch.float32,
+                                    lambda name=name: torch.stack(list(store.nonmatrix_deltas(name).values())).mean(0))
         else:
-            for t, d in zip(store.tasks, per):
-                tasks[t][f"{name}::dense"] = d
+            for t in store.tasks:
+                tasks[t][f"{name}::dense"] = LazyTensor.from_file(path, t)
     return fold, tasks
 
 

@@ -13,6 +13,7 @@ from typing import Iterator
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from didi.errors import DidiError
 
@@ -49,6 +50,16 @@ def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     raise DidiError(f"{path}: expected a state dict of tensors, found {type(obj).__name__} with no tensors")
 
 
+def load_owned(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file`, copied out of the file's memory map.
+
+    load_file's tensors are views of a map of the whole file: a small tensor kept from it (a norm, one
+    singular value vector) keeps every page of the file that was read resident, and the process grows with
+    the number of files read. The copies own their memory; the map goes when this returns.
+    """
+    return {k: v.clone() for k, v in load_file(str(path)).items()}
+
+
 class TensorSource:
     """Name → tensor reader over one checkpoint, opened lazily.
 
@@ -61,7 +72,6 @@ class TensorSource:
         self.path = Path(path)
         self.allow_pickle = allow_pickle
         self._files: dict[str, Path] = {}  # tensor name -> file
-        self._handles: dict[Path, object] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._index()
@@ -111,7 +121,6 @@ class TensorSource:
                 h = safe_open(str(f), framework="pt", device="cpu")
             except Exception as e:  # safetensors raises SafetensorError / OSError for corrupt headers
                 raise DidiError(f"{f}: corrupt or unreadable safetensors file ({e})") from e
-            self._handles[f] = h
             for name in h.keys():
                 if register:
                     if name in self._files and self._files[name] != f:
@@ -136,16 +145,6 @@ class TensorSource:
             self._files[name] = f
             self._meta[name] = (tuple(t.shape), t.dtype)
 
-    def __getstate__(self) -> dict:
-        """Picklable (ddp_spawn sends the zoo to worker processes): file handles are reopened on demand."""
-        state = dict(self.__dict__)
-        state["_handles"] = {}
-        return state
-
-    def _handle(self, f: Path):
-        if f not in self._handles:
-            self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
-        return self._handles[f]
 
     # ------------------------------------------------------------------------------------------- access
     def keys(self) -> list[str]:
@@ -165,8 +164,10 @@ class TensorSource:
             raise DidiError(f"{self.path}: no tensor named '{name}'")
         if self._pickled is not None:
             return self._pickled[name]
-        try:
-            return self._handle(self._files[name]).get_tensor(name)
+        try:  # opened per read, not kept: a kept handle maps its whole shard, and every page read stays
+            # resident, so a 16 GB Llama would make the process look 16 GB larger per checkpoint
+            with safe_open(str(self._files[name]), framework="pt", device="cpu") as h:
+                return h.get_tensor(name).clone()
         except Exception as e:
             raise DidiError(f"{self._files[name]}: tensor '{name}' could not be read ({e})") from e
 

@@ -12,6 +12,7 @@ from didi.backbones import Adapter, Zoo
 from didi.decompose import decompose
 from didi.errors import DidiError
 from didi.pipeline import TrainerConfig, run_merge
+from didi.synthetic import make_zoo
 from didi.refine import RefineConfig, init_factors, refine_adam, refine_als, task_errors
 
 
@@ -107,7 +108,8 @@ def test_factor_store_is_reused_across_budgets(tmp_path, tiny_zoo, fast, monkeyp
     zoo = Zoo(Adapter(), *tiny_zoo)
     run_merge(zoo, tmp_path / "a", 1.3, *fast)
     calls = []
-    monkeypatch.setattr(dec, "decompose_matrix", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(dec, "decompose_batch", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(dec, "svd", lambda *a, **k: calls.append(1))
     run_merge(zoo, tmp_path / "b", 1.1, *fast)
     assert calls == []
     assert decompose(zoo, fast[0]).root == decompose(zoo, fast[0]).root
@@ -155,3 +157,39 @@ def test_csv_and_wandb_offline_logging(tmp_path, tiny_zoo, fast, monkeypatch):
     assert json.loads((tmp_path / "wb" / "manifest.json").read_text())["files"]["rank_heatmap.png"]
     media = list(runs[0].rglob("*.png"))
     assert any("rank_heatmap" in p.name for p in media), media  # the heatmap went to the W&B run
+
+
+@pytest.mark.parametrize("batch_mb", [0, 1])
+def test_batched_decomposition_equals_one_matrix_at_a_time(tmp_path, batch_mb, monkeypatch):
+    """Same-shape matrices buffered for one batched SVD give the factors of single-matrix SVDs, and the
+    buffer never holds more than the cap across shapes (plus the matrix that crossed it)."""
+    import dataclasses
+
+    base, tasks = make_zoo(tmp_path / "zoo", T=3, width=96, layers=3, noise=0.01, seed=1)
+    zoo = Zoo(Adapter(), str(base), {k: str(v) for k, v in tasks.items()})
+    sizes = []
+    real = dec.decompose_batch
+
+    def spy(taus, *a, **k):
+        sizes.append(taus.numel() * taus.element_size())
+        return real(taus, *a, **k)
+
+    monkeypatch.setattr(dec, "decompose_batch", spy)
+    cfg = dec.DecomposeConfig(cache_dir=str(tmp_path / "c"), device="cpu", batch_mb=batch_mb)
+    store = decompose(zoo, cfg, progress=False)
+    biggest = max(e.m * e.n for e in store.matrices) * 3 * 4
+    assert max(sizes) <= batch_mb * 2**20 + biggest
+    if batch_mb:
+        assert len(sizes) < len(store.matrices)  # some calls were batched (width-96 blocks: 110 KB each)
+    else:
+        assert len(sizes) == len(store.matrices)
+    ref = decompose(zoo, dataclasses.replace(cfg, batch_mb=None, cache_dir=str(tmp_path / "r")), progress=False)
+    ref_index = {e.name: e.idx for e in ref.matrices}
+    assert sorted(ref_index) == sorted(e.name for e in store.matrices)
+    for e in store.matrices:
+        a, b = store.load(e.idx), ref.load(ref_index[e.name])
+        for k in ("S_s", "S_t", "tau_sq", "inner"):
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        # singular vectors up to sign: compare the rank-K reconstructions
+        torch.testing.assert_close(a["U_s"] * a["S_s"].float() @ a["V_s"].T, b["U_s"] * b["S_s"].float() @ b["V_s"].T,
+                                   rtol=1e-4, atol=1e-5)

@@ -71,6 +71,23 @@ def literal_accuracy(s):
     return out
 
 
+def literal_predictions(s, art, task, texts):
+    """Class predictions of task `task`'s materialised model of `art`, one text at a time."""
+    from transformers import AutoTokenizer
+
+    adapter = art.adapter()
+    model = adapter.build_model(art.task_state_dict(task, base=dict(adapter.open_source(s["base"]).items())))
+    head = load_head(os.path.join(s["tasks"][task], "head.safetensors"))
+    tok = AutoTokenizer.from_pretrained(os.path.join(s["base"], "0_Transformer"), local_files_only=True)
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            enc = tok([text], return_tensors="pt")
+            h = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            out.append(int(head(mean_pool(h, enc["attention_mask"])).argmax(-1).item()))
+    return out
+
+
 def test_routed_evaluation_matches_literal_and_report(setup, tmp_path):
     s = setup
     rep = evaluate_artifact(s["art"], s["data"], batch_size=4, trainer=CPU1, output=tmp_path / "rep",
@@ -152,3 +169,46 @@ def test_bad_inputs(setup, tmp_path):
     add_vocab(wide)
     with pytest.raises(DidiError, match="hidden_size 48 differs from the base model's 32"):
         evaluate_artifact(s["art"], s["data"], base=str(wide), trainer=CPU1)
+
+
+def test_tall_masks_lambda_chosen_per_task_on_validation(setup, tmp_path):
+    """TALL-masks with validation data: task t's λ is the grid value whose data-free TALL artifact scores best
+    on t's validation split (ties: the larger λ), and its masks are exactly that artifact's masks."""
+    from didi.methods import apply_method
+
+    s = setup
+    zoo = Zoo(build_adapter("hf_encoder"), s["base"], s["tasks"])
+    grid = [0.0, 0.6, 100.0]
+    val = {t: os.path.join(d, "test.jsonl") for t, d in s["data"].items() if t != "task2"}
+    # task0's validation labels are what the λ = 0 artifact predicts: a small λ must win there
+    lam0 = load_artifact(apply_method("tall_masks", zoo, tmp_path / "lam0", {"lam": 0.0}))
+    exs = [json.loads(x) for x in open(val["task0"])]
+    preds = literal_predictions(s, lam0, "task0", [e["text"] for e in exs])
+    write_jsonl(tmp_path / "val0.jsonl", [{"text": e["text"], "label": p} for e, p in zip(exs, preds)])
+    val["task0"] = str(tmp_path / "val0.jsonl")
+    ev = {"batch_size": 4}
+    art = load_artifact(apply_method("tall_masks", zoo, tmp_path / "tv",
+                                     {"validation": val, "lam_grid": grid, "evaluation": ev, "lam": 0.3}))
+    chosen = art.manifest["metrics"]["lam_per_task"]
+    ref = {}
+    for lam in grid:  # independent: each λ as its own data-free artifact, evaluated by didi evaluate
+        ref[lam] = load_artifact(apply_method("tall_masks", zoo, tmp_path / f"ref{lam}", {"lam": lam}))
+        rep = evaluate_artifact(ref[lam].path, val, batch_size=4, trainer=CPU1)
+        for t in val:
+            assert art.manifest["metrics"]["validation_accuracy"][f"{lam:g}"][t] == rep["tasks"][t]["accuracy"]
+    for t in val:
+        accs = {lam: art.manifest["metrics"]["validation_accuracy"][f"{lam:g}"][t] for lam in grid}
+        best = max(accs.values())
+        assert chosen[t] == max(lam for lam in grid if accs[lam] == best)
+    assert chosen["task0"] == 0.0 and chosen["task1"] != 0.0
+    assert chosen["task2"] == 0.3  # no validation data: the data-free λ
+    other = load_artifact(apply_method("tall_masks", zoo, tmp_path / "ref03", {"lam": 0.3}))
+    for t in art.tasks:
+        src = other if t == "task2" else ref[chosen[t]]
+        got, want = art.task_terms(t), src.task_terms(t)
+        assert set(got) == set(want)
+        assert all(torch.equal(got[k], want[k]) for k in got)
+    with pytest.raises(DidiError, match="validation: task 'nope' is not in the zoo"):
+        apply_method("tall_masks", zoo, tmp_path / "bad", {"validation": {"nope": "x.jsonl"}})
+    with pytest.raises(DidiError, match="evaluation: unknown option 'trainer'"):
+        apply_method("tall_masks", zoo, tmp_path / "bad2", {"validation": val, "evaluation": {"trainer": 1}})

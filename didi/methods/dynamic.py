@@ -9,14 +9,16 @@ they are.
     Twin    fold = Task Arithmetic merge, per task "::lora_A/B" of v_t = τ_t − λΣτ at 10 % of min(m, n)
             (non-decomposed tensors: exact per-task "::dense" of v_t)
 
-TALL-masks' λ is data-free here (0.6 by default); choosing λ per task on a validation split, as the original
-does, is not implemented yet.
+TALL-masks' λ is data-free (0.6) by default; with `validation` data it is chosen per task from `lam_grid` by
+the accuracy of the routed artifact on each task's validation split, as the original does.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -117,22 +119,34 @@ def _densities(terms: Terms, tasks: list[str]) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------- TALL
+#: the keyword arguments of `didi.evaluate.evaluate_artifact` that TALL's λ selection passes through
+TALL_EVAL_KEYS = ("heads", "base", "tokenizer", "batch_size", "max_length", "limit_per_task")
+
+
 @dataclass
 class TallOptions:
-    """TALL-masks (data-free λ).
+    """TALL-masks: data-free λ, or λ chosen per task on validation data.
 
     Args:
-        lam: mask threshold λ: mask_t = |τ_t| > λ·|τ_MTL − τ_t| (the original picks λ in 0.2–0.6 per task on
-            validation data; 0.6 is its data-free default).
+        lam: mask threshold λ: mask_t = |τ_t| > λ·|τ_MTL − τ_t| (0.6 is the original's data-free default;
+            with `validation`, the λ of tasks that have no validation data).
         mtl: multi-task vector τ_MTL: `sum` (Task Arithmetic, Σ_t τ_t) or `ties` (TALL-Mask+TIES).
         mtl_lam: scaling of τ_MTL (λ of the TA or TIES merge; 1.0 for the plain sum).
         ties_k: top-k % of the TIES merge when mtl = ties.
+        validation: {task: validation data} in `didi evaluate --data` form; each such task gets the λ of
+            `lam_grid` with the best accuracy on it (ties: the larger λ, the sparser mask).
+        lam_grid: the λ values tried (the original's 0.2–0.6).
+        evaluation: keyword arguments for the validation runs (heads, base, tokenizer, batch_size,
+            max_length, limit_per_task), as for `didi evaluate`.
     """
 
     lam: float = 0.6
     mtl: Literal["sum", "ties"] = "sum"
     mtl_lam: float = 1.0
     ties_k: float = 20.0
+    validation: Optional[dict[str, str]] = None
+    lam_grid: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6])
+    evaluation: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         check_lambda(self.lam)
@@ -140,12 +154,17 @@ class TallOptions:
         check_topk(self.ties_k, "ties_k")
         if self.mtl not in ("sum", "ties"):
             raise DidiError(f"mtl: expected 'sum' or 'ties', found {self.mtl!r}")
+        if not self.lam_grid:
+            raise DidiError("lam_grid: give at least one λ")
+        for x in self.lam_grid:
+            check_lambda(x, "lam_grid")
+        bad = sorted(set(self.evaluation) - set(TALL_EVAL_KEYS))
+        if bad:
+            raise DidiError(f"evaluation: unknown option {bad[0]!r}; expected some of {list(TALL_EVAL_KEYS)}")
 
 
-@register_method("tall_masks", options=TallOptions, kind="dynamic")
-def tall(zoo: Zoo, opts: TallOptions, reader: DeltaReader) -> Terms:
-    """TALL-masks: task t uses θ0 + mask_t ⊙ τ_MTL with mask_t = |τ_t| > λ|τ_MTL − τ_t|."""
-    tasks = zoo.task_names
+def _tall_terms(opts: TallOptions, reader: DeltaReader, tasks: list[str], lam_of: dict[str, float]) -> Terms:
+    """One pass over the task vectors: shared τ_MTL and task t's mask at its own λ."""
     terms = Terms(tasks)
     one = torch.tensor(1.0)
     for d in reader:
@@ -156,12 +175,43 @@ def tall(zoo: Zoo, opts: TallOptions, reader: DeltaReader) -> Terms:
             tau_mtl = ties_merge(d.taus, opts.ties_k, opts.mtl_lam)
         else:
             tau_mtl = opts.mtl_lam * d.taus.sum(0)
-        masks = tall_masks(d.taus, tau_mtl, opts.lam)
         terms.shared[f"{name}::ref"] = tau_mtl
-        for t, m in zip(tasks, masks):
-            terms.per_task[t][f"{name}::mask"] = m
+        for j, t in enumerate(tasks):
+            terms.per_task[t][f"{name}::mask"] = tall_masks(d.taus[j:j + 1], tau_mtl, lam_of[t])[0]
             terms.per_task[t][f"{name}::scale"] = one.clone()
     terms.metrics["mask_density"] = _densities(terms, tasks)
+    terms.metrics["lam_per_task"] = dict(lam_of)
+    return terms
+
+
+@register_method("tall_masks", options=TallOptions, kind="dynamic")
+def tall(zoo: Zoo, opts: TallOptions, reader: DeltaReader) -> Terms:
+    """TALL-masks: task t uses θ0 + mask_t ⊙ τ_MTL with mask_t = |τ_t| > λ|τ_MTL − τ_t|."""
+    tasks = zoo.task_names
+    if not opts.validation:
+        return _tall_terms(opts, reader, tasks, {t: opts.lam for t in tasks})
+    unknown = sorted(set(opts.validation) - set(tasks))
+    if unknown:
+        raise DidiError(f"validation: task {unknown[0]!r} is not in the zoo (tasks: {tasks})")
+    import tempfile
+
+    from didi.evaluate import evaluate_artifact
+    from didi.methods.common import write_method_artifact
+    from didi.pipeline import TrainerConfig
+
+    scores: dict[float, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="didi_tall_") as tmp:
+        for lam in opts.lam_grid:  # one candidate artifact at a time, scored on the validation splits
+            path = write_method_artifact(Path(tmp) / f"lam_{lam:g}", zoo, reader, "tall_masks", opts,
+                                         _tall_terms(opts, reader, tasks, {t: lam for t in tasks}))
+            rep = evaluate_artifact(path, data=opts.validation, trainer=TrainerConfig(logger="none"),
+                                    **opts.evaluation)
+            scores[lam] = {t: rep["tasks"][t]["accuracy"] for t in opts.validation}
+            shutil.rmtree(path)
+    chosen = {t: max(opts.lam_grid, key=lambda x: (scores[x][t], x)) if t in opts.validation else opts.lam
+              for t in tasks}
+    terms = _tall_terms(opts, reader, tasks, chosen)
+    terms.metrics["validation_accuracy"] = {f"{lam:g}": v for lam, v in scores.items()}
     return terms
 
 

@@ -119,36 +119,61 @@ def numerical_rank(S: torch.Tensor, tol: float) -> int:
     return int((S > tol).sum())
 
 
+def _dot64(x: torch.Tensor, y: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """Σ x·y accumulated in float64, a chunk at a time (a float64 copy of a 128256×4096 matrix is 4 GB)."""
+    x, y = x.reshape(-1), y.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for s in range(0, x.numel(), chunk):
+        total += torch.dot(x[s:s + chunk].double(), y[s:s + chunk].double())
+    return total
+
+
 def decompose_batch(taus: torch.Tensor, merge: Callable[[torch.Tensor], torch.Tensor], max_rank: int | None,
-                    rtol: float | None = None) -> list[tuple[dict[str, torch.Tensor], int, list[int]]]:
+                    rtol: float | None = None, consume: bool = False
+                    ) -> list[tuple[dict[str, torch.Tensor], int, list[int]]]:
     """SVDs and inner products of B same-shape matrices, taus [B,T,m,n] on the compute device/dtype.
 
-    The B·(T+1) SVDs (shared + experts of every matrix) run as one batched call.
+    With B > 1 the B·(T+1) SVDs (shared + experts of every matrix) run as one batched call (many small
+    matrices on a GPU). A single matrix (B = 1: every matrix on the CPU, and any matrix larger than the batch
+    cap) runs its T+1 SVDs one after the other, each truncated to K at once: the working set stays near
+    2·(T+1) copies of the matrix instead of about 10 for the batched call (measured on Llama's embeddings).
+    `consume=True` lets the residuals M_t overwrite `taus` in place.
     """
     B, T, m, n = taus.shape
     k = min(m, n)
     K = k if max_rank is None else min(k, max_rank)
+    tau_sq = torch.stack([torch.stack([_dot64(x, x) for x in taus[j]]) for j in range(B)])  # before M_t
     Ms = torch.stack([merge(x) for x in taus])  # [B,m,n]
-    Mt = taus - Ms[:, None]
-    U, S, Vh = svd(torch.cat([Ms[:, None], Mt], 1).reshape(B * (T + 1), m, n))
-    U = U[..., :K].reshape(B, T + 1, m, K)
-    S = S[..., :K].reshape(B, T + 1, K)
-    V = Vh[..., :K, :].transpose(-2, -1).reshape(B, T + 1, n, K)
+    Mt = taus.sub_(Ms[:, None]) if consume else taus - Ms[:, None]
+    if B > 1:
+        U, S, Vh = svd(torch.cat([Ms[:, None], Mt], 1).reshape(B * (T + 1), m, n))
+        U = U[..., :K].reshape(B, T + 1, m, K)
+        S = S[..., :K].reshape(B, T + 1, K)
+        V = Vh[..., :K, :].transpose(-2, -1).reshape(B, T + 1, n, K)
+        del Vh
+    else:
+        U = Ms.new_empty(1, T + 1, m, K)
+        V = Ms.new_empty(1, T + 1, n, K)
+        S = Ms.new_empty(1, T + 1, K)
+        for i in range(T + 1):
+            u, s_, vh = svd(Ms[0] if i == 0 else Mt[0, i - 1])
+            U[0, i], S[0, i], V[0, i] = u[:, :K], s_[:K], vh[:K].T
+            del u, vh
     eps = torch.finfo(taus.dtype).eps
     f64 = torch.float64
     out = []
     for j in range(B):
         U_s, S_s, V_s, U_t, S_t, V_t = U[j, 0], S[j, 0], V[j, 0], U[j, 1:], S[j, 1:], V[j, 1:]
         ms, mt = Ms[j], Mt[j]
-        a = torch.einsum("mk,tmn,nk->tk", U_s, mt, V_s)  # diag(U_sᵀ M_t V_s)
-        b = torch.einsum("tmk,mn,tnk->tk", U_t, ms, V_t)  # diag(U_tᵀ M_s V_t)
+        a = torch.stack([((U_s * (mt[t] @ V_s)).sum(0)) for t in range(T)])  # diag(U_sᵀ M_t V_s)
+        b = torch.stack([((U_t[t] * (ms @ V_t[t])).sum(0)) for t in range(T)])  # diag(U_tᵀ M_s V_t)
         scale = float(S[j, :, 0].max()) if K else 0.0
         tol = (rtol if rtol is not None else max(m, n) * eps) * scale
         factors = {
             "U_s": U_s, "S_s": S_s.to(f64), "V_s": V_s, "U_t": U_t, "S_t": S_t.to(f64), "V_t": V_t,
             "a": a.to(f64), "b": b.to(f64),
-            "ms_sq": (ms.to(f64) ** 2).sum(), "mt_sq": (mt.to(f64) ** 2).sum((-2, -1)),
-            "inner": (ms.to(f64)[None] * mt.to(f64)).sum((-2, -1)), "tau_sq": (taus[j].to(f64) ** 2).sum((-2, -1)),
+            "ms_sq": _dot64(ms, ms), "mt_sq": torch.stack([_dot64(x, x) for x in mt]),
+            "inner": torch.stack([_dot64(ms, x) for x in mt]), "tau_sq": tau_sq[j],
         }
         out.append(({k_: v.detach().contiguous().cpu() for k_, v in factors.items()}, numerical_rank(S_s, tol),
                     [numerical_rank(S_t[t], tol) for t in range(T)]))
@@ -252,8 +277,14 @@ def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, pr
         batch = pending.pop(shape, [])
         if not batch:
             return
-        stacked = torch.stack([t for _, t in batch]).to(device)
-        for (plan, _), (factors, bound_s, bound_t) in zip(batch, decompose_batch(stacked, merge, cfg.max_rank)):
+        plans, taus = [p for p, _ in batch], [t for _, t in batch]
+        del batch
+        # one matrix: its own buffer (no stacked copy), overwritten by its residuals
+        stacked = taus[0][None].to(device) if len(taus) == 1 else torch.stack(taus).to(device)
+        del taus
+        results = decompose_batch(stacked, merge, cfg.max_rank, consume=True)
+        del stacked
+        for plan, (factors, bound_s, bound_t) in zip(plans, results):
             i = len(matrices)
             save_file(factors, str(out / "matrices" / f"{i:05d}.safetensors"))
             matrices.append(MatrixEntry(i, plan.name, plan.shape, shape[0], shape[1], int(factors["S_s"].shape[0]),

@@ -274,6 +274,12 @@ def allocate(store: FactorStore, target: float, scfg: SearchConfig, tcfg: Traine
     cap = min(K_max, scfg.rank_cap or max(32, 2 * int(max(g_s.max(), g_t.max()))))
     widths = _widths(store, cap)
     problem = rank_problem(store, widths, policy)
+    # the greedy ranks can stop short of the budget (no positive gain left, e.g. with a TSV-M shared part);
+    # widen the search until the budget is reachable inside it (up to full rank, checked above)
+    while problem.max_ratio() < target and cap < K_max and not scfg.rank_cap:
+        cap = min(K_max, 2 * cap)
+        widths = _widths(store, cap)
+        problem = rank_problem(store, widths, policy)
     problem.check(target)
     cache = TermsCache(store, widths)
     everything = list(range(len(widths)))

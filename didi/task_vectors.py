@@ -51,12 +51,14 @@ class DeltaReader:
         for plan in self.zoo.plan:
             base, xs = self.zoo.read(plan.name, dtype=self.dtype)
             self.sha256["base"][plan.name] = tensor_sha256(base)
-            for t, x in zip(tasks, xs):
-                self.sha256[t][plan.name] = tensor_sha256(x)
+            for j, t in enumerate(tasks):
+                self.sha256[t][plan.name] = tensor_sha256(xs[j])
             if not plan.dtype.is_floating_point:
                 for t, x in zip(tasks, xs):
                     if not torch.equal(x, base):
                         raise DidiError(f"task '{t}': non-floating tensor '{plan.name}' ({plan.dtype}) "
                                         f"differs from the base model; didi cannot merge integer tensors")
                 continue
-            yield Delta(plan, base, torch.stack([x - base for x in xs]))
+            taus = torch.stack(xs)
+            del xs  # the task tensors are not kept while the consumer works on this one
+            yield Delta(plan, base, taus.sub_(base))

@@ -193,3 +193,21 @@ def test_batched_decomposition_equals_one_matrix_at_a_time(tmp_path, batch_mb, m
         # singular vectors up to sign: compare the rank-K reconstructions
         torch.testing.assert_close(a["U_s"] * a["S_s"].float() @ a["V_s"].T, b["U_s"] * b["S_s"].float() @ b["V_s"].T,
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_search_width_grows_until_the_budget_is_reachable(tmp_path, monkeypatch):
+    """When the greedy ranks stop short (no positive gain left, as with a TSV-M shared part), the search width
+    derived from them must still admit the budget: it widens instead of refusing a reachable budget."""
+    import didi.pipeline as pl
+    from didi.search import SearchConfig
+
+    base, tasks = make_zoo(tmp_path / "zoo", T=2, width=96, layers=1, noise=0.01, seed=2)
+    zoo = Zoo(Adapter(), str(base), {k: str(v) for k, v in tasks.items()})
+    store = decompose(zoo, dec.DecomposeConfig(cache_dir=str(tmp_path / "c"), device="cpu"), progress=False)
+    L, T = len(store.matrices), len(store.tasks)
+    monkeypatch.setattr(pl, "greedy_ranks", lambda *a, **k: (torch.zeros(L, dtype=torch.long),
+                                                             torch.zeros(L, T, dtype=torch.long), 32, 0.0))
+    tcfg = TrainerConfig(accelerator="cpu", logger="none", progress_bar=False)
+    ranks = pl.allocate(store, 3.5, SearchConfig(steps=5), tcfg, "shared")
+    assert ranks.info["search_width"] > 32
+    assert 3.5 - 2 * 192 / store.base_params < ranks.info["ratio"] <= 3.5 + 1e-9

@@ -327,10 +327,17 @@ class RefineJobs:
                 continue  # finished by an earlier (interrupted) run
             e = self.store.matrices[i]
             base, taus = self.zoo.read(e.name)
+            taus = torch.stack(taus).sub_(base).reshape(-1, e.m, e.n)
+            del base
+            # only the leading r columns are used (the initial truncated-SVD factors): a job holds rank-r factors,
+            # not the store's width K (for Llama's embeddings, 128256×K per task)
+            r_s, r_t = int(self.ranks.r_s[i]), [int(r) for r in self.ranks.r_t[i]]
+            rt = max(r_t, default=0)
             f = self.store.load(i)
-            jobs.append({"idx": i, "taus": torch.stack([(x - base).reshape(e.m, e.n) for x in taus]),
-                         **{k: f[k] for k in ("U_s", "S_s", "V_s", "U_t", "S_t", "V_t")},
-                         "r_s": int(self.ranks.r_s[i]), "r_t": [int(r) for r in self.ranks.r_t[i]]})
+            jobs.append({"idx": i, "taus": taus, "r_s": r_s, "r_t": r_t,
+                         "U_s": f["U_s"][:, :r_s].clone(), "S_s": f["S_s"][:r_s].clone(), "V_s": f["V_s"][:, :r_s].clone(),
+                         "U_t": f["U_t"][..., :rt].clone(), "S_t": f["S_t"][:, :rt].clone(), "V_t": f["V_t"][..., :rt].clone()})
+            del f
         return jobs
 
 

@@ -3,8 +3,10 @@
 Each configuration runs in two fresh subprocesses: one writes θ0 and T synthetic fine-tunes (sharded bf16
 safetensors, like real Llama checkpoints), the other merges them through the `hf_llama` adapter and reports
 its own peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`), its RSS after imports, and the time of the
-decomposition and of the whole merge. From the measurements, a projection for Llama-3.1-8B (4 and 8 tasks)
-is printed with its formula.
+decomposition and of the whole merge. A calibration merge with a large vocabulary (2 layers, 32768 × hidden
+embeddings, so one matrix dominates the working set) measures memory per element of the largest matrix; with
+the SVD rate of the deepest configuration it gives a projection for Llama-3.1-8B (4 and 8 tasks), printed with
+its formula.
 
     python benchmarks/llama_streaming.py                 # 2, 8 and 16 layers (the lead's full run)
     python benchmarks/llama_streaming.py --layers 2      # smoke test
@@ -109,22 +111,22 @@ def child(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def projection(rows: list[dict], T_meas: int, hidden: int, vocab: int) -> tuple[list[dict], str]:
-    """Llama-3.1-8B time and memory from the measured cost per unit of SVD work and per stored element."""
+def projection(rows: list[dict], calib: dict, T_meas: int, hidden: int, vocab: int) -> tuple[list[dict], str]:
+    """Llama-3.1-8B time and memory: time per unit of SVD work from the deepest row; memory per element of the
+    largest matrix from the calibration run, whose embeddings are large enough to dominate the working set."""
     r = max(rows, key=lambda x: x["layers"])
     lay, emb = tiny_shapes(hidden, r["layers"], vocab)
     c_time = r["decompose_s"] / svd_work(lay + emb, T_meas)  # seconds per unit of m·n·min(m,n)
-    biggest = max(m * n for m, n in lay + emb)
-    # working set of one matrix during decompose: T+1 tensors in fp32 + SVD factors ≈ k·(T+1)·m·n·4 bytes
-    k_mem = (r["peak_rss_decompose_mb"] - r["rss_after_imports_mb"]) * 2 ** 20 / ((T_meas + 1) * biggest * 4)
+    big_c = calib["vocab"] * hidden
+    # the whole merge's peak over R0, per fp32 copy of the largest matrix's T+1 versions
+    k_mem = (calib["peak_rss_mb"] - calib["rss_after_imports_mb"]) * 2 ** 20 / ((T_meas + 1) * big_c * 4)
     base_mb = r["rss_after_imports_mb"]
     out = []
     for T in (4, 8):
         for emb_policy, shapes in (("low_rank", L8B_LAYER * L8B_LAYERS + L8B_EMB),
                                    ("per_task", L8B_LAYER * L8B_LAYERS)):
-            # the working set is one tensor at a time: the largest decomposed matrix (k copies of its T+1
-            # fp32 versions), or with per_task embeddings the largest projection plus the T dense embedding
-            # deltas of the one embedding tensor being written to the factor store
+            # one tensor (one layer batch) at a time: the largest decomposed matrix sets the working set; with
+            # per_task embeddings, the T dense embedding deltas of one embedding tensor being written may be larger
             big = max(m * n for m, n in shapes)
             held = 0 if emb_policy == "low_rank" else T * 128256 * 4096 * 4
             out.append({"tasks": T, "embeddings": emb_policy,
@@ -133,12 +135,12 @@ def projection(rows: list[dict], T_meas: int, hidden: int, vocab: int) -> tuple[
     formula = (f"time = c · Σ_matrices (T+1)·m·n·min(m,n), c = {c_time:.3e} s (measured: {r['decompose_s']:.2f} s "
                f"for {r['layers']} layers, T={T_meas}); this is the CPU rate of this machine: on a GPU node divide "
                f"by the measured GPU/CPU SVD speed-up.\n"
-               f"memory = R0 + k·(T+1)·max(m·n)·4 B, R0 = {base_mb:.0f} MB (after imports and zoo checks), k = {k_mem:.2f} "
-               f"(measured: peak {r['peak_rss_decompose_mb']:.0f} MB with max m·n = {biggest:,}; k also absorbs fixed "
-               f"allocator overhead). The working set is one tensor at a time (flat in the layer count, measured above), "
-               f"so max(m·n) is the largest decomposed matrix: the 128256×4096 embeddings with embeddings=low_rank "
-               f"(the default), 14336×4096 with per_task, where the T dense embedding deltas (T·128256·4096·4 B) of "
-               f"the tensor being written are the larger term.")
+               f"memory = R0 + k·(T+1)·max(m·n)·4 B with R0 = {base_mb:.0f} MB (after imports and zoo checks) and "
+               f"k = {k_mem:.2f}, measured on a calibration merge whose embeddings ({calib['vocab']}×{hidden}, "
+               f"{calib['layers']} layers) dominate the working set: whole-merge peak {calib['peak_rss_mb']:.0f} MB "
+               f"(decompose {calib['peak_rss_decompose_mb']:.0f} MB). max(m·n) is the largest decomposed matrix: "
+               f"the 128256×4096 embeddings with embeddings=low_rank (the default), 14336×4096 with per_task, where "
+               f"the T dense embedding deltas of one embedding tensor (T·128256·4096·4 B) are the larger term.")
     return out, formula
 
 
@@ -148,6 +150,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--tasks", type=int, default=4)
+    p.add_argument("--calib_vocab", type=int, default=32768, help="vocabulary of the memory calibration run")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--_make", help=argparse.SUPPRESS)
@@ -172,12 +175,17 @@ def main() -> None:
                   f"rest {r['search_refine_write_s']:.1f} s, checkpoint {r['checkpoint_mb']:.0f} MB", flush=True)
     peaks = [r["peak_rss_mb"] for r in rows]
     spread = (max(peaks) - min(peaks)) / min(peaks)
-    proj, formula = projection(rows, a.tasks, a.hidden, a.vocab)
+    with tempfile.TemporaryDirectory() as d:  # calibration: a vocabulary large enough to dominate memory
+        common = ["--layers", "2", "--hidden", str(a.hidden), "--vocab", str(a.calib_vocab), "--tasks", str(a.tasks)]
+        child(["--_make", d, *common])
+        calib = {"layers": 2, "vocab": a.calib_vocab, **child(["--_merge", d, *common, "--device", a.device])}
+        print(f"calibration (vocab {a.calib_vocab}, 2 layers): peak RSS {calib['peak_rss_mb']:.0f} MB", flush=True)
+    proj, formula = projection(rows, calib, a.tasks, a.hidden, a.vocab)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"config": {"hidden": a.hidden, "vocab": a.vocab, "tasks": a.tasks, "device": a.device,
                          "dtype": "bfloat16 sources"}, "rows": rows, "peak_rss_spread": spread,
-              "flat_within_10pct": spread <= 0.10, "projection_llama_3_1_8b": proj, "projection_formula": formula}
+              "flat_within_10pct": spread <= 0.10, "calibration": calib, "projection_llama_3_1_8b": proj, "projection_formula": formula}
     (out / "llama_streaming.json").write_text(json.dumps(result, indent=1))
     md = ["| layers | checkpoint (MB) | peak RSS (MB) | peak in decompose (MB) | decompose (s) | search+refine+write (s) |",
           "|---:|---:|---:|---:|---:|---:|"]

@@ -21,6 +21,7 @@ from didi.backbones.hf_clip import FusedQKVSource, HFClipAdapter
 from didi.backbones.open_clip import OpenClipAdapter
 from didi.errors import DidiError
 from didi.pipeline import run_merge
+from didi.routing import RoutedModel
 from test_backbones_common import check_nonmatrix_policy, expected_task_state, synthetic_finetunes
 
 
@@ -158,6 +159,35 @@ def test_merge_tiny_hf_clip_roundtrip(tmp_path, fast, fuse_qkv):
             torch.testing.assert_close(merged, dense, rtol=1e-4, atol=1e-5)
             base_f = adapter.build_model(fused_base).get_image_features(pixel_values=pix)
             assert not torch.allclose(getattr(base_f, "pooler_output", base_f), merged)
+    if fuse_qkv:
+        with pytest.raises(DidiError, match="fuse_qkv=false for routed wrapping"):
+            RoutedModel(ImageFeatures(adapter.build_model(fused_base)), art, adapter=rebuilt, prefix="clip")
+        return
+    # routed serving of a mixed batch: attention and MLP projections are routed nn.Linear layers; the position
+    # embedding (looked up once for the whole batch) is swapped per task group; per-image outputs equal each
+    # task's materialised model
+    routed = RoutedModel(ImageFeatures(adapter.build_model(base)), art, adapter=rebuilt, prefix="clip")
+    assert any(".self_attn.q_proj" in m for m in routed.routed) and "clip.visual_projection" in routed.routed
+    assert set(routed.swapped) == {"vision_model.embeddings.position_embedding.weight"}
+    imgs = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    ids = torch.tensor([1, 0, 2, 2, 0])
+    with torch.no_grad():
+        got = routed(imgs, task_ids=ids)
+        for i, j in enumerate(ids.tolist()):
+            ref = ImageFeatures(rebuilt.build_model(art.task_state_dict(art.tasks[j])))(imgs[i:i + 1])
+            torch.testing.assert_close(got[i:i + 1], ref, rtol=1e-4, atol=1e-5)
+
+
+class ImageFeatures(torch.nn.Module):
+    """An HF CLIPModel's image features as a plain tensor (the module RoutedModel wraps, prefix "clip")."""
+
+    def __init__(self, clip) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, pixel_values):
+        f = self.clip.get_image_features(pixel_values=pixel_values)
+        return getattr(f, "pooler_output", f)
 
 
 def test_mismatches_refused_before_any_svd(tmp_path):

@@ -211,3 +211,25 @@ def test_search_width_grows_until_the_budget_is_reachable(tmp_path, monkeypatch)
     ranks = pl.allocate(store, 3.5, SearchConfig(steps=5), tcfg, "shared")
     assert ranks.info["search_width"] > 32
     assert 3.5 - 2 * 192 / store.base_params < ranks.info["ratio"] <= 3.5 + 1e-9
+
+
+def test_terms_cache_batches_cut_from_the_full_stack_equal_computed_ones(tmp_path, tiny_zoo, fast):
+    """Layer-batch terms taken from the memoised float64 stack of every matrix equal terms computed from the
+    factor store for that batch (same K grouping, same row order, unsorted batches too)."""
+    from didi.closed_form import GroupTerms
+    from didi.pipeline import TermsCache
+
+    zoo = Zoo(Adapter(), *tiny_zoo)
+    store = decompose(zoo, fast[0], progress=False)
+    L = len(store.matrices)
+    widths = [min(e.K, 3 + i % 4) for i, e in enumerate(store.matrices)]  # several search widths
+    cut = TermsCache(store, widths)
+    cut.groups(list(range(L)), torch.float64)
+    for batch in ([0, 1, 2], [5, 3, 1], list(range(L))[::-2]):
+        a, b = cut.groups(batch, torch.float32), TermsCache(store, widths).groups(batch, torch.float32)
+        assert len(a) == len(b)
+        for (ia, ga), (ib, gb) in zip(a, b):
+            assert ia.tolist() == ib.tolist()
+            for f in GroupTerms.__dataclass_fields__:
+                torch.testing.assert_close(getattr(ga, f), getattr(gb, f))
+    assert cut.tau_total() == pytest.approx(TermsCache(store, widths).tau_total(), rel=1e-12)

@@ -335,7 +335,7 @@ class RoutedMultiheadAttention(RoutedLayer):
     def add_expert(self, task: int, param: str, terms: TaskTerms) -> None:
         self.in_proj.add_expert(task, self._PARAMS[param], terms)
 
-    def _mask(self, attn_mask, key_padding_mask, is_causal: bool, B: int, L: int, S: int, dtype):
+    def _mask(self, attn_mask, key_padding_mask, is_causal: bool, B: int, L: int, S: int, dtype, device):
         H = self.base.num_heads
         mask = None
 
@@ -344,7 +344,7 @@ class RoutedMultiheadAttention(RoutedLayer):
                 else m.to(dtype)
 
         if attn_mask is None and is_causal:
-            attn_mask = torch.ones(L, S, dtype=torch.bool).triu(1)
+            attn_mask = torch.ones(L, S, dtype=torch.bool, device=device).triu(1)
         if attn_mask is not None:
             m = as_float(attn_mask)
             mask = m.view(B, H, L, S) if m.dim() == 3 else m.view(1, 1, L, S)
@@ -379,7 +379,7 @@ class RoutedMultiheadAttention(RoutedLayer):
             v = self.in_proj(value)[..., 2 * E:]
         B, L, S = q.shape[0], q.shape[1], k.shape[1]
         q, k, v = (z.reshape(B, -1, H, E // H).transpose(1, 2) for z in (q, k, v))
-        mask = self._mask(attn_mask, key_padding_mask, is_causal, B, L, S, q.dtype)
+        mask = self._mask(attn_mask, key_padding_mask, is_causal, B, L, S, q.dtype, q.device)
         p = base.dropout if self.training else 0.0
         weights = None
         if need_weights:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -76,6 +77,11 @@ class FactorStore:
 
     def load(self, i: int) -> dict[str, torch.Tensor]:
         return load_owned(self.root / "matrices" / f"{i:05d}.safetensors")
+
+    def tau_sq(self, i: int) -> torch.Tensor:
+        """‖τ_t‖² of matrix i per task [T], read alone (not the whole factor file)."""
+        with safe_open(str(self.root / "matrices" / f"{i:05d}.safetensors"), framework="pt", device="cpu") as f:
+            return f.get_tensor("tau_sq").clone()
 
     def nonmatrix_path(self, name: str) -> Path:
         """The file of one non-decomposed tensor's deltas: {task: delta}, float32."""

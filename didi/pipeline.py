@@ -104,6 +104,18 @@ for _msg in (".*IterableDataset.*has `__len__` defined.*", ".*returned `None`, t
     warnings.filterwarnings("ignore", message=_msg)
 
 
+class EndSpawnedProcessGroup(L.Callback):
+    """Destroys the process group at the end of a run in processes that Lightning spawned (ddp_spawn,
+    ddp_fork): Lightning leaves it alive, and gloo's threads then race the interpreter's exit — a worker died
+    with SIGABRT ("terminate called without an active exception") in about one 2-process test run in eight.
+    Processes launched by torchrun or the `ddp` strategy go on to the next stage and keep theirs."""
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        spawned = getattr(trainer.strategy, "_start_method", "popen") != "popen"
+        if spawned and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def make_trainer(tcfg: TrainerConfig, callbacks: list, stage: str, max_steps: int = -1,
                  max_epochs: int = -1) -> L.Trainer:
     """One Trainer per stage: the search runs `max_steps` optimiser steps; the refinement one epoch (its
@@ -112,7 +124,8 @@ def make_trainer(tcfg: TrainerConfig, callbacks: list, stage: str, max_steps: in
     return L.Trainer(
         accelerator=tcfg.accelerator, devices=tcfg.devices, strategy=tcfg.strategy, num_nodes=tcfg.num_nodes,
         max_steps=max_steps, max_epochs=max_epochs, logger=logger, log_every_n_steps=tcfg.log_every_n_steps,
-        enable_progress_bar=tcfg.progress_bar, enable_model_summary=False, callbacks=callbacks,
+        enable_progress_bar=tcfg.progress_bar, enable_model_summary=False,
+        callbacks=[*callbacks, EndSpawnedProcessGroup()],
         enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
         default_root_dir=tcfg.log_dir, num_sanity_val_steps=0, limit_val_batches=0,
     )
@@ -122,7 +135,8 @@ def eval_trainer(tcfg: TrainerConfig) -> L.Trainer:
     """The Trainer of an evaluation (`trainer.test`): the run's devices and strategy, no logger or checkpoints."""
     return L.Trainer(accelerator=tcfg.accelerator, devices=tcfg.devices, strategy=tcfg.strategy,
                      num_nodes=tcfg.num_nodes, logger=False, enable_progress_bar=tcfg.progress_bar,
-                     enable_model_summary=False, enable_checkpointing=False, default_root_dir=tcfg.log_dir)
+                     enable_model_summary=False, enable_checkpointing=False, default_root_dir=tcfg.log_dir,
+                     callbacks=[EndSpawnedProcessGroup()])
 
 
 def _logger(tcfg: TrainerConfig, stage: str):
@@ -209,7 +223,7 @@ class TermsCache:
         full = self._groups.get((self._all, torch.float64))
         if full is not None:
             return float(sum(g.tau_sq.sum() for _, g in full))
-        return float(sum(self.store.load(i)["tau_sq"].sum() for i in self._all))
+        return float(sum(self.store.tau_sq(i).sum() for i in self._all))
 
 
 def _select(full: list[tuple[torch.Tensor, GroupTerms]], indices: list[int], dtype) -> list[tuple[torch.Tensor, GroupTerms]]:
@@ -366,7 +380,7 @@ def refine(zoo: Zoo, store: FactorStore, ranks: Ranks, rcfg: RefineConfig, tcfg:
     """Stage 2; returns (shared terms, per-task terms, metrics)."""
     out = work_dir / "refine"
     out.mkdir(parents=True, exist_ok=True)
-    tau_total = sum(float(store.load(e.idx)["tau_sq"].sum()) for e in store.matrices)
+    tau_total = sum(float(store.tau_sq(e.idx).sum()) for e in store.matrices)
     dm = LayerBatchDataModule(len(store.matrices), RefineJobs(zoo, store, ranks, out), rcfg.layer_batch_size)
     module = LoRARefine(rcfg, out, tau_total)
     trainer = make_trainer(tcfg, [], "refine", max_epochs=1)

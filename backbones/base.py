@@ -52,6 +52,9 @@ class Adapter:
     """
 
     registry_name: str = "state_dict"
+    #: tensor ranks decomposed as matrices: 2-D weights; families with conv kernels add 4 (reshaped to
+    #: (out, in·kh·kw) by `matrix_shape`)
+    matrix_ndims: tuple[int, ...] = (2,)
 
     def __init__(
         self,
@@ -75,8 +78,8 @@ class Adapter:
         return True
 
     def is_decomposed(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
-        """Default: every 2-D floating tensor, subject to include/exclude patterns."""
-        if not dtype.is_floating_point or len(shape) != 2 or min(shape) < 1:
+        """Default: every floating tensor of `matrix_ndims` dimensions, subject to include/exclude patterns."""
+        if not dtype.is_floating_point or len(shape) not in self.matrix_ndims or min(shape) < 1:
             return False
         return self._pattern_ok(name)
 

@@ -172,6 +172,8 @@ class HFClipAdapter(Adapter):
         nonmatrix_policy: `shared` or `per_task` for biases, norms and the class embedding.
     """
 
+    matrix_ndims = (2, 4)  # the patch-embedding conv kernel too
+
     def __init__(
         self,
         config: dict | str | None = None,
@@ -238,11 +240,6 @@ class HFClipAdapter(Adapter):
 
     def in_scope(self, name: str) -> bool:
         return name.startswith("vision_model.") or name == "visual_projection.weight"
-
-    def is_decomposed(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
-        if not dtype.is_floating_point or len(shape) not in (2, 4) or min(shape) < 1:
-            return False
-        return self._pattern_ok(name)
 
     def layer_of(self, name: str) -> tuple[int, str]:
         m = _LAYER_RE.match(name)

@@ -51,6 +51,8 @@ class OpenClipAdapter(Adapter):
             class embedding and anything excluded.
     """
 
+    matrix_ndims = (2, 4)  # the patch-embedding conv kernel too
+
     def __init__(
         self,
         model_name: str = "ViT-B-32",
@@ -123,12 +125,6 @@ class OpenClipAdapter(Adapter):
     def in_scope(self, name: str) -> bool:
         """The visual tower defines |θ0|; the text tower is not merged."""
         return name.startswith("visual.")
-
-    def is_decomposed(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
-        """2-D weights and 4-D conv kernels (reshaped by `matrix_shape`)."""
-        if not dtype.is_floating_point or len(shape) not in (2, 4) or min(shape) < 1:
-            return False
-        return self._pattern_ok(name)
 
     def layer_of(self, name: str) -> tuple[int, str]:
         m = _BLOCK_RE.match(name)

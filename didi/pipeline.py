@@ -16,7 +16,6 @@ from typing import Callable, Literal, Union
 
 import lightning as L
 import torch
-from safetensors import safe_open
 
 from didi.backbones.base import Zoo
 from didi.budget import Allocator, RankProblem, parse_budget, rescale_to_budget, uniform_ranks
@@ -27,7 +26,7 @@ from didi.decompose import DecomposeConfig, FactorStore, decompose, terms_from_f
 from didi.errors import DidiError
 from didi.refine import LoRARefine, RefineConfig
 from didi.search import RankSearch, SearchConfig
-from didi.tensorfile import LazyTensor
+from didi.tensorfile import LazyTensor, lazy_tensors
 
 Allocation = Literal["search", "greedy", "uniform"]
 
@@ -392,17 +391,13 @@ def refine(zoo: Zoo, store: FactorStore, ranks: Ranks, rcfg: RefineConfig, tcfg:
     shared, tasks = {}, {t: {} for t in store.tasks}
     before = after = 0.0
     for e in store.matrices:
-        path = out / f"{e.idx:05d}.safetensors"
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            before, after = before + float(f.get_tensor("err_before")), after + float(f.get_tensor("err_after"))
-            ranks_of = {k: f.get_slice(k).get_shape()[1] for k in f.keys() if k.startswith("A_")}
-        if ranks_of["A_s"]:
-            shared[f"{e.name}::lora_A"] = LazyTensor.from_file(path, "A_s")
-            shared[f"{e.name}::lora_B"] = LazyTensor.from_file(path, "B_s")
+        f = lazy_tensors(out / f"{e.idx:05d}.safetensors")
+        before, after = before + float(f["err_before"].load()), after + float(f["err_after"].load())
+        if f["A_s"].shape[1]:
+            shared[f"{e.name}::lora_A"], shared[f"{e.name}::lora_B"] = f["A_s"], f["B_s"]
         for j, t in enumerate(store.tasks):
-            if ranks_of[f"A_t{j}"]:
-                tasks[t][f"{e.name}::lora_A"] = LazyTensor.from_file(path, f"A_t{j}")
-                tasks[t][f"{e.name}::lora_B"] = LazyTensor.from_file(path, f"B_t{j}")
+            if f[f"A_t{j}"].shape[1]:
+                tasks[t][f"{e.name}::lora_A"], tasks[t][f"{e.name}::lora_B"] = f[f"A_t{j}"], f[f"B_t{j}"]
     metrics = {"rec_err_before": before / tau_total, "rec_err_after": after / tau_total,
                "optimizer": rcfg.optimizer}
     return shared, tasks, metrics
@@ -416,13 +411,13 @@ def nonmatrix_terms(store: FactorStore, policy: Policy) -> tuple[dict, dict]:
     for name, meta in store.nonmatrix.items():
         if meta["zero"]:
             continue
-        path = store.nonmatrix_path(name)
         if policy_fn(policy)(name) == "shared":
             fold[name] = LazyTensor(tuple(meta["shape"]), torch.float32,
                                     lambda name=name: torch.stack(list(store.nonmatrix_deltas(name).values())).mean(0))
         else:
+            per_task = lazy_tensors(store.nonmatrix_path(name))
             for t in store.tasks:
-                tasks[t][f"{name}::dense"] = LazyTensor.from_file(path, t)
+                tasks[t][f"{name}::dense"] = per_task[t]
     return fold, tasks
 
 

@@ -18,10 +18,9 @@ import torch
 from safetensors import safe_open
 
 from didi.errors import DidiError
+from didi.sources import _ST_DTYPES
 
-_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                torch.bool: "BOOL"}
+_DTYPE_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -32,30 +31,28 @@ class LazyTensor:
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
 
-    @classmethod
-    def from_file(cls, path: str | Path, key: str) -> "LazyTensor":
-        """One tensor of a safetensors file: header read now, data when written."""
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            sl = f.get_slice(key)
-            shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-        inv = {v: k for k, v in _DTYPE_NAMES.items()}
 
+def lazy_tensors(path: str | Path) -> dict[str, LazyTensor]:
+    """Every tensor of a safetensors file as a LazyTensor: the header is read once, now; each tensor's data
+    when it is written."""
+    def reader(key: str) -> Callable[[], torch.Tensor]:
         def read() -> torch.Tensor:
             with safe_open(str(path), framework="pt", device="cpu") as g:
                 return g.get_tensor(key).clone()
+        return read
 
-        return cls(shape, inv[dtype], read)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        slices = {k: f.get_slice(k) for k in f.keys()}
+        return {k: LazyTensor(tuple(sl.get_shape()), _ST_DTYPES[sl.get_dtype()], reader(k)) for k, sl in slices.items()}
 
 
 TensorLike = Union[torch.Tensor, LazyTensor]
 
 
 def _spec(name: str, t: TensorLike) -> tuple[tuple[int, ...], torch.dtype]:
-    if isinstance(t, LazyTensor):
-        return tuple(t.shape), t.dtype
-    if isinstance(t, torch.Tensor):
-        return tuple(t.shape), t.dtype
-    raise DidiError(f"tensor '{name}': expected a torch.Tensor or LazyTensor, found {type(t).__name__}")
+    if not isinstance(t, (LazyTensor, torch.Tensor)):
+        raise DidiError(f"tensor '{name}': expected a torch.Tensor or LazyTensor, found {type(t).__name__}")
+    return tuple(t.shape), t.dtype
 
 
 def write_tensors(path: str | Path, tensors: Mapping[str, TensorLike], metadata: dict[str, str] | None = None) -> None:

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from didi.errors import DidiError
-from didi.tensorfile import LazyTensor, write_tensors
+from didi.tensorfile import LazyTensor, lazy_tensors, write_tensors
 
 
 def test_round_trip_every_dtype_and_shape(tmp_path):
@@ -29,7 +29,7 @@ def test_round_trip_every_dtype_and_shape(tmp_path):
         assert f.metadata() == {"format": "pt"}
     # a lazy copy of a file written by safetensors itself
     save_file({"x": torch.randn(3, 2, generator=g)}, str(tmp_path / "src.safetensors"))
-    lazy = LazyTensor.from_file(tmp_path / "src.safetensors", "x")
+    lazy = lazy_tensors(tmp_path / "src.safetensors")["x"]
     assert lazy.shape == (3, 2) and lazy.dtype == torch.float32
     write_tensors(tmp_path / "b.safetensors", {"y": lazy})
     assert torch.equal(load_file(str(tmp_path / "b.safetensors"))["y"], load_file(str(tmp_path / "src.safetensors"))["x"])

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from didi.backbones.base import Zoo
@@ -77,6 +77,13 @@ class FactorStore:
 
     def load(self, i: int) -> dict[str, torch.Tensor]:
         return load_owned(self.root / "matrices" / f"{i:05d}.safetensors")
+
+    def factors(self, i: int, r_s: int, r_t: int) -> dict[str, torch.Tensor]:
+        """U, S, V of the shared part (r_s columns) and of the experts (r_t columns) of matrix i: only those
+        columns are copied out of the file's map (refinement needs rank r, the file holds width K)."""
+        f = load_file(str(self.root / "matrices" / f"{i:05d}.safetensors"))
+        return {"U_s": f["U_s"][:, :r_s].clone(), "S_s": f["S_s"][:r_s].clone(), "V_s": f["V_s"][:, :r_s].clone(),
+                "U_t": f["U_t"][..., :r_t].clone(), "S_t": f["S_t"][:, :r_t].clone(), "V_t": f["V_t"][..., :r_t].clone()}
 
     def tau_sq(self, i: int) -> torch.Tensor:
         """‖τ_t‖² of matrix i per task [T], read alone (not the whole factor file)."""

@@ -365,12 +365,8 @@ class RefineJobs:
             # only the leading r columns are used (the initial truncated-SVD factors): a job holds rank-r factors,
             # not the store's width K (for Llama's embeddings, 128256×K per task)
             r_s, r_t = int(self.ranks.r_s[i]), [int(r) for r in self.ranks.r_t[i]]
-            rt = max(r_t, default=0)
-            f = self.store.load(i)
             jobs.append({"idx": i, "taus": taus, "r_s": r_s, "r_t": r_t,
-                         "U_s": f["U_s"][:, :r_s].clone(), "S_s": f["S_s"][:r_s].clone(), "V_s": f["V_s"][:, :r_s].clone(),
-                         "U_t": f["U_t"][..., :rt].clone(), "S_t": f["S_t"][:, :rt].clone(), "V_t": f["V_t"][..., :rt].clone()})
-            del f
+                         **self.store.factors(i, r_s, max(r_t, default=0))})
         return jobs
 
 

@@ -131,7 +131,7 @@ class RoutedLayer(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.task_ids: torch.Tensor | None = None  # routing context of the current forward (mixed batch)
+        self.groups: TaskGroups | None = None  # routing context of the current forward (mixed batch)
         self.single: int | None = None  # fast path: every row belongs to this task
 
     @abstractmethod
@@ -222,14 +222,13 @@ class RoutedLinear(RoutedLayer):
             W, b = self.materialised(self.single)
             return self._run(x, W, b)
         y = self.base(x)
-        ids = self.task_ids
-        if ids is None:
+        if self.groups is None:
             raise DidiError("routed layer called without routing (call RoutedModel with task_ids)")
         bd = self.batch_dim
-        if x.shape[bd] != ids.numel():
+        if x.shape[bd] != self.groups.rows:
             raise DidiError(f"routed layer: input has {x.shape[bd]} rows along dim {bd}, the router gave "
-                            f"{ids.numel()} task ids")
-        for t, rows in _groups(ids, x.device):
+                            f"{self.groups.rows} task ids")
+        for t, rows in self.groups.on(x.device):
             if isinstance(rows, slice):  # rows of one task are contiguous: views, added in place
                 idx = (slice(None),) * bd + (rows,)
                 d = self.expert(x[idx], t)
@@ -242,13 +241,25 @@ class RoutedLinear(RoutedLayer):
         return y
 
 
-def _groups(ids: torch.Tensor, device: torch.device) -> list[tuple[int, "slice | torch.Tensor"]]:
-    """[(task, rows)]: a slice when the task's rows are contiguous (sorted batches), else an index tensor."""
-    uniq, counts = torch.unique_consecutive(ids, return_counts=True)
-    if uniq.numel() == torch.unique(ids).numel():  # every task appears in one run
-        bounds = [0, *torch.cumsum(counts, 0).tolist()]
-        return [(t, slice(bounds[i], bounds[i + 1])) for i, t in enumerate(uniq.tolist())]
-    return [(t, (ids == t).nonzero().squeeze(1).to(device)) for t in torch.unique(ids).tolist()]
+class TaskGroups:
+    """The rows of each task in one batch, [(task, rows)]: a slice when the task's rows are contiguous (sorted
+    batches), else an index tensor. Built once per forward and shared by every routed layer; index tensors
+    are moved to a device once."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.rows = ids.numel()
+        uniq, counts = torch.unique_consecutive(ids, return_counts=True)
+        if uniq.numel() == torch.unique(ids).numel():  # every task appears in one run
+            bounds = [0, *torch.cumsum(counts, 0).tolist()]
+            self._cpu = [(t, slice(bounds[i], bounds[i + 1])) for i, t in enumerate(uniq.tolist())]
+        else:
+            self._cpu = [(t, (ids == t).nonzero().squeeze(1)) for t in torch.unique(ids).tolist()]
+        self._on: dict[torch.device, list] = {}
+
+    def on(self, device: torch.device) -> list[tuple[int, "slice | torch.Tensor"]]:
+        if device not in self._on:
+            self._on[device] = [(t, r if isinstance(r, slice) else r.to(device)) for t, r in self._cpu]
+        return self._on[device]
 
 
 WrapperFactory = Callable[[nn.Module, "nn.Module | None", set], "RoutedLayer | None"]
@@ -369,7 +380,7 @@ class RoutedMultiheadAttention(RoutedLayer):
             bd = self.batch_dim
         if bd == 1:  # (L, B, E) -> (B, L, E)
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        self.in_proj.task_ids, self.in_proj.single = self.task_ids, self.single
+        self.in_proj.groups, self.in_proj.single = self.groups, self.single
         E, H = base.embed_dim, base.num_heads
         if self_attn:
             q, k, v = self.in_proj(query).chunk(3, dim=-1)
@@ -619,13 +630,14 @@ class RoutedModel(nn.Module):
         if len(uniq) == 1 and self.fast_path:
             return self._run_single(uniq[0], args, kwargs)
         if not self.swapped:
+            groups = TaskGroups(ids)
             for layer in self.routed.values():
-                layer.task_ids = ids
+                layer.groups = groups
             try:
                 return self.model(*args, **kwargs)
             finally:
                 for layer in self.routed.values():
-                    layer.task_ids = None
+                    layer.groups = None
         B = ids.numel()
         parts = []
         for t in uniq:

@@ -270,3 +270,50 @@ def uniform_ranks(problem: RankProblem, max_elements: int) -> tuple[torch.Tensor
         else:
             hi = mid - 1
     return at(lo)
+
+
+def folded_ranks(sigma_t: list[torch.Tensor], bound_t: torch.Tensor, unit: torch.Tensor,
+                 max_elements: int) -> torch.Tensor:
+    """Expert ranks [L,T] when the shared part is folded into the stored base (dense, free).
+
+    Then task t's error in matrix l is ‖M_t‖² − Σ_{j≤r} σ_j², separable across modules and concave in each
+    rank, so taking rank units by σ_j²/(m + n), largest first, is optimal up to the last unit that does not
+    fit (the bound of the relaxed knapsack): the differentiable search has nothing left to find.
+    `sigma_t[l]` is matrix l's expert spectra [T,K] (descending).
+    """
+    L, T = bound_t.shape
+    vals, mods = [], []
+    for l, S in enumerate(sigma_t):
+        ok = torch.arange(S.shape[1])[None, :] < bound_t[l][:, None]
+        t_idx, j_idx = torch.nonzero(ok, as_tuple=True)  # row-major: a module's units in rank order
+        vals.append(S.double()[t_idx, j_idx] ** 2 / float(unit[l]))
+        mods.append(l * T + t_idx)
+    val, mod = torch.cat(vals), torch.cat(mods)
+    order = torch.sort(val, descending=True, stable=True).indices  # stable: ties keep rank order
+    mod = mod[order]
+    cost = unit.repeat_interleave(T)[mod]
+    n = int((torch.cumsum(cost, 0) <= max_elements).sum())
+    r_t = torch.bincount(mod[:n], minlength=L * T)
+    left = max_elements - int(cost[:n].sum())
+    closed: set[int] = set()  # a unit that does not fit closes its module: later units are worth less
+    smallest = int(unit.min())
+    for k, c in zip(mod[n:].tolist(), cost[n:].tolist()):
+        if left < smallest:
+            break
+        if k in closed:
+            continue
+        if c > left:
+            closed.add(k)
+            continue
+        r_t[k] += 1
+        left -= c
+    return r_t.reshape(L, T)
+
+
+def folded_error(sigma_t: list[torch.Tensor], mt_sq: torch.Tensor, r_t: torch.Tensor) -> torch.Tensor:
+    """Σ_t ‖M_t − trunc_r(M_t)‖² per matrix [L] (absolute) for a folded shared part and truncated experts."""
+    out = torch.empty(len(sigma_t), dtype=torch.float64)
+    for l, S in enumerate(sigma_t):
+        kept = torch.arange(S.shape[1])[None, :] < r_t[l][:, None]
+        out[l] = (mt_sq[l].double() - (S.double() ** 2 * kept).sum(-1)).clamp_min(0).sum()
+    return out

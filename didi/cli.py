@@ -43,6 +43,7 @@ def merge(
     budget: Union[float, str] = "S",
     backbone: Optional[Adapter] = None,
     allocation: Literal["search", "greedy", "uniform"] = "search",
+    shared: Literal["low_rank", "folded"] = "low_rank",
     decompose: DecomposeConfig = DecomposeConfig(),
     search: SearchConfig = SearchConfig(),
     refine: RefineConfig = RefineConfig(),
@@ -59,6 +60,7 @@ def merge(
       didi merge base.safetensors '[a.safetensors, b.safetensors, c.safetensors]' merged/ --budget 1.05
       didi merge --config configs/merge_synthetic.yaml --search.steps 400    # YAML, then overrides
       didi merge ... --trainer.strategy ddp --trainer.devices 4 --trainer.accelerator gpu
+      didi merge ... --shared folded        # shared part in the stored base: every budget unit to the experts
 
     Args:
         base: θ0: a .safetensors file or a directory (sharded index supported).
@@ -67,6 +69,9 @@ def merge(
         budget: storage ratio: S (1.24), M (1.4), L (2.0) or any float > 1.
         backbone: adapter (class name or path, e.g. `Adapter`; see `didi backbones`).
         allocation: `search` (DiDi's differentiable search), or the ablations `greedy` / `uniform`.
+        shared: `low_rank` (the paper: a shared LoRA module, paid for) or `folded` (the dense shared part is
+            added to the stored base, which costs nothing; the whole budget goes to the experts, allocated by
+            the exact greedy, and the refinement updates the dense shared part and the experts).
         decompose: decomposition settings (shared merge, max_rank, dtype, device, cache_dir).
         search: stage-1 settings.
         refine: stage-2 settings.
@@ -77,7 +82,7 @@ def merge(
     from didi.pipeline import run_merge
 
     zoo = _zoo(base, tasks, backbone, allow_pickle)
-    path = run_merge(zoo, output, budget, decompose, search, refine, trainer, allocation, resume)
+    path = run_merge(zoo, output, budget, decompose, search, refine, trainer, allocation, resume, shared=shared)
     if path is not None:
         _summary(path)
     return None
@@ -90,6 +95,7 @@ def search(
     budget: Union[float, str] = "S",
     backbone: Optional[Adapter] = None,
     allocation: Literal["search", "greedy", "uniform"] = "search",
+    shared: Literal["low_rank", "folded"] = "low_rank",
     decompose: DecomposeConfig = DecomposeConfig(),
     search: SearchConfig = SearchConfig(),
     trainer: TrainerConfig = TrainerConfig(),
@@ -113,7 +119,7 @@ def search(
     precheck_budget(zoo, target)
     store = run_decompose(zoo, decompose)
     work = work_dir_for(output)
-    ranks = allocate(store, target, search, trainer, zoo.adapter.policy_of, allocation, work, resume)
+    ranks = allocate(store, target, search, trainer, zoo.adapter.policy_of, allocation, work, resume, shared)
     if is_global_zero():
         _write_json_atomic(output, ranks.to_json(store))
         print(f"ranks written to {output}: ratio {ranks.info['ratio']:.6g}, rel. error {ranks.info['rec_err']:.4g}")

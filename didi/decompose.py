@@ -85,6 +85,16 @@ class FactorStore:
         return {"U_s": f["U_s"][:, :r_s].clone(), "S_s": f["S_s"][:r_s].clone(), "V_s": f["V_s"][:, :r_s].clone(),
                 "U_t": f["U_t"][..., :r_t].clone(), "S_t": f["S_t"][:, :r_t].clone(), "V_t": f["V_t"][..., :r_t].clone()}
 
+    def spectra(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert singular values σ_t [T,K] and ‖M_t‖² [T] of matrix i, read alone (the folded allocation)."""
+        with safe_open(str(self.root / "matrices" / f"{i:05d}.safetensors"), framework="pt", device="cpu") as f:
+            return f.get_tensor("S_t").clone(), f.get_tensor("mt_sq").clone()
+
+    @property
+    def shared_merge(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The static merge that defined M_s when this store was computed."""
+        return shared_merge_fn(self.meta["config"]["shared_merge"])
+
     def tau_sq(self, i: int) -> torch.Tensor:
         """‖τ_t‖² of matrix i per task [T], read alone (not the whole factor file)."""
         with safe_open(str(self.root / "matrices" / f"{i:05d}.safetensors"), framework="pt", device="cpu") as f:
@@ -254,13 +264,18 @@ def _fingerprint(zoo: Zoo, cfg: DecomposeConfig) -> str:
     return h.hexdigest()[:24]
 
 
+def shared_merge_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The static merge called `name` (mean, or one the method registry adds: ties, tsv_m)."""
+    if name not in SHARED_MERGES:
+        import didi.methods  # noqa: F401  (registers the registry's static merges: ties, tsv_m)
+    if name not in SHARED_MERGES:
+        raise DidiError(f"decompose.shared_merge: unknown static merge {name!r}; available: {sorted(SHARED_MERGES)}")
+    return SHARED_MERGES[name]
+
+
 def decompose(zoo: Zoo, cfg: DecomposeConfig, progress: bool = True) -> FactorStore:
     """Return the factor store for `zoo`, computing it (and writing it atomically) only if not cached."""
-    if cfg.shared_merge not in SHARED_MERGES:
-        import didi.methods  # noqa: F401  (registers the registry's static merges: ties, tsv_m)
-    if cfg.shared_merge not in SHARED_MERGES:
-        raise DidiError(f"decompose.shared_merge: unknown static merge {cfg.shared_merge!r}; "
-                        f"available: {sorted(SHARED_MERGES)}")
+    shared_merge_fn(cfg.shared_merge)
     dtype, device = cfg.torch_dtype(), cfg.torch_device()
     root = Path(os.path.expanduser(cfg.cache_dir)) / _fingerprint(zoo, cfg)
     if (root / "index.json").exists():
@@ -280,7 +295,7 @@ def decompose(zoo: Zoo, cfg: DecomposeConfig, progress: bool = True) -> FactorSt
 
 
 def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, progress: bool) -> None:
-    merge = SHARED_MERGES[cfg.shared_merge]
+    merge = shared_merge_fn(cfg.shared_merge)
     tasks = zoo.task_names
     matrices, nonmatrix = [], {}
     (out / "nonmatrix").mkdir()

@@ -10,7 +10,7 @@ import os
 import warnings
 import shutil
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal, Union
 
@@ -18,7 +18,8 @@ import lightning as L
 import torch
 
 from didi.backbones.base import Zoo
-from didi.budget import Allocator, RankProblem, parse_budget, rescale_to_budget, uniform_ranks
+from didi.budget import (Allocator, RankProblem, folded_error, folded_ranks, parse_budget, rescale_to_budget,
+                         uniform_ranks)
 from didi.callbacks import RankEvolution, rank_heatmap_png
 from didi.closed_form import GroupTerms
 from didi.datamodules.layers import LayerBatchDataModule
@@ -29,6 +30,10 @@ from didi.search import RankSearch, SearchConfig
 from didi.tensorfile import LazyTensor, lazy_tensors
 
 Allocation = Literal["search", "greedy", "uniform"]
+#: `low_rank`: the paper's shared LoRA module, paid for by the budget. `folded`: the shared part M_s is added
+#: densely to the stored base (θ0 + M_s replaces θ0, so it costs nothing under method.md §4's accounting) and
+#: the whole budget goes to the experts of τ_t − M_s.
+SharedPart = Literal["low_rank", "folded"]
 
 
 @dataclass
@@ -298,8 +303,13 @@ def _search(store: FactorStore, cache: TermsCache, problem: RankProblem, alloc: 
 
 
 def allocate(store: FactorStore, target: float, scfg: SearchConfig, tcfg: TrainerConfig, policy: Policy,
-             allocation: Allocation = "search", work_dir: Path | None = None, resume: bool = False) -> Ranks:
+             allocation: Allocation = "search", work_dir: Path | None = None, resume: bool = False,
+             shared: SharedPart = "low_rank") -> Ranks:
     """Stage 1 and the budget: integer ranks at the exact target (ratio ≤ target, short by < one unit)."""
+    if shared == "folded":
+        return allocate_folded(store, target, policy, allocation)
+    if shared != "low_rank":
+        raise DidiError(f"shared: expected 'low_rank' or 'folded', found {shared!r}")
     K_max = max(e.K for e in store.matrices)
     problem_full = rank_problem(store, [e.K for e in store.matrices], policy)
     problem_full.check(target)
@@ -345,6 +355,31 @@ def allocate(store: FactorStore, target: float, scfg: SearchConfig, tcfg: Traine
     return Ranks(r_s, r_t, info)
 
 
+def allocate_folded(store: FactorStore, target: float, policy: Policy, allocation: Allocation = "search") -> Ranks:
+    """Expert ranks for a shared part folded into the base: no shared ranks; `search` and `greedy` both take the
+    exact greedy of `folded_ranks` (optimal to one rank unit: the search has nothing to find), `uniform` the
+    same rank everywhere (the ablation)."""
+    if allocation not in ("search", "greedy", "uniform"):
+        raise DidiError(f"allocation: expected search, greedy or uniform, found {allocation!r}")
+    problem = rank_problem(store, [e.K for e in store.matrices], policy)
+    problem = replace(problem, bound_s=torch.zeros_like(problem.bound_s))
+    problem.check(target)
+    budget = problem.max_elements(target)
+    spectra = [store.spectra(e.idx) for e in store.matrices]
+    sigma_t = [s for s, _ in spectra]
+    mt_sq = torch.stack([m for _, m in spectra])
+    r_s = torch.zeros(len(sigma_t), dtype=torch.long)
+    if allocation == "uniform":
+        _, r_t = uniform_ranks(problem, budget)
+    else:
+        r_t = folded_ranks(sigma_t, problem.bound_t, problem.unit, budget)
+    tau_total = sum(float(store.tau_sq(e.idx).sum()) for e in store.matrices)
+    info = {"allocation": "uniform" if allocation == "uniform" else "greedy", "shared": "folded",
+            "target_ratio": target, "rec_err": float(folded_error(sigma_t, mt_sq, r_t).sum()) / tau_total,
+            "ratio": problem.ratio(r_s, r_t)}
+    return Ranks(r_s, r_t, info)
+
+
 class RefineJobs:
     """Loads the refinement jobs of a layer batch: τ_t read from the checkpoints, factors from the store.
 
@@ -365,14 +400,17 @@ class RefineJobs:
             # only the leading r columns are used (the initial truncated-SVD factors): a job holds rank-r factors,
             # not the store's width K (for Llama's embeddings, 128256×K per task)
             r_s, r_t = int(self.ranks.r_s[i]), [int(r) for r in self.ranks.r_t[i]]
-            jobs.append({"idx": i, "taus": taus, "r_s": r_s, "r_t": r_t,
-                         **self.store.factors(i, r_s, max(r_t, default=0))})
+            job = {"idx": i, "taus": taus, "r_s": r_s, "r_t": r_t, **self.store.factors(i, r_s, max(r_t, default=0))}
+            if self.ranks.info.get("shared") == "folded":
+                job["M_s"] = self.store.shared_merge(taus)
+            jobs.append(job)
         return jobs
 
 
 def refine(zoo: Zoo, store: FactorStore, ranks: Ranks, rcfg: RefineConfig, tcfg: TrainerConfig,
            work_dir: Path) -> tuple[dict, dict, dict]:
-    """Stage 2; returns (shared terms, per-task terms, metrics)."""
+    """Stage 2; returns (shared terms, per-task terms, metrics). A folded shared part comes back as shared
+    `NAME::fold` terms, which `write_didi_artifact` adds to the stored base."""
     out = work_dir / "refine"
     out.mkdir(parents=True, exist_ok=True)
     tau_total = sum(float(store.tau_sq(e.idx).sum()) for e in store.matrices)
@@ -389,7 +427,10 @@ def refine(zoo: Zoo, store: FactorStore, ranks: Ranks, rcfg: RefineConfig, tcfg:
     for e in store.matrices:
         f = lazy_tensors(out / f"{e.idx:05d}.safetensors")
         before, after = before + float(f["err_before"].load()), after + float(f["err_after"].load())
-        if f["A_s"].shape[1]:
+        if "M_s" in f:  # folded: the dense shared part goes into the stored base, in the tensor's own shape
+            shared[f"{e.name}::fold"] = LazyTensor(tuple(e.shape), torch.float32,
+                                                   lambda x=f["M_s"], shape=tuple(e.shape): x.load().reshape(shape))
+        elif f["A_s"].shape[1]:
             shared[f"{e.name}::lora_A"], shared[f"{e.name}::lora_B"] = f["A_s"], f["B_s"]
         for j, t in enumerate(store.tasks):
             if f[f"A_t{j}"].shape[1]:
@@ -449,13 +490,17 @@ def write_didi_artifact(output: str | Path, zoo: Zoo, store: FactorStore, ranks:
     fold, nm_tasks = nonmatrix_terms(store, zoo.adapter.policy_of)
     for t in tasks:
         tasks[t].update(nm_tasks[t])
+    folded = [k for k in shared if k.endswith("::fold")]
+    fold.update({k[:-len("::fold")]: shared[k] for k in folded})
+    shared = {k: v for k, v in shared.items() if k not in folded}
     manifest = {
         "method": {"name": "didi", "hyper_parameters": hyper}, **zoo_manifest(zoo, store.sha256),
         **ranks.to_json(store), "storage": {"target_ratio": ranks.info.get("target_ratio")},
         "metrics": {"allocation": ranks.info, "refine": metrics},
     }
     png = rank_heatmap_png(store.matrices, ranks.r_s, ranks.r_t,
-                           title=f"DiDi ranks at {ranks.info.get('ratio', 0):.4g}x")
+                           title=f"DiDi ranks at {ranks.info.get('ratio', 0):.4g}x"
+                                 + (" (shared part folded into the base)" if folded else ""))
     ranks_json = json.dumps(ranks.to_json(store), indent=1).encode()
     return write_artifact(output, manifest, fold, shared, tasks,
                           extra_files={"rank_heatmap.png": png, "ranks.json": ranks_json})
@@ -463,7 +508,7 @@ def write_didi_artifact(output: str | Path, zoo: Zoo, store: FactorStore, ranks:
 
 def run_merge(zoo: Zoo, output: str | Path, budget: float | str, dcfg: DecomposeConfig, scfg: SearchConfig,
               rcfg: RefineConfig, tcfg: TrainerConfig, allocation: Allocation = "search", resume: bool = False,
-              progress: bool = True) -> Path | None:
+              progress: bool = True, shared: SharedPart = "low_rank") -> Path | None:
     """The whole `didi merge`; returns the artifact path (None on non-zero DDP ranks)."""
     target = parse_budget(budget)
     output = Path(output)
@@ -473,13 +518,13 @@ def run_merge(zoo: Zoo, output: str | Path, budget: float | str, dcfg: Decompose
     work = work_dir_for(output)
     store = decompose(zoo, dcfg, progress=progress)
     with _work_dir(work):
-        ranks = allocate(store, target, scfg, tcfg, zoo.adapter.policy_of, allocation, work, resume)
-        shared, tasks, metrics = refine(zoo, store, ranks, rcfg, tcfg, work)
+        ranks = allocate(store, target, scfg, tcfg, zoo.adapter.policy_of, allocation, work, resume, shared)
+        shared_terms, tasks, metrics = refine(zoo, store, ranks, rcfg, tcfg, work)
     if not is_global_zero():
         return None
-    hyper = {"budget": target, "allocation": allocation, "decompose": asdict(dcfg), "search": asdict(scfg),
-             "refine": asdict(rcfg)}
-    path = write_didi_artifact(output, zoo, store, ranks, shared, tasks, hyper, metrics)
+    hyper = {"budget": target, "allocation": allocation, "shared": shared, "decompose": asdict(dcfg),
+             "search": asdict(scfg), "refine": asdict(rcfg)}
+    path = write_didi_artifact(output, zoo, store, ranks, shared_terms, tasks, hyper, metrics)
     log_heatmap(tcfg, path)
     shutil.rmtree(work, ignore_errors=True)
     return path

@@ -11,6 +11,9 @@ Two optimisers:
   SVD of mean_t(τ_t − A_tB_t). Each block is solved by subspace iteration warm-started from the current
   factors, and a block update is kept only if it lowers the error, so the error never increases.
 - `adam`: the paper's gradient refinement (learning rate relative to each factor's RMS).
+
+With the shared part folded into the stored base (`shared: folded`), the shared module is a dense m×n matrix
+M_s (B_s is None): it costs nothing, and its ALS block is exact, M_s = mean_t(τ_t − A_tB_t).
 """
 from __future__ import annotations
 
@@ -55,9 +58,14 @@ def init_factors(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, r: int) -> t
     return U[:, :r] * sq, (V[:, :r] * sq).T.contiguous()
 
 
+def shared_matrix(A_s: torch.Tensor, B_s: torch.Tensor | None) -> torch.Tensor:
+    """The shared module as a matrix: A_sB_s, or A_s itself when it is a dense folded part (B_s None)."""
+    return A_s if B_s is None else A_s @ B_s
+
+
 def task_errors(taus: torch.Tensor, A_s, B_s, A_t: list, B_t: list) -> torch.Tensor:
-    """‖A_sB_s + A_tB_t − τ_t‖² per task [T] (materialised: stage 2 needs τ anyway)."""
-    Ms = A_s @ B_s
+    """‖A_sB_s + A_tB_t − τ_t‖² per task [T] (materialised: stage 2 needs τ anyway); B_s None: A_s is M_s."""
+    Ms = shared_matrix(A_s, B_s)
     return torch.stack([((Ms + A @ B - tau) ** 2).sum() for tau, A, B in zip(taus, A_t, B_t)])
 
 
@@ -77,14 +85,20 @@ def refine_als(taus: torch.Tensor, A_s, B_s, A_t: list, B_t: list, sweeps: int, 
     T = taus.shape[0]
     err = task_errors(taus, A_s, B_s, A_t, B_t)
     for _ in range(sweeps):
-        Ms = A_s @ B_s
+        Ms = shared_matrix(A_s, B_s)
         for t in range(T):
             X = taus[t] - Ms
             A, B = _best_rank_r(X, A_t[t], B_t[t], power_iters)
             e = ((X - A @ B) ** 2).sum()
             if e < err[t]:
                 A_t[t], B_t[t], err[t] = A, B, e
-        if A_s.shape[1]:
+        if B_s is None:  # folded: the dense optimum, no rank constraint
+            R = torch.stack([taus[t] - A_t[t] @ B_t[t] for t in range(T)])
+            M = R.mean(0)
+            new = ((R - M[None]) ** 2).sum((-2, -1))
+            if new.sum() < err.sum():
+                A_s, err = M, new
+        elif A_s.shape[1]:
             R = torch.stack([taus[t] - A_t[t] @ B_t[t] for t in range(T)])
             A, B = _best_rank_r(R.mean(0), A_s, B_s, power_iters)
             new = ((R - (A @ B)[None]) ** 2).sum((-2, -1))
@@ -94,30 +108,35 @@ def refine_als(taus: torch.Tensor, A_s, B_s, A_t: list, B_t: list, sweeps: int, 
 
 
 def refine_adam(taus: torch.Tensor, A_s, B_s, A_t: list, B_t: list, steps: int, lr: float):
-    params = [p.clone().requires_grad_(True) for p in [A_s, B_s, *A_t, *B_t]]
+    shared = [A_s] if B_s is None else [A_s, B_s]  # a folded shared part is one dense parameter
+    h, T = len(shared), taus.shape[0]
+    params = [p.clone().requires_grad_(True) for p in [*shared, *A_t, *B_t]]
     groups = [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-12))}
               for p in params if p.numel()]
     if not groups:
         return A_s, B_s, A_t, B_t
-    T = taus.shape[0]
+
+    def unpack(ps: list) -> tuple:
+        return ps[0], (None if h == 1 else ps[1]), ps[h:h + T], ps[h + T:]
+
     opt = torch.optim.Adam(groups)
     best = None
     with torch.enable_grad():
         for _ in range(steps + 1):
             opt.zero_grad()
-            loss = task_errors(taus, params[0], params[1], params[2:2 + T], params[2 + T:]).sum()
+            loss = task_errors(taus, *unpack(params)).sum()
             if best is None or loss.item() < best[0]:  # keep the best iterate: never worse than the init
                 best = (loss.item(), [p.detach().clone() for p in params])
             loss.backward()
             opt.step()
-    p = best[1]
-    return p[0], p[1], p[2:2 + T], p[2 + T:]
+    return unpack(best[1])
 
 
 class LoRARefine(L.LightningModule):
     """Fit loop over layer batches; each batch item is a list of matrix jobs, results go to `out_dir`.
 
-    A job is a dict with `idx`, `taus` [T,m,n], `U_s,S_s,V_s,U_t,S_t,V_t` and ranks `r_s`, `r_t`.
+    A job is a dict with `idx`, `taus` [T,m,n], `U_s,S_s,V_s,U_t,S_t,V_t` and ranks `r_s`, `r_t`; a job of a
+    folded merge also has `M_s` [m,n], the dense shared part, which replaces the shared factors (file key `M_s`).
     """
 
     def __init__(self, cfg: RefineConfig, out_dir: str | Path, tau_total: float,
@@ -136,7 +155,10 @@ class LoRARefine(L.LightningModule):
         for job in batch:
             taus = job["taus"].to(self.device, dt)
             mv = {k: job[k].to(self.device, dt) for k in ("U_s", "S_s", "V_s", "U_t", "S_t", "V_t")}
-            A_s, B_s = init_factors(mv["U_s"], mv["S_s"], mv["V_s"], int(job["r_s"]))
+            if "M_s" in job:
+                A_s, B_s = job["M_s"].to(self.device, dt), None
+            else:
+                A_s, B_s = init_factors(mv["U_s"], mv["S_s"], mv["V_s"], int(job["r_s"]))
             pairs = [init_factors(mv["U_t"][t], mv["S_t"][t], mv["V_t"][t], int(r)) for t, r in enumerate(job["r_t"])]
             A_t, B_t = [a for a, _ in pairs], [b for _, b in pairs]
             e0 = float(task_errors(taus, A_s, B_s, A_t, B_t).sum())
@@ -146,8 +168,9 @@ class LoRARefine(L.LightningModule):
                 A_s, B_s, A_t, B_t = refine_adam(taus, A_s, B_s, A_t, B_t, self.cfg.steps, self.cfg.lr)
             e1 = float(task_errors(taus, A_s, B_s, A_t, B_t).sum())
             before, after = before + e0, after + e1
-            tensors = {"A_s": A_s, "B_s": B_s, "err_before": torch.tensor(e0, dtype=torch.float64),
-                       "err_after": torch.tensor(e1, dtype=torch.float64)}
+            tensors = {"err_before": torch.tensor(e0, dtype=torch.float64),
+                       "err_after": torch.tensor(e1, dtype=torch.float64),
+                       **({"M_s": A_s} if B_s is None else {"A_s": A_s, "B_s": B_s})}
             for t in range(len(A_t)):
                 tensors[f"A_t{t}"], tensors[f"B_t{t}"] = A_t[t], B_t[t]
             save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},

@@ -454,6 +454,7 @@ def test_registry_lists_every_method_with_options():
         "didi_uniform",
         "didi_greedy",
         "didi_norefine",
+        "didi_folded",
     } <= names
     ties = next(r for r in list_methods() if r["name"] == "ties")
     assert [(o["name"], o["default"]) for o in ties["options"]] == [("k", 20.0), ("lam", 0.3)]

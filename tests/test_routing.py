@@ -70,7 +70,8 @@ def test_mixed_batch_lowrank_equals_materialised(tiny):
     tasks = {f"t{j}": {**lowrank_terms(g, "fc1.weight", 16, 8, j + 1), **lowrank_terms(g, "fc2.weight", 4, 16, 2)}
              for j in range(3)}
     tasks["t2"] = {}  # a task with no expert at all (rank 0 everywhere)
-    fold = {"norm.weight": 0.1 * torch.randn(16, generator=g), "fc1.bias": 0.1 * torch.randn(16, generator=g)}
+    fold = {"norm.weight": 0.1 * torch.randn(16, generator=g), "fc1.bias": 0.1 * torch.randn(16, generator=g),
+            "fc2.weight": 0.1 * torch.randn(4, 16, generator=g)}  # a dense shared part folded (shared: folded)
     art = make_artifact(tmp / "a", base_sd, fold, shared, tasks)
     routed = RoutedModel(copy.deepcopy(model), art, adapter=Adapter())
     assert set(routed.routed) == {"fc1", "fc2"} and not routed.swapped  # pure low-rank: one pass

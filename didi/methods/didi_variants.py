@@ -4,6 +4,7 @@
     didi_uniform    the same rank at every module, then refinement   (allocation = uniform)
     didi_greedy     greedy marginal-gain allocation, then refinement (allocation = greedy)
     didi_norefine   the search's ranks with the truncated SVD factors (refine.optimizer = none)
+    didi_folded     the shared part folded densely into the stored base (free), the budget spent on experts
 
 They call `didi.pipeline.run_merge`, which writes the artifact; the registry name is added to the manifest's
 method entry (`method.registry_name`) so a comparison can label the point.
@@ -14,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Union
+from typing import Literal, Union
 
 from didi.backbones.base import Zoo
 from didi.budget import parse_budget
@@ -35,6 +36,8 @@ class DidiOptions:
 
     Args:
         budget: storage ratio: S (1.24), M (1.4), L (2.0) or any float > 1.
+        shared: `low_rank` (the paper's shared LoRA module) or `folded` (dense in the stored base, free;
+            `didi_folded` forces it).
         decompose: decomposition settings (shared_merge: mean, ties, tsv_m; max_rank; dtype; device;
             cache_dir).
         search: stage-1 settings.
@@ -43,6 +46,7 @@ class DidiOptions:
     """
 
     budget: Union[float, str] = "S"
+    shared: Literal["low_rank", "folded"] = "low_rank"
     decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
@@ -53,11 +57,11 @@ class DidiOptions:
 
 
 def _run(zoo: Zoo, opts: DidiOptions, output: Path, registry_name: str, allocation: str,
-         refine: RefineConfig) -> Path:
+         refine: RefineConfig, shared: str | None = None) -> Path:
     from didi.pipeline import run_merge
 
     path = run_merge(zoo, output, opts.budget, opts.decompose, opts.search, refine, opts.trainer,
-                     allocation, progress=False)  # type: ignore[arg-type]
+                     allocation, progress=False, shared=shared or opts.shared)  # type: ignore[arg-type]
     if path is not None:
         mf = Path(path) / "manifest.json"
         manifest = json.loads(mf.read_text())
@@ -90,3 +94,9 @@ def didi_greedy(zoo: Zoo, opts: DidiOptions, output: Path) -> Path:
 def didi_norefine(zoo: Zoo, opts: DidiOptions, output: Path) -> Path:
     """DiDi ablation: the searched ranks with truncated-SVD factors, no LoRA refinement."""
     return _run(zoo, opts, output, "didi_norefine", "search", replace(opts.refine, optimizer="none"))
+
+
+@register_method("didi_folded", options=DidiOptions, kind="didi", writes_artifact=True)
+def didi_folded(zoo: Zoo, opts: DidiOptions, output: Path) -> Path:
+    """DiDi with the shared part folded into the stored base (free): the budget goes to the experts."""
+    return _run(zoo, opts, output, "didi_folded", "search", opts.refine, shared="folded")

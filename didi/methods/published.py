@@ -32,6 +32,8 @@ REASONS: dict[str, tuple[str | None, str]] = {
     "didi_uniform": ("DiDi", "same accounting as the paper (ranks r(m+n), non-matrix deltas folded)"),
     "didi_greedy": ("DiDi", "same accounting as the paper (ranks r(m+n), non-matrix deltas folded)"),
     "didi_norefine": ("DiDi", "same accounting as the paper (ranks r(m+n), non-matrix deltas folded)"),
+    "didi_folded": ("DiDi", "the paper's accounting, but the shared part is folded densely into the stored base "
+                    "(θ0 + M_s replaces θ0: cost 0) instead of a low-rank module paid for in the budget"),
 }
 
 

@@ -16,6 +16,7 @@ from didi.artifact import load_artifact
 from didi.backbones import Adapter, Zoo
 from didi.budget import folded_error, folded_ranks
 from didi.cli import main
+from didi.methods.published import artifact_ratio_row
 from didi.pipeline import run_merge
 from didi.refine import RefineConfig, refine_adam, refine_als, task_errors
 
@@ -127,6 +128,8 @@ def test_folded_merge_end_to_end(tiny_zoo, fast, tmp_path, optimizer):
     assert m["method"]["hyper_parameters"]["shared"] == "folded"
     assert m["metrics"]["allocation"]["shared"] == "folded"
     assert all(rs["shared"] == 0 for rs in m["ranks"].values())
+    row = artifact_ratio_row(m)  # `didi inspect`: the paper's S beside ours, and why the layouts differ
+    assert row["paper"] is None and "folded" in row["reason"]
     # the decomposed matrices' shared part is in the fold (free); the experts alone price the storage
     assert set(m["ranks"]) <= set(a.fold())
     assert not any(k.endswith("::lora_A") for k in a.shared())

@@ -47,11 +47,14 @@ def _didi_label(budget: float | None) -> str | None:
 def compare_ratio(method: str, hyper: dict | None = None) -> dict:
     """{"paper": name or None, "published": ratio or None, "reason": text} for registry method `method`."""
     hyper = hyper or {}
+    if method == "didi" and hyper.get("shared") == "folded":  # `didi merge --shared folded`
+        method = "didi_folded"
     paper, reason = REASONS.get(method, (None, "no published ratio for this method"))
     if paper == "DiDi":
         paper = _didi_label(hyper.get("budget"))
         if paper is None:
-            reason = "the paper reports DiDi at 1.24, 1.4 and 2.0 only"
+            reason = "the paper reports DiDi at 1.24, 1.4 and 2.0 only" + (
+                f"; {reason}" if method == "didi_folded" else "")
     if method == "flexmerge" and hyper.get("target") is not None:
         return {"paper": "FlexMerge", "published": float(hyper["target"]), "reason": reason}
     if method == "tall_masks" and hyper.get("mtl") != "ties":

@@ -34,6 +34,14 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="didi_e2e_"))
+    try:
+        run(args, root)
+    finally:  # an interrupted run must not leave gigabytes of zoo in /tmp
+        if args.workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, root: Path) -> None:
     t = time.perf_counter()
     base, paths = make_spectral_zoo(root / "zoo", T=args.tasks, width=args.width, layers=args.layers)
     make_zoo_s = time.perf_counter() - t
@@ -66,8 +74,6 @@ def main() -> None:
         "make_zoo_s": make_zoo_s, "peak_rss_mb": peak_rss_mb(), "zoo_peak_rss_mb": rss_after_zoo,
         "base_params": store.base_params, "ratio": ranks.info["ratio"], "allocation": {
             k: v for k, v in ranks.info.items() if k != "continuous_ranks"}, "refine": metrics}, table)
-    if args.workdir is None:
-        shutil.rmtree(root, ignore_errors=True)
     print("artifact", out)
 
 

@@ -166,3 +166,22 @@ def test_folded_search_then_refine_cli(tmp_path, tiny_zoo, capsys):
     with pytest.raises(SystemExit) as e:  # the option's choices are checked by the parser
         main(["merge", base, json.dumps(tasks), str(tmp_path / "bad"), "--shared", "dense", *common])
     assert e.value.code != 0 and "shared" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_folded_two_process_ddp_reproduces_one_process(tmp_path, tiny_zoo, fast):
+    """The folded refinement under ddp_spawn on 2 CPU processes writes the same fold and experts as 1 process."""
+    from didi.pipeline import TrainerConfig
+
+    zoo = Zoo(Adapter(), *tiny_zoo)
+    d, s, r, t = fast
+    r.layer_batch_size = 3  # uneven shares of the matrices across the two processes
+    one = run_merge(zoo, tmp_path / "one", 1.3, d, s, r, t, shared="folded", progress=False)
+    two = run_merge(zoo, tmp_path / "two", 1.3, d, s, r,
+                    TrainerConfig(accelerator="cpu", devices=2, strategy="ddp_spawn", logger="none",
+                                  progress_bar=False), shared="folded", progress=False)
+    assert load_artifact(one).manifest["ranks"] == load_artifact(two).manifest["ranks"]
+    for f in ["fold.safetensors", "tasks/task_0.safetensors", "tasks/task_3.safetensors"]:
+        x, y = load_file(str(one / f)), load_file(str(two / f))
+        assert x.keys() == y.keys() and x
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=1e-6)

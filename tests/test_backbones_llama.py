@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from didi.artifact import load_artifact
 from didi.backbones import Zoo
@@ -93,16 +94,22 @@ def test_merge_tiny_llama_sharded_roundtrip(tmp_path, fast):
             assert (merged - tuned).norm() < 0.5 * (base_logits - tuned).norm()
 
 
-def test_bf16_llama_round_trips_in_bf16(tmp_path, fast):
-    """bf16 sources are decomposed in fp32 and task_state_dict gives bf16 back (embeddings per task)."""
+@pytest.mark.parametrize("shared", ["low_rank", "folded"])
+def test_bf16_llama_round_trips_in_bf16(tmp_path, fast, shared):
+    """bf16 sources are decomposed in fp32 and task_state_dict gives bf16 back (embeddings per task); a folded
+    shared part is stored in bf16, the dtype of the base tensors it replaces."""
     dcfg, scfg, rcfg, tcfg = fast
     scfg.steps = 20
     adapter = HFLlamaAdapter(embeddings="per_task")
     base, tunes = _zoo(tmp_path, adapter, torch.bfloat16)
     zoo = Zoo(adapter, str(tmp_path / "base"), {t: str(tmp_path / t) for t in tunes})
     assert "model.embed_tokens.weight" not in {p.name for p in zoo.matrices}
-    out = run_merge(zoo, tmp_path / "merged", 1.9, dcfg, scfg, rcfg, tcfg, progress=False)
+    out = run_merge(zoo, tmp_path / "merged", 1.9, dcfg, scfg, rcfg, tcfg, progress=False, shared=shared)
     art = load_artifact(out)
+    if shared == "folded":
+        fold = load_file(str(out / "fold.safetensors"))
+        assert {p.name for p in zoo.matrices} <= set(fold)
+        assert all(fold[p.name].dtype == torch.bfloat16 for p in zoo.matrices)
     check_nonmatrix_policy(out, adapter, base, tunes)  # embeddings: each task's exact delta
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
     for t in tunes:

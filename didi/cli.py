@@ -232,27 +232,27 @@ def backbones(json_output: bool = False) -> None:
                 if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
         doc = (_inspect.getdoc(cls) or "").split("\n")[0]
         rows.append({"name": name, "class": f"{cls.__module__}.{cls.__qualname__}", "doc": doc, "options": opts})
+    _print_registry(rows, json_output, lambda r: f"{r['name']:<12} {r['class']}\n{'':<12} {r['doc']}",
+                    lambda o: f"{'':<14}--backbone.{o['name']:<18} {o['type']:<40} default {o['default']!r}")
+
+
+def _print_registry(rows: list[dict], json_output: bool, head, option) -> None:
+    """One listing for `didi backbones` and `didi methods`: JSON, or each entry's head line and option lines."""
     if json_output:
         print(json.dumps(rows, indent=1, default=repr))
         return
     for r in rows:
-        print(f"{r['name']:<12} {r['class']}\n{'':<12} {r['doc']}")
+        print(head(r))
         for o in r["options"]:
-            print(f"{'':<14}--backbone.{o['name']:<18} {o['type']:<40} default {o['default']!r}")
+            print(option(o))
 
 
 def methods(json_output: bool = False) -> None:
     """List the registered merging methods and their options (`--json` for machine-readable output)."""
     from didi.methods import list_methods
 
-    rows = list_methods()
-    if json_output:
-        print(json.dumps(rows, indent=1, default=repr))
-        return
-    for r in rows:
-        print(f"{r['name']:<16} [{r['kind']}] {r['summary']}")
-        for o in r["options"]:
-            print(f"{'':<18}{o['name']:<14} {o['type']:<34} default {o['default']!r}  {o['help']}")
+    _print_registry(list_methods(), json_output, lambda r: f"{r['name']:<16} [{r['kind']}] {r['summary']}",
+                    lambda o: f"{'':<18}{o['name']:<14} {o['type']:<34} default {o['default']!r}  {o['help']}")
 
 
 def apply(
@@ -496,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     except DidiError as e:
         print(f"didi: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `didi methods | head`: the reader left; no traceback (Python's documented recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

@@ -100,6 +100,10 @@ class FactorStore:
         with safe_open(str(self.root / "matrices" / f"{i:05d}.safetensors"), framework="pt", device="cpu") as f:
             return f.get_tensor("tau_sq").clone()
 
+    def tau_total(self) -> float:
+        """Σ_l Σ_t ‖τ_t,l‖² over the decomposed matrices: the denominator of every relative error."""
+        return float(sum(float(self.tau_sq(e.idx).sum()) for e in self.matrices))
+
     def nonmatrix_path(self, name: str) -> Path:
         """The file of one non-decomposed tensor's deltas: {task: delta}, float32."""
         return self.root / "nonmatrix" / f"{self.nonmatrix[name]['file']:05d}.safetensors"

@@ -227,7 +227,7 @@ class TermsCache:
         full = self._groups.get((self._all, torch.float64))
         if full is not None:
             return float(sum(g.tau_sq.sum() for _, g in full))
-        return float(sum(self.store.tau_sq(i).sum() for i in self._all))
+        return self.store.tau_total()
 
 
 def _select(full: list[tuple[torch.Tensor, GroupTerms]], indices: list[int], dtype) -> list[tuple[torch.Tensor, GroupTerms]]:
@@ -373,9 +373,8 @@ def allocate_folded(store: FactorStore, target: float, policy: Policy, allocatio
         _, r_t = uniform_ranks(problem, budget)
     else:
         r_t = folded_ranks(sigma_t, problem.bound_t, problem.unit, budget)
-    tau_total = sum(float(store.tau_sq(e.idx).sum()) for e in store.matrices)
     info = {"allocation": "uniform" if allocation == "uniform" else "greedy", "shared": "folded",
-            "target_ratio": target, "rec_err": float(folded_error(sigma_t, mt_sq, r_t).sum()) / tau_total,
+            "target_ratio": target, "rec_err": float(folded_error(sigma_t, mt_sq, r_t).sum()) / store.tau_total(),
             "ratio": problem.ratio(r_s, r_t)}
     return Ranks(r_s, r_t, info)
 
@@ -413,7 +412,7 @@ def refine(zoo: Zoo, store: FactorStore, ranks: Ranks, rcfg: RefineConfig, tcfg:
     `NAME::fold` terms, which `write_didi_artifact` adds to the stored base."""
     out = work_dir / "refine"
     out.mkdir(parents=True, exist_ok=True)
-    tau_total = sum(float(store.tau_sq(e.idx).sum()) for e in store.matrices)
+    tau_total = store.tau_total()
     dm = LayerBatchDataModule(len(store.matrices), RefineJobs(zoo, store, ranks, out), rcfg.layer_batch_size)
     module = LoRARefine(rcfg, out, tau_total)
     trainer = make_trainer(tcfg, [], "refine", max_epochs=1)

@@ -92,16 +92,11 @@ def refine_als(taus: torch.Tensor, A_s, B_s, A_t: list, B_t: list, sweeps: int, 
             e = ((X - A @ B) ** 2).sum()
             if e < err[t]:
                 A_t[t], B_t[t], err[t] = A, B, e
-        if B_s is None:  # folded: the dense optimum, no rank constraint
+        if B_s is None or A_s.shape[1]:
             R = torch.stack([taus[t] - A_t[t] @ B_t[t] for t in range(T)])
-            M = R.mean(0)
-            new = ((R - M[None]) ** 2).sum((-2, -1))
-            if new.sum() < err.sum():
-                A_s, err = M, new
-        elif A_s.shape[1]:
-            R = torch.stack([taus[t] - A_t[t] @ B_t[t] for t in range(T)])
-            A, B = _best_rank_r(R.mean(0), A_s, B_s, power_iters)
-            new = ((R - (A @ B)[None]) ** 2).sum((-2, -1))
+            # folded (B_s None): the dense optimum, no rank constraint; else the best rank-r_s fit of the mean
+            A, B = (R.mean(0), None) if B_s is None else _best_rank_r(R.mean(0), A_s, B_s, power_iters)
+            new = ((R - shared_matrix(A, B)[None]) ** 2).sum((-2, -1))
             if new.sum() < err.sum():
                 A_s, B_s, err = A, B, new
     return A_s, B_s, A_t, B_t

@@ -13,8 +13,8 @@ METHOD = ROOT / "docs" / "method.md"
 SECTION = "\u00a7"  # written as an escape so that this file's own examples are not references
 #: `## 3. Title` or `### 2.3 Title` -> "3" / "2.3"
 HEADING = re.compile(r"^#{2,6}\s+(\d+(?:\.\d+)*)\.?\s")
-#: section sign + "2", "2.3", and ranges "2–3" / "2-" + section sign + "3" (a trailing full stop is not part of
-#: the number)
+#: section sign + "2", "2.3", and ranges "2–3" / "2-" + section sign + "3" (a trailing full stop is not
+#: part of the number)
 REFERENCE = re.compile(SECTION + r"\s?(\d+(?:\.\d+)?)(?:\s?[\u2013-]\s?" + SECTION + r"?(\d+(?:\.\d+)?))?")
 CITES_METHOD = re.compile(r"method\.md\W{0,2}$")
 #: a path ending in method.md, with whatever directories precede it
@@ -71,7 +71,7 @@ def wrong_paths(path: str, text: str) -> list[str]:
 
 
 def repository_files() -> list[Path]:
-    """Tracked files (`git ls-files`), or, without git, a walk of the directories that hold the project's text."""
+    """Tracked files (`git ls-files`), or without git a walk of the directories that hold the project's text."""
     try:
         listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
         files = [ROOT / p for p in listed.decode().split("\0") if p]

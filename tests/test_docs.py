@@ -71,7 +71,7 @@ def wrong_paths(path: str, text: str) -> list[str]:
 
 
 def repository_files() -> list[Path]:
-    """Tracked files (`git ls-files`), or without git a walk of the directories that hold the project's text."""
+    """Tracked files (`git ls-files`); without git, a walk of the directories that hold the text."""
     try:
         listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
         files = [ROOT / p for p in listed.decode().split("\0") if p]

@@ -13,6 +13,9 @@
 
 Task t's weights: θ0[name] + fold + A_s B_s + A_t B_t + dense_t + scale_t·mask_t⊙ref (+ the terms of every
 group containing t), reshaped to the tensor's shape. Written to a temporary directory and renamed into place at the end.
+Terms are read in one place, `parse_terms`/`decode_terms` (typed `LoRA`, `Dense`, `Masked` terms per tensor),
+which routing, export and `Artifact.task_deltas` all use: a key that its file may not hold is the same
+DidiError everywhere. A mask's scale is in the mask's own file, its ref in shared.safetensors.
 """
 from __future__ import annotations
 
@@ -22,10 +25,12 @@ import platform
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Container, Iterable, Iterator, Literal, Mapping, Sequence, Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from didi.accounting import Stored, price_files, storage_report
@@ -78,6 +83,170 @@ def zoo_manifest(zoo, sha256: dict[str, dict[str, str]]) -> dict:
                              "matrix_shape": list(p.matrix_shape) if p.matrix_shape else None}
                     for p in zoo.plan if p.dtype.is_floating_point},
     }
+
+
+# ------------------------------------------------------------------------------------------- artifact terms
+# The one decoder of term files: routing, export and `Artifact.task_deltas` all read terms through
+# `parse_terms`/`decode_terms`, so a key means the same thing (and a bad key fails the same way) everywhere.
+
+#: What each kind of file may hold. "fold" files key dense deltas by the tensor name itself; "shared" holds
+#: terms every task adds plus the "::ref" tensors task masks read; "expert" is a task's file or a group's.
+FileRole = Literal["fold", "shared", "expert"]
+TERM_KINDS: dict[str, tuple[str, ...]] = {"fold": (), "shared": ("lora_A", "lora_B", "dense", "ref"),
+                                          "expert": ("lora_A", "lora_B", "dense", "mask", "scale")}
+SHARED_FILE = "shared.safetensors"
+
+
+@dataclass(frozen=True, eq=False)
+class LoRA:
+    """A (m×r) @ B (r×n): a low-rank delta; routing applies it without forming the product."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    kind: ClassVar[str] = "lora"
+
+    def delta(self, shape: Sequence[int]) -> torch.Tensor:
+        return (self.A.float() @ self.B.float()).reshape(shape)
+
+
+@dataclass(frozen=True, eq=False)
+class Dense:
+    """A delta stored as is (any shape with the tensor's element count)."""
+
+    value: torch.Tensor
+    kind: ClassVar[str] = "dense"
+
+    def delta(self, shape: Sequence[int]) -> torch.Tensor:
+        return self.value.float().reshape(shape)
+
+
+@dataclass(frozen=True, eq=False)
+class Masked:
+    """scale · mask ⊙ ref: a task's mask (and scale) over a reference delta stored once in the shared file."""
+
+    mask: torch.Tensor
+    scale: torch.Tensor
+    ref: torch.Tensor
+    kind: ClassVar[str] = "mask"
+
+    def delta(self, shape: Sequence[int]) -> torch.Tensor:
+        return (self.scale.float() * self.mask.float() * self.ref.float()).reshape(shape)
+
+
+Term = Union[LoRA, Dense, Masked]
+
+
+@dataclass(frozen=True)
+class TermKeys:
+    """One term of one tensor by its keys, known before any tensor is read: `keys[0]` is the term's own key,
+    the rest its companions (lora_B; or scale, then the "::ref" in shared.safetensors)."""
+
+    kind: str
+    name: str
+    keys: tuple[str, ...]
+
+
+def file_role(rel: str) -> FileRole:
+    """The role of an artifact file from its path inside the artifact."""
+    return "fold" if rel == "fold.safetensors" else "shared" if rel == SHARED_FILE else "expert"
+
+
+def parse_terms(keys: Iterable[str], file: str | Path, role: FileRole, present: Container[str] | None = None,
+                refs: Container[str] = ()) -> dict[str, list[TermKeys]]:
+    """Terms per tensor name, in key order (the order deltas are summed in), from keys alone.
+
+    `keys`: the keys to parse (all of the file's, or one tensor's); `present`: every key of the file (default:
+    `keys`), where companions are looked up; `refs`: the shared file's keys (a mask needs its "::ref" there).
+    A key its file may not hold (an unknown kind), a missing companion or a companion without its term raises
+    one DidiError naming the file and the key."""
+    keys = list(keys)
+    present = set(keys) if present is None else present
+    out: dict[str, list[TermKeys]] = {}
+    if role == "fold":
+        for key in keys:
+            out.setdefault(key, []).append(TermKeys("dense", key, (key,)))
+        return out
+
+    def need(key: str, other: str) -> str:
+        if other not in present:
+            raise DidiError(f"{file}: term '{key}' needs '{other}', which the file lacks")
+        return other
+
+    for key in keys:
+        name, sep, kind = key.rpartition("::")
+        if not sep or kind not in TERM_KINDS[role]:
+            raise DidiError(f"{file}: unknown term kind '{kind if sep else ''}' in '{key}' (a {role} file holds "
+                            f"{', '.join(TERM_KINDS[role])})")
+        if kind == "lora_A":
+            out.setdefault(name, []).append(TermKeys("lora", name, (key, need(key, f"{name}::lora_B"))))
+        elif kind == "dense":
+            out.setdefault(name, []).append(TermKeys("dense", name, (key,)))
+        elif kind == "mask":
+            if f"{name}::ref" not in refs:
+                raise DidiError(f"{file}: term '{key}' needs '{name}::ref' in {SHARED_FILE}, which is missing")
+            out.setdefault(name, []).append(TermKeys("mask", name, (key, need(key, f"{name}::scale"),
+                                                                    f"{name}::ref")))
+        elif kind == "lora_B":
+            need(key, f"{name}::lora_A")
+        elif kind == "scale":
+            need(key, f"{name}::mask")
+    return out
+
+
+def load_terms(parsed: Mapping[str, list[TermKeys]], tensors: Mapping[str, torch.Tensor],
+               refs: Mapping[str, torch.Tensor] | None = None) -> dict[str, list[Term]]:
+    """The typed terms of `parse_terms`'s result: tensors read from `tensors` (refs from `refs`)."""
+    out: dict[str, list[Term]] = {}
+    for name, specs in parsed.items():
+        terms = out.setdefault(name, [])
+        for s in specs:
+            if s.kind == "lora":
+                terms.append(LoRA(tensors[s.keys[0]], tensors[s.keys[1]]))
+            elif s.kind == "dense":
+                terms.append(Dense(tensors[s.keys[0]]))
+            else:
+                terms.append(Masked(tensors[s.keys[0]], tensors[s.keys[1]], refs[s.keys[2]]))
+    return out
+
+
+def decode_terms(tensors: Mapping[str, torch.Tensor], file: str | Path, role: FileRole,
+                 refs: Mapping[str, torch.Tensor] | None = None) -> dict[str, list[Term]]:
+    """Typed terms per tensor name of one term file (`parse_terms` on its keys, then its tensors)."""
+    refs = {} if refs is None else refs
+    return load_terms(parse_terms(tensors.keys(), file, role, refs=refs.keys()), tensors, refs)
+
+
+def merge_terms(*parts: Mapping[str, list[Term]]) -> dict[str, list[Term]]:
+    """Terms of several files per tensor name, in file order (the order their deltas are summed in)."""
+    out: dict[str, list[Term]] = {}
+    for part in parts:
+        for name, terms in part.items():
+            out.setdefault(name, []).extend(terms)
+    return out
+
+
+class LazyTensors(Mapping):
+    """The tensors of one safetensors file, each read only when asked for (a missing file reads as empty)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._handle = safe_open(str(self.path), framework="pt", device="cpu") if self.path.exists() else None
+        self._keys = list(self._handle.keys()) if self._handle is not None else []
+        self._set = set(self._keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._set:
+            raise KeyError(key)
+        return self._handle.get_tensor(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._set
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def write_artifact(path: str | Path, manifest: dict, fold: dict[str, TensorLike], shared: dict[str, TensorLike],
@@ -170,14 +339,42 @@ class Artifact:
         return self._load("shared.safetensors")
 
     def task_terms(self, task: str) -> dict[str, torch.Tensor]:
+        self._check_task(task)
+        return self._load(f"tasks/{task}.safetensors")
+
+    def _check_task(self, task: str) -> None:
         if task not in self.tasks:
             raise DidiError(f"{self.path}: unknown task {task!r}; tasks: {self.tasks}")
-        return self._load(f"tasks/{task}.safetensors")
+
+    def expert_files(self, task: str) -> list[str]:
+        """Files whose terms `task` adds after fold and shared: its own, then every group containing it."""
+        self._check_task(task)
+        groups = [f"groups/{gid}.safetensors" for gid, members in self.manifest.get("groups", {}).items()
+                  if task in members]
+        return [f"tasks/{task}.safetensors", *groups]
 
     def group_terms(self, task: str) -> list[dict[str, torch.Tensor]]:
         """Terms of every group (tensors shared by a subset of the tasks) that contains `task`."""
-        return [self._load(f"groups/{gid}.safetensors") for gid, members in self.manifest.get("groups", {}).items()
-                if task in members]
+        return [self._load(rel) for rel in self.expert_files(task)[1:]]
+
+    def terms(self, rel: str, refs: Mapping[str, torch.Tensor] | None = None) -> dict[str, list[Term]]:
+        """The decoded terms of one file (`rel` inside the artifact); `refs`: the shared file's tensors, which
+        masks read (default: read lazily from shared.safetensors)."""
+        role = file_role(rel)
+        if role == "expert" and refs is None:
+            refs = LazyTensors(self.path / SHARED_FILE)
+        return decode_terms(self._load(rel), self.path / rel, role, refs)
+
+    def common_terms(self) -> dict[str, list[Term]]:
+        """Terms every task adds, per tensor name: fold, then shared."""
+        return merge_terms(self.terms("fold.safetensors"), self.terms(SHARED_FILE))
+
+    def expert_terms(self, task: str, refs: Mapping[str, torch.Tensor] | None = None) -> dict[str, list[Term]]:
+        """`task`'s own terms per tensor name: its file's, then its groups' (a group's terms count as its
+        members' own)."""
+        if refs is None:
+            refs = LazyTensors(self.path / SHARED_FILE)
+        return merge_terms(*(self.terms(rel, refs) for rel in self.expert_files(task)))
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         """The shape of tensor `name` as the manifest lists it (terms are reshaped to it)."""
@@ -186,41 +383,23 @@ class Artifact:
             raise DidiError(f"{self.path}: term for tensor '{name}' that the manifest does not list")
         return tuple(spec["shape"])
 
-    def _add(self, out: dict[str, torch.Tensor], name: str, d: torch.Tensor) -> None:
-        d = d.float().reshape(self.shape_of(name))
-        out[name] = out[name] + d if name in out else d
+    def _add(self, out: dict[str, torch.Tensor], terms: Mapping[str, list[Term]]) -> dict[str, torch.Tensor]:
+        """Add every term's delta to `out` (fp32, the tensor's shape), in order."""
+        for name, ts in terms.items():
+            shape = self.shape_of(name)
+            for term in ts:
+                d = term.delta(shape)
+                out[name] = out[name] + d if name in out else d
+        return out
 
     def common_deltas(self) -> dict[str, torch.Tensor]:
         """name -> the delta every task shares: fold + shared low-rank + shared dense (fp32, the tensor's shape).
         Routed serving folds exactly this into the base weights once."""
-        out: dict[str, torch.Tensor] = {}
-        for name, d in self.fold().items():
-            self._add(out, name, d)
-        shared = self.shared()
-        for key, v in shared.items():
-            name, kind = key.rsplit("::", 1)
-            if kind == "lora_A":
-                self._add(out, name, v.float() @ shared[f"{name}::lora_B"].float())
-            elif kind == "dense":
-                self._add(out, name, v)
-            elif kind not in ("lora_B", "ref"):
-                raise DidiError(f"{self.path}/shared.safetensors: unknown term kind '{kind}' in '{key}'")
-        return out
+        return self._add({}, self.common_terms())
 
     def task_deltas(self, task: str) -> dict[str, torch.Tensor]:
         """name -> full delta of `task` w.r.t. θ0 (fp32, the tensor's shape)."""
-        out = self.common_deltas()
-        shared, own = self.shared(), self.task_terms(task)
-        for terms in (own, *self.group_terms(task)):
-            for key, v in terms.items():
-                name, kind = key.rsplit("::", 1)
-                if kind == "lora_A":
-                    self._add(out, name, v.float() @ terms[f"{name}::lora_B"].float())
-                elif kind == "dense":
-                    self._add(out, name, v)
-                elif kind == "mask":
-                    self._add(out, name, own[f"{name}::scale"].float() * v.float() * shared[f"{name}::ref"].float())
-        return out
+        return self._add(self.common_deltas(), self.expert_terms(task))
 
     def task_state_dict(self, task: str, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """θ0 + fold + shared + expert for `task`, in θ0's dtypes. θ0 is read through the recorded adapter

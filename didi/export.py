@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from didi.artifact import Artifact, atomic_dir, load_artifact
+from didi.artifact import (SHARED_FILE, Artifact, LazyTensors, LoRA, Term, atomic_dir, file_role,
+                           load_artifact, load_terms, parse_terms)
 from didi.errors import DidiError
 
 ExportFormat = Literal["checkpoint", "peft"]
@@ -40,63 +40,51 @@ AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeniz
 
 # --------------------------------------------------------------------------------------- artifact terms
 class LazyTerms:
-    """The artifact's term files opened lazily, indexed by tensor name (one tensor read at a time).
+    """The artifact's term files opened lazily and indexed by tensor name; one tensor's terms are read (and
+    decoded by `didi.artifact`'s decoder, the one `Artifact.task_deltas` and routing use) at a time.
 
     Deltas are summed in the order `Artifact.task_deltas` uses (fold, shared, task, groups; keys in file
     order), so the exported weights equal `Artifact.task_state_dict` bit for bit."""
 
     def __init__(self, art: Artifact) -> None:
         self.art = art
-        self._handles: dict[str, object] = {}
+        self._files: dict[str, LazyTensors] = {}
         self._index: dict[str, dict[str, list[str]]] = {}
 
-    def _file(self, rel: str):
-        if rel not in self._handles:
-            f = self.art.path / rel
-            self._handles[rel] = safe_open(str(f), framework="pt", device="cpu") if f.exists() else None
+    def _file(self, rel: str) -> LazyTensors:
+        if rel not in self._files:
+            f = LazyTensors(self.art.path / rel)
             idx: dict[str, list[str]] = {}
-            if self._handles[rel] is not None:
-                for key in self._handles[rel].keys():
-                    idx.setdefault(key.rsplit("::", 1)[0], []).append(key)
-            self._index[rel] = idx
-        return self._handles[rel]
-
-    def keys_of(self, rel: str, name: str) -> list[str]:
-        self._file(rel)
-        return self._index[rel].get(name, [])
+            for key in f:
+                idx.setdefault(key.rsplit("::", 1)[0], []).append(key)
+            self._files[rel], self._index[rel] = f, idx
+        return self._files[rel]
 
     def names(self, rel: str) -> list[str]:
         self._file(rel)
         return list(self._index[rel])
 
-    def get(self, rel: str, key: str) -> torch.Tensor:
-        return self._file(rel).get_tensor(key)
+    def check(self, files: Iterable[str]) -> None:
+        """Parse every key of `files` (no tensor is read): a bad term is refused before anything is written."""
+        for rel in files:
+            parse_terms(self._file(rel), self.art.path / rel, file_role(rel), refs=self._file(SHARED_FILE))
 
-    def task_files(self, task: str) -> list[str]:
-        """Files whose terms task `task` adds, after fold and shared: its own, then its groups'."""
-        groups = [f"groups/{gid}.safetensors" for gid, members in self.art.manifest.get("groups", {}).items()
-                  if task in members]
-        return [f"tasks/{task}.safetensors", *groups]
+    def terms(self, rel: str, name: str) -> list[Term]:
+        """The decoded terms of tensor `name` in file `rel`, in key order."""
+        f = self._file(rel)
+        keys = self._index[rel].get(name)
+        if not keys:
+            return []
+        refs = self._file(SHARED_FILE)
+        parsed = parse_terms(keys, self.art.path / rel, file_role(rel), present=f, refs=refs)
+        return load_terms(parsed, f, refs).get(name, [])
 
-    def delta(self, name: str, shape: tuple[int, ...], files: list[str], task: str | None) -> torch.Tensor | None:
+    def delta(self, name: str, shape: tuple[int, ...], files: list[str]) -> torch.Tensor | None:
         """Sum of the terms of `name` in `files` (fp32, `shape`); None when no file has a term for it."""
         out = None
         for rel in files:
-            for key in self.keys_of(rel, name):
-                kind = key.rsplit("::", 1)[1] if "::" in key else "dense"  # fold keys are plain names
-                if kind == "lora_A":
-                    d = self.get(rel, key).float() @ self.get(rel, f"{name}::lora_B").float()
-                elif kind == "dense":
-                    d = self.get(rel, key)
-                elif kind == "mask":
-                    if task is None:
-                        raise DidiError(f"{self.art.path / rel}: '{key}' is a mask outside a task file")
-                    own = f"tasks/{task}.safetensors"
-                    d = self.get(own, f"{name}::scale").float() * self.get(rel, key).float() \
-                        * self.get("shared.safetensors", f"{name}::ref").float()
-                else:
-                    continue
-                d = d.float().reshape(shape)
+            for term in self.terms(rel, name):
+                d = term.delta(shape)
                 out = d if out is None else out + d
         return out
 
@@ -195,12 +183,12 @@ def _check_tasks(art: Artifact, tasks: Iterable[str] | None) -> list[str]:
     return tasks
 
 
-def _value_fn(src, shapes, terms: LazyTerms, files: list[str], task: str | None) -> Callable[[str], torch.Tensor]:
+def _value_fn(src, shapes, terms: LazyTerms, files: list[str]) -> Callable[[str], torch.Tensor]:
     def value(name: str) -> torch.Tensor:
         w = src.get(name)
         if name not in shapes or not w.dtype.is_floating_point:
             return w
-        d = terms.delta(name, shapes[name], files, task)
+        d = terms.delta(name, shapes[name], files)
         return w if d is None else (w.float() + d).to(w.dtype)
 
     return value
@@ -216,13 +204,14 @@ def export_checkpoints(artifact: str | Path, output: str | Path, tasks: Iterable
     _, src = _open(art, base)
     layout, shapes, terms = BaseLayout(src), _shapes(art), LazyTerms(art)
     _check_names(art, src)
+    terms.check(["fold.safetensors", SHARED_FILE, *(rel for t in tasks for rel in art.expert_files(t))])
     with atomic_dir(output) as tmp:
         for t in tasks:
-            files = ["fold.safetensors", "shared.safetensors", *terms.task_files(t)]
+            files = ["fold.safetensors", SHARED_FILE, *art.expert_files(t)]
             target = tmp / t if layout.as_directory else tmp / f"{t}.safetensors"
             if layout.as_directory:
                 target.mkdir()
-            layout.write(target, _value_fn(src, shapes, terms, files, t))
+            layout.write(target, _value_fn(src, shapes, terms, files))
         _write_info(tmp, art, "checkpoint", {t: (f"{t}" if layout.as_directory else f"{t}.safetensors")
                                              for t in tasks})
     return Path(output)
@@ -259,19 +248,16 @@ def _peft_tensors(art: Artifact, terms: LazyTerms, task: str, adapter, model: to
                   ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """PEFT state dict and {module path: rank} of one task's expert (own low-rank terms + its groups')."""
     factors: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-    for rel in terms.task_files(task):
+    for rel in art.expert_files(task):
         for name in terms.names(rel):
-            for key in terms.keys_of(rel, name):
-                kind = key.rsplit("::", 1)[1]
-                if kind in ("lora_B", "scale"):
-                    continue
-                if kind != "lora_A":
-                    raise DidiError(f"{art.path / rel}: task '{task}' stores a '{kind}' term for tensor '{name}' "
-                                    f"('{key}'), which is not low rank and has no PEFT LoRA form; export this "
-                                    f"artifact with --format checkpoint")
+            for term in terms.terms(rel, name):
+                if not isinstance(term, LoRA):
+                    raise DidiError(f"{art.path / rel}: task '{task}' stores a '{term.kind}' term for tensor "
+                                    f"'{name}' ('{name}::{term.kind}'), which is not low rank and has no PEFT LoRA "
+                                    f"form; export this artifact with --format checkpoint")
                 A, B = factors.setdefault(name, ([], []))
-                A.append(terms.get(rel, key).float())
-                B.append(terms.get(rel, f"{name}::lora_B").float())
+                A.append(term.A.float())
+                B.append(term.B.float())
     out, ranks = {}, {}
     shapes = _shapes(art)
     for name, (As, Bs) in factors.items():
@@ -322,11 +308,7 @@ def export_peft(artifact: str | Path, output: str | Path, tasks: Iterable[str] |
     model = _meta_model(adapter)
     terms = LazyTerms(art)
     _check_names(art, src)
-    for name in terms.names("shared.safetensors"):
-        for key in terms.keys_of("shared.safetensors", name):
-            if key.endswith("::mask"):
-                raise DidiError(f"{art.path}/shared.safetensors: '{key}' is a mask term, not low rank; no PEFT "
-                                f"export; use --format checkpoint")
+    terms.check(["fold.safetensors", SHARED_FILE, *(rel for t in tasks for rel in art.expert_files(t))])
     adapters = {t: _peft_tensors(art, terms, t, adapter, model) for t in tasks}  # refuse before writing anything
     layout = BaseLayout(src)
     out = Path(output)
@@ -334,8 +316,7 @@ def export_peft(artifact: str | Path, output: str | Path, tasks: Iterable[str] |
         base_dir = tmp / "base"
         base_dir.mkdir()
         base_target = base_dir if layout.as_directory else base_dir / layout.path.name
-        layout.write(base_target, _value_fn(src, _shapes(art), terms, ["fold.safetensors", "shared.safetensors"],
-                                            None))
+        layout.write(base_target, _value_fn(src, _shapes(art), terms, ["fold.safetensors", SHARED_FILE]))
         final_base = (out.resolve() / "base") if layout.as_directory else out.resolve() / "base" / layout.path.name
         (tmp / "adapters").mkdir()
         listing = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from didi.backbones import register_adapter
+from didi.backbones.registry import register_adapter
 from didi.backbones.base import Adapter, NonMatrixPolicy
 from didi.errors import DidiError
 from didi.sources import TensorSource

@@ -22,10 +22,12 @@ from pathlib import Path
 
 from common import md_table, write_results
 from didi.backbones import Adapter, Zoo
+
+from didi.allocation import allocate
 from didi.decompose import DecomposeConfig, decompose
-from didi.pipeline import TrainerConfig, allocate
 from didi.search import SearchConfig
 from didi.synthetic import make_spectral_zoo
+from didi.trainer import TrainerConfig
 
 TRAINER = TrainerConfig(accelerator="cpu", logger="none", progress_bar=False)
 

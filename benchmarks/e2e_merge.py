@@ -17,12 +17,15 @@ from pathlib import Path
 
 from common import md_table, peak_rss_mb, write_results
 from didi.backbones import Adapter, Zoo
+
+from didi.allocation import allocate
 from didi.budget import parse_budget
 from didi.decompose import DecomposeConfig, decompose
-from didi.pipeline import TrainerConfig, allocate, refine, write_didi_artifact
-from didi.refine import RefineConfig
+from didi.didi_artifact import write_didi_artifact
+from didi.refine import RefineConfig, refine_matrices
 from didi.search import SearchConfig
 from didi.synthetic import make_spectral_zoo
+from didi.trainer import TrainerConfig
 
 
 def main() -> None:
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
     ranks = allocate(store, parse_budget(args.budget), SearchConfig(), tc, "shared", "search", root / "work")
     times["search + budget"] = time.perf_counter() - t
     t = time.perf_counter()
-    shared, tasks, metrics = refine(zoo, store, ranks, RefineConfig(), tc, root / "work")
+    shared, tasks, metrics = refine_matrices(zoo, store, ranks, RefineConfig(), tc, root / "work")
     times["refine"] = time.perf_counter() - t
     t = time.perf_counter()
     out = write_didi_artifact(root / "merged", zoo, store, ranks, shared, tasks, {}, metrics)

@@ -77,13 +77,14 @@ def make(root: Path, hidden: int, layers: int, vocab: int, T: int) -> None:
 def merge(root: Path, T: int, device: str) -> dict:
     """One merge; returns times and memory of this process."""
     import torch  # noqa: F401
-
     from didi.backbones import Zoo
     from didi.backbones.hf_llama import HFLlamaAdapter
+
     from didi.decompose import DecomposeConfig, decompose
-    from didi.pipeline import TrainerConfig, run_merge
+    from didi.pipeline import MergeOptions, run_merge
     from didi.refine import RefineConfig
     from didi.search import SearchConfig
+    from didi.trainer import TrainerConfig
 
     zoo = Zoo(HFLlamaAdapter(embeddings="low_rank"), str(root / "base"), {f"t{i}": str(root / f"task{i}") for i in range(T)})
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # after imports and the zoo's checks
@@ -93,9 +94,7 @@ def merge(root: Path, T: int, device: str) -> dict:
     t_dec = time.perf_counter() - t0
     rss_dec = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    run_merge(zoo, root / "merged", 1.1, dcfg, SearchConfig(steps=50), RefineConfig(sweeps=1),
-              TrainerConfig(accelerator="cpu" if device == "cpu" else "auto", logger="none", progress_bar=False),
-              progress=False)
+    run_merge(zoo, root / "merged", MergeOptions(1.1, dcfg, SearchConfig(steps=50), RefineConfig(sweeps=1), TrainerConfig(accelerator="cpu" if device == "cpu" else "auto", logger="none", progress_bar=False)), progress=False)
     t_rest = time.perf_counter() - t0
     return {"rss_after_imports_mb": rss_imports / 1024, "peak_rss_decompose_mb": rss_dec / 1024,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

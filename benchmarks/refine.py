@@ -16,11 +16,13 @@ from pathlib import Path
 
 from common import md_table, write_results
 from didi.backbones import Adapter, Zoo
+
+from didi.allocation import allocate
 from didi.decompose import DecomposeConfig, decompose
-from didi.pipeline import TrainerConfig, allocate, refine
-from didi.refine import RefineConfig
+from didi.refine import RefineConfig, refine_matrices
 from didi.search import SearchConfig
 from didi.synthetic import make_spectral_zoo
+from didi.trainer import TrainerConfig
 
 
 def main() -> None:
@@ -44,7 +46,7 @@ def main() -> None:
                        ("als, 4 sweeps (default)", RefineConfig(optimizer="als", sweeps=4)),
                        ("als, 10 sweeps", RefineConfig(optimizer="als", sweeps=10))]:
         t = time.perf_counter()
-        _, _, m = refine(zoo, store, ranks, cfg, tc, root / f"work_{len(rows)}")
+        _, _, m = refine_matrices(zoo, store, ranks, cfg, tc, root / f"work_{len(rows)}")
         dt = time.perf_counter() - t
         rows.append([label, m["rec_err_after"], dt])
         results.append({"optimizer": label, "rec_err": m["rec_err_after"], "rec_err_before": m["rec_err_before"],

@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 import torch
+from didi.backbones.open_clip import OpenClipAdapter
 
 from didi.artifact import load_artifact, write_artifact
-from didi.backbones.open_clip import OpenClipAdapter
-from didi.datamodules.image import ImageFeatures
+from didi.eval_image import ImageFeatures
 from didi.routing import RoutedModel
 
 RESULTS = Path(__file__).parent / "results"

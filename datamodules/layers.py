@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Callable, Iterator, Sequence
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 

@@ -1,4 +1,4 @@
-"""Storage accounting (method.md §4): one function prices every artifact, DiDi's and every baseline's.
+"""Storage accounting (docs/method.md §4): one function prices every artifact, DiDi's and every baseline's.
 
 ratio = 1 + stored elements / |θ0|. The backbone θ0 is stored once and counts 1.0. Stored tensors are priced
 by kind: a rank-r factor pair of an m×n matrix costs r(m + n) (the numel of A plus B), a dense tensor its

@@ -6,19 +6,18 @@
 """
 from __future__ import annotations
 
+import inspect as _inspect
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
-from didi.backbones import Adapter, Zoo
-from didi.decompose import DecomposeConfig
+from didi.backbones import ADAPTERS, Adapter, Zoo
 from didi.errors import DidiError
 from didi.finetune import FinetuneConfig
-from didi.pipeline import TrainerConfig
-from didi.refine import RefineConfig
-from didi.search import SearchConfig
+from didi.pipeline import MergeOptions
+from didi.trainer import TrainerConfig
 
 EXAMPLES = """
 examples:
@@ -36,21 +35,35 @@ def _zoo(base: str, tasks, backbone, allow_pickle: bool):
     return Zoo(backbone if backbone is not None else Adapter(), base, tasks, allow_pickle=allow_pickle)
 
 
-def merge(
-    base: str,
-    tasks: Union[dict[str, str], list[str]],
-    output: str,
-    budget: Union[float, str] = "S",
-    backbone: Optional[Adapter] = None,
-    allocation: Literal["search", "greedy", "uniform"] = "search",
-    shared: Literal["low_rank", "folded"] = "low_rank",
-    decompose: DecomposeConfig = DecomposeConfig(),
-    search: SearchConfig = SearchConfig(),
-    refine: RefineConfig = RefineConfig(),
-    trainer: TrainerConfig = TrainerConfig(),
-    allow_pickle: bool = False,
-    resume: bool = False,
-) -> Optional[str]:
+def _merge_signature(*own: str, options: tuple[str, ...]) -> Callable:
+    """Give a subcommand the flat flags of `MergeOptions` (`--budget`, `--search.steps`, ...) without restating
+    them: its signature becomes its own parameters (`own`) plus the named option fields, and its help text
+    gets those fields' descriptions. The options are declared once, on `MergeOptions`."""
+    from didi.options import option_parameters
+
+    def deco(fn: Callable) -> Callable:
+        sig = _inspect.signature(fn)
+        params = [sig.parameters[n] for n in own]
+        opt_params, opt_docs = option_parameters(MergeOptions, options)
+        fn.__signature__ = sig.replace(parameters=params + opt_params)
+        fn.__doc__ = (fn.__doc__ or "").rstrip() + "\n" + "\n".join(opt_docs) + "\n"
+        return fn
+
+    return deco
+
+
+_COMMON_ARGS = """
+    Args:
+        base: θ0: a .safetensors file or a directory (sharded index supported).
+        tasks: {name: path} or a list of name=path / paths (name = file stem); at least two.
+        backbone: adapter (class name or path, e.g. `Adapter`; see `didi backbones`).
+        allow_pickle: accept pickle checkpoints (loaded with torch.load(weights_only=True))."""
+
+
+@_merge_signature("base", "tasks", "output", "backbone", "allow_pickle",
+                  options=("budget", "allocation", "shared", "decompose", "search", "refine", "trainer", "resume"))
+def merge(base: str, tasks: Union[dict[str, str], list[str]], output: str, backbone: Optional[Adapter] = None,
+          allow_pickle: bool = False, **options) -> None:
     """Merge T fine-tunes of one backbone into θ0 + a shared low-rank module + one low-rank expert per task.
 
     Runs decompose → rank search (Lightning fit) → exact budget → LoRA refinement (Lightning fit) → artifact.
@@ -61,47 +74,19 @@ def merge(
       didi merge --config configs/merge_synthetic.yaml --search.steps 400    # YAML, then overrides
       didi merge ... --trainer.strategy ddp --trainer.devices 4 --trainer.accelerator gpu
       didi merge ... --shared folded        # shared part in the stored base: every budget unit to the experts
-
-    Args:
-        base: θ0: a .safetensors file or a directory (sharded index supported).
-        tasks: {name: path} or a list of name=path / paths (name = file stem); at least two.
-        output: artifact directory to create (written to a temporary path and renamed at the end).
-        budget: storage ratio: S (1.24), M (1.4), L (2.0) or any float > 1.
-        backbone: adapter (class name or path, e.g. `Adapter`; see `didi backbones`).
-        allocation: `search` (DiDi's differentiable search), or the ablations `greedy` / `uniform`.
-        shared: `low_rank` (the paper: a shared LoRA module, paid for) or `folded` (the dense shared part is
-            added to the stored base, which costs nothing; the whole budget goes to the experts, allocated by
-            the exact greedy, and the refinement updates the dense shared part and the experts).
-        decompose: decomposition settings (shared merge, max_rank, dtype, device, cache_dir).
-        search: stage-1 settings.
-        refine: stage-2 settings.
-        trainer: Lightning Trainer settings (accelerator, devices, strategy, num_nodes, logger).
-        allow_pickle: accept pickle checkpoints (loaded with torch.load(weights_only=True)).
-        resume: continue the search from the last checkpoint of an interrupted run with the same output.
-    """
+    {common}
+        output: artifact directory to create (written to a temporary path and renamed at the end)."""
     from didi.pipeline import run_merge
 
-    zoo = _zoo(base, tasks, backbone, allow_pickle)
-    path = run_merge(zoo, output, budget, decompose, search, refine, trainer, allocation, resume, shared=shared)
+    path = run_merge(_zoo(base, tasks, backbone, allow_pickle), output, _options(options))
     if path is not None:
         _summary(path)
-    return None
 
 
-def search(
-    base: str,
-    tasks: Union[dict[str, str], list[str]],
-    output: str,
-    budget: Union[float, str] = "S",
-    backbone: Optional[Adapter] = None,
-    allocation: Literal["search", "greedy", "uniform"] = "search",
-    shared: Literal["low_rank", "folded"] = "low_rank",
-    decompose: DecomposeConfig = DecomposeConfig(),
-    search: SearchConfig = SearchConfig(),
-    trainer: TrainerConfig = TrainerConfig(),
-    allow_pickle: bool = False,
-    resume: bool = False,
-) -> None:
+@_merge_signature("base", "tasks", "output", "backbone", "allow_pickle",
+                  options=("budget", "allocation", "shared", "decompose", "search", "trainer", "resume"))
+def search(base: str, tasks: Union[dict[str, str], list[str]], output: str, backbone: Optional[Adapter] = None,
+           allow_pickle: bool = False, **options) -> None:
     """Stage 1 alone: decompose, search and budget; writes the integer ranks to a JSON file (`output`).
 
     Resumable: with --resume true the search continues from `.<output>.work/search/last.ckpt`.
@@ -109,33 +94,21 @@ def search(
     examples:
       didi search base.safetensors '[a.safetensors, b.safetensors]' ranks.json --budget S
       didi search --config configs/search_synthetic.yaml --search.steps 400 --resume true
-    """
-    from didi.budget import parse_budget
-    from didi.decompose import decompose as run_decompose
-    from didi.pipeline import allocate, is_global_zero, precheck_budget, work_dir_for
+    {common}
+        output: the ranks file to write (JSON, written to a temporary file and renamed)."""
+    from didi.pipeline import run_search, write_json_atomic
+    from didi.trainer import is_global_zero
 
-    zoo = _zoo(base, tasks, backbone, allow_pickle)
-    target = parse_budget(budget)
-    precheck_budget(zoo, target)
-    store = run_decompose(zoo, decompose)
-    work = work_dir_for(output)
-    ranks = allocate(store, target, search, trainer, zoo.adapter.policy_of, allocation, work, resume, shared)
+    ranks, store = run_search(_zoo(base, tasks, backbone, allow_pickle), output, _options(options))
     if is_global_zero():
-        _write_json_atomic(output, ranks.to_json(store))
+        write_json_atomic(output, ranks.to_json(store))
         print(f"ranks written to {output}: ratio {ranks.info['ratio']:.6g}, rel. error {ranks.info['rec_err']:.4g}")
 
 
-def refine(
-    base: str,
-    tasks: Union[dict[str, str], list[str]],
-    ranks: str,
-    output: str,
-    backbone: Optional[Adapter] = None,
-    decompose: DecomposeConfig = DecomposeConfig(),
-    refine: RefineConfig = RefineConfig(),
-    trainer: TrainerConfig = TrainerConfig(),
-    allow_pickle: bool = False,
-) -> None:
+@_merge_signature("base", "tasks", "ranks", "output", "backbone", "allow_pickle",
+                  options=("decompose", "refine", "trainer"))
+def refine(base: str, tasks: Union[dict[str, str], list[str]], ranks: str, output: str,
+           backbone: Optional[Adapter] = None, allow_pickle: bool = False, **options) -> None:
     """Stage 2 alone: refine LoRA factors at the ranks of `didi search` and write the artifact.
 
     Resumable: matrices finished by an interrupted run (kept in `.<output>.work/refine/`) are not redone.
@@ -143,33 +116,24 @@ def refine(
     examples:
       didi refine base.safetensors '[a.safetensors, b.safetensors]' ranks.json merged/
       didi refine ... --refine.optimizer adam --refine.steps 500
-    """
-    import shutil
+    {common}
+        ranks: the ranks file written by `didi search`.
+        output: artifact directory to create (written to a temporary path and renamed at the end)."""
+    from didi.pipeline import run_refine
 
-    from didi.decompose import decompose as run_decompose
-    from didi.pipeline import Ranks, is_global_zero, log_heatmap, refine as run_refine, work_dir_for, \
-        write_didi_artifact
-
-    zoo = _zoo(base, tasks, backbone, allow_pickle)
-    if Path(output).exists():
-        raise DidiError(f"{output}: output directory already exists; choose another path or delete it")
-    dcfg, rcfg = decompose, refine
-    store = run_decompose(zoo, dcfg)
-    try:
-        rk = Ranks.from_json(json.loads(Path(ranks).read_text()), store)
-    except (OSError, json.JSONDecodeError, KeyError) as e:
-        raise DidiError(f"{ranks}: not a ranks file written by `didi search` ({e})") from e
-    work = work_dir_for(output)
-    shared, per_task, metrics = run_refine(zoo, store, rk, rcfg, trainer, work)
-    if is_global_zero():
-        from dataclasses import asdict
-
-        hyper = {"budget": rk.info.get("target_ratio"), "allocation": rk.info.get("allocation"),
-                 "decompose": asdict(dcfg), "refine": asdict(rcfg), "ranks_file": str(Path(ranks).resolve())}
-        path = write_didi_artifact(output, zoo, store, rk, shared, per_task, hyper, metrics)
-        log_heatmap(trainer, path)
-        shutil.rmtree(work, ignore_errors=True)
+    path = run_refine(_zoo(base, tasks, backbone, allow_pickle), output, ranks, _options(options))
+    if path is not None:
         _summary(path)
+
+
+for _cmd in (merge, search, refine):
+    _cmd.__doc__ = _cmd.__doc__.replace("{common}", _COMMON_ARGS.strip("\n"), 1)
+
+
+def _options(options: dict) -> "MergeOptions":
+    opts = MergeOptions(**options)
+    opts.validate()
+    return opts
 
 
 def inspect(path: str, json_output: bool = False) -> None:
@@ -219,13 +183,8 @@ def demo(output: str = "didi_demo", kind: Literal["real", "synthetic"] = "real",
 
 def backbones(json_output: bool = False) -> None:
     """List the registered backbone adapters and their options (`--json` for machine-readable output)."""
-    import inspect as _inspect
-
-    from didi.backbones import ADAPTERS, _load_plugins
-
-    _load_plugins()
     rows = []
-    for name, cls in sorted(ADAPTERS.items()):
+    for name, cls in ADAPTERS.items():
         params = list(_inspect.signature(cls.__init__).parameters.values())[1:]
         opts = [{"name": p.name, "type": str(p.annotation).replace("typing.", ""),
                  "default": None if p.default is _inspect.Parameter.empty else p.default} for p in params
@@ -437,14 +396,6 @@ def compare(
     print(f"Pareto front: {', '.join(res['pareto_front'])}\nplot: {Path(output) / 'pareto.png'}")
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, p)
-
-
 def _summary(path) -> None:
     from didi.artifact import load_artifact
 
@@ -464,13 +415,13 @@ COMMANDS = {"merge": merge, "search": search, "refine": refine, "inspect": inspe
 def build_parser():
     """The jsonargparse parser of every subcommand, with each docstring's `examples:` block as its epilog."""
     import argparse
-    import inspect as _inspect
 
     from jsonargparse import ArgumentParser, DefaultHelpFormatter, auto_cli, capture_parser
 
     class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
         """Keeps the examples laid out as written."""
 
+    ADAPTERS.load()  # every adapter class importable: `--backbone HFEncoderAdapter` resolves by class name
     parser = capture_parser(lambda: auto_cli(COMMANDS, args=[], description=__doc__.split("\n")[0],
                                              epilog=EXAMPLES, parser_class=ArgumentParser,
                                              formatter_class=HelpFormatter))

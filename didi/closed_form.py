@@ -1,4 +1,4 @@
-"""Stage-1 reconstruction error in the SVD bases (method.md §3): no m×n matrix is formed per step.
+"""Stage-1 reconstruction error in the SVD bases (docs/method.md §3): no m×n matrix is formed per step.
 
 For one matrix and task t, with masks dropping singular mass d_s = (1 − g(r_s))∘σ_s and d_t = (1 − g(r_t))∘σ_t:
 

@@ -2,7 +2,7 @@
 
 Per decomposed matrix: M_s = merge(τ_1..τ_T) (mean by default), M_t = τ_t − M_s, and thin SVDs of all T+1
 modules in one batched call. The store keeps U, σ, V up to `max_rank` plus the few inner products that make
-the closed form exact for any search width K ≤ max_rank (method.md §3), so searches at other budgets and
+the closed form exact for any search width K ≤ max_rank (docs/method.md §3), so searches at other budgets and
 stage 2 reuse it instead of redoing SVDs.
 """
 from __future__ import annotations
@@ -25,18 +25,11 @@ from didi.backbones.base import Zoo
 from didi.closed_form import GroupTerms
 from didi.errors import DidiError
 from didi.linalg import svd
+from didi.merges import shared_merge_fn
 from didi.sources import load_owned
 from didi.task_vectors import DeltaReader
 
 STORE_VERSION = 2
-
-
-def _mean(taus: torch.Tensor) -> torch.Tensor:
-    return taus.mean(0)
-
-
-#: Static merges usable for the shared part (M_s). Extended by `didi.methods` (TIES, TSV-M, ...).
-SHARED_MERGES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"mean": _mean}
 
 
 @dataclass(frozen=True)
@@ -121,7 +114,7 @@ class FactorStore:
 
 
 def terms_from_factors(f: dict[str, torch.Tensor], K: int, device=None, dtype=torch.float32) -> GroupTerms:
-    """C_t, p_t, q_t and c_t = ‖R_s + R_t‖² at width K from the stored factors (method.md §3, truncated case)."""
+    """C_t, p_t, q_t and c_t = ‖R_s + R_t‖² at width K from the stored factors (docs/method.md §3, truncated case)."""
     Ks = f["S_s"].shape[-1]
     if K > Ks:
         raise DidiError(f"search width K={K} exceeds the {Ks} singular components kept in the factor store")
@@ -266,15 +259,6 @@ def _fingerprint(zoo: Zoo, cfg: DecomposeConfig) -> str:
     }
     h.update(json.dumps(payload, sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
-
-
-def shared_merge_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The static merge called `name` (mean, or one the method registry adds: ties, tsv_m)."""
-    if name not in SHARED_MERGES:
-        import didi.methods  # noqa: F401  (registers the registry's static merges: ties, tsv_m)
-    if name not in SHARED_MERGES:
-        raise DidiError(f"decompose.shared_merge: unknown static merge {name!r}; available: {sorted(SHARED_MERGES)}")
-    return SHARED_MERGES[name]
 
 
 def decompose(zoo: Zoo, cfg: DecomposeConfig, progress: bool = True) -> FactorStore:

@@ -4,12 +4,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from didi.artifact import load_artifact
 from didi.backbones import Adapter, Zoo
 from didi.decompose import DecomposeConfig
-from didi.pipeline import TrainerConfig, run_merge
-from didi.refine import RefineConfig
-from didi.search import SearchConfig
+from didi.pipeline import MergeOptions, run_merge
 from didi.synthetic import make_zoo
+from didi.trainer import TrainerConfig
 
 
 def run_synthetic_demo(output: str, budget, tasks: int = 4, width: int = 64, layers: int = 4, seed: int = 0) -> Path:
@@ -22,10 +22,9 @@ def run_synthetic_demo(output: str, budget, tasks: int = 4, width: int = 64, lay
     t0 = time.time()
     base, task_paths = make_zoo(zoo_dir, T=tasks, width=width, layers=layers, noise=0.02, seed=seed)
     zoo = Zoo(Adapter(), str(base), {k: str(v) for k, v in task_paths.items()})
-    path = run_merge(zoo, art, budget, DecomposeConfig(cache_dir=str(out / "cache")), SearchConfig(),
-                     RefineConfig(), TrainerConfig(log_dir=str(out / "logs")))
-    from didi.artifact import load_artifact
-
+    opts = MergeOptions(budget=budget, decompose=DecomposeConfig(cache_dir=str(out / "cache")),
+                        trainer=TrainerConfig(log_dir=str(out / "logs")))
+    path = run_merge(zoo, art, opts)
     m = load_artifact(path).manifest
     a, r = m["metrics"]["allocation"], m["metrics"]["refine"]
     print(f"\nsynthetic zoo: {tasks} tasks, {layers} blocks of width {width}, |θ0| = {zoo.base_params:,}\n"

@@ -148,9 +148,8 @@ def run_real_demo(output: str = "didi_demo_real", cache_dir: str | None = None,
     from didi.decompose import DecomposeConfig
     from didi.evaluate import evaluate_artifact, evaluate_models, write_report
     from didi.finetune import FinetuneConfig, finetune_zoo
-    from didi.pipeline import TrainerConfig, run_merge
-    from didi.refine import RefineConfig
-    from didi.search import SearchConfig
+    from didi.pipeline import MergeOptions, run_merge
+    from didi.trainer import TrainerConfig
 
     t0 = time.time()
     out = Path(output)
@@ -187,8 +186,8 @@ def run_real_demo(output: str = "didi_demo_real", cache_dir: str | None = None,
         if art.exists():
             shutil.rmtree(art)
         zoo = Zoo(HFEncoderAdapter(), base, zoo_paths)
-        run_merge(zoo, art, b, DecomposeConfig(cache_dir=str(cache / "factors")), SearchConfig(), RefineConfig(),
-                  tcfg, progress=progress)
+        run_merge(zoo, art, MergeOptions(budget=b, decompose=DecomposeConfig(cache_dir=str(cache / "factors")),
+                                         trainer=tcfg), progress=progress)
         rows[f"DiDi {b:g}x"] = evaluate_artifact(art, data, base=base, tokenizer=base, individual=individual,
                                                  output=art / "eval", **ev)
     for name, rep in rows.items():

@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from didi.errors import DidiError
-from didi.evaluate import mean_pool
-from didi.pipeline import TrainerConfig
+from didi.evaluators import mean_pool
+from didi.trainer import TrainerConfig, Trainers
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
@@ -120,16 +120,7 @@ def finetune_task(base: str | Path, data: str | Path, output: str | Path, task: 
     module = ClassifierFineTune(encoder, C, cfg)
     dm = TextClassificationDataModule({task: str(data)}, str(base), split="train", num_classes={task: C},
                                       batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed)
-    logger = False
-    if trainer.logger == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        logger = CSVLogger(trainer.log_dir, name=f"finetune_{task}")
-    tr = L.Trainer(accelerator=trainer.accelerator, devices=trainer.devices, strategy=trainer.strategy,
-                   num_nodes=trainer.num_nodes, max_steps=cfg.steps, max_epochs=-1, logger=logger,
-                   log_every_n_steps=trainer.log_every_n_steps, enable_progress_bar=trainer.progress_bar,
-                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=trainer.log_dir,
-                   num_sanity_val_steps=0, limit_val_batches=0)
+    tr = Trainers(trainer).fit(f"finetune_{task}", max_steps=cfg.steps)
     tr.fit(module, datamodule=dm)
     if not tr.is_global_zero:
         return Path(output)

@@ -1,4 +1,4 @@
-"""Stage 2: data-free refinement of the LoRA factors (method.md §2, step 3), one layer batch at a time.
+"""Stage 2: data-free refinement of the LoRA factors (docs/method.md §2.3, §6), one layer batch at a time.
 
 Init A = U√Σ, B = √ΣVᵀ from the truncated SVDs. The loss (1/T) Σ_t ‖A_sB_s + A_tB_t − τ_t‖² is separable
 across matrices, so each training step takes this process's share of a layer batch, moves only those τ's and
@@ -26,7 +26,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from didi.allocation import Ranks
+from didi.backbones.base import Zoo
+from didi.datamodules.layers import LayerBatchDataModule
+from didi.decompose import FactorStore
 from didi.linalg import orthonormal
+from didi.tensorfile import LazyTensor, lazy_tensors
+from didi.trainer import TrainerConfig, Trainers, barrier
 
 
 @dataclass
@@ -177,3 +183,66 @@ class LoRARefine(L.LightningModule):
 
     def configure_optimizers(self):
         return None
+
+
+# ------------------------------------------------------------------------------------------------ stage 2
+class RefineJobs:
+    """Loads the refinement jobs of a layer batch: τ_t read from the checkpoints, factors from the store.
+
+    A class, not a closure, so that `ddp_spawn` can pickle it."""
+
+    def __init__(self, zoo: Zoo, store: FactorStore, ranks: Ranks, done_dir: Path) -> None:
+        self.zoo, self.store, self.ranks, self.done_dir = zoo, store, ranks, done_dir
+
+    def __call__(self, indices: list[int]) -> list[dict]:
+        jobs = []
+        for i in indices:
+            if (self.done_dir / f"{i:05d}.safetensors").exists():
+                continue  # finished by an earlier (interrupted) run
+            e = self.store.matrices[i]
+            base, taus = self.zoo.read(e.name)
+            taus = torch.stack(taus).sub_(base).reshape(-1, e.m, e.n)
+            del base
+            # only the leading r columns are used (the initial truncated-SVD factors): a job holds rank-r factors,
+            # not the store's width K (for Llama's embeddings, 128256×K per task)
+            r_s, r_t = int(self.ranks.r_s[i]), [int(r) for r in self.ranks.r_t[i]]
+            job = {"idx": i, "taus": taus, "r_s": r_s, "r_t": r_t, **self.store.factors(i, r_s, max(r_t, default=0))}
+            if self.ranks.info.get("shared") == "folded":
+                job["M_s"] = self.store.shared_merge(taus)
+            jobs.append(job)
+        return jobs
+
+
+def refine_matrices(zoo: Zoo, store: FactorStore, ranks: Ranks, rcfg: RefineConfig,
+                    trainers: Trainers | TrainerConfig, work_dir: Path) -> tuple[dict, dict, dict]:
+    """Stage 2 over every matrix (a Lightning fit over layer batches; finished matrices of an interrupted run
+    are kept in `work_dir/refine` and not redone); returns (shared terms, per-task terms, metrics). A folded
+    shared part comes back as shared `NAME::fold` terms, which `write_didi_artifact` adds to the stored base."""
+    if isinstance(trainers, TrainerConfig):
+        trainers = Trainers(trainers)
+    out = work_dir / "refine"
+    out.mkdir(parents=True, exist_ok=True)
+    tau_total = store.tau_total()
+    dm = LayerBatchDataModule(len(store.matrices), RefineJobs(zoo, store, ranks, out), rcfg.layer_batch_size)
+    module = LoRARefine(rcfg, out, tau_total)
+    trainer = trainers.fit("refine", max_epochs=1)
+    trainer.fit(module, datamodule=dm)
+    barrier()
+    # the factors stay in their per-matrix files until the artifact is written (LazyTensor): memory does
+    # not grow with the number of matrices
+    shared, tasks = {}, {t: {} for t in store.tasks}
+    before = after = 0.0
+    for e in store.matrices:
+        f = lazy_tensors(out / f"{e.idx:05d}.safetensors")
+        before, after = before + float(f["err_before"].load()), after + float(f["err_after"].load())
+        if "M_s" in f:  # folded: the dense shared part goes into the stored base, in the tensor's own shape
+            shared[f"{e.name}::fold"] = LazyTensor(tuple(e.shape), torch.float32,
+                                                   lambda x=f["M_s"], shape=tuple(e.shape): x.load().reshape(shape))
+        elif f["A_s"].shape[1]:
+            shared[f"{e.name}::lora_A"], shared[f"{e.name}::lora_B"] = f["A_s"], f["B_s"]
+        for j, t in enumerate(store.tasks):
+            if f[f"A_t{j}"].shape[1]:
+                tasks[t][f"{e.name}::lora_A"], tasks[t][f"{e.name}::lora_B"] = f[f"A_t{j}"], f[f"B_t{j}"]
+    metrics = {"rec_err_before": before / tau_total, "rec_err_after": after / tau_total,
+               "optimizer": rcfg.optimizer}
+    return shared, tasks, metrics

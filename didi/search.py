@@ -1,4 +1,4 @@
-"""Stage 1: the differentiable rank search as a LightningModule over layer batches (method.md §2–3).
+"""Stage 1: the differentiable rank search as a LightningModule over layer batches (docs/method.md §2–3).
 
 One continuous rank per (matrix, module); the reconstruction term is the closed form in the SVD bases, the
 compression term γ·|R_now − R_tar| needs only the ranks, so every process holds every rank and computes it.
@@ -33,7 +33,7 @@ class SearchConfig:
             i.e. twice the marginal error decrease per stored element at the target (from the closed form),
             which makes the penalty hold the budget at any target (a fixed γ does not hold low budgets).
         gamma_scale: the multiplier used by `auto`.
-        rank_cap: search width K (largest rank any module can get); None: auto, 4× the largest greedy rank
+        rank_cap: search width K (largest rank any module can get); None: auto, 2× the largest greedy rank
             at the target, at least 32, at most what the factor store kept.
         init: `uniform` (same rank everywhere, at the target) or `full` (every module at its bound).
         layer_batch_size: matrices per global step (None: all of them in one batch).

@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 
+from didi.artifact import write_artifact, zoo_manifest
 from didi.backbones.base import Zoo
 from didi.errors import DidiError
 from didi.linalg import svd
+from didi.methods.registry import get_method
 from didi.task_vectors import Delta, DeltaReader  # noqa: F401  (methods take a DeltaReader)
 
 
@@ -52,8 +54,6 @@ def lora_from_svd(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
 def write_method_artifact(output: str | Path, zoo: Zoo, reader: DeltaReader, method: str, options: Any,
                           terms: Terms) -> Path:
     """Write `terms` as a didi artifact (manifest keys as `didi.pipeline.write_didi_artifact`)."""
-    from didi.artifact import write_artifact, zoo_manifest
-
     manifest = {
         "method": {"name": method, "hyper_parameters": dataclasses.asdict(options)},
         **zoo_manifest(zoo, reader.sha256),
@@ -66,8 +66,6 @@ def write_method_artifact(output: str | Path, zoo: Zoo, reader: DeltaReader, met
 
 def apply_method(name: str, zoo: Zoo, output: str | Path, options: Any = None) -> Path:
     """Run registered method `name` on `zoo` with `options` (dataclass, dict or None); write its artifact."""
-    from didi.methods.registry import get_method
-
     spec = get_method(name)
     opts = spec.make_options(options)
     output = Path(output)

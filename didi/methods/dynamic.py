@@ -1,5 +1,5 @@
 """Dynamic baselines (each task served by its own reconstruction, oracle router): TSV-C, EMR-Merging,
-TALL-masks, Twin-Merging (method.md §5), written in the artifact vocabulary so `didi evaluate` runs them as
+TALL-masks, Twin-Merging (docs/method.md §5), written in the artifact vocabulary so `didi evaluate` runs them as
 they are.
 
     TSV-C   per-task "::lora_A/B" (top ⌊k/T⌋ triplets of τ_t) for decomposed matrices, per-task "::dense" else
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -24,9 +25,11 @@ import torch
 
 from didi.backbones.base import Zoo
 from didi.errors import DidiError
-from didi.methods.common import DeltaReader, Terms, lora_from_svd
+from didi.evaluate import evaluate_artifact
+from didi.methods.common import DeltaReader, Terms, lora_from_svd, write_method_artifact
 from didi.methods.registry import register_method
-from didi.methods.static import check_lambda, check_topk, ties_merge
+from didi.trainer import TrainerConfig
+from didi.merges import check_lambda, check_topk, ties_merge
 
 
 # ---------------------------------------------------------------------------------------- tensor functions
@@ -193,12 +196,6 @@ def tall(zoo: Zoo, opts: TallOptions, reader: DeltaReader) -> Terms:
     unknown = sorted(set(opts.validation) - set(tasks))
     if unknown:
         raise DidiError(f"validation: task {unknown[0]!r} is not in the zoo (tasks: {tasks})")
-    import tempfile
-
-    from didi.evaluate import evaluate_artifact
-    from didi.methods.common import write_method_artifact
-    from didi.pipeline import TrainerConfig
-
     scores: dict[float, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="didi_tall_") as tmp:
         for lam in opts.lam_grid:  # one candidate artifact at a time, scored on the validation splits

@@ -6,7 +6,7 @@ Llama), found with the adapter's `layer_of()`; outside numbered layers, one bloc
 (embeddings, head, final norm, ...). Every block holds a partition of the T tasks, all singletons at first
 (size T×). Repeatedly, over all blocks, the two clusters with the highest similarity are merged, until the
 size is at most the target. Cluster similarity: the minimum pairwise cosine similarity of the member tasks'
-vectors in that block (the linkage method.md calls "single linkage = minimum pairwise similarity"; in
+vectors in that block (the linkage docs/method.md §5.3 calls "single linkage = minimum pairwise similarity"; in
 distance terms this is complete linkage; `linkage` offers `max` and `mean` too). Blocks whose tensors no task
 changed hold nothing and are never merged. A cosine with a zero task vector is 0 (1 if both are zero).
 
@@ -28,7 +28,7 @@ from didi.backbones.base import Adapter, Zoo
 from didi.errors import DidiError
 from didi.methods.common import DeltaReader, Terms
 from didi.methods.registry import register_method
-from didi.methods.static import check_lambda, check_topk, ties_merge
+from didi.merges import check_lambda, check_topk, ties_merge
 
 
 def block_of(adapter: Adapter, name: str) -> str:
@@ -108,7 +108,7 @@ class FlexMergeOptions:
         merger: static merge of a multi-task cluster's task vectors: `ta` (λ Σ τ), `average` or `ties`.
         lam: λ of the TA or TIES merger.
         k: top-k % of the TIES merger.
-        linkage: cluster similarity from pairwise cosines: `min` (method.md), `max` or `mean`.
+        linkage: cluster similarity from pairwise cosines: `min` (docs/method.md §5.3), `max` or `mean`.
     """
 
     target: float = 2.0

@@ -1,4 +1,4 @@
-"""Storage ratios the papers report (method.md §4: ViT-B/32, 8 tasks) beside ours, with why they differ.
+"""Storage ratios the papers report (docs/method.md §4: ViT-B/32, 8 tasks) beside ours, with why they differ.
 
 Ours is always `didi.accounting` on the artifact: 1 + stored elements / |θ0| (lora r(m+n), dense numel, mask
 numel/32, scalar 1, fold 0). `compare_ratio(method, ours, hyper)` gives the published number (None when the

@@ -1,0 +1,154 @@
+"""The evaluators every evaluation runs: classification heads, sentence features (routed or per-task
+encoders), and the Lightning module that counts correct predictions per task with torchmetrics, so that DDP
+(disjoint shares per process) gives exactly the one-process numbers.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import lightning as L
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torchmetrics import SumMetric
+
+from didi.errors import DidiError
+from didi.routing import OracleRouter, Router, RoutedModel
+from didi.trainer import TrainerConfig, Trainers
+
+
+# ----------------------------------------------------------------------------------------------- heads
+def load_head(path: str | Path) -> nn.Linear:
+    """A classification head: safetensors with "weight" (classes × hidden) and optional "bias"."""
+    p = Path(path)
+    if not p.exists():
+        raise DidiError(f"{p}: no such head file (expected head.safetensors with 'weight' and 'bias')")
+    sd = load_file(str(p))
+    if "weight" not in sd or sd["weight"].dim() != 2:
+        raise DidiError(f"{p}: a head needs a 2-D 'weight' (classes × hidden); found {sorted(sd)}")
+    C, H = sd["weight"].shape
+    head = nn.Linear(H, C, bias="bias" in sd)
+    head.load_state_dict(sd)
+    return head.requires_grad_(False)
+
+
+def default_head_path(task_source: str | Path) -> Path:
+    p = Path(task_source)
+    return p / "head.safetensors" if p.is_dir() else p.with_name(f"{p.name.split('.')[0]}.head.safetensors")
+
+
+# -------------------------------------------------------------------------------------------- featurizers
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states under the attention mask (sentence-transformers' pooling)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+_ENCODER_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class RoutedTextFeatures(nn.Module):
+    """Sentence features from a routed encoder: example i runs through θ0 + shared + expert of its task."""
+
+    def __init__(self, routed: RoutedModel) -> None:
+        super().__init__()
+        self.routed = routed
+
+    def forward(self, batch: Mapping[str, torch.Tensor], task_ids: torch.Tensor) -> torch.Tensor:
+        inputs = {k: batch[k] for k in _ENCODER_KEYS if k in batch}
+        out = self.routed(**inputs, task_ids=task_ids)
+        return mean_pool(out.last_hidden_state, batch["attention_mask"])
+
+
+class PerTaskTextFeatures(nn.Module):
+    """Sentence features from unmerged encoders: one per task (individual fine-tunes) or one for all (θ0)."""
+
+    def __init__(self, encoders: dict[str, nn.Module], tasks: list[str]) -> None:
+        super().__init__()
+        self.tasks = tasks
+        self.encoders = nn.ModuleDict(encoders)
+
+    def forward(self, batch: Mapping[str, torch.Tensor], task_ids: torch.Tensor) -> torch.Tensor:
+        out = None
+        for t in torch.unique(task_ids).tolist():
+            rows = (task_ids == t).nonzero().squeeze(1)
+            name = self.tasks[t]
+            enc = self.encoders[name] if name in self.encoders else self.encoders["*"]
+            inputs = {k: batch[k][rows] for k in _ENCODER_KEYS if k in batch}
+            f = mean_pool(enc(**inputs).last_hidden_state, inputs["attention_mask"])
+            if out is None:
+                out = f.new_empty((task_ids.numel(), f.shape[1]))
+            out[rows] = f
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- evaluator
+class Evaluator(L.LightningModule):
+    """Accuracy per task: features (routed or not) → the task's head → torchmetrics, synced across processes.
+
+    Logs "eval/<task>/acc", "eval/<task>/n" and "eval/<task>/correct"; `results` holds {task: {"accuracy", "n"}} after a test run.
+    """
+
+    def __init__(self, features: nn.Module, heads: dict[str, nn.Linear], tasks: list[str],
+                 router: Router | None = None) -> None:
+        super().__init__()
+        self.features = features
+        self.tasks = list(tasks)
+        self.router = router or OracleRouter(self.tasks)
+        self.heads = nn.ModuleDict(heads)
+        # correct and total counts (torchmetrics sums them across processes); accuracy = correct / n in float64
+        self.correct = nn.ModuleDict({t: SumMetric() for t in heads})
+        self.count = nn.ModuleDict({t: SumMetric() for t in heads})
+        self.results: dict[str, dict] = {}
+
+    def on_test_epoch_start(self) -> None:
+        # fresh, process-local states: ddp_spawn hands the module to its workers through shared memory, and
+        # in-place updates of a shared state tensor would add every process's counts into one tensor
+        for m in (*self.correct.values(), *self.count.values()):
+            m.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        ids = self.router(batch).to(self.device)
+        feats = self.features(batch, ids)
+        for t in torch.unique(ids).tolist():
+            name = self.tasks[t]
+            if name not in self.heads:
+                raise DidiError(f"evaluation: no head for task {name!r}")
+            rows = (ids == t).nonzero().squeeze(1)
+            logits = self.heads[name](feats[rows])
+            labels = batch["labels"][rows]
+            self.correct[name].update((logits.argmax(-1) == labels).sum().double())
+            self.count[name].update(torch.tensor(float(rows.numel()), dtype=torch.float64, device=self.device))
+
+    def on_test_epoch_end(self) -> None:
+        res = {}
+        for name in self.heads:
+            n, c = int(self.count[name].compute().round()), int(self.correct[name].compute().round())
+            res[name] = {"accuracy": c / n if n else float("nan"), "n": n, "correct": c}
+            self.correct[name].reset()
+            self.count[name].reset()
+        self.results = res
+        self.log_dict({f"eval/{t}/acc": v["accuracy"] for t, v in res.items()}
+                      | {f"eval/{t}/n": float(v["n"]) for t, v in res.items()}
+                      | {f"eval/{t}/correct": float(v["correct"]) for t, v in res.items()}, rank_zero_only=True)
+
+
+def run_evaluation(features: nn.Module, heads: dict[str, nn.Linear], tasks: list[str], dm,
+                   trainer: TrainerConfig = TrainerConfig()) -> dict[str, dict]:
+    """Run the Evaluator under a Trainer; returns {task: {"accuracy", "n"}} and checks the counts."""
+    expected = dm.counts()
+    model = Evaluator(features, heads, tasks)
+    tr = Trainers(trainer).test()
+    out = tr.test(model, datamodule=dm, verbose=False)
+    metrics = out[0] if out else {}
+    res = {}
+    for t in heads:
+        if f"eval/{t}/n" not in metrics:
+            raise DidiError(f"evaluation: no result for task {t!r}")
+        n, c = int(round(float(metrics[f"eval/{t}/n"]))), int(round(float(metrics[f"eval/{t}/correct"])))
+        res[t] = {"accuracy": c / n if n else float("nan"), "n": n}
+        if res[t]["n"] != expected[t]:
+            raise DidiError(f"evaluation: task {t!r} counted {res[t]['n']} examples, the data has {expected[t]} "
+                            f"(examples dropped or counted twice)")
+    return res

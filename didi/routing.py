@@ -15,6 +15,11 @@ that no wrapper handles (a LayerNorm, an embedding) the batch is split per task 
 task's parameters swapped in. nn.MultiheadAttention (open_clip's attention) has its own wrapper that routes its
 packed in-projection and its out_proj. Every method's artifact therefore runs through the same code; evaluation never special-cases one.
 
+Experts are buffers of their routed layer (`Expert` modules: in `state_dict()`, moved and cast by `.to()`). The
+routing of a batch is not stored on modules: `RoutedModel.forward` sets it in a ContextVar for the duration of
+the call (`routing`, `current_routing`), so a forward is re-entrant across threads. Artifact terms are read by
+`didi.artifact`'s one decoder (`Artifact.expert_terms`).
+
 Extending: `register_wrapper(module_type)(factory)`, factory(module, parent, params) → a `RoutedLayer` or
 None when it cannot wrap that module (e.g. nn.Linear inside an unwrapped nn.MultiheadAttention, whose
 forward reads `out_proj.weight` without calling `out_proj`).
@@ -22,15 +27,20 @@ forward reads `out_proj.weight` without calling `out_proj`).
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from didi.artifact import LoRA, Term
 from didi.errors import DidiError
 
 
@@ -75,11 +85,27 @@ class OracleRouter(Router):
 # ------------------------------------------------------------------------------------------- artifact terms
 @dataclass
 class TaskTerms:
-    """One task's own terms for one tensor: a low-rank pair and/or a dense delta (tensor shape)."""
+    """One task's own terms for one tensor, as a routed layer applies them: its low-rank pairs joined into one
+    pair (A, B), and every other term (dense, masked) summed into one dense delta (the tensor's shape)."""
 
     A: torch.Tensor | None = None
     B: torch.Tensor | None = None
     dense: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, terms: Sequence[Term], shape: Sequence[int]) -> "TaskTerms":
+        """Combine decoded artifact terms (`didi.artifact.decode_terms`) of one tensor."""
+        tt = cls()
+        for term in terms:
+            if isinstance(term, LoRA):
+                if tt.A is None:
+                    tt.A, tt.B = term.A, term.B
+                else:  # two low-rank pairs = one pair of the summed rank: [A1 A2] [B1; B2]
+                    tt.A, tt.B = torch.cat([tt.A, term.A], 1), torch.cat([tt.B, term.B], 0)
+            else:
+                d = term.delta(shape)
+                tt.dense = d if tt.dense is None else tt.dense + d
+        return tt
 
     def delta(self, shape: Sequence[int]) -> torch.Tensor:
         d = None
@@ -91,51 +117,68 @@ class TaskTerms:
 
 
 def artifact_terms(artifact) -> tuple[dict[str, torch.Tensor], list[dict[str, TaskTerms]]]:
-    """(common delta per tensor — fold + shared low rank + shared dense —, per task {tensor: TaskTerms})."""
+    """(common delta per tensor — fold + shared low rank + shared dense —, per task {tensor: TaskTerms}).
+    Group terms (task subsets) count as each member's own."""
     common = artifact.common_deltas()
-    shared = artifact.shared()
-    per_task: list[dict[str, TaskTerms]] = []
-    for t in artifact.tasks:
-        terms: dict[str, TaskTerms] = {}
-        groups = artifact.group_terms(t)
-        for own in (artifact.task_terms(t), *groups):  # group terms (task subsets) count as the task's own
-            for key, v in own.items():
-                name, kind = key.rsplit("::", 1)
-                artifact.shape_of(name)
-                tt = terms.setdefault(name, TaskTerms())
-                if kind == "lora_A":
-                    A, B = v, own[f"{name}::lora_B"]
-                    if tt.A is None:
-                        tt.A, tt.B = A, B
-                    else:  # two low-rank pairs = one pair of the summed rank: [A1 A2] [B1; B2]
-                        tt.A, tt.B = torch.cat([tt.A, A], 1), torch.cat([tt.B, B], 0)
-                elif kind in ("dense", "mask"):
-                    if kind == "mask":
-                        if f"{name}::ref" not in shared or f"{name}::scale" not in own:
-                            raise DidiError(f"{artifact.path}: task '{t}' masks '{name}' but the scale or the "
-                                            f"shared '{name}::ref' is missing")
-                        v = own[f"{name}::scale"].float() * v.float() * shared[f"{name}::ref"].float()
-                    v = v.float().reshape(artifact.shape_of(name))
-                    tt.dense = v if tt.dense is None else tt.dense + v
-                elif kind not in ("lora_B", "scale"):
-                    raise DidiError(f"{artifact.path}: task '{t}': unknown term kind '{kind}' in '{key}'")
-        per_task.append(terms)
+    per_task = [{name: TaskTerms.of(terms, artifact.shape_of(name))
+                 for name, terms in artifact.expert_terms(t).items()} for t in artifact.tasks]
     return common, per_task
+
+
+# ------------------------------------------------------------------------------------------------ routing
+class Routing:
+    """Which task each row of the batch in flight belongs to: `single` (every row, the materialised fast
+    path) or `groups` (a mixed batch). Set per forward call by `RoutedModel` in a ContextVar, so a forward is
+    re-entrant: two batches in flight in two threads (or async tasks) each see their own routing."""
+
+    __slots__ = ("single", "groups")
+
+    def __init__(self, single: int | None = None, groups: "TaskGroups | None" = None) -> None:
+        self.single, self.groups = single, groups
+
+
+_ROUTING: ContextVar[Routing | None] = ContextVar("didi_routing", default=None)
+
+
+@contextmanager
+def routing(r: Routing) -> Iterator[Routing]:
+    """Routed layers called inside this block route rows by `r` (restored on exit, also on error)."""
+    token = _ROUTING.set(r)
+    try:
+        yield r
+    finally:
+        _ROUTING.reset(token)
+
+
+def current_routing() -> Routing:
+    r = _ROUTING.get()
+    if r is None:
+        raise DidiError("routed layer called without routing (call RoutedModel with task_ids)")
+    return r
 
 
 # ------------------------------------------------------------------------------------------- routed layers
 class RoutedLayer(nn.Module):
-    """A wrapped module: per row, the task's expert is added; `single` selects the one-task fast path."""
+    """A wrapped module: per row, the task's expert is added. The rows' tasks come from `current_routing()`
+    (set by `RoutedModel.forward`), never from state on the module."""
 
     batch_dim: int = 0
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.groups: TaskGroups | None = None  # routing context of the current forward (mixed batch)
-        self.single: int | None = None  # fast path: every row belongs to this task
-
     @abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class Expert(nn.Module):
+    """One task's terms on one layer as buffers, so they are in `state_dict()` and `.to()` moves and casts them:
+    "A" (m×r) and "B" (r×n) of the weight, "D" a dense weight delta, "db" a dense bias delta."""
+
+    def terms(self) -> dict[str, torch.Tensor]:
+        return self._buffers  # type: ignore[return-value]
+
+
+def _drop_materialised(module: "RoutedLinear", incompatible_keys: Any) -> None:
+    """load_state_dict hook: weights or experts were changed in place; the fast path's W_t is recomputed."""
+    module._active = None
 
 
 class RoutedLinear(RoutedLayer):
@@ -145,8 +188,16 @@ class RoutedLinear(RoutedLayer):
         super().__init__()
         self.base = base
         self.batch_dim = batch_dim
-        self.experts: dict[int, dict[str, torch.Tensor]] = {}
-        self._active: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
+        self.experts = nn.ModuleDict()  # str(task) -> Expert
+        # the fast path's W_t, b_t: (task, weakrefs of the expert tensors it was made from, W_t, b_t). `.to()`
+        # replaces those tensors exactly when it moves or casts the weights, which makes the entry stale;
+        # load_state_dict changes them in place, so it drops the entry
+        self._active: tuple[int, tuple, torch.Tensor, torch.Tensor | None] | None = None
+        self.register_load_state_dict_post_hook(_drop_materialised)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        return {**state, "_active": None}  # a derived cache, and weakrefs do not pickle
 
     @property
     def weight(self) -> torch.Tensor:
@@ -156,12 +207,20 @@ class RoutedLinear(RoutedLayer):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
+    def expert_terms(self, task: int) -> dict[str, torch.Tensor]:
+        """Task `task`'s expert tensors on this layer ({} when it has none)."""
+        e = self.experts._modules.get(str(task))
+        return e.terms() if e is not None else {}
+
     def add_expert(self, task: int, param: str, terms: TaskTerms) -> None:
         """Attach task `task`'s terms for `param` ("weight" or "bias")."""
         ref = getattr(self.base, param)
-        e = self.experts.setdefault(task, {})
+        if str(task) not in self.experts:
+            self.experts[str(task)] = Expert()
+        e = self.experts[str(task)]
         if param == "weight" and terms.A is not None:
-            e["A"], e["B"] = terms.A.to(ref.dtype), terms.B.to(ref.dtype)
+            e.register_buffer("A", terms.A.to(ref.dtype))
+            e.register_buffer("B", terms.B.to(ref.dtype))
         dense = None
         if param == "bias" and terms.A is not None:
             dense = terms.delta(ref.shape)
@@ -169,32 +228,34 @@ class RoutedLinear(RoutedLayer):
             dense = terms.dense.reshape(ref.shape)
         if dense is not None:
             key = "D" if param == "weight" else "db"
-            e[key] = dense.to(ref.dtype) if key not in e else e[key] + dense.to(ref.dtype)
+            old = e.terms().get(key)
+            e.register_buffer(key, dense.to(ref.dtype) if old is None else old + dense.to(ref.dtype))
         self._active = None
-
-    def _apply(self, fn, recurse=True):  # keep expert tensors on the module's device / dtype
-        super()._apply(fn, recurse)
-        self.experts = {t: {k: fn(v) for k, v in e.items()} for t, e in self.experts.items()}
-        self._active = None
-        return self
 
     def materialised(self, task: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """W_t, b_t of one task (kept while the same task comes back)."""
-        if self._active is not None and self._active[0] == task:
-            return self._active[1], self._active[2]
+        e = self.expert_terms(task)
+        if not e:
+            b = self.base.bias
+            return self.base.weight.detach(), None if b is None else b.detach()
+        made_of = tuple(e.values())
+        a = self._active  # one read: another thread may replace it meanwhile
+        if a is not None and a[0] == task and len(a[1]) == len(made_of) \
+                and all(r() is t for r, t in zip(a[1], made_of)):
+            return a[2], a[3]
         W, b = self.base.weight, self.base.bias
-        e = self.experts.get(task, {})
         if "A" in e:
             W = W + (e["A"] @ e["B"]).view_as(W)
         if "D" in e:
             W = W + e["D"]
         if "db" in e:
             b = e["db"] if b is None else b + e["db"]
-        self._active = (task, W.detach(), None if b is None else b.detach())
-        return self._active[1], self._active[2]
+        W, b = W.detach(), None if b is None else b.detach()
+        self._active = (task, tuple(weakref.ref(t) for t in made_of), W, b)
+        return W, b
 
     def expert(self, x: torch.Tensor, task: int) -> torch.Tensor | None:
-        e = self.experts.get(task)
+        e = self.expert_terms(task)
         if not e:
             return None
         d = None
@@ -218,17 +279,20 @@ class RoutedLinear(RoutedLayer):
         return db.expand(*x.shape[:-1], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.single is not None:
-            W, b = self.materialised(self.single)
+        r = current_routing()
+        if r.single is not None:
+            W, b = self.materialised(r.single)
             return self._run(x, W, b)
+        a = self._active
+        if a is not None and a[2].device != x.device:
+            self._active = None  # left on another device by a `.to()`: free it
         y = self.base(x)
-        if self.groups is None:
-            raise DidiError("routed layer called without routing (call RoutedModel with task_ids)")
+        groups = r.groups
         bd = self.batch_dim
-        if x.shape[bd] != self.groups.rows:
+        if x.shape[bd] != groups.rows:
             raise DidiError(f"routed layer: input has {x.shape[bd]} rows along dim {bd}, the router gave "
-                            f"{self.groups.rows} task ids")
-        for t, rows in self.groups.on(x.device):
+                            f"{groups.rows} task ids")
+        for t, rows in groups.on(x.device):
             if isinstance(rows, slice):  # rows of one task are contiguous: views, added in place
                 idx = (slice(None),) * bd + (rows,)
                 d = self.expert(x[idx], t)
@@ -267,13 +331,28 @@ WRAPPERS: dict[type, WrapperFactory] = {}
 
 
 def register_wrapper(module_type: type):
-    """Decorator: `factory(module, parent, params)` wraps modules of `module_type` (exact type or subclass)."""
+    """Decorator: `factory(module, parent, params)` wraps modules of `module_type` (exact type or subclass).
+    A second, different factory for the same type is an error (the first would be replaced silently); the same
+    factory again (a module imported twice or reloaded) is a no-op."""
 
     def wrap(factory: WrapperFactory) -> WrapperFactory:
+        old = WRAPPERS.get(module_type)
+        if old is not None and not _same_factory(old, factory):
+            raise DidiError(f"routed-layer wrapper for {module_type.__module__}.{module_type.__qualname__} is "
+                            f"registered twice ({_qualname(old)} and {_qualname(factory)})")
         WRAPPERS[module_type] = factory
         return factory
 
     return wrap
+
+
+def _qualname(f: Callable) -> str:
+    return f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', repr(f))}"
+
+
+def _same_factory(a: Callable, b: Callable) -> bool:
+    """One definition seen twice: the same object, or a re-executed module's (same module and qualname)."""
+    return a is b or (hasattr(a, "__qualname__") and _qualname(a) == _qualname(b))
 
 
 class RoutedConv2d(RoutedLinear):
@@ -380,7 +459,6 @@ class RoutedMultiheadAttention(RoutedLayer):
             bd = self.batch_dim
         if bd == 1:  # (L, B, E) -> (B, L, E)
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        self.in_proj.groups, self.in_proj.single = self.groups, self.single
         E, H = base.embed_dim, base.num_heads
         if self_attn:
             q, k, v = self.in_proj(query).chunk(3, dim=-1)
@@ -457,6 +535,10 @@ def _gather(parts: list[tuple[torch.Tensor, Any]], B: int) -> Any:
     if first is None:
         return None
     raise DidiError(f"routed model: cannot reassemble outputs of type {type(first).__name__}")
+
+
+#: Held by the forward of a model with per-task swapped parameters (they are shared state, set per task).
+_SWAP_LOCK = threading.RLock()
 
 
 class RoutedModel(nn.Module):
@@ -583,7 +665,7 @@ class RoutedModel(nn.Module):
             self._get(mod, pname).data = vals[name]
         self._current = task
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn, recurse=True):  # the swap path's base values and per-task cache (experts are buffers)
         super()._apply(fn, recurse)
         self._base_values = {k: fn(v) for k, v in self._base_values.items()}
         self._cache.clear()
@@ -612,35 +694,29 @@ class RoutedModel(nn.Module):
 
     def _run_single(self, task: int, args, kwargs) -> Any:
         self._set_swapped(task)
-        for layer in self.routed.values():
-            layer.single = task
-        try:
+        with routing(Routing(single=task)):
             return self.model(*args, **kwargs)
-        finally:
-            for layer in self.routed.values():
-                layer.single = None
 
     def forward(self, *args, task_ids, **kwargs) -> Any:
         """Run `model(*args, **kwargs)`; example i uses task `task_ids[i]` (a tensor, an int or a task name:
-        one task for the whole batch)."""
+        one task for the whole batch).
+
+        The routing lives in a ContextVar for the duration of the call, so batches may be in flight in several
+        threads at once. Parameters swapped per task (no wrapper) are model state: such models serialise their
+        forwards on a lock instead."""
         ids = self._check_ids(task_ids)
         uniq = torch.unique(ids).tolist()
         if not uniq:
             raise DidiError("routed model: empty batch")
-        if len(uniq) == 1 and self.fast_path:
-            return self._run_single(uniq[0], args, kwargs)
-        if not self.swapped:
-            groups = TaskGroups(ids)
-            for layer in self.routed.values():
-                layer.groups = groups
-            try:
-                return self.model(*args, **kwargs)
-            finally:
-                for layer in self.routed.values():
-                    layer.groups = None
-        B = ids.numel()
-        parts = []
-        for t in uniq:
-            rows = (ids == t).nonzero().squeeze(1)
-            parts.append((rows, self._run_single(t, _slice(args, rows, B), _slice(kwargs, rows, B))))
-        return _gather(parts, B)
+        with _SWAP_LOCK if self.swapped else nullcontext():
+            if len(uniq) == 1 and self.fast_path:
+                return self._run_single(uniq[0], args, kwargs)
+            if not self.swapped:
+                with routing(Routing(groups=TaskGroups(ids))):
+                    return self.model(*args, **kwargs)
+            B = ids.numel()
+            parts = []
+            for t in uniq:
+                rows = (ids == t).nonzero().squeeze(1)
+                parts.append((rows, self._run_single(t, _slice(args, rows, B), _slice(kwargs, rows, B))))
+            return _gather(parts, B)

@@ -275,3 +275,161 @@ def test_conv2d_kernel_experts(tmp_path):
     ids = torch.tensor([1, 2, 0, 2, 1])
     torch.testing.assert_close(routed(x, task_ids=ids), per_example_reference(model, art, base_sd, x, ids),
                                atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ routed layers as modules
+def _lowrank_routed(tiny):
+    """TinyNet with low-rank experts on fc1 and fc2 and a dense bias expert on fc1 (nothing swapped)."""
+    model, base_sd, g, tmp = tiny
+    tasks = {f"t{j}": {**lowrank_terms(g, "fc1.weight", 16, 8, 2), **lowrank_terms(g, "fc2.weight", 4, 16, 1),
+                       "fc1.bias::dense": 0.3 * torch.randn(16, generator=g)} for j in range(3)}
+    art = make_artifact(tmp / "a", base_sd, {}, lowrank_terms(g, "fc1.weight", 16, 8, 1), tasks)
+    routed = RoutedModel(copy.deepcopy(model), art, adapter=Adapter())
+    assert not routed.swapped
+    return routed, art
+
+
+def test_experts_are_buffers_in_state_dict_and_move_with_to(tiny):
+    model, base_sd, g, _ = tiny
+    routed, art = _lowrank_routed(tiny)
+    sd = routed.state_dict()
+    for j in range(3):
+        assert {f"model.fc1.experts.{j}.{k}" for k in ("A", "B", "db")} <= set(sd)
+        assert {f"model.fc2.experts.{j}.A", f"model.fc2.experts.{j}.B"} <= set(sd)
+    torch.testing.assert_close(sd["model.fc1.experts.1.db"],
+                               load_artifact(art.path).task_terms("t1")["fc1.bias::dense"])
+    x = torch.randn(6, 8, generator=g)
+    ids = torch.tensor([2, 0, 1, 1, 0, 2])
+    want = per_example_reference(model, art, base_sd, x, ids)
+    routed(x, task_ids=torch.ones(6, dtype=torch.long))  # a fast-path W_t materialised in fp32
+    routed.to(torch.float64)
+    assert all(b.dtype == torch.float64 for n, b in routed.named_buffers() if ".experts." in n)
+    got = routed(x.double(), task_ids=ids)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want.double(), atol=1e-5, rtol=1e-5)
+    one = routed(x.double(), task_ids=torch.ones(6, dtype=torch.long))  # W_t made again, in fp64
+    torch.testing.assert_close(one, per_example_reference(model, art, base_sd, x, torch.ones(6)).double(),
+                               atol=1e-5, rtol=1e-5)
+    # a fresh routed model loads the experts from a state dict (they are state, not construction side data)
+    other = RoutedModel(copy.deepcopy(model), art, adapter=Adapter())
+    with torch.no_grad():
+        for n, b in other.named_buffers():
+            if ".experts." in n:
+                b.zero_()
+    other.load_state_dict({k: v.float() for k, v in routed.state_dict().items()})
+    torch.testing.assert_close(other(x, task_ids=ids), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_experts_move_to_the_device(tiny):
+    model, base_sd, g, _ = tiny
+    routed, art = _lowrank_routed(tiny)
+    x = torch.randn(6, 8, generator=g)
+    ids = torch.tensor([2, 0, 1, 1, 0, 2])
+    routed(x, task_ids=torch.zeros(6, dtype=torch.long))  # a CPU W_t that the move must not reuse
+    routed.to("cuda")
+    assert all(b.is_cuda for n, b in routed.named_buffers() if ".experts." in n)
+    want = per_example_reference(model, art, base_sd, x, ids)
+    torch.testing.assert_close(routed(x.cuda(), task_ids=ids).cpu(), want, atol=1e-5, rtol=1e-5)
+    zero = torch.zeros(6, dtype=torch.long)
+    torch.testing.assert_close(routed(x.cuda(), task_ids=zero).cpu(),
+                               per_example_reference(model, art, base_sd, x, zero), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("second", ["mixed", "one_task"])
+def test_concurrent_forwards_in_two_threads_are_independent(tiny, second):
+    """Two batches in flight at once (a barrier in fc1's forward hook holds each thread until the other has
+    entered the model too): each gets its sequential result, since the routing is per call, not on modules."""
+    import threading
+
+    _, _, g, _ = tiny
+    routed, _ = _lowrank_routed(tiny)
+    xa, xb = torch.randn(7, 8, generator=g), torch.randn(5, 8, generator=g)
+    ida = torch.tensor([0, 2, 1, 1, 0, 2, 0])
+    idb = torch.tensor([1, 1, 0, 2, 2]) if second == "mixed" else torch.full((5,), 2)
+    want = {"a": routed(xa, task_ids=ida), "b": routed(xb, task_ids=idb)}
+    barrier = threading.Barrier(2, timeout=30)
+
+    def hold(*_) -> None:  # returns None: the layer's output is kept
+        barrier.wait()
+
+    handle = routed.model.fc1.register_forward_hook(hold)
+    got, errors = {}, []
+
+    def run(key, x, ids):
+        try:
+            got[key] = routed(x, task_ids=ids)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=("a", xa, ida)), threading.Thread(target=run, args=("b", xb, idb))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        handle.remove()
+    assert not errors, errors
+    torch.testing.assert_close(got["a"], want["a"], atol=0, rtol=0)
+    torch.testing.assert_close(got["b"], want["b"], atol=0, rtol=0)
+
+
+def test_swapped_parameters_serialise_concurrent_forwards(tiny):
+    """A model with per-task swapped parameters (shared state) still gives each thread its own result."""
+    import threading
+
+    model, base_sd, g, tmp = tiny
+    tasks = {f"t{j}": {"norm.weight::dense": 0.3 * torch.randn(16, generator=g),
+                       **lowrank_terms(g, "fc1.weight", 16, 8, 1)} for j in range(3)}
+    art = make_artifact(tmp / "a", base_sd, {}, {}, tasks)
+    routed = RoutedModel(copy.deepcopy(model), art, adapter=Adapter())
+    assert set(routed.swapped) == {"norm.weight"}
+    x = torch.randn(6, 8, generator=g)
+    batches = [torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([2, 2, 1, 1, 0, 0]), torch.full((6,), 1)]
+    want = [routed(x, task_ids=ids) for ids in batches]
+    errors = []
+
+    def run(k):
+        try:
+            for _ in range(10):
+                torch.testing.assert_close(routed(x, task_ids=batches[k]), want[k], atol=0, rtol=0)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+
+
+def test_routed_layer_outside_a_routed_forward_is_refused(tiny):
+    routed, _ = _lowrank_routed(tiny)
+    with pytest.raises(DidiError, match="called without routing"):
+        routed.model.fc1(torch.randn(2, 8))
+
+
+def test_a_second_wrapper_for_a_module_type_is_refused():
+    from didi.routing import WRAPPERS, register_wrapper
+
+    class Custom(nn.Module):
+        pass
+
+    def factory(module, parent, params):
+        return None
+
+    def another(module, parent, params):
+        return None
+
+    try:
+        register_wrapper(Custom)(factory)
+        register_wrapper(Custom)(factory)  # the same factory again (a module imported twice): fine
+        with pytest.raises(DidiError, match=r"wrapper for .*Custom is registered twice .*factory and .*another"):
+            register_wrapper(Custom)(another)
+        assert WRAPPERS[Custom] is factory
+        with pytest.raises(DidiError, match="registered twice"):
+            register_wrapper(nn.Linear)(another)
+    finally:
+        WRAPPERS.pop(Custom, None)

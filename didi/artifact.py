@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Container, Iterable, Iterator, Literal, Mapping, Sequence, Union
+from typing import ClassVar, Container, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -133,7 +133,7 @@ class Masked:
         return (self.scale.float() * self.mask.float() * self.ref.float()).reshape(shape)
 
 
-Term = Union[LoRA, Dense, Masked]
+Term = LoRA | Dense | Masked
 
 
 @dataclass(frozen=True)

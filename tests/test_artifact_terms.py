@@ -67,7 +67,7 @@ def _expected(base, fold, shared, tasks, groups, task: str) -> dict[str, torch.T
 
 
 def test_decode_gives_typed_terms_in_key_order(terms_artifact):
-    path, base, fold, shared, tasks, groups = terms_artifact
+    _, _, fold, shared, tasks, _ = terms_artifact
     own = tasks["a"]
     decoded = decode_terms(own, "tasks/a.safetensors", "expert", refs=shared)
     assert sorted(decoded) == sorted([W1, W2, B1])
@@ -88,7 +88,7 @@ def test_every_kind_equals_the_dense_formula(terms_artifact):
         got, want = art.task_deltas(t), _expected(base, fold, shared, tasks, groups, t)
         assert got.keys() == want.keys()
         for k in want:
-            torch.testing.assert_close(got[k], want[k], msg=lambda m: f"{t} {k}: {m}")
+            torch.testing.assert_close(got[k], want[k], msg=f"task {t}, tensor {k}")
     common = art.common_deltas()
     torch.testing.assert_close(common[W1], shared[f"{W1}::lora_A"] @ shared[f"{W1}::lora_B"])
     torch.testing.assert_close(common[W2], fold[W2])

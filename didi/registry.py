@@ -43,6 +43,10 @@ class Registry(Generic[T]):
         self._items[key] = obj
         return obj
 
+    def unregister(self, key: Hashable) -> None:
+        """Remove an entry (a test's temporary registration); absent keys are ignored."""
+        self._items.pop(key, None)
+
     def register(self, key: Hashable) -> Callable[[T], T]:
         """Decorator form of `add`."""
 

@@ -42,6 +42,7 @@ from torch import nn
 
 from didi.artifact import LoRA, Term
 from didi.errors import DidiError
+from didi.registry import Registry
 
 
 # ------------------------------------------------------------------------------------------------ routers
@@ -327,32 +328,14 @@ class TaskGroups:
 
 
 WrapperFactory = Callable[[nn.Module, "nn.Module | None", set], "RoutedLayer | None"]
-WRAPPERS: dict[type, WrapperFactory] = {}
+#: module type → factory(module, parent, params) giving its routed layer (exact type or subclass); a second,
+#: different factory for a type is refused by the registry, the same one again (a reload) is a no-op.
+WRAPPERS: Registry[WrapperFactory] = Registry("routed-layer wrapper")
 
 
-def register_wrapper(module_type: type):
-    """Decorator: `factory(module, parent, params)` wraps modules of `module_type` (exact type or subclass).
-    A second, different factory for the same type is an error (the first would be replaced silently); the same
-    factory again (a module imported twice or reloaded) is a no-op."""
-
-    def wrap(factory: WrapperFactory) -> WrapperFactory:
-        old = WRAPPERS.get(module_type)
-        if old is not None and not _same_factory(old, factory):
-            raise DidiError(f"routed-layer wrapper for {module_type.__module__}.{module_type.__qualname__} is "
-                            f"registered twice ({_qualname(old)} and {_qualname(factory)})")
-        WRAPPERS[module_type] = factory
-        return factory
-
-    return wrap
-
-
-def _qualname(f: Callable) -> str:
-    return f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', repr(f))}"
-
-
-def _same_factory(a: Callable, b: Callable) -> bool:
-    """One definition seen twice: the same object, or a re-executed module's (same module and qualname)."""
-    return a is b or (hasattr(a, "__qualname__") and _qualname(a) == _qualname(b))
+def register_wrapper(module_type: type) -> Callable[[WrapperFactory], WrapperFactory]:
+    """Decorator: `factory(module, parent, params)` wraps modules of `module_type` (exact type or subclass)."""
+    return WRAPPERS.register(module_type)
 
 
 class RoutedConv2d(RoutedLinear):
@@ -498,8 +481,9 @@ def _wrap_mha(module: nn.Module, parent: nn.Module | None, params: set) -> Route
 
 def _find_wrapper(module: nn.Module) -> WrapperFactory | None:
     for cls in type(module).__mro__:
-        if cls in WRAPPERS:
-            return WRAPPERS[cls]
+        factory = WRAPPERS.find(cls)
+        if factory is not None:
+            return factory
     return None
 
 

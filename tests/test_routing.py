@@ -9,10 +9,10 @@ import copy
 
 import pytest
 import torch
+from didi.backbones import Adapter
 from torch import nn
 
 from didi.artifact import load_artifact, write_artifact
-from didi.backbones import Adapter
 from didi.errors import DidiError
 from didi.routing import OracleRouter, RoutedLinear, RoutedModel
 
@@ -426,10 +426,10 @@ def test_a_second_wrapper_for_a_module_type_is_refused():
     try:
         register_wrapper(Custom)(factory)
         register_wrapper(Custom)(factory)  # the same factory again (a module imported twice): fine
-        with pytest.raises(DidiError, match=r"wrapper for .*Custom is registered twice .*factory and .*another"):
+        with pytest.raises(DidiError, match=r"wrapper .*Custom' is registered twice .*factory and .*another"):
             register_wrapper(Custom)(another)
         assert WRAPPERS[Custom] is factory
         with pytest.raises(DidiError, match="registered twice"):
             register_wrapper(nn.Linear)(another)
     finally:
-        WRAPPERS.pop(Custom, None)
+        WRAPPERS.unregister(Custom)

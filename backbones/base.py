@@ -7,6 +7,7 @@ every tensor. A new family subclasses `Adapter` and overrides the few hooks it n
 from __future__ import annotations
 
 import fnmatch
+import warnings
 import math
 import re
 from dataclasses import dataclass, field
@@ -216,4 +217,11 @@ def parse_tasks(tasks: dict[str, str] | Sequence[str]) -> dict[str, str]:
     for k, _ in items:
         if not k or "/" in k or k.startswith("."):
             raise DidiError(f"tasks: invalid task name {k!r} (it names a file in the artifact)")
+    by_file: dict[Path, list[str]] = {}
+    for k, v in items:
+        by_file.setdefault(Path(v).expanduser().resolve(), []).append(k)
+    for f, ks in by_file.items():
+        if len(ks) > 1:
+            warnings.warn(f"tasks: {f} is given under {len(ks)} names ({', '.join(ks)}); they are merged as "
+                          f"separate tasks with identical weights", UserWarning, stacklevel=2)
     return dict(items)

@@ -421,6 +421,11 @@ def build_parser():
     class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
         """Keeps the examples laid out as written."""
 
+    from jsonargparse import set_loader
+
+    from didi.options import strict_yaml_load
+
+    set_loader("yaml", strict_yaml_load)  # a repeated key in a task mapping (or a config file) is an error
     ADAPTERS.load()  # every adapter class importable: `--backbone HFEncoderAdapter` resolves by class name
     parser = capture_parser(lambda: auto_cli(COMMANDS, args=[], description=__doc__.split("\n")[0],
                                              epilog=EXAMPLES, parser_class=ArgumentParser,
@@ -438,11 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = ["--json_output=true" if a == "--json" else a for a in argv]
     parser = build_parser()
-    cfg = parser.parse_args(argv)
-    name = cfg.subcommand
-    init = parser.instantiate_classes(cfg)[name]
-    kwargs = {k: v for k, v in dict(init).items() if k != "config"}
     try:
+        cfg = parser.parse_args(argv)
+        name = cfg.subcommand
+        init = parser.instantiate_classes(cfg)[name]
+        kwargs = {k: v for k, v in dict(init).items() if k != "config"}
         COMMANDS[name](**kwargs)
     except DidiError as e:
         print(f"didi: error: {e}", file=sys.stderr)

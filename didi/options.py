@@ -15,6 +15,33 @@ from typing import Any
 from didi.errors import DidiError
 
 
+def strict_yaml_load(stream: str) -> Any:
+    """jsonargparse's YAML loader, refusing a mapping with a repeated key: `'{a: x.safetensors, a: y.safetensors}'`
+    would otherwise keep the last `a` and drop a task without a word (PyYAML keeps the last value)."""
+    import yaml
+    from jsonargparse._loaders_dumpers import yaml_load
+
+    class Strict(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+            seen: set = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise DidiError(f"{key!r} appears twice in the mapping {stream.strip()[:200]!r} (line "
+                                        f"{key_node.start_mark.line + 1}); give each entry a unique name")
+                    seen.add(key)
+                except TypeError:  # an unhashable key: yaml itself refuses it below
+                    pass
+            return super().construct_mapping(node, deep)
+
+    try:
+        yaml.load(stream, Loader=Strict)
+    except yaml.YAMLError:
+        pass  # not YAML: jsonargparse decides what the string is
+    return yaml_load(stream)
+
+
 def option_parameters(cls: type, names: tuple[str, ...]) -> tuple[list[inspect.Parameter], list[str]]:
     """The fields `names` of dataclass `cls` as keyword parameters (annotation and default of the field) and
     as `Args:` lines of a docstring (from the class's own `Args:` section)."""

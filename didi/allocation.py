@@ -190,7 +190,10 @@ def _search(store: FactorStore, cache: TermsCache, problem: RankProblem, alloc: 
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     rf_s, rf_t = module.r_s.detach().cpu(), module.r_t.detach().cpu()
     info["search_ratio"] = problem.ratio(rf_s.double(), rf_t.double())
-    info["search_rec_err_soft"] = float(trainer.callback_metrics.get("search/rec_err", float("nan")))
+    soft = trainer.callback_metrics.get("search/rec_err")
+    info["search_rec_err_soft"] = None if soft is None else float(soft)
+    if soft is None:  # a resumed search whose checkpoint had already run every step logs no step
+        info["search_rec_err_soft_reason"] = "no search step ran in this process (resumed from a finished search)"
     info["continuous_ranks"] = {"shared": rf_s.tolist(), "experts": rf_t.tolist()}
     r_s, r_t = rescale_to_budget(rf_s, rf_t, problem, budget)
     info["rescaled_rec_err"] = alloc.error(r_s, r_t)

@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from didi import jsonio
 from didi.accounting import Stored, price_files, storage_report
 from didi.errors import DidiError
 from didi.sources import file_sha256
@@ -291,7 +292,7 @@ def write_artifact(path: str | Path, manifest: dict, fold: dict[str, TensorLike]
         manifest["files"] = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest["versions"] = versions()
         manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        (tmp / "manifest.json").write_text(jsonio.dumps(manifest, indent=1))
     return path
 
 

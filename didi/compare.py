@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from didi import jsonio
 from didi.backbones.base import Zoo
 from didi.errors import DidiError
 
@@ -204,7 +205,7 @@ def run_compare(zoo: Zoo, output: str | Path, methods: list[str], budgets: list[
             apply_method(run["method"], zoo, path, opts)
             wall = time.perf_counter() - t0
             timings[run["label"]] = wall
-            _write_atomic(timings_f, json.dumps(timings, indent=1))
+            _write_atomic(timings_f, jsonio.dumps(timings, indent=1))
             a = load_artifact(path)
         row = {"label": run["label"], "method": run["method"], "budget": run["budget"], "options": hyper,
                "storage_ratio": a.storage_ratio, "wall_time_s": wall, "reused": reused, "artifact": str(path)}
@@ -230,7 +231,7 @@ def run_compare(zoo: Zoo, output: str | Path, methods: list[str], budgets: list[
     result = {"metric": metric, "pareto_key": key, "tasks": tasks, "rows": rows,
               "pareto_front": [rows[i]["label"] for i in pareto_front(
                   [(r["storage_ratio"], r[key]) for r in rows], higher)]}
-    _write_atomic(out / "results.json", json.dumps(result, indent=1, default=str))
+    _write_atomic(out / "results.json", jsonio.dumps(result, indent=1, default=str))
     _write_atomic(out / "results.md", markdown_table(rows, tasks, metric))
     _write_atomic(out / "pareto.png", png)
     if wandb:

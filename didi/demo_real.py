@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from didi import jsonio
 from didi.errors import DidiError
 
 TASKS = ("rt_sentiment", "convention_party", "debate_speaker", "vader_polarity")
@@ -179,7 +180,7 @@ def run_real_demo(output: str = "didi_demo_real", cache_dir: str | None = None,
         rows["individual"] = _with_normalised(rows["individual"], individual)
         rows["pretrained + heads"] = evaluate_models({"*": base}, data, tokenizer=base, individual=individual,
                                                      storage_ratio=1.0, **ev)
-        cached.write_text(json.dumps(rows))
+        cached.write_text(jsonio.dumps(rows))
     print(f"[4/4] merging with DiDi at {', '.join(f'{b:g}x' for b in budgets)} and evaluating (routed experts)")
     for b in budgets:
         art = out / f"merged_{b:g}"

@@ -4,11 +4,11 @@ refinement metrics, the registry name of the variant) and the rank heatmap.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from didi import jsonio
 from didi.allocation import Policy, Ranks, policy_fn
 from didi.artifact import write_artifact, zoo_manifest
 from didi.backbones.base import Zoo
@@ -65,6 +65,6 @@ def write_didi_artifact(output: str | Path, zoo: Zoo, store: FactorStore, ranks:
     png = rank_heatmap_png(store.matrices, ranks.r_s, ranks.r_t,
                            title=f"DiDi ranks at {ranks.info.get('ratio', 0):.4g}x"
                                  + (" (shared part folded into the base)" if folded else ""))
-    ranks_json = json.dumps(ranks.to_json(store), indent=1).encode()
+    ranks_json = jsonio.dumps(ranks.to_json(store), indent=1).encode()
     return write_artifact(output, manifest, fold, shared, tasks,
                           extra_files={"rank_heatmap.png": png, "ranks.json": ranks_json})

@@ -30,6 +30,7 @@ from typing import Any
 
 from torch import nn
 
+from didi import jsonio
 from didi.artifact import load_artifact
 from didi.backbones.registry import build_adapter
 from didi.datamodules.text import TextClassificationDataModule
@@ -88,7 +89,7 @@ def report_markdown(rep: dict, title: str = "Evaluation") -> str:
 def write_report(rep: dict, output: str | Path, title: str = "Evaluation") -> Path:
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("report.json", json.dumps(rep, indent=1)), ("report.md", report_markdown(rep, title))):
+    for name, text in (("report.json", jsonio.dumps(rep, indent=1)), ("report.md", report_markdown(rep, title))):
         tmp = out / f".{name}.tmp-{os.getpid()}"
         tmp.write_text(text)
         os.replace(tmp, out / name)

@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Literal
 import torch
 from safetensors.torch import save_file
 
+from didi import jsonio
 from didi.artifact import (SHARED_FILE, Artifact, LazyTensors, LoRA, Term, atomic_dir, file_role,
                            load_artifact, load_terms, parse_terms)
 from didi.errors import DidiError
@@ -227,7 +228,7 @@ def _check_names(art: Artifact, src) -> None:
 def _write_info(tmp: Path, art: Artifact, fmt: str, files: dict) -> None:
     info = {"format": fmt, "artifact": str(art.path.resolve()), "method": art.manifest.get("method", {}).get("name"),
             "storage_ratio": art.storage_ratio, "tasks": files}
-    (tmp / "export.json").write_text(json.dumps(info, indent=1))
+    (tmp / "export.json").write_text(jsonio.dumps(info, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------- PEFT

@@ -1,8 +1,8 @@
 """`didi inspect`: what an artifact stores, what it costs, and the ranks it gives every module."""
 from __future__ import annotations
 
-import json
 
+from didi import jsonio
 from didi.artifact import load_artifact
 from didi.methods.published import artifact_ratio_row
 
@@ -24,7 +24,7 @@ def inspect_data(path: str) -> dict:
 def inspect_artifact(path: str, as_json: bool = False) -> str:
     d = inspect_data(path)
     if as_json:
-        return json.dumps(d, indent=1)
+        return jsonio.dumps(d, indent=1)
     lines = [f"artifact {d['path']}  method={d['method']}  adapter={d['adapter']['name']}",
              f"tasks ({len(d['tasks'])}): {', '.join(d['tasks'])}",
              f"storage ratio {d['storage_ratio']:.6g}" + (f" (target {d['target_ratio']:g})" if d["target_ratio"]

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Union
 
+from didi import jsonio
 from didi.allocation import Allocation, Ranks, SharedPart, allocate, precheck_budget
 from didi.backbones.base import Zoo
 from didi.budget import parse_budget
@@ -143,5 +144,5 @@ def write_json_atomic(path: str | Path, obj: dict) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(jsonio.dumps(obj, indent=1))
     os.replace(tmp, p)

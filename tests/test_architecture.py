@@ -114,7 +114,7 @@ def test_cycle_detector_finds_an_added_cycle(tmp_path: Path) -> None:
 
 
 # Layers, from the bottom up: a module may import its own layer's modules and those below, never above.
-GROUND = {"didi.errors", "didi.registry", "didi.options", "didi.accounting", "didi.closed_form", "didi.linalg",
+GROUND = {"didi.errors", "didi.registry", "didi.options", "didi.jsonio", "didi.accounting", "didi.closed_form", "didi.linalg",
           "didi.sources", "didi.tensorfile", "didi.merges", "didi.trainer", "didi.artifact", "didi.task_vectors",
           "didi.synthetic", "didi.budget", "didi.methods.published"}
 WORKFLOWS = {"didi.cli", "didi.__main__", "didi.compare", "didi.demo", "didi.demo_real", "didi.inspect",

@@ -22,7 +22,7 @@ from didi.backbones.open_clip import OpenClipAdapter
 from didi.errors import DidiError
 from didi.pipeline import run_merge
 from didi.routing import RoutedModel
-from test_backbones_common import check_nonmatrix_policy, expected_task_state, synthetic_finetunes
+from helpers import check_nonmatrix_policy, expected_task_state, synthetic_finetunes
 
 
 def clip_config(width=32, layers=2, patch=8, image=16, proj=16, heads=2, **kw):

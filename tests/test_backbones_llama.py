@@ -12,7 +12,7 @@ from didi.backbones import Zoo
 from didi.backbones.hf_llama import HFLlamaAdapter
 from didi.errors import DidiError
 from didi.pipeline import run_merge
-from test_backbones_common import check_nonmatrix_policy, expected_task_state, synthetic_finetunes
+from helpers import check_nonmatrix_policy, expected_task_state, synthetic_finetunes
 
 
 def tiny_config(vocab=64, hidden=32, layers=2, **kw):

@@ -135,8 +135,7 @@ def test_compare_accuracy_metric(tmp_path):
     from didi.datamodules.text import write_jsonl
     from didi.evaluate import evaluate_models
     from didi.pipeline import TrainerConfig
-    from test_evaluate import WORDS, add_vocab
-    from test_hf_encoder import make_bert_zoo
+    from helpers import WORDS, add_vocab, make_bert_zoo
 
     base, tasks = make_bert_zoo(tmp_path / "zoo")
     add_vocab(tmp_path / "zoo" / "base" / "0_Transformer")

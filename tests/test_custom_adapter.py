@@ -96,7 +96,7 @@ def test_custom_adapter_merges(tmp_path, capsys):
     from didi.artifact import load_artifact
     from didi.backbones import get_adapter_class
     from didi.cli import main
-    from test_backbones_common import expected_task_state
+    from helpers import expected_task_state
 
     write_zoo(tmp_path / "zoo")
     assert get_adapter_class("tiny_convformer") is TinyConvFormerAdapter

@@ -15,15 +15,10 @@ from didi.datamodules.text import write_jsonl
 from didi.errors import DidiError
 from didi.evaluate import evaluate_artifact, evaluate_models, load_head, mean_pool
 from didi.pipeline import TrainerConfig
-from test_hf_encoder import make_bert_zoo, tiny_merge
+from helpers import WORDS, add_vocab, make_bert_zoo, save_hf, tiny_merge
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-WORDS = [f"w{i}" for i in range(45)]
 CPU1 = TrainerConfig(accelerator="cpu", devices=1, logger="none", progress_bar=False)
-
-
-def add_vocab(d):
-    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +155,6 @@ def test_bad_inputs(setup, tmp_path):
         evaluate_artifact(other, {"task_0": s["data"]["task0"]}, trainer=CPU1)
     # the right adapter but another model: artifact/backbone mismatch
     from transformers import BertConfig, BertModel
-
-    from test_hf_encoder import save_hf
 
     torch.manual_seed(0)
     wide = save_hf(BertModel(BertConfig(vocab_size=50, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,

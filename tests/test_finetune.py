@@ -13,8 +13,7 @@ from didi.errors import DidiError
 from didi.evaluate import evaluate_models
 from didi.finetune import FinetuneConfig, finetune_zoo
 from didi.pipeline import TrainerConfig
-from test_evaluate import WORDS, add_vocab
-from test_hf_encoder import save_hf, tiny_bert_config
+from helpers import WORDS, add_vocab, save_hf, tiny_bert_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CPU1 = TrainerConfig(accelerator="cpu", devices=1, logger="none", progress_bar=False)

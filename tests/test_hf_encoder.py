@@ -7,69 +7,15 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from didi.artifact import load_artifact
 from didi.backbones import Zoo, build_adapter
 from didi.backbones.hf_encoder import HFEncoderAdapter, minilm_path, resolve_model_dir
-from didi.decompose import DecomposeConfig
 from didi.errors import DidiError
-from didi.pipeline import TrainerConfig, run_merge
-from didi.refine import RefineConfig
 from didi.routing import RoutedModel
-from didi.search import SearchConfig
+from helpers import make_bert_zoo, save_hf, tiny_bert_config, tiny_merge
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def tiny_bert_config():
-    from transformers import BertConfig
-
-    return BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=24)
-
-
-def save_hf(model, path, st_layout=False):
-    """HF layout (config.json + model.safetensors) or sentence-transformers layout (modules.json + sub-folder)."""
-    path.mkdir(parents=True)
-    d = path / "0_Transformer" if st_layout else path
-    d.mkdir(exist_ok=True)
-    model.config.to_json_file(str(d / "config.json"))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
-    if st_layout:
-        (path / "modules.json").write_text(json.dumps([
-            {"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
-    return path
-
-
-def make_bert_zoo(root, T=3, seed=0):
-    """θ0 = a random tiny BERT; task t = θ0 + low-rank changes of the Linear weights + small vector changes."""
-    from transformers import BertModel
-
-    torch.manual_seed(seed)
-    base = BertModel(tiny_bert_config()).eval()
-    base_path = save_hf(base, root / "base", st_layout=True)
-    g = torch.Generator().manual_seed(seed + 1)
-    tasks = {}
-    for t in range(T):
-        sd = {k: v.clone() for k, v in base.state_dict().items()}
-        for k, v in sd.items():
-            if k.endswith("dense.weight") or k.endswith(("query.weight", "key.weight", "value.weight")):
-                m, n = v.shape
-                sd[k] = v + 0.05 * torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g)
-            elif v.dtype.is_floating_point and v.dim() == 1:
-                sd[k] = v + 0.01 * torch.randn(v.shape, generator=g)
-        ft = BertModel(tiny_bert_config())
-        ft.load_state_dict(sd)
-        tasks[f"task{t}"] = str(save_hf(ft, root / f"task{t}"))
-    return str(base_path), tasks
-
-
-def tiny_merge(zoo, out, budget=1.3):
-    return run_merge(zoo, out, budget, DecomposeConfig(cache_dir=str(out.parent / "cache"), device="cpu"),
-                     SearchConfig(steps=15), RefineConfig(sweeps=1, power_iters=1),
-                     TrainerConfig(accelerator="cpu", logger="none", progress_bar=False), progress=False)
 
 
 def per_example(adapter, art, base_sd, batch, ids):

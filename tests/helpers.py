@@ -1,0 +1,175 @@
+"""Helpers shared by several test modules: they import from here, never from each other (`pythonpath = tests`
+in setup.cfg puts this folder on sys.path); fixtures live in conftest.py.
+
+- Backbone adapters: `synthetic_finetunes` (fine-tunes with planted low-rank deltas), `check_nonmatrix_policy`
+  and `expected_task_state`, which recomputes θ0 + τ̃_t straight from the artifact's safetensors (A_s@B_s +
+  A_t@B_t reshaped, plus the non-matrix deltas) without `Artifact.task_deltas`, so that the adapters' round
+  trip is checked against a second implementation.
+- A tiny BERT zoo: `tiny_bert_config`, `save_hf` (HF or sentence-transformers layout), `make_bert_zoo`,
+  `tiny_merge` (a merge in a few seconds on CPU), and the word list `WORDS` / `add_vocab` for its tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from didi.backbones import Adapter
+from didi.decompose import DecomposeConfig
+from didi.pipeline import MergeOptions, run_merge
+from didi.refine import RefineConfig
+from didi.search import SearchConfig
+from didi.trainer import TrainerConfig
+
+# --- backbone adapters: synthetic fine-tunes and an independent τ̃
+
+
+def lowrank_delta(shape: tuple[int, int], rank: int, scale: float, g: torch.Generator) -> torch.Tensor:
+    m, n = shape
+    a, b = torch.randn(m, rank, generator=g), torch.randn(rank, n, generator=g)
+    return scale * (a @ b) / math.sqrt(rank * n)
+
+
+def synthetic_finetunes(adapter: Adapter, base: dict[str, torch.Tensor], T: int = 3, seed: int = 0,
+                        scale: float = 0.1) -> list[dict[str, torch.Tensor]]:
+    """θ_t = θ0 + shared rank-1 + own rank-2 deltas on decomposed tensors, small dense deltas on other
+    in-scope floating tensors; out-of-scope tensors are untouched. Computed in fp32, stored in θ0's dtype."""
+    g = torch.Generator().manual_seed(seed)
+    shared, own = {}, [dict() for _ in range(T)]
+    for k, v in base.items():
+        if not adapter.in_scope(k) or not v.dtype.is_floating_point:
+            continue
+        if adapter.is_decomposed(k, tuple(v.shape), v.dtype):
+            ms = adapter.matrix_shape(k, tuple(v.shape))
+            shared[k] = lowrank_delta(ms, 1, scale, g).reshape(v.shape)
+            for t in range(T):
+                own[t][k] = lowrank_delta(ms, 2, scale, g).reshape(v.shape)
+        else:
+            shared[k] = torch.zeros(v.shape)
+            for t in range(T):
+                own[t][k] = 0.01 * torch.randn(v.shape, generator=g)
+    out = []
+    for t in range(T):
+        out.append({k: ((v.float() + shared[k] + own[t][k]).to(v.dtype) if k in shared else v.clone())
+                    for k, v in base.items()})
+    return out
+
+
+def expected_task_state(artifact: str | Path, task: str,
+                        base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """θ0 + τ̃_task in fp32, from the raw artifact files (an implementation independent of artifact.py)."""
+    root = Path(artifact)
+    deltas: dict[str, torch.Tensor] = {}
+
+    def add(name, d):
+        d = d.float().reshape(base[name].shape)
+        deltas[name] = deltas.get(name, 0) + d
+
+    fold = root / "fold.safetensors"
+    if fold.exists():
+        for name, d in load_file(str(fold)).items():
+            add(name, d)
+    shared = load_file(str(root / "shared.safetensors"))
+    own = load_file(str(root / "tasks" / f"{task}.safetensors"))
+    for terms in (shared, own):
+        for name in {k.rsplit("::", 1)[0] for k in terms}:
+            if f"{name}::lora_A" in terms:
+                add(name, terms[f"{name}::lora_A"].double() @ terms[f"{name}::lora_B"].double())
+            if f"{name}::dense" in terms:
+                add(name, terms[f"{name}::dense"])
+            if f"{name}::mask" in terms:
+                add(name, own[f"{name}::scale"].double() * terms[f"{name}::mask"].double()
+                    * shared[f"{name}::ref"].double())
+    return {k: (v.float() + deltas[k]) if k in deltas else v.float() for k, v in base.items()}
+
+
+def check_nonmatrix_policy(artifact: str | Path, adapter: Adapter, base: dict,
+                           tunes: dict[str, dict]) -> None:
+    """`shared`: fold = mean task delta of every non-decomposed in-scope tensor; `per_task`: exact deltas."""
+    root = Path(artifact)
+    fold = load_file(str(root / "fold.safetensors")) if (root / "fold.safetensors").exists() else {}
+    checked = 0
+    for k, v in base.items():
+        if (not adapter.in_scope(k) or not v.dtype.is_floating_point
+                or adapter.is_decomposed(k, tuple(v.shape), v.dtype)):
+            continue
+        deltas = [tunes[t][k].float() - v.float() for t in tunes]
+        if not any(bool(d.abs().max() > 0) for d in deltas):
+            continue
+        checked += 1
+        if adapter.policy_of(k) == "shared":
+            torch.testing.assert_close(fold[k], torch.stack(deltas).mean(0), rtol=1e-5, atol=1e-6)
+        else:
+            assert k not in fold
+            for t, d in zip(tunes, deltas):
+                own = load_file(str(root / "tasks" / f"{t}.safetensors"))
+                torch.testing.assert_close(own[f"{k}::dense"], d)
+    assert checked > 0
+
+
+# --- a tiny BERT zoo (hf_encoder): 2 layers of width 32, a 50-token vocabulary
+
+WORDS = [f"w{i}" for i in range(45)]
+
+
+def add_vocab(d: Path) -> None:
+    """A WordPiece vocab.txt in `d`: the 5 special tokens and WORDS (50 = the tiny BERT's vocab_size)."""
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+
+
+def tiny_bert_config():
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=24)
+
+
+def save_hf(model, path, st_layout=False):
+    """HF layout (config.json + model.safetensors) or sentence-transformers layout (modules.json and a
+    sub-folder)."""
+    path.mkdir(parents=True)
+    d = path / "0_Transformer" if st_layout else path
+    d.mkdir(exist_ok=True)
+    model.config.to_json_file(str(d / "config.json"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    if st_layout:
+        (path / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "0_Transformer",
+             "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    return path
+
+
+def make_bert_zoo(root, T=3, seed=0):
+    """θ0 = a random tiny BERT; task t = θ0 + low-rank changes of the Linear weights + small vector
+    changes."""
+    from transformers import BertModel
+
+    torch.manual_seed(seed)
+    base = BertModel(tiny_bert_config()).eval()
+    base_path = save_hf(base, root / "base", st_layout=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    tasks = {}
+    for t in range(T):
+        sd = {k: v.clone() for k, v in base.state_dict().items()}
+        for k, v in sd.items():
+            if k.endswith("dense.weight") or k.endswith(("query.weight", "key.weight", "value.weight")):
+                m, n = v.shape
+                sd[k] = v + 0.05 * torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g)
+            elif v.dtype.is_floating_point and v.dim() == 1:
+                sd[k] = v + 0.01 * torch.randn(v.shape, generator=g)
+        ft = BertModel(tiny_bert_config())
+        ft.load_state_dict(sd)
+        tasks[f"task{t}"] = str(save_hf(ft, root / f"task{t}"))
+    return str(base_path), tasks
+
+
+def tiny_merge(zoo, out, budget=1.3):
+    """`didi merge` of `zoo` into `out` with few steps on CPU (seconds); the factor cache beside `out`."""
+    options = MergeOptions(budget, DecomposeConfig(cache_dir=str(out.parent / "cache"), device="cpu"),
+                           SearchConfig(steps=15), RefineConfig(sweeps=1, power_iters=1),
+                           TrainerConfig(accelerator="cpu", logger="none", progress_bar=False))
+    return run_merge(zoo, out, options, progress=False)

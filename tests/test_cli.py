@@ -64,6 +64,7 @@ def test_yaml_config_and_list_tasks(tmp_path, tiny_zoo):
     assert m["method"]["hyper_parameters"]["refine"]["optimizer"] == "none"
 
 
+@pytest.mark.slow
 def test_console_script_help_and_exit_code(tmp_path):
     exe = Path(sys.executable).with_name("didi")
     r = subprocess.run([str(exe), "merge", "--help"], capture_output=True, text=True)

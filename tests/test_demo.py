@@ -1,9 +1,12 @@
 """Both demos run end to end (at tiny sizes; the README's demo is the same code with its defaults)."""
 import json
 
+import pytest
+
 from didi.cli import main
 
 
+@pytest.mark.slow
 def test_synthetic_demo(tmp_path, capsys):
     assert main(["demo", "--kind", "synthetic", "--output", str(tmp_path / "d"), "--width", "16", "--layers", "2",
                  "--budget", "1.3"]) == 0
@@ -13,6 +16,7 @@ def test_synthetic_demo(tmp_path, capsys):
     assert m["storage"]["ratio"] <= 1.3
 
 
+@pytest.mark.slow
 def test_real_demo_small(tmp_path, capsys):
     """The real MiniLM, the real package data, a few fine-tuning steps: the table has every row."""
     from didi.demo_real import run_real_demo

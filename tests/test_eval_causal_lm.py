@@ -179,6 +179,7 @@ def test_routed_choice_scores_of_a_mixed_batch(setup):
             assert float(ll[i]) == pytest.approx(want, rel=1e-4, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one(setup):
     """9 items (4 windows + 5 questions) over 2 processes: nothing padded, dropped or counted twice."""
     s = setup

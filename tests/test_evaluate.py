@@ -103,6 +103,7 @@ def test_routed_evaluation_matches_literal_and_report(setup, tmp_path):
     assert "| task0 | 13 |" in md and "normalised" in md
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one(setup):
     s = setup
     one = evaluate_artifact(s["art"], s["data"], batch_size=4, trainer=CPU1)

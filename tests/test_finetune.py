@@ -34,6 +34,7 @@ def task_data(root, name, key_words, n=64, seed=0):
     return str(root / name)
 
 
+@pytest.mark.slow
 def test_finetune_writes_zoo_that_learns_and_merges(tmp_path):
     from transformers import BertModel
 

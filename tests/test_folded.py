@@ -51,6 +51,7 @@ def test_greedy_is_optimal_for_equal_units(budget):
     assert float(folded_error(sigma, mt_sq, r).sum()) == pytest.approx(_brute_force(sigma, mt_sq, unit, bound, budget))
 
 
+@pytest.mark.slow
 def test_greedy_with_unequal_units_is_within_one_unit_of_optimal():
     g = torch.Generator().manual_seed(7)
     sigma = _spectra(g, 3, 2, 3)
@@ -168,6 +169,7 @@ def test_folded_search_then_refine_cli(tmp_path, tiny_zoo, capsys):
     assert e.value.code != 0 and "shared" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_folded_two_process_ddp_reproduces_one_process(tmp_path, tiny_zoo, fast):
     """The folded refinement under ddp_spawn on 2 CPU processes writes the same fold and experts as 1 process."""
     from didi.pipeline import TrainerConfig

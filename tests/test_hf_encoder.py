@@ -92,6 +92,7 @@ def test_layouts_and_bad_inputs(tmp_path):
                                                                          shape, torch.float32)
 
 
+@pytest.mark.slow
 def test_real_minilm_loads_offline():
     from transformers import AutoModel
 

@@ -115,6 +115,7 @@ def test_factor_store_is_reused_across_budgets(tmp_path, tiny_zoo, fast, monkeyp
     assert decompose(zoo, fast[0]).root == decompose(zoo, fast[0]).root
 
 
+@pytest.mark.slow
 def test_two_process_ddp_reproduces_one_process(tmp_path, tiny_zoo, fast):
     """Search ranks and refined factors under ddp_spawn on 2 CPU processes equal the 1-process run."""
     zoo = Zoo(Adapter(), *tiny_zoo)

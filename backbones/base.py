@@ -7,9 +7,9 @@ every tensor. A new family subclasses `Adapter` and overrides the few hooks it n
 from __future__ import annotations
 
 import fnmatch
-import warnings
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence

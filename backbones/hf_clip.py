@@ -19,8 +19,8 @@ from typing import Iterator
 
 import torch
 
-from didi.backbones.registry import register_adapter
 from didi.backbones.base import Adapter, NonMatrixPolicy
+from didi.backbones.registry import register_adapter
 from didi.errors import DidiError
 from didi.sources import TensorSource
 

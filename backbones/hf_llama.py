@@ -14,9 +14,9 @@ from typing import Literal
 
 import torch
 
-from didi.backbones.registry import register_adapter
 from didi.backbones.base import Adapter, NonMatrixPolicy
 from didi.backbones.hf_clip import check_model_type, read_config_json, resolve_config
+from didi.backbones.registry import register_adapter
 from didi.errors import DidiError
 from didi.sources import TensorSource
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from didi.backbones.registry import register_adapter
 from didi.backbones.base import Adapter, NonMatrixPolicy
+from didi.backbones.registry import register_adapter
 from didi.errors import DidiError
 from didi.sources import TensorSource
 

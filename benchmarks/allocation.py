@@ -21,9 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from common import md_table, write_results
-from didi.backbones import Adapter, Zoo
 
 from didi.allocation import allocate
+from didi.backbones import Adapter, Zoo
 from didi.decompose import DecomposeConfig, decompose
 from didi.search import SearchConfig
 from didi.synthetic import make_spectral_zoo

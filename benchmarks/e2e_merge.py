@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from common import md_table, peak_rss_mb, write_results
-from didi.backbones import Adapter, Zoo
 
 from didi.allocation import allocate
+from didi.backbones import Adapter, Zoo
 from didi.budget import parse_budget
 from didi.decompose import DecomposeConfig, decompose
 from didi.didi_artifact import write_didi_artifact

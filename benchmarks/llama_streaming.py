@@ -77,9 +77,9 @@ def make(root: Path, hidden: int, layers: int, vocab: int, T: int) -> None:
 def merge(root: Path, T: int, device: str) -> dict:
     """One merge; returns times and memory of this process."""
     import torch  # noqa: F401
+
     from didi.backbones import Zoo
     from didi.backbones.hf_llama import HFLlamaAdapter
-
     from didi.decompose import DecomposeConfig, decompose
     from didi.pipeline import MergeOptions, run_merge
     from didi.refine import RefineConfig

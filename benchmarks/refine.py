@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from common import md_table, write_results
-from didi.backbones import Adapter, Zoo
 
 from didi.allocation import allocate
+from didi.backbones import Adapter, Zoo
 from didi.decompose import DecomposeConfig, decompose
 from didi.refine import RefineConfig, refine_matrices
 from didi.search import SearchConfig

@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 import torch
-from didi.backbones.open_clip import OpenClipAdapter
 
 from didi.artifact import load_artifact, write_artifact
+from didi.backbones.open_clip import OpenClipAdapter
 from didi.eval_image import ImageFeatures
 from didi.routing import RoutedModel
 

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from didi.datamodules.text import ShardedEvalDataModule, task_order_of
 from didi.errors import DidiError
 
+
 # ------------------------------------------------------------------------------------ open_clip helpers
 def open_clip_transform(model: nn.Module) -> Callable:
     """The eval transform open_clip uses for `model` (size, resize mode, mean/std from its preprocess config)."""

@@ -14,8 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from didi.backbones.base import Zoo
-from didi.budget import (Allocator, RankProblem, folded_error, folded_ranks, rescale_to_budget,
-                         uniform_ranks)
+from didi.budget import Allocator, RankProblem, folded_error, folded_ranks, rescale_to_budget, uniform_ranks
 from didi.callbacks import RankEvolution
 from didi.closed_form import GroupTerms
 from didi.datamodules.layers import LayerBatchDataModule

@@ -37,8 +37,13 @@ from didi.datamodules.text import TextClassificationDataModule
 from didi.errors import DidiError
 from didi.eval_causal_lm import evaluate_causal_lm
 from didi.eval_image import evaluate_images
-from didi.evaluators import (PerTaskTextFeatures, RoutedTextFeatures, default_head_path, load_head,
-                             run_evaluation)
+from didi.evaluators import (
+    PerTaskTextFeatures,
+    RoutedTextFeatures,
+    default_head_path,
+    load_head,
+    run_evaluation,
+)
 from didi.routing import RoutedModel
 from didi.trainer import TrainerConfig
 

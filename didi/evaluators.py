@@ -14,7 +14,7 @@ from torch import nn
 from torchmetrics import SumMetric
 
 from didi.errors import DidiError
-from didi.routing import OracleRouter, Router, RoutedModel
+from didi.routing import OracleRouter, RoutedModel, Router
 from didi.trainer import TrainerConfig, Trainers
 
 

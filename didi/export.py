@@ -28,8 +28,18 @@ import torch
 from safetensors.torch import save_file
 
 from didi import jsonio
-from didi.artifact import (SHARED_FILE, Artifact, LazyTensors, LoRA, Term, atomic_dir, file_role,
-                           load_artifact, load_terms, parse_terms)
+from didi.artifact import (
+    SHARED_FILE,
+    Artifact,
+    LazyTensors,
+    LoRA,
+    Term,
+    atomic_dir,
+    file_role,
+    load_artifact,
+    load_terms,
+    parse_terms,
+)
 from didi.errors import DidiError
 
 ExportFormat = Literal["checkpoint", "peft"]

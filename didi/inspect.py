@@ -1,7 +1,6 @@
 """`didi inspect`: what an artifact stores, what it costs, and the ranks it gives every module."""
 from __future__ import annotations
 
-
 from didi import jsonio
 from didi.artifact import load_artifact
 from didi.methods.published import artifact_ratio_row

@@ -11,10 +11,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from didi.decompose import DecomposeConfig  # noqa: E402
-from didi.pipeline import TrainerConfig  # noqa: E402
 from didi.refine import RefineConfig  # noqa: E402
 from didi.search import SearchConfig  # noqa: E402
 from didi.synthetic import make_zoo  # noqa: E402
+from didi.trainer import TrainerConfig  # noqa: E402
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from didi.backbones import Zoo
 from didi.backbones.hf_clip import FusedQKVSource, HFClipAdapter
 from didi.backbones.open_clip import OpenClipAdapter
 from didi.errors import DidiError
-from didi.pipeline import run_merge
+from didi.pipeline import MergeOptions, run_merge
 from didi.routing import RoutedModel
 from helpers import check_nonmatrix_policy, expected_task_state, synthetic_finetunes
 
@@ -139,7 +139,7 @@ def test_merge_tiny_hf_clip_roundtrip(tmp_path, fast, fuse_qkv):
     names = {p.name for p in zoo.matrices}
     assert ("vision_model.encoder.layers.0.self_attn.qkv_proj.weight" in names) == fuse_qkv
     assert ("vision_model.encoder.layers.0.self_attn.q_proj.weight" in names) != fuse_qkv
-    out = run_merge(zoo, tmp_path / "merged", 1.5, dcfg, scfg, rcfg, tcfg, progress=False)
+    out = run_merge(zoo, tmp_path / "merged", MergeOptions(1.5, dcfg, scfg, rcfg, tcfg), progress=False)
     art = load_artifact(out)
     rebuilt = art.adapter()
     assert rebuilt.config["vision_config"]["hidden_size"] == 32 and rebuilt.fuse_qkv == fuse_qkv

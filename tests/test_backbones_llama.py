@@ -11,7 +11,7 @@ from didi.artifact import load_artifact
 from didi.backbones import Zoo
 from didi.backbones.hf_llama import HFLlamaAdapter
 from didi.errors import DidiError
-from didi.pipeline import run_merge
+from didi.pipeline import MergeOptions, run_merge
 from helpers import check_nonmatrix_policy, expected_task_state, synthetic_finetunes
 
 
@@ -79,7 +79,7 @@ def test_merge_tiny_llama_sharded_roundtrip(tmp_path, fast):
     assert zoo.base_params == sum(v.numel() for v in base.values())
     assert {p.name for p in zoo.matrices} >= {"model.embed_tokens.weight", "lm_head.weight",
                                               "model.layers.1.self_attn.k_proj.weight"}
-    out = run_merge(zoo, tmp_path / "merged", 1.6, dcfg, scfg, rcfg, tcfg, progress=False)
+    out = run_merge(zoo, tmp_path / "merged", MergeOptions(1.6, dcfg, scfg, rcfg, tcfg), progress=False)
     art = load_artifact(out)
     check_nonmatrix_policy(out, adapter, base, tunes)
     rebuilt = art.adapter()
@@ -104,7 +104,7 @@ def test_bf16_llama_round_trips_in_bf16(tmp_path, fast, shared):
     base, tunes = _zoo(tmp_path, adapter, torch.bfloat16)
     zoo = Zoo(adapter, str(tmp_path / "base"), {t: str(tmp_path / t) for t in tunes})
     assert "model.embed_tokens.weight" not in {p.name for p in zoo.matrices}
-    out = run_merge(zoo, tmp_path / "merged", 1.9, dcfg, scfg, rcfg, tcfg, progress=False, shared=shared)
+    out = run_merge(zoo, tmp_path / "merged", MergeOptions(1.9, dcfg, scfg, rcfg, tcfg, shared=shared), progress=False)
     art = load_artifact(out)
     if shared == "folded":
         fold = load_file(str(out / "fold.safetensors"))

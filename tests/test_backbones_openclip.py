@@ -88,7 +88,7 @@ def test_merge_tiny_clip_roundtrip(tmp_path):
             # the merge moved the features toward the fine-tune (budget 1.5 covers the planted ranks)
             assert (merged.encode_image(img) - tuned).norm() < 0.5 * (base_out - tuned).norm()
     # routed serving of a mixed batch: attention (nn.MultiheadAttention) is routed, not swapped per task
-    from didi.datamodules.image import routed_image_features
+    from didi.eval_image import routed_image_features
     from didi.routing import RoutedConv2d, RoutedMultiheadAttention
 
     feats = routed_image_features(adapter.build_model(base), art, adapter)

@@ -2,12 +2,11 @@
 import pytest
 import torch
 
+from didi.allocation import TermsCache, allocate, rank_problem
 from didi.backbones import Adapter, Zoo
-from didi.budget import parse_budget
+from didi.budget import Allocator, parse_budget
 from didi.decompose import decompose
 from didi.errors import DidiError
-from didi.pipeline import TermsCache, allocate, rank_problem
-from didi.budget import Allocator
 from didi.search import SearchConfig
 from didi.synthetic import make_zoo
 

@@ -134,7 +134,7 @@ def test_compare_accuracy_metric(tmp_path):
     from didi.backbones import build_adapter
     from didi.datamodules.text import write_jsonl
     from didi.evaluate import evaluate_models
-    from didi.pipeline import TrainerConfig
+    from didi.trainer import TrainerConfig
     from helpers import WORDS, add_vocab, make_bert_zoo
 
     base, tasks = make_bert_zoo(tmp_path / "zoo")

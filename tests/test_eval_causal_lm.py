@@ -11,9 +11,10 @@ import torch
 
 from didi.artifact import load_artifact, write_artifact
 from didi.backbones.hf_llama import HFLlamaAdapter
-from didi.datamodules.causal_lm import CausalLMDataModule, evaluate_causal_lm
+from didi.datamodules.causal_lm import CausalLMDataModule
 from didi.errors import DidiError
-from didi.pipeline import TrainerConfig
+from didi.eval_causal_lm import evaluate_causal_lm
+from didi.trainer import TrainerConfig
 
 CPU1 = TrainerConfig(accelerator="cpu", devices=1, logger="none", progress_bar=False)
 WORDS = [f"w{i}" for i in range(58)]
@@ -153,7 +154,7 @@ def test_causal_lm_data_refusals(setup, tmp_path):
 def test_routed_choice_scores_of_a_mixed_batch(setup):
     """Row log-likelihoods of one mixed batch (story windows + quiz choices) through the routed model equal the
     same sums from each task's own model, sequence by sequence."""
-    from didi.datamodules.causal_lm import row_scores
+    from didi.eval_causal_lm import row_scores
     from didi.routing import RoutedModel
 
     s = setup

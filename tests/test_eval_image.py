@@ -10,11 +10,15 @@ import torch.nn.functional as F
 
 from didi.artifact import load_artifact, write_artifact
 from didi.backbones.open_clip import OpenClipAdapter
-from didi.datamodules.image import (ImageClassificationDataModule, classnames_of, open_clip_tokenizer,
-                                    open_clip_transform, routed_image_features, zero_shot_head)
+from didi.datamodules.image import (
+    ImageClassificationDataModule,
+    classnames_of,
+    open_clip_transform,
+)
 from didi.errors import DidiError
-from didi.evaluate import run_evaluation
-from didi.pipeline import TrainerConfig
+from didi.eval_image import open_clip_tokenizer, routed_image_features, zero_shot_head
+from didi.evaluators import run_evaluation
+from didi.trainer import TrainerConfig
 
 # text vocabulary of open_clip's BPE tokenizer (49408) so the real tokenizer can be used; towers stay tiny
 TINY = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},

@@ -13,8 +13,9 @@ from didi.artifact import load_artifact
 from didi.backbones import Zoo, build_adapter
 from didi.datamodules.text import write_jsonl
 from didi.errors import DidiError
-from didi.evaluate import evaluate_artifact, evaluate_models, load_head, mean_pool
-from didi.pipeline import TrainerConfig
+from didi.evaluate import evaluate_artifact, evaluate_models
+from didi.evaluators import load_head, mean_pool
+from didi.trainer import TrainerConfig
 from helpers import WORDS, add_vocab, make_bert_zoo, save_hf, tiny_merge
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -252,12 +252,11 @@ def test_cli_export(generic_artifact, capsys):
 def test_checkpoint_export_of_a_real_merge(tiny_zoo, fast, tmp_path):
     """An artifact from the real pipeline (generic adapter, synthetic zoo) exports to its task weights."""
     from didi.backbones import Adapter, Zoo
-    from didi.pipeline import run_merge
+    from didi.pipeline import MergeOptions, run_merge
 
     dcfg, scfg, rcfg, tcfg = fast
     base, tasks = tiny_zoo
-    art_path = run_merge(Zoo(Adapter(), base, tasks), tmp_path / "merged", 1.5, dcfg, scfg, rcfg, tcfg,
-                         progress=False)
+    art_path = run_merge(Zoo(Adapter(), base, tasks), tmp_path / "merged", MergeOptions(1.5, dcfg, scfg, rcfg, tcfg), progress=False)
     out = export_artifact(art_path, tmp_path / "ckpt")
     art = load_artifact(art_path)
     for t in art.tasks:

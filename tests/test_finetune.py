@@ -12,7 +12,7 @@ from didi.datamodules.text import write_jsonl
 from didi.errors import DidiError
 from didi.evaluate import evaluate_models
 from didi.finetune import FinetuneConfig, finetune_zoo
-from didi.pipeline import TrainerConfig
+from didi.trainer import TrainerConfig
 from helpers import WORDS, add_vocab, save_hf, tiny_bert_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -17,7 +17,7 @@ from didi.backbones import Adapter, Zoo
 from didi.budget import folded_error, folded_ranks
 from didi.cli import main
 from didi.methods.published import artifact_ratio_row
-from didi.pipeline import run_merge
+from didi.pipeline import MergeOptions, run_merge
 from didi.refine import RefineConfig, refine_adam, refine_als, task_errors
 
 
@@ -123,7 +123,7 @@ def test_folded_merge_end_to_end(tiny_zoo, fast, tmp_path, optimizer):
     base, tasks = tiny_zoo
     zoo = Zoo(Adapter(), base, tasks)
     rcfg = RefineConfig(optimizer=optimizer, sweeps=3)
-    path = run_merge(zoo, tmp_path / "folded", 1.3, dcfg, scfg, rcfg, tcfg, shared="folded", progress=False)
+    path = run_merge(zoo, tmp_path / "folded", MergeOptions(1.3, dcfg, scfg, rcfg, tcfg, shared="folded"), progress=False)
     a = load_artifact(path)
     m = a.manifest
     assert m["method"]["hyper_parameters"]["shared"] == "folded"
@@ -146,7 +146,7 @@ def test_folded_merge_end_to_end(tiny_zoo, fast, tmp_path, optimizer):
     else:
         assert dense < m["metrics"]["allocation"]["rec_err"]
     # the paper's layout at the same budget pays for its shared module: the folded merge is more exact
-    low = run_merge(zoo, tmp_path / "low_rank", 1.3, dcfg, scfg, rcfg, tcfg, progress=False)
+    low = run_merge(zoo, tmp_path / "low_rank", MergeOptions(1.3, dcfg, scfg, rcfg, tcfg), progress=False)
     assert dense < 0.8 * _dense_errors(load_artifact(low), base, tasks, list(m["ranks"]))
 
 
@@ -172,15 +172,14 @@ def test_folded_search_then_refine_cli(tmp_path, tiny_zoo, capsys):
 @pytest.mark.slow
 def test_folded_two_process_ddp_reproduces_one_process(tmp_path, tiny_zoo, fast):
     """The folded refinement under ddp_spawn on 2 CPU processes writes the same fold and experts as 1 process."""
-    from didi.pipeline import TrainerConfig
+    from didi.trainer import TrainerConfig
 
     zoo = Zoo(Adapter(), *tiny_zoo)
     d, s, r, t = fast
     r.layer_batch_size = 3  # uneven shares of the matrices across the two processes
-    one = run_merge(zoo, tmp_path / "one", 1.3, d, s, r, t, shared="folded", progress=False)
-    two = run_merge(zoo, tmp_path / "two", 1.3, d, s, r,
-                    TrainerConfig(accelerator="cpu", devices=2, strategy="ddp_spawn", logger="none",
-                                  progress_bar=False), shared="folded", progress=False)
+    one = run_merge(zoo, tmp_path / "one", MergeOptions(1.3, d, s, r, t, shared="folded"), progress=False)
+    two = run_merge(zoo, tmp_path / "two", MergeOptions(1.3, d, s, r, TrainerConfig(accelerator="cpu", devices=2, strategy="ddp_spawn", logger="none",
+                                  progress_bar=False), shared="folded"), progress=False)
     assert load_artifact(one).manifest["ranks"] == load_artifact(two).manifest["ranks"]
     for f in ["fold.safetensors", "tasks/task_0.safetensors", "tasks/task_3.safetensors"]:
         x, y = load_file(str(one / f)), load_file(str(two / f))

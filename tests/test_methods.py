@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 from didi.artifact import load_artifact
 from didi.backbones import Adapter, Zoo
 from didi.errors import DidiError
+from didi.merges import ties_merge, tsv_m_merge
 from didi.methods import METHODS, apply_method, get_method, list_methods
 from didi.methods.dynamic import emr_unify, tall_masks
 from didi.methods.flexmerge import block_of, greedy_clusters
-from didi.methods.static import ties_merge, tsv_m_merge
 from didi.synthetic import make_zoo
 
 
@@ -107,7 +107,7 @@ MATRIX = lambda name, arr: arr.ndim == 2  # noqa: E731  (make_zoo's adapter deco
 def literal(
     method: str, taus: dict[str, dict[str, np.ndarray]], tasks: list[str]
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Expected per-task deltas of `method` at default options (method.md §5), tensor by tensor in numpy."""
+    """Expected per-task deltas of `method` at default options (docs/method.md §5), tensor by tensor in numpy."""
     T = len(tasks)
     names = list(taus[tasks[0]])
     out = {t: {} for t in tasks}
@@ -506,19 +506,14 @@ def test_cli_methods_and_apply(tmp_path, capsys):
     assert "0 < k ≤ 100, found 130" in capsys.readouterr().err
 
 
-def test_static_merges_serve_as_didi_shared_part(tmp_path, monkeypatch):
+def test_static_merges_serve_as_didi_shared_part(tmp_path):
     """`--decompose.shared_merge ties|tsv_m`: M_s is the registry's merge (checked from the factor store) and
-    shared + experts still reconstruct τ_t exactly (M_t = τ_t − M_s). The merges are first removed from
-    SHARED_MERGES and `didi.methods` from sys.modules: what is tested is that `decompose` registers them."""
-    import sys
+    shared + experts still reconstruct τ_t exactly (M_t = τ_t − M_s). The kernels live in `didi.merges`, which
+    `decompose` imports itself: nothing has to be registered by importing the method registry first."""
+    from didi.decompose import DecomposeConfig, decompose
+    from didi.merges import SHARED_MERGES
 
-    import didi
-    from didi.decompose import SHARED_MERGES, DecomposeConfig, decompose
-
-    for name in ("ties", "tsv_m"):
-        monkeypatch.delitem(SHARED_MERGES, name)
-    monkeypatch.delitem(sys.modules, "didi.methods")
-    monkeypatch.setattr(didi, "methods", None, raising=False)
+    assert {"mean", "ties", "tsv_m"} <= set(SHARED_MERGES.names())
     base, tasks = make_zoo(tmp_path / "zoo", T=3, width=8, layers=1, with_vectors=False)
     zoo = Zoo(Adapter(), str(base), {k: str(v) for k, v in tasks.items()})
     for merge in ("ties", "tsv_m"):

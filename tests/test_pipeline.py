@@ -11,9 +11,10 @@ from didi import load_artifact
 from didi.backbones import Adapter, Zoo
 from didi.decompose import decompose
 from didi.errors import DidiError
-from didi.pipeline import TrainerConfig, run_merge
-from didi.synthetic import make_zoo
+from didi.pipeline import MergeOptions, run_merge
 from didi.refine import RefineConfig, init_factors, refine_adam, refine_als, task_errors
+from didi.synthetic import make_zoo
+from didi.trainer import TrainerConfig
 
 
 def _trunc(M, r):
@@ -33,7 +34,7 @@ def test_artifact_round_trip_equals_dense_truncation(tmp_path, tiny_zoo, fast, p
     base, tasks = tiny_zoo
     zoo = Zoo(Adapter(nonmatrix_policy=policy), base, tasks)
     target = 1.3 if policy == "shared" else 1.4
-    out = run_merge(zoo, tmp_path / "art", target, fast[0], fast[1], RefineConfig(optimizer="none"), fast[3])
+    out = run_merge(zoo, tmp_path / "art", MergeOptions(target, fast[0], fast[1], RefineConfig(optimizer="none"), fast[3]))
     art = load_artifact(out)
     raw_b, raw_t = _raw(base, tasks)
     names = list(tasks)
@@ -60,7 +61,7 @@ def test_artifact_round_trip_equals_dense_truncation(tmp_path, tiny_zoo, fast, p
 
 def test_artifact_checksums_are_verified(tmp_path, tiny_zoo, fast):
     zoo = Zoo(Adapter(), *tiny_zoo)
-    out = run_merge(zoo, tmp_path / "art", 1.3, *fast)
+    out = run_merge(zoo, tmp_path / "art", MergeOptions(1.3, *fast))
     f = out / "tasks" / "task_0.safetensors"
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF
@@ -98,7 +99,7 @@ def test_refinement_never_increases_error():
 
 def test_als_refinement_lowers_error_in_artifact(tmp_path, tiny_zoo, fast):
     zoo = Zoo(Adapter(), *tiny_zoo)
-    out = run_merge(zoo, tmp_path / "art", 1.3, *fast)
+    out = run_merge(zoo, tmp_path / "art", MergeOptions(1.3, *fast))
     ref = load_artifact(out).manifest["metrics"]["refine"]
     assert ref["rec_err_after"] <= ref["rec_err_before"] + 1e-9
     assert ref["rec_err_after"] < ref["rec_err_before"]  # the shared factors are coupled: ALS must gain
@@ -106,11 +107,11 @@ def test_als_refinement_lowers_error_in_artifact(tmp_path, tiny_zoo, fast):
 
 def test_factor_store_is_reused_across_budgets(tmp_path, tiny_zoo, fast, monkeypatch):
     zoo = Zoo(Adapter(), *tiny_zoo)
-    run_merge(zoo, tmp_path / "a", 1.3, *fast)
+    run_merge(zoo, tmp_path / "a", MergeOptions(1.3, *fast))
     calls = []
     monkeypatch.setattr(dec, "decompose_batch", lambda *a, **k: calls.append(1))
     monkeypatch.setattr(dec, "svd", lambda *a, **k: calls.append(1))
-    run_merge(zoo, tmp_path / "b", 1.1, *fast)
+    run_merge(zoo, tmp_path / "b", MergeOptions(1.1, *fast))
     assert calls == []
     assert decompose(zoo, fast[0]).root == decompose(zoo, fast[0]).root
 
@@ -122,10 +123,9 @@ def test_two_process_ddp_reproduces_one_process(tmp_path, tiny_zoo, fast):
     d, s, r, t = fast
     s.layer_batch_size = 3  # several layer batches, uneven shares across the two processes
     r.layer_batch_size = 3
-    one = run_merge(zoo, tmp_path / "one", 1.3, d, s, r, t)
-    two = run_merge(zoo, tmp_path / "two", 1.3, d, s, r,
-                    TrainerConfig(accelerator="cpu", devices=2, strategy="ddp_spawn", logger="none",
-                                  progress_bar=False))
+    one = run_merge(zoo, tmp_path / "one", MergeOptions(1.3, d, s, r, t))
+    two = run_merge(zoo, tmp_path / "two", MergeOptions(1.3, d, s, r, TrainerConfig(accelerator="cpu", devices=2, strategy="ddp_spawn", logger="none",
+                                  progress_bar=False)))
     a, b = load_artifact(one), load_artifact(two)
     ca, cb = a.manifest["metrics"]["allocation"], b.manifest["metrics"]["allocation"]
     torch.testing.assert_close(torch.tensor(ca["continuous_ranks"]["experts"]),
@@ -142,16 +142,14 @@ def test_csv_and_wandb_offline_logging(tmp_path, tiny_zoo, fast, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     zoo = Zoo(Adapter(), *tiny_zoo)
     d, s, r, _ = fast
-    run_merge(zoo, tmp_path / "csv", 1.3, d, s, r,
-              TrainerConfig(accelerator="cpu", logger="csv", log_dir=str(tmp_path / "logs"), log_every_n_steps=5,
-                            progress_bar=False))
+    run_merge(zoo, tmp_path / "csv", MergeOptions(1.3, d, s, r, TrainerConfig(accelerator="cpu", logger="csv", log_dir=str(tmp_path / "logs"), log_every_n_steps=5,
+                            progress_bar=False)))
     metrics = next((tmp_path / "logs" / "search").rglob("metrics.csv")).read_text().splitlines()
     header = metrics[0].split(",")
     for key in ("search/rec_err", "search/ratio", "rank/shared/kind=attn.in_proj_weight",
                 "rank/expert/layer=1"):
         assert key in header, key
-    run_merge(zoo, tmp_path / "wb", 1.3, d, s, r,
-              TrainerConfig(accelerator="cpu", logger="wandb", log_dir=str(tmp_path / "wlogs"), progress_bar=False))
+    run_merge(zoo, tmp_path / "wb", MergeOptions(1.3, d, s, r, TrainerConfig(accelerator="cpu", logger="wandb", log_dir=str(tmp_path / "wlogs"), progress_bar=False)))
     runs = list((tmp_path / "wlogs" / "wandb").glob("offline-run-*"))
     assert runs, "no offline W&B run written"
     assert any(p.suffix == ".wandb" for p in runs[0].iterdir())
@@ -199,7 +197,7 @@ def test_batched_decomposition_equals_one_matrix_at_a_time(tmp_path, batch_mb, m
 def test_search_width_grows_until_the_budget_is_reachable(tmp_path, monkeypatch):
     """When the greedy ranks stop short (no positive gain left, as with a TSV-M shared part), the search width
     derived from them must still admit the budget: it widens instead of refusing a reachable budget."""
-    import didi.pipeline as pl
+    import didi.allocation as pl
     from didi.search import SearchConfig
 
     base, tasks = make_zoo(tmp_path / "zoo", T=2, width=96, layers=1, noise=0.01, seed=2)
@@ -217,8 +215,8 @@ def test_search_width_grows_until_the_budget_is_reachable(tmp_path, monkeypatch)
 def test_terms_cache_batches_cut_from_the_full_stack_equal_computed_ones(tmp_path, tiny_zoo, fast):
     """Layer-batch terms taken from the memoised float64 stack of every matrix equal terms computed from the
     factor store for that batch (same K grouping, same row order, unsorted batches too)."""
+    from didi.allocation import TermsCache
     from didi.closed_form import GroupTerms
-    from didi.pipeline import TermsCache
 
     zoo = Zoo(Adapter(), *tiny_zoo)
     store = decompose(zoo, fast[0], progress=False)

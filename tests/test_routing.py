@@ -9,10 +9,10 @@ import copy
 
 import pytest
 import torch
-from didi.backbones import Adapter
 from torch import nn
 
 from didi.artifact import load_artifact, write_artifact
+from didi.backbones import Adapter
 from didi.errors import DidiError
 from didi.routing import OracleRouter, RoutedLinear, RoutedModel
 

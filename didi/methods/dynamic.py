@@ -26,10 +26,10 @@ import torch
 from didi.backbones.base import Zoo
 from didi.errors import DidiError
 from didi.evaluate import evaluate_artifact
+from didi.merges import check_lambda, check_topk, ties_merge
 from didi.methods.common import DeltaReader, Terms, lora_from_svd, write_method_artifact
 from didi.methods.registry import register_method
 from didi.trainer import TrainerConfig
-from didi.merges import check_lambda, check_topk, ties_merge
 
 
 # ---------------------------------------------------------------------------------------- tensor functions

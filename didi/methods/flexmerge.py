@@ -26,9 +26,9 @@ import torch
 
 from didi.backbones.base import Adapter, Zoo
 from didi.errors import DidiError
+from didi.merges import check_lambda, check_topk, ties_merge
 from didi.methods.common import DeltaReader, Terms
 from didi.methods.registry import register_method
-from didi.merges import check_lambda, check_topk, ties_merge
 
 
 def block_of(adapter: Adapter, name: str) -> str:

@@ -4,6 +4,7 @@ An `Adapter` is configuration only (name patterns, the non-matrix policy, reshap
 to θ0 and the task checkpoints, checks they fit together before any heavy compute, and plans what happens to
 every tensor. A new family subclasses `Adapter` and overrides the few hooks it needs (see README).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -98,7 +99,7 @@ class Adapter:
         m = _LAYER_RE.search(name)
         if not m:
             return -1, name
-        return int(m.group(1)), name[m.end():]
+        return int(m.group(1)), name[m.end() :]
 
     def policy_of(self, name: str) -> NonMatrixPolicy:
         """Non-matrix policy of one tensor that is not decomposed; families override it per tensor (e.g. Llama
@@ -161,15 +162,21 @@ class Zoo:
             tnames = {n for n in ts.keys() if a.in_scope(n)}
             missing, extra = sorted(base_set - tnames), sorted(tnames - base_set)
             if missing:
-                raise DidiError(f"task '{t}' ({self.tasks[t]}): tensor '{missing[0]}' of the base model is missing"
-                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                raise DidiError(
+                    f"task '{t}' ({self.tasks[t]}): tensor '{missing[0]}' of the base model is missing"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                )
             if extra:
-                raise DidiError(f"task '{t}' ({self.tasks[t]}): tensor '{extra[0]}' is not in the base model "
-                                f"{self.base}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+                raise DidiError(
+                    f"task '{t}' ({self.tasks[t]}): tensor '{extra[0]}' is not in the base model "
+                    f"{self.base}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                )
             for n in names:
                 if ts.shape(n) != src.shape(n):
-                    raise DidiError(f"task '{t}': tensor '{n}' has shape {list(ts.shape(n))}, "
-                                    f"the base model has {list(src.shape(n))}")
+                    raise DidiError(
+                        f"task '{t}': tensor '{n}' has shape {list(ts.shape(n))}, "
+                        f"the base model has {list(src.shape(n))}"
+                    )
         plan = []
         for n in names:
             shape, dtype = src.shape(n), src.dtype(n)
@@ -222,6 +229,10 @@ def parse_tasks(tasks: dict[str, str] | Sequence[str]) -> dict[str, str]:
         by_file.setdefault(Path(v).expanduser().resolve(), []).append(k)
     for f, ks in by_file.items():
         if len(ks) > 1:
-            warnings.warn(f"tasks: {f} is given under {len(ks)} names ({', '.join(ks)}); they are merged as "
-                          f"separate tasks with identical weights", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"tasks: {f} is given under {len(ks)} names ({', '.join(ks)}); they are merged as "
+                f"separate tasks with identical weights",
+                UserWarning,
+                stacklevel=2,
+            )
     return dict(items)

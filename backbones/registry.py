@@ -1,14 +1,21 @@
 """The backbone-adapter registry: `@register_adapter(name)` where an adapter is defined; the built-in families
 are imported on the first lookup, other packages add theirs through the `didi.backbones` entry-point group."""
+
 from __future__ import annotations
 
 from didi.backbones.base import Adapter
 from didi.registry import Registry
 
 ADAPTERS: Registry[type[Adapter]] = Registry(
-    "backbone adapter", group="didi.backbones",
-    builtins=("didi.backbones.hf_encoder", "didi.backbones.open_clip", "didi.backbones.hf_clip",
-              "didi.backbones.hf_llama"))
+    "backbone adapter",
+    group="didi.backbones",
+    builtins=(
+        "didi.backbones.hf_encoder",
+        "didi.backbones.open_clip",
+        "didi.backbones.hf_clip",
+        "didi.backbones.hf_llama",
+    ),
+)
 
 
 def register_adapter(name: str):

@@ -7,6 +7,7 @@ time of each, the speed ratio and the loss agreement, at search width K = 128 (w
     python benchmarks/closed_form.py                  # full size (a few minutes on 2 CPU cores)
     python benchmarks/closed_form.py --layers 1       # smoke test
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,7 +58,9 @@ def main() -> None:
         groups = []
         for items in by_shape.values():
             ts = [terms_from_factors(f, K, dtype=torch.float32) for f, _ in items]
-            groups.append(GroupTerms(*(torch.cat([getattr(t, k) for t in ts]) for k in GroupTerms.__dataclass_fields__)))
+            groups.append(
+                GroupTerms(*(torch.cat([getattr(t, k) for t in ts]) for k in GroupTerms.__dataclass_fields__))
+            )
         L = len(factors)
         r_s = torch.full((L,), K / 3, requires_grad=True)
         r_t = torch.full((L, T), K / 4, requires_grad=True)
@@ -67,7 +70,7 @@ def main() -> None:
             loss, i = 0.0, 0
             for gt in groups:
                 n = gt.sigma_s.shape[0]
-                loss = loss + soft_error(gt, r_s[i:i + n], r_t[i:i + n], beta).sum()
+                loss = loss + soft_error(gt, r_s[i : i + n], r_t[i : i + n], beta).sum()
                 i += n
             loss.backward()
             return loss
@@ -78,10 +81,11 @@ def main() -> None:
                 k = f["S_s"].shape[0]
                 g_s = torch.zeros(k)
                 g_t = torch.zeros(T, k)
-                g_s[:K] = soft_mask(r_s[i:i + 1], K, beta)[0]
+                g_s[:K] = soft_mask(r_s[i : i + 1], K, beta)[0]
                 g_t[:, :K] = soft_mask(r_t[i], K, beta)
-                e = literal_error(taus, f["U_s"], f["S_s"].float(), f["V_s"], f["U_t"], f["S_t"].float(), f["V_t"],
-                                  g_s, g_t).sum()
+                e = literal_error(
+                    taus, f["U_s"], f["S_s"].float(), f["V_s"], f["U_t"], f["S_t"].float(), f["V_t"], g_s, g_t
+                ).sum()
                 e.backward()
                 loss = loss + e.detach()
             return loss
@@ -91,13 +95,41 @@ def main() -> None:
         tl = statistics.median(timed(literal, args.literal_repeats))
         rel = abs(lc - ll) / abs(ll)
         rows.append([K, L, T, tc * 1e3, tl, tl / tc, rel])
-        results.append({"K": K, "matrices": L, "tasks": T, "closed_form_step_s": tc, "literal_step_s": tl,
-                        "speedup": tl / tc, "loss_closed_form": lc, "loss_literal": ll, "rel_diff": rel})
+        results.append(
+            {
+                "K": K,
+                "matrices": L,
+                "tasks": T,
+                "closed_form_step_s": tc,
+                "literal_step_s": tl,
+                "speedup": tl / tc,
+                "loss_closed_form": lc,
+                "loss_literal": ll,
+                "rel_diff": rel,
+            }
+        )
         print(rows[-1], flush=True)
-    table = md_table(["K", "matrices", "tasks", "closed form step (ms)", "literal step (s)", "speed-up",
-                      "loss rel. diff (fp32)"], rows)
-    write_results("closed_form", {"command": "python benchmarks/closed_form.py " + " ".join(sys.argv[1:]),
-                                  "decompose_s": decompose_s, "results": results}, table)
+    table = md_table(
+        [
+            "K",
+            "matrices",
+            "tasks",
+            "closed form step (ms)",
+            "literal step (s)",
+            "speed-up",
+            "loss rel. diff (fp32)",
+        ],
+        rows,
+    )
+    write_results(
+        "closed_form",
+        {
+            "command": "python benchmarks/closed_form.py " + " ".join(sys.argv[1:]),
+            "decompose_s": decompose_s,
+            "results": results,
+        },
+        table,
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ The zoo: 12 blocks × {2304×768, 768×768, 3072×768, 768×3072} with fine-tune
     python benchmarks/e2e_merge.py                    # ViT-B/32 shapes (several minutes on 2 CPU cores)
     python benchmarks/e2e_merge.py --width 64 --layers 2   # smoke test
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,16 +68,29 @@ def run(args: argparse.Namespace, root: Path) -> None:
     total = sum(times.values())
     rows = [[k, v] for k, v in times.items()] + [["total", total]]
     table = md_table(["stage", "seconds"], rows)
-    table += (f"\n\n|θ0| = {store.base_params:,}, {len(store.matrices)} matrices, {args.tasks} tasks, ratio "
-              f"{ranks.info['ratio']:.5f} (target {ranks.info['target_ratio']}), relative error "
-              f"{metrics['rec_err_before']:.4f} → {metrics['rec_err_after']:.4f} after refinement; allocation kept: "
-              f"{ranks.info.get('chosen')}; peak RSS {peak_rss_mb():.0f} MB (zoo generation alone "
-              f"{rss_after_zoo:.0f} MB).")
-    write_results(f"e2e_merge_w{args.width}_l{args.layers}", {
-        "command": "python benchmarks/e2e_merge.py " + " ".join(sys.argv[1:]), "seconds": times, "total_s": total,
-        "make_zoo_s": make_zoo_s, "peak_rss_mb": peak_rss_mb(), "zoo_peak_rss_mb": rss_after_zoo,
-        "base_params": store.base_params, "ratio": ranks.info["ratio"], "allocation": {
-            k: v for k, v in ranks.info.items() if k != "continuous_ranks"}, "refine": metrics}, table)
+    table += (
+        f"\n\n|θ0| = {store.base_params:,}, {len(store.matrices)} matrices, {args.tasks} tasks, ratio "
+        f"{ranks.info['ratio']:.5f} (target {ranks.info['target_ratio']}), relative error "
+        f"{metrics['rec_err_before']:.4f} → {metrics['rec_err_after']:.4f} after refinement; allocation kept: "
+        f"{ranks.info.get('chosen')}; peak RSS {peak_rss_mb():.0f} MB (zoo generation alone "
+        f"{rss_after_zoo:.0f} MB)."
+    )
+    write_results(
+        f"e2e_merge_w{args.width}_l{args.layers}",
+        {
+            "command": "python benchmarks/e2e_merge.py " + " ".join(sys.argv[1:]),
+            "seconds": times,
+            "total_s": total,
+            "make_zoo_s": make_zoo_s,
+            "peak_rss_mb": peak_rss_mb(),
+            "zoo_peak_rss_mb": rss_after_zoo,
+            "base_params": store.base_params,
+            "ratio": ranks.info["ratio"],
+            "allocation": {k: v for k, v in ranks.info.items() if k != "continuous_ranks"},
+            "refine": metrics,
+        },
+        table,
+    )
     print("artifact", out)
 
 

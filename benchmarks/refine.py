@@ -6,6 +6,7 @@ fine-tune-like spectra, ranks from the default allocation at 1.24× (the same ra
     python benchmarks/refine.py                      # width 256, 12 blocks, 8 tasks
     python benchmarks/refine.py --width 32 --layers 2 --tasks 3      # smoke test
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,24 +40,37 @@ def main() -> None:
     store = decompose(zoo, DecomposeConfig(cache_dir=str(root / "cache"), device="cpu"), progress=False)
     ranks = allocate(store, args.budget, SearchConfig(), tc, "shared", "greedy")
     rows, results = [], []
-    for label, cfg in [("none (truncated SVDs)", RefineConfig(optimizer="none")),
-                       ("adam, 200 steps", RefineConfig(optimizer="adam", steps=200)),
-                       ("adam, 1000 steps", RefineConfig(optimizer="adam", steps=1000)),
-                       ("als, 1 sweep", RefineConfig(optimizer="als", sweeps=1)),
-                       ("als, 4 sweeps (default)", RefineConfig(optimizer="als", sweeps=4)),
-                       ("als, 10 sweeps", RefineConfig(optimizer="als", sweeps=10))]:
+    for label, cfg in [
+        ("none (truncated SVDs)", RefineConfig(optimizer="none")),
+        ("adam, 200 steps", RefineConfig(optimizer="adam", steps=200)),
+        ("adam, 1000 steps", RefineConfig(optimizer="adam", steps=1000)),
+        ("als, 1 sweep", RefineConfig(optimizer="als", sweeps=1)),
+        ("als, 4 sweeps (default)", RefineConfig(optimizer="als", sweeps=4)),
+        ("als, 10 sweeps", RefineConfig(optimizer="als", sweeps=10)),
+    ]:
         t = time.perf_counter()
         _, _, m = refine_matrices(zoo, store, ranks, cfg, tc, root / f"work_{len(rows)}")
         dt = time.perf_counter() - t
         rows.append([label, m["rec_err_after"], dt])
-        results.append({"optimizer": label, "rec_err": m["rec_err_after"], "rec_err_before": m["rec_err_before"],
-                        "seconds": dt})
+        results.append(
+            {
+                "optimizer": label,
+                "rec_err": m["rec_err_after"],
+                "rec_err_before": m["rec_err_before"],
+                "seconds": dt,
+            }
+        )
         print(rows[-1], flush=True)
     table = md_table(["stage-2 optimiser", "rel. reconstruction error", "seconds"], rows)
-    table += (f"\n\nZoo: ViT-shaped, width {args.width}, {args.layers} blocks, {args.tasks} tasks, power-law spectra; "
-              f"ranks: greedy allocation at {args.budget}× (ratio {ranks.info['ratio']:.4f}), the same for every row.")
-    write_results(f"refine_w{args.width}", {"command": "python benchmarks/refine.py " + " ".join(sys.argv[1:]),
-                                            "results": results}, table)
+    table += (
+        f"\n\nZoo: ViT-shaped, width {args.width}, {args.layers} blocks, {args.tasks} tasks, power-law spectra; "
+        f"ranks: greedy allocation at {args.budget}× (ratio {ranks.info['ratio']:.4f}), the same for every row."
+    )
+    write_results(
+        f"refine_w{args.width}",
+        {"command": "python benchmarks/refine.py " + " ".join(sys.argv[1:]), "results": results},
+        table,
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ A batch holds one row per window or per (question, choice): `input_ids`, `attent
 `labels`. `didi.eval_causal_lm.CausalLMEvaluator` sums NLL, tokens and correct counts per task, so DDP (disjoint
 `ShardSampler` shares, nothing padded) gives exactly the one-process numbers.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,10 @@ def task_file(path: str | Path, split: str = "test") -> Path:
     if p.is_dir():
         found = [p / f"{split}{suf}" for suf in (".txt", ".jsonl") if (p / f"{split}{suf}").exists()]
         if len(found) != 1:
-            raise DidiError(f"{p}: expected exactly one of {split}.txt (perplexity) or {split}.jsonl (multiple "
-                            f"choice); found {[f.name for f in found]}")
+            raise DidiError(
+                f"{p}: expected exactly one of {split}.txt (perplexity) or {split}.jsonl (multiple "
+                f"choice); found {[f.name for f in found]}"
+            )
         p = found[0]
     if not p.exists():
         raise DidiError(f"{p}: no such data file")
@@ -55,8 +58,9 @@ def read_choices(path: Path) -> list[dict]:
             ex = json.loads(line)
             ctx, choices, label = ex["context"], ex["choices"], ex["label"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DidiError(f"{path}:{i + 1}: expected a JSON object with 'context', 'choices' and 'label' ({e})") \
-                from e
+            raise DidiError(
+                f"{path}:{i + 1}: expected a JSON object with 'context', 'choices' and 'label' ({e})"
+            ) from e
         if not isinstance(choices, list) or len(choices) < 2:
             raise DidiError(f"{path}:{i + 1}: 'choices' must be a list of at least two strings")
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
@@ -92,12 +96,17 @@ def collate_lm(items: list, pad_id: int = 0) -> dict:
     for i, (r, s) in enumerate(zip(rows, starts)):
         input_ids[i, : len(r)] = torch.tensor(r)
         attention[i, : len(r)] = 1
-        target[i, s: len(r)] = True
-    return {"input_ids": input_ids, "attention_mask": attention, "target_mask": target,
-            "task_id": torch.tensor(row_task), "row_example": torch.tensor(row_example),
-            "example_task": torch.tensor([it[1] for it in items]),
-            "example_kind": torch.tensor([it[0] for it in items]),
-            "labels": torch.tensor([it[4] for it in items])}
+        target[i, s : len(r)] = True
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "target_mask": target,
+        "task_id": torch.tensor(row_task),
+        "row_example": torch.tensor(row_example),
+        "example_task": torch.tensor([it[1] for it in items]),
+        "example_kind": torch.tensor([it[0] for it in items]),
+        "labels": torch.tensor([it[4] for it in items]),
+    }
 
 
 class CausalLMDataModule(ShardedEvalDataModule):
@@ -113,9 +122,16 @@ class CausalLMDataModule(ShardedEvalDataModule):
         limit_per_task: keep only the first windows / questions of each task.
     """
 
-    def __init__(self, tasks: dict[str, str], tokenizer: str, task_order: Sequence[str] | None = None,
-                 split: str = "test", batch_size: int = 8, max_length: int = 128,
-                 limit_per_task: int | None = None) -> None:
+    def __init__(
+        self,
+        tasks: dict[str, str],
+        tokenizer: str,
+        task_order: Sequence[str] | None = None,
+        split: str = "test",
+        batch_size: int = 8,
+        max_length: int = 128,
+        limit_per_task: int | None = None,
+    ) -> None:
         super().__init__()
         self.tasks = dict(tasks)
         self.task_order = task_order_of(self.tasks, task_order)
@@ -137,7 +153,7 @@ class CausalLMDataModule(ShardedEvalDataModule):
 
     def windows(self, text: str) -> list[list[int]]:
         ids = self.tokenizer(text)["input_ids"]
-        out = [ids[i: i + self.max_length] for i in range(0, len(ids), self.max_length)]
+        out = [ids[i : i + self.max_length] for i in range(0, len(ids), self.max_length)]
         return [w for w in out if len(w) >= 2]
 
     def question(self, ex: dict, where: str) -> tuple[list[list[int]], list[int]]:
@@ -149,8 +165,10 @@ class CausalLMDataModule(ShardedEvalDataModule):
             if not cid:
                 raise DidiError(f"{where}: choice {c!r} has no tokens")
             if len(cid) >= self.max_length:
-                raise DidiError(f"{where}: choice {c!r} has {len(cid)} tokens, max_length is {self.max_length}")
-            keep = ctx[-(self.max_length - len(cid)):]
+                raise DidiError(
+                    f"{where}: choice {c!r} has {len(cid)} tokens, max_length is {self.max_length}"
+                )
+            keep = ctx[-(self.max_length - len(cid)) :]
             if not keep:
                 raise DidiError(f"{where}: empty context; the first choice token needs one token before it")
             rows.append(keep + cid)

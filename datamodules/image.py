@@ -7,6 +7,7 @@ disjoint share (`ShardSampler`, no padding), as for text.
 
 The evaluation itself (zero-shot heads, routed image features) is `didi.eval_image`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -66,14 +67,21 @@ class TaggedImages(Dataset):
         from torchvision.datasets.folder import default_loader
 
         path, label, task = self.items[i]
-        return {"pixel_values": self.transform(default_loader(path)), "label": label, "task_id": task, "index": i}
+        return {
+            "pixel_values": self.transform(default_loader(path)),
+            "label": label,
+            "task_id": task,
+            "index": i,
+        }
 
 
 def collate_images(examples: list[dict]) -> dict:
-    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-            "labels": torch.tensor([e["label"] for e in examples]),
-            "task_id": torch.tensor([e["task_id"] for e in examples]),
-            "index": torch.tensor([e["index"] for e in examples])}
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "labels": torch.tensor([e["label"] for e in examples]),
+        "task_id": torch.tensor([e["task_id"] for e in examples]),
+        "index": torch.tensor([e["index"] for e in examples]),
+    }
 
 
 class ImageClassificationDataModule(ShardedEvalDataModule):
@@ -90,9 +98,17 @@ class ImageClassificationDataModule(ShardedEvalDataModule):
         num_workers: DataLoader workers.
     """
 
-    def __init__(self, tasks: dict[str, str], transform: Callable, task_order: Sequence[str] | None = None,
-                 split: str = "test", num_classes: dict[str, int] | None = None, batch_size: int = 32,
-                 limit_per_task: int | None = None, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        tasks: dict[str, str],
+        transform: Callable,
+        task_order: Sequence[str] | None = None,
+        split: str = "test",
+        num_classes: dict[str, int] | None = None,
+        batch_size: int = 32,
+        limit_per_task: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__()
         self.tasks = dict(tasks)
         self.task_order = task_order_of(self.tasks, task_order)
@@ -115,8 +131,10 @@ class ImageClassificationDataModule(ShardedEvalDataModule):
                 raise DidiError(f"task {name!r}: no images in {root}")
             C = self.num_classes.get(name)
             if C is not None and len(folder.classes) > C:
-                raise DidiError(f"task {name!r} ({root}): {len(folder.classes)} class folders, the head has {C} "
-                                f"classes (labels outside the head)")
+                raise DidiError(
+                    f"task {name!r} ({root}): {len(folder.classes)} class folders, the head has {C} "
+                    f"classes (labels outside the head)"
+                )
             tid = self.task_order.index(name)
             items += [(p, label, tid) for p, label in samples]
         return TaggedImages(items, self.transform)

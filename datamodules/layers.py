@@ -4,6 +4,7 @@ A global batch is a set of matrices; under DDP every process takes a disjoint sh
 (possibly empty), so every process runs the same number of steps and no matrix is counted twice — unlike
 `DistributedSampler`, which pads with duplicates. Items are already collated per step.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterator, Sequence
@@ -38,13 +39,15 @@ class LayerBatches(IterableDataset):
 
     def __iter__(self) -> Iterator:
         for b in self.batches:
-            yield self.load(b[self.rank::self.world])
+            yield self.load(b[self.rank :: self.world])
 
 
 class LayerBatchDataModule(L.LightningDataModule):
     """Wraps `LayerBatches` for a Trainer; the process share is set when the Trainer knows its rank."""
 
-    def __init__(self, n_matrices: int, load: Callable[[list[int]], object], batch_size: int | None = None) -> None:
+    def __init__(
+        self, n_matrices: int, load: Callable[[list[int]], object], batch_size: int | None = None
+    ) -> None:
         super().__init__()
         self.dataset = LayerBatches(split_batches(n_matrices, batch_size), load)
 

@@ -6,6 +6,7 @@ order) and `index` (a global example index). Under DDP the evaluation loaders us
 takes a disjoint share and nothing is padded, so no example is counted twice (Lightning keeps a sampler that
 is a `DistributedSampler` instead of substituting its padding one).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ def read_jsonl(path: str | Path, split: str = "test") -> list[dict]:
     if p.is_dir():
         p = p / f"{split}.jsonl"
     if not p.exists():
-        raise DidiError(f"{p}: no such data file (expected JSON lines of {{\"text\": ..., \"label\": int}})")
+        raise DidiError(f'{p}: no such data file (expected JSON lines of {{"text": ..., "label": int}})')
     out = []
     for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
         if not line.strip():
@@ -45,8 +46,10 @@ def write_jsonl(path: str | Path, examples: Sequence[dict]) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text("".join(json.dumps({"text": e["text"], "label": int(e["label"])}) + "\n" for e in examples),
-                   encoding="utf-8")
+    tmp.write_text(
+        "".join(json.dumps({"text": e["text"], "label": int(e["label"])}) + "\n" for e in examples),
+        encoding="utf-8",
+    )
     tmp.replace(p)
 
 
@@ -84,8 +87,13 @@ class TextCollate:
         self.tokenizer, self.max_length = tokenizer, max_length
 
     def __call__(self, examples: list[dict]) -> dict:
-        enc = self.tokenizer([e["text"] for e in examples], padding=True, truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
+        enc = self.tokenizer(
+            [e["text"] for e in examples],
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         batch["labels"] = torch.tensor([e["label"] for e in examples])
         batch["task_id"] = torch.tensor([e["task_id"] for e in examples])
@@ -101,8 +109,11 @@ def load_tokenizer(path: str | Path):
 
     p = Path(path)
     try:
-        d = resolve_model_dir(p) if p.is_dir() and not (p / "tokenizer_config.json").exists() \
-            and not (p / "vocab.txt").exists() else p
+        d = (
+            resolve_model_dir(p)
+            if p.is_dir() and not (p / "tokenizer_config.json").exists() and not (p / "vocab.txt").exists()
+            else p
+        )
         return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
     except DidiError:
         raise
@@ -143,8 +154,14 @@ class ShardedEvalDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.world_size > 1:
             sampler = ShardSampler(self.dataset, trainer.world_size, trainer.global_rank)
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler,
-                          collate_fn=self.collate(), num_workers=self.num_workers)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            sampler=sampler,
+            collate_fn=self.collate(),
+            num_workers=self.num_workers,
+        )
 
     val_dataloader = test_dataloader
 
@@ -163,9 +180,18 @@ class TextClassificationDataModule(L.LightningDataModule):
         limit_per_task: keep only the first examples of each task (quick runs).
     """
 
-    def __init__(self, tasks: dict[str, str], tokenizer: str, task_order: Sequence[str] | None = None,
-                 split: str = "test", num_classes: dict[str, int] | None = None, batch_size: int = 32,
-                 max_length: int = 128, limit_per_task: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        tasks: dict[str, str],
+        tokenizer: str,
+        task_order: Sequence[str] | None = None,
+        split: str = "test",
+        num_classes: dict[str, int] | None = None,
+        batch_size: int = 32,
+        max_length: int = 128,
+        limit_per_task: int | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.tasks = dict(tasks)
         self.task_order = task_order_of(self.tasks, task_order)
@@ -191,8 +217,11 @@ class TextClassificationDataModule(L.LightningDataModule):
             C = self.num_classes.get(name)
             for e in exs:
                 if e["label"] < 0 or (C is not None and e["label"] >= C):
-                    raise DidiError(f"task {name!r} ({path}): label {e['label']} is outside the head's classes "
-                                    f"[0, {C})" if C is not None else f"task {name!r}: negative label {e['label']}")
+                    raise DidiError(
+                        f"task {name!r} ({path}): label {e['label']} is outside the head's classes [0, {C})"
+                        if C is not None
+                        else f"task {name!r}: negative label {e['label']}"
+                    )
             tid = self.task_order.index(name)
             items += [(e["text"], e["label"], tid) for e in exs]
         return TaggedExamples(items)
@@ -219,9 +248,15 @@ class TextClassificationDataModule(L.LightningDataModule):
         if not shuffle and trainer is not None and trainer.world_size > 1:
             sampler = ShardSampler(ds, trainer.world_size, trainer.global_rank)
         g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                          collate_fn=TextCollate(self.tokenizer, self.max_length), num_workers=0,
-                          generator=g if shuffle else None)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            collate_fn=TextCollate(self.tokenizer, self.max_length),
+            num_workers=0,
+            generator=g if shuffle else None,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -1,4 +1,5 @@
 """didi: dynamic model merging made slim (DiDi-Merging) as PyTorch Lightning fit loops."""
+
 from didi.artifact import Artifact, load_artifact
 from didi.errors import DidiError
 

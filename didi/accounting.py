@@ -6,6 +6,7 @@ numel, a binary mask numel/32 (1 bit against fp32), a scalar 1, and a delta fold
 (it replaces a base tensor) nothing. Heads, routers and the text tower are outside the budget. Terms shared by a
 subset of the tasks (artifact groups, FlexMerge's clusters) are priced once per group, like the shared module.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -18,8 +19,14 @@ from safetensors import safe_open
 Kind = Literal["lora", "dense", "mask", "scalar", "fold"]
 WEIGHTS: dict[str, float] = {"lora": 1.0, "dense": 1.0, "mask": 1.0 / 32.0, "scalar": 1.0, "fold": 0.0}
 #: artifact key suffix -> kind (keys are "<tensor name>::<suffix>")
-SUFFIX_KIND: dict[str, Kind] = {"lora_A": "lora", "lora_B": "lora", "dense": "dense", "ref": "dense",
-                                "mask": "mask", "scale": "scalar"}
+SUFFIX_KIND: dict[str, Kind] = {
+    "lora_A": "lora",
+    "lora_B": "lora",
+    "dense": "dense",
+    "ref": "dense",
+    "mask": "mask",
+    "scale": "scalar",
+}
 
 
 @dataclass(frozen=True)
@@ -49,8 +56,13 @@ def storage_report(items: Iterable[Stored], base_params: int) -> dict:
         by_module[i.module] += WEIGHTS[i.kind] * i.numel
         by_kind[i.kind] += WEIGHTS[i.kind] * i.numel
     total = stored_elements(items)
-    return {"base_params": int(base_params), "stored_elements": total, "ratio": 1.0 + total / base_params,
-            "by_module": dict(by_module), "by_kind": dict(by_kind)}
+    return {
+        "base_params": int(base_params),
+        "stored_elements": total,
+        "ratio": 1.0 + total / base_params,
+        "by_module": dict(by_module),
+        "by_kind": dict(by_kind),
+    }
 
 
 def kind_of_key(key: str) -> Kind:

@@ -4,6 +4,7 @@ The rank problem (bounds, unit costs, fixed costs) of a factor store, the closed
 exact allocator read, and the three allocations: the differentiable search (a Lightning fit) followed by
 round → global factor → greedy fill, the greedy marginal-gain allocation, and the folded layout's exact greedy.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -40,10 +41,15 @@ class Ranks:
 
     def to_json(self, store: FactorStore) -> dict:
         return {
-            "tasks": store.tasks, "info": self.info,
-            "ranks": {e.name: {"shared": int(self.r_s[e.idx]), **{t: int(self.r_t[e.idx, j])
-                                                               for j, t in enumerate(store.tasks)}}
-                      for e in store.matrices},
+            "tasks": store.tasks,
+            "info": self.info,
+            "ranks": {
+                e.name: {
+                    "shared": int(self.r_s[e.idx]),
+                    **{t: int(self.r_t[e.idx, j]) for j, t in enumerate(store.tasks)},
+                }
+                for e in store.matrices
+            },
         }
 
     @classmethod
@@ -76,10 +82,12 @@ def rank_problem(store: FactorStore, widths: list[int], policy: Policy) -> RankP
             fixed += T * float(torch.Size(meta["shape"]).numel())
     ents = store.matrices
     return RankProblem(
-        m=torch.tensor([e.m for e in ents]), n=torch.tensor([e.n for e in ents]),
+        m=torch.tensor([e.m for e in ents]),
+        n=torch.tensor([e.n for e in ents]),
         bound_s=torch.tensor([min(e.bound_s, k) for e, k in zip(ents, widths)]),
         bound_t=torch.tensor([[min(b, k) for b in e.bound_t] for e, k in zip(ents, widths)]),
-        base_params=store.base_params, fixed_elements=fixed,
+        base_params=store.base_params,
+        fixed_elements=fixed,
     )
 
 
@@ -115,7 +123,9 @@ class TermsCache:
         out = []
         for _, idx in sorted(by_k.items()):
             ts = [self.get(i).to(dtype=dtype) for i in idx]
-            stacked = GroupTerms(*(torch.cat([getattr(t, f) for t in ts]) for f in GroupTerms.__dataclass_fields__))
+            stacked = GroupTerms(
+                *(torch.cat([getattr(t, f) for t in ts]) for f in GroupTerms.__dataclass_fields__)
+            )
             out.append((torch.tensor(idx), stacked))
         return out
 
@@ -126,7 +136,9 @@ class TermsCache:
         return self.store.tau_total()
 
 
-def _select(full: list[tuple[torch.Tensor, GroupTerms]], indices: list[int], dtype) -> list[tuple[torch.Tensor, GroupTerms]]:
+def _select(
+    full: list[tuple[torch.Tensor, GroupTerms]], indices: list[int], dtype
+) -> list[tuple[torch.Tensor, GroupTerms]]:
     """The rows of `indices` from stacked groups (same K grouping, same order as `TermsCache._stack`)."""
     pos = {i: n for n, i in enumerate(indices)}
     out = []
@@ -134,7 +146,12 @@ def _select(full: list[tuple[torch.Tensor, GroupTerms]], indices: list[int], dty
         rows = sorted((pos[i], j) for j, i in enumerate(idx.tolist()) if i in pos)
         if rows:
             r = torch.tensor([j for _, j in rows])
-            out.append((idx[r], GroupTerms(*(getattr(g, f)[r] for f in GroupTerms.__dataclass_fields__)).to(dtype=dtype)))
+            out.append(
+                (
+                    idx[r],
+                    GroupTerms(*(getattr(g, f)[r] for f in GroupTerms.__dataclass_fields__)).to(dtype=dtype),
+                )
+            )
     return out
 
 
@@ -153,19 +170,34 @@ def greedy_ranks(store: FactorStore, target: float, policy: Policy, cap: int | N
         alloc = Allocator(cache.groups(list(range(len(widths))), torch.float64), problem)
         budget = problem.max_elements(target)
         L_, T = problem.bound_t.shape
-        r_s, r_t = alloc.greedy_fill(torch.zeros(L_, dtype=torch.long), torch.zeros(L_, T, dtype=torch.long), budget)
-        cut = [(r_s[i] >= widths[i] and store.matrices[i].bound_s > widths[i]) or
-               any(r_t[i, t] >= widths[i] and store.matrices[i].bound_t[t] > widths[i] for t in range(T))
-               for i in range(L_)]
+        r_s, r_t = alloc.greedy_fill(
+            torch.zeros(L_, dtype=torch.long), torch.zeros(L_, T, dtype=torch.long), budget
+        )
+        cut = [
+            (r_s[i] >= widths[i] and store.matrices[i].bound_s > widths[i])
+            or any(r_t[i, t] >= widths[i] and store.matrices[i].bound_t[t] > widths[i] for t in range(T))
+            for i in range(L_)
+        ]
         if not any(cut) or cap >= K_max:
             return r_s, r_t, cap, alloc.last_gain
         cap = min(K_max, cap * 2)
 
 
 # ----------------------------------------------------------------------------------------------- stage 1
-def _search(store: FactorStore, cache: TermsCache, problem: RankProblem, alloc: Allocator, target: float,
-            budget: int, lam: float, scfg: SearchConfig, trainers: Trainers, work_dir: Path | None, resume: bool,
-            info: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _search(
+    store: FactorStore,
+    cache: TermsCache,
+    problem: RankProblem,
+    alloc: Allocator,
+    target: float,
+    budget: int,
+    lam: float,
+    scfg: SearchConfig,
+    trainers: Trainers,
+    work_dir: Path | None,
+    resume: bool,
+    info: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The differentiable search (Lightning fit), then round → global factor → greedy fill (docs/method.md §2.3)."""
     tau_total = cache.tau_total()
     gamma = scfg.gamma
@@ -181,8 +213,9 @@ def _search(store: FactorStore, cache: TermsCache, problem: RankProblem, alloc: 
     callbacks: list = [RankEvolution(store.matrices, every_n_steps=trainers.cfg.log_every_n_steps)]
     ckpt = None
     if work_dir is not None:
-        callbacks.append(ModelCheckpoint(dirpath=work_dir / "search", save_last=True, every_n_train_steps=50,
-                                         save_top_k=0))
+        callbacks.append(
+            ModelCheckpoint(dirpath=work_dir / "search", save_last=True, every_n_train_steps=50, save_top_k=0)
+        )
         last = work_dir / "search" / "last.ckpt"
         ckpt = str(last) if resume and last.exists() else None
     trainer = trainers.fit("search", callbacks, max_steps=scfg.steps)
@@ -192,16 +225,26 @@ def _search(store: FactorStore, cache: TermsCache, problem: RankProblem, alloc: 
     soft = trainer.callback_metrics.get("search/rec_err")
     info["search_rec_err_soft"] = None if soft is None else float(soft)
     if soft is None:  # a resumed search whose checkpoint had already run every step logs no step
-        info["search_rec_err_soft_reason"] = "no search step ran in this process (resumed from a finished search)"
+        info["search_rec_err_soft_reason"] = (
+            "no search step ran in this process (resumed from a finished search)"
+        )
     info["continuous_ranks"] = {"shared": rf_s.tolist(), "experts": rf_t.tolist()}
     r_s, r_t = rescale_to_budget(rf_s, rf_t, problem, budget)
     info["rescaled_rec_err"] = alloc.error(r_s, r_t)
     return alloc.greedy_fill(r_s, r_t, budget)
 
 
-def allocate(store: FactorStore, target: float, scfg: SearchConfig, trainers: Trainers | TrainerConfig, policy: Policy,
-             allocation: Allocation = "search", work_dir: Path | None = None, resume: bool = False,
-             shared: SharedPart = "low_rank") -> Ranks:
+def allocate(
+    store: FactorStore,
+    target: float,
+    scfg: SearchConfig,
+    trainers: Trainers | TrainerConfig,
+    policy: Policy,
+    allocation: Allocation = "search",
+    work_dir: Path | None = None,
+    resume: bool = False,
+    shared: SharedPart = "low_rank",
+) -> Ranks:
     """Stage 1 and the budget: integer ranks at the exact target (ratio ≤ target, short by < one unit).
 
     `trainers`: the run's Trainers (a merge shares one W&B run between its stages), or settings to build them."""
@@ -236,13 +279,18 @@ def allocate(store: FactorStore, target: float, scfg: SearchConfig, trainers: Tr
     elif allocation == "uniform":
         r_s, r_t = uniform_ranks(problem, budget)
     elif allocation == "search":
-        r_s, r_t = _search(store, cache, problem, alloc, target, budget, lam, scfg, trainers, work_dir, resume, info)
+        r_s, r_t = _search(
+            store, cache, problem, alloc, target, budget, lam, scfg, trainers, work_dir, resume, info
+        )
         if scfg.polish:
             r_s, r_t = alloc.polish(r_s, r_t, budget)
         info["search_rec_err"] = alloc.error(r_s, r_t)
         if scfg.guard:  # keep the best of the searched, greedy and uniform allocations (exact error)
-            cands = {"search": (r_s, r_t), "greedy": alloc.greedy_fill(zeros_s, zeros_t, budget),
-                     "uniform": uniform_ranks(problem, budget)}
+            cands = {
+                "search": (r_s, r_t),
+                "greedy": alloc.greedy_fill(zeros_s, zeros_t, budget),
+                "uniform": uniform_ranks(problem, budget),
+            }
             if scfg.polish:
                 cands["greedy"] = alloc.polish(*cands["greedy"], budget)
             errs = {k: alloc.error(*v) for k, v in cands.items()}
@@ -256,7 +304,9 @@ def allocate(store: FactorStore, target: float, scfg: SearchConfig, trainers: Tr
     return Ranks(r_s, r_t, info)
 
 
-def allocate_folded(store: FactorStore, target: float, policy: Policy, allocation: Allocation = "search") -> Ranks:
+def allocate_folded(
+    store: FactorStore, target: float, policy: Policy, allocation: Allocation = "search"
+) -> Ranks:
     """Expert ranks for a shared part folded into the base: no shared ranks; `search` and `greedy` both take the
     exact greedy of `folded_ranks` (optimal to one rank unit: the search has nothing to find), `uniform` the
     same rank everywhere (the ablation)."""
@@ -274,9 +324,13 @@ def allocate_folded(store: FactorStore, target: float, policy: Policy, allocatio
         _, r_t = uniform_ranks(problem, budget)
     else:
         r_t = folded_ranks(sigma_t, problem.bound_t, problem.unit, budget)
-    info = {"allocation": "uniform" if allocation == "uniform" else "greedy", "shared": "folded",
-            "target_ratio": target, "rec_err": float(folded_error(sigma_t, mt_sq, r_t).sum()) / store.tau_total(),
-            "ratio": problem.ratio(r_s, r_t)}
+    info = {
+        "allocation": "uniform" if allocation == "uniform" else "greedy",
+        "shared": "folded",
+        "target_ratio": target,
+        "rec_err": float(folded_error(sigma_t, mt_sq, r_t).sum()) / store.tau_total(),
+        "ratio": problem.ratio(r_s, r_t),
+    }
     return Ranks(r_s, r_t, info)
 
 
@@ -285,14 +339,21 @@ def precheck_budget(zoo: Zoo, target: float) -> None:
     T = len(zoo.tasks)
     units = [sum(p.matrix_shape) for p in zoo.matrices]
     if not units:
-        raise DidiError(f"{zoo.base}: adapter '{zoo.adapter.registry_name}' decomposes no tensor of this model")
+        raise DidiError(
+            f"{zoo.base}: adapter '{zoo.adapter.registry_name}' decomposes no tensor of this model"
+        )
     full = sum((T + 1) * min(p.matrix_shape) * sum(p.matrix_shape) for p in zoo.matrices)
-    fixed = T * sum(p.numel for p in zoo.nonmatrices
-                    if p.dtype.is_floating_point and zoo.adapter.policy_of(p.name) == "per_task")
+    fixed = T * sum(
+        p.numel
+        for p in zoo.nonmatrices
+        if p.dtype.is_floating_point and zoo.adapter.policy_of(p.name) == "per_task"
+    )
     hi = 1 + (full + fixed) / zoo.base_params
     lo = 1 + min(units) / zoo.base_params
     if target > hi:
-        raise DidiError(f"budget {target:g}: above full rank (every module at full rank costs ratio {hi:.6g} at "
-                        f"most); ask for less")
+        raise DidiError(
+            f"budget {target:g}: above full rank (every module at full rank costs ratio {hi:.6g} at "
+            f"most); ask for less"
+        )
     if target < lo:
         raise DidiError(f"budget {target:g}: below the cost of a single rank unit (ratio {lo:.6g})")

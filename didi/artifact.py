@@ -17,6 +17,7 @@ Terms are read in one place, `parse_terms`/`decode_terms` (typed `LoRA`, `Dense`
 which routing, export and `Artifact.task_deltas` all use: a key that its file may not hold is the same
 DidiError everywhere. A mask's scale is in the mask's own file, its ref in shared.safetensors.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,13 +77,25 @@ def zoo_manifest(zoo, sha256: dict[str, dict[str, str]]) -> dict:
     """The manifest keys every method shares: adapter, sources with per-tensor sha256, tasks, |θ0|, tensors."""
     return {
         "adapter": {"name": zoo.adapter.registry_name, "settings": zoo.adapter.settings()},
-        "sources": {"base": {"path": str(Path(zoo.base).resolve()), "allow_pickle": zoo.allow_pickle,
-                             "sha256": sha256["base"]},
-                    "tasks": {t: {"path": str(Path(p).resolve()), "sha256": sha256[t]} for t, p in zoo.tasks.items()}},
-        "tasks": zoo.task_names, "base_params": zoo.base_params,
-        "tensors": {p.name: {"shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", ""),
-                             "matrix_shape": list(p.matrix_shape) if p.matrix_shape else None}
-                    for p in zoo.plan if p.dtype.is_floating_point},
+        "sources": {
+            "base": {
+                "path": str(Path(zoo.base).resolve()),
+                "allow_pickle": zoo.allow_pickle,
+                "sha256": sha256["base"],
+            },
+            "tasks": {t: {"path": str(Path(p).resolve()), "sha256": sha256[t]} for t, p in zoo.tasks.items()},
+        },
+        "tasks": zoo.task_names,
+        "base_params": zoo.base_params,
+        "tensors": {
+            p.name: {
+                "shape": list(p.shape),
+                "dtype": str(p.dtype).replace("torch.", ""),
+                "matrix_shape": list(p.matrix_shape) if p.matrix_shape else None,
+            }
+            for p in zoo.plan
+            if p.dtype.is_floating_point
+        },
     }
 
 
@@ -93,8 +106,11 @@ def zoo_manifest(zoo, sha256: dict[str, dict[str, str]]) -> dict:
 #: What each kind of file may hold. "fold" files key dense deltas by the tensor name itself; "shared" holds
 #: terms every task adds plus the "::ref" tensors task masks read; "expert" is a task's file or a group's.
 FileRole = Literal["fold", "shared", "expert"]
-TERM_KINDS: dict[str, tuple[str, ...]] = {"fold": (), "shared": ("lora_A", "lora_B", "dense", "ref"),
-                                          "expert": ("lora_A", "lora_B", "dense", "mask", "scale")}
+TERM_KINDS: dict[str, tuple[str, ...]] = {
+    "fold": (),
+    "shared": ("lora_A", "lora_B", "dense", "ref"),
+    "expert": ("lora_A", "lora_B", "dense", "mask", "scale"),
+}
 SHARED_FILE = "shared.safetensors"
 
 
@@ -152,8 +168,13 @@ def file_role(rel: str) -> FileRole:
     return "fold" if rel == "fold.safetensors" else "shared" if rel == SHARED_FILE else "expert"
 
 
-def parse_terms(keys: Iterable[str], file: str | Path, role: FileRole, present: Container[str] | None = None,
-                refs: Container[str] = ()) -> dict[str, list[TermKeys]]:
+def parse_terms(
+    keys: Iterable[str],
+    file: str | Path,
+    role: FileRole,
+    present: Container[str] | None = None,
+    refs: Container[str] = (),
+) -> dict[str, list[TermKeys]]:
     """Terms per tensor name, in key order (the order deltas are summed in), from keys alone.
 
     `keys`: the keys to parse (all of the file's, or one tensor's); `present`: every key of the file (default:
@@ -176,17 +197,22 @@ def parse_terms(keys: Iterable[str], file: str | Path, role: FileRole, present: 
     for key in keys:
         name, sep, kind = key.rpartition("::")
         if not sep or kind not in TERM_KINDS[role]:
-            raise DidiError(f"{file}: unknown term kind '{kind if sep else ''}' in '{key}' (a {role} file holds "
-                            f"{', '.join(TERM_KINDS[role])})")
+            raise DidiError(
+                f"{file}: unknown term kind '{kind if sep else ''}' in '{key}' (a {role} file holds "
+                f"{', '.join(TERM_KINDS[role])})"
+            )
         if kind == "lora_A":
             out.setdefault(name, []).append(TermKeys("lora", name, (key, need(key, f"{name}::lora_B"))))
         elif kind == "dense":
             out.setdefault(name, []).append(TermKeys("dense", name, (key,)))
         elif kind == "mask":
             if f"{name}::ref" not in refs:
-                raise DidiError(f"{file}: term '{key}' needs '{name}::ref' in {SHARED_FILE}, which is missing")
-            out.setdefault(name, []).append(TermKeys("mask", name, (key, need(key, f"{name}::scale"),
-                                                                    f"{name}::ref")))
+                raise DidiError(
+                    f"{file}: term '{key}' needs '{name}::ref' in {SHARED_FILE}, which is missing"
+                )
+            out.setdefault(name, []).append(
+                TermKeys("mask", name, (key, need(key, f"{name}::scale"), f"{name}::ref"))
+            )
         elif kind == "lora_B":
             need(key, f"{name}::lora_A")
         elif kind == "scale":
@@ -194,8 +220,11 @@ def parse_terms(keys: Iterable[str], file: str | Path, role: FileRole, present: 
     return out
 
 
-def load_terms(parsed: Mapping[str, list[TermKeys]], tensors: Mapping[str, torch.Tensor],
-               refs: Mapping[str, torch.Tensor] | None = None) -> dict[str, list[Term]]:
+def load_terms(
+    parsed: Mapping[str, list[TermKeys]],
+    tensors: Mapping[str, torch.Tensor],
+    refs: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, list[Term]]:
     """The typed terms of `parse_terms`'s result: tensors read from `tensors` (refs from `refs`)."""
     out: dict[str, list[Term]] = {}
     for name, specs in parsed.items():
@@ -210,8 +239,12 @@ def load_terms(parsed: Mapping[str, list[TermKeys]], tensors: Mapping[str, torch
     return out
 
 
-def decode_terms(tensors: Mapping[str, torch.Tensor], file: str | Path, role: FileRole,
-                 refs: Mapping[str, torch.Tensor] | None = None) -> dict[str, list[Term]]:
+def decode_terms(
+    tensors: Mapping[str, torch.Tensor],
+    file: str | Path,
+    role: FileRole,
+    refs: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, list[Term]]:
     """Typed terms per tensor name of one term file (`parse_terms` on its keys, then its tensors)."""
     refs = {} if refs is None else refs
     return load_terms(parse_terms(tensors.keys(), file, role, refs=refs.keys()), tensors, refs)
@@ -250,9 +283,15 @@ class LazyTensors(Mapping):
         return len(self._keys)
 
 
-def write_artifact(path: str | Path, manifest: dict, fold: dict[str, TensorLike], shared: dict[str, TensorLike],
-                   tasks: dict[str, dict[str, TensorLike]], extra_files: dict[str, bytes] | None = None,
-                   groups: dict[str, tuple[list[str], dict[str, TensorLike]]] | None = None) -> Path:
+def write_artifact(
+    path: str | Path,
+    manifest: dict,
+    fold: dict[str, TensorLike],
+    shared: dict[str, TensorLike],
+    tasks: dict[str, dict[str, TensorLike]],
+    extra_files: dict[str, bytes] | None = None,
+    groups: dict[str, tuple[list[str], dict[str, TensorLike]]] | None = None,
+) -> Path:
     """Write tensors + manifest atomically; fills in storage, file checksums and versions.
 
     Values may be `LazyTensor`s: each is loaded only while it is written, so writing a big artifact holds one
@@ -262,8 +301,10 @@ def write_artifact(path: str | Path, manifest: dict, fold: dict[str, TensorLike]
     for gid, (members, _) in (groups or {}).items():
         bad = sorted(set(members) - set(manifest["tasks"]))
         if bad or not members or not gid.replace("_", "").replace("-", "").isalnum():
-            raise DidiError(f"artifact group {gid!r}: needs a plain name and member tasks among "
-                            f"{manifest['tasks']}, found members {members}")
+            raise DidiError(
+                f"artifact group {gid!r}: needs a plain name and member tasks among "
+                f"{manifest['tasks']}, found members {members}"
+            )
     with atomic_dir(path) as tmp:
         files: dict[str, Path] = {}
         (tmp / "tasks").mkdir()
@@ -287,9 +328,13 @@ def write_artifact(path: str | Path, manifest: dict, fold: dict[str, TensorLike]
         manifest["format"], manifest["format_version"] = FORMAT, FORMAT_VERSION
         if groups:
             manifest["groups"] = {gid: list(members) for gid, (members, _) in groups.items()}
-        manifest["storage"] = {**storage_report(price_files(files), manifest["base_params"]),
-                               **manifest.get("storage", {})}
-        manifest["files"] = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest["storage"] = {
+            **storage_report(price_files(files), manifest["base_params"]),
+            **manifest.get("storage", {}),
+        }
+        manifest["files"] = {
+            str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
         manifest["versions"] = versions()
         manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         (tmp / "manifest.json").write_text(jsonio.dumps(manifest, indent=1))
@@ -311,8 +356,10 @@ class Artifact:
         if self.manifest.get("format") != FORMAT:
             raise DidiError(f"{mf}: format {self.manifest.get('format')!r} is not {FORMAT!r}")
         if self.manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise DidiError(f"{mf}: format version {self.manifest['format_version']} is newer than this didi "
-                            f"({FORMAT_VERSION}); upgrade didi")
+            raise DidiError(
+                f"{mf}: format version {self.manifest['format_version']} is newer than this didi "
+                f"({FORMAT_VERSION}); upgrade didi"
+            )
         if verify:
             for rel, digest in self.manifest["files"].items():
                 f = self.path / rel
@@ -350,8 +397,11 @@ class Artifact:
     def expert_files(self, task: str) -> list[str]:
         """Files whose terms `task` adds after fold and shared: its own, then every group containing it."""
         self._check_task(task)
-        groups = [f"groups/{gid}.safetensors" for gid, members in self.manifest.get("groups", {}).items()
-                  if task in members]
+        groups = [
+            f"groups/{gid}.safetensors"
+            for gid, members in self.manifest.get("groups", {}).items()
+            if task in members
+        ]
         return [f"tasks/{task}.safetensors", *groups]
 
     def group_terms(self, task: str) -> list[dict[str, torch.Tensor]]:
@@ -370,7 +420,9 @@ class Artifact:
         """Terms every task adds, per tensor name: fold, then shared."""
         return merge_terms(self.terms("fold.safetensors"), self.terms(SHARED_FILE))
 
-    def expert_terms(self, task: str, refs: Mapping[str, torch.Tensor] | None = None) -> dict[str, list[Term]]:
+    def expert_terms(
+        self, task: str, refs: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, list[Term]]:
         """`task`'s own terms per tensor name: its file's, then its groups' (a group's terms count as its
         members' own)."""
         if refs is None:
@@ -402,7 +454,9 @@ class Artifact:
         """name -> full delta of `task` w.r.t. θ0 (fp32, the tensor's shape)."""
         return self._add(self.common_deltas(), self.expert_terms(task))
 
-    def task_state_dict(self, task: str, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def task_state_dict(
+        self, task: str, base: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """θ0 + fold + shared + expert for `task`, in θ0's dtypes. θ0 is read through the recorded adapter
         from the recorded base path unless `base` (a state dict) is given."""
         deltas = self.task_deltas(task)
@@ -427,8 +481,10 @@ class Artifact:
         return self.adapter().open_source(src["path"], src.get("allow_pickle", False))
 
     def stored(self) -> list[Stored]:
-        files = {"shared": self.path / "shared.safetensors",
-                 **{t: self.path / "tasks" / f"{t}.safetensors" for t in self.tasks}}
+        files = {
+            "shared": self.path / "shared.safetensors",
+            **{t: self.path / "tasks" / f"{t}.safetensors" for t in self.tasks},
+        }
         if (self.path / "fold.safetensors").exists():
             files["fold"] = self.path / "fold.safetensors"
         for gid in self.manifest.get("groups", {}):

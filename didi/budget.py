@@ -4,6 +4,7 @@ After the search: round, multiply every rank by one global factor found by bisec
 on the single rank units with the largest exact error decrease per stored element (closed form), so the final
 ratio is as close to the target as possible without exceeding it.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -26,7 +27,9 @@ def parse_budget(budget: float | str) -> float:
         try:
             budget = float(budget)
         except ValueError:
-            raise DidiError(f"budget: expected S, M, L or a storage ratio such as 1.24, found {budget!r}") from None
+            raise DidiError(
+                f"budget: expected S, M, L or a storage ratio such as 1.24, found {budget!r}"
+            ) from None
     if not budget > 1.0:
         raise DidiError(f"budget: a storage ratio must be > 1 (the backbone alone is 1.0), found {budget}")
     return float(budget)
@@ -49,8 +52,9 @@ class RankProblem:
         return lora_elements(self.m, self.n, 1)
 
     def elements(self, r_s: torch.Tensor, r_t: torch.Tensor) -> torch.Tensor:
-        return (lora_elements(self.m, self.n, r_s) + lora_elements(self.m[:, None], self.n[:, None], r_t).sum(-1)
-                ).sum() + self.fixed_elements
+        return (
+            lora_elements(self.m, self.n, r_s) + lora_elements(self.m[:, None], self.n[:, None], r_t).sum(-1)
+        ).sum() + self.fixed_elements
 
     def ratio(self, r_s: torch.Tensor, r_t: torch.Tensor) -> float:
         return 1.0 + float(self.elements(r_s.double(), r_t.double())) / self.base_params
@@ -68,12 +72,16 @@ class RankProblem:
         """Refuse an unreachable budget before any heavy compute."""
         lo, hi = self.min_ratio(), self.max_ratio()
         if target < lo + float(self.unit.min()) / self.base_params:
-            raise DidiError(f"budget {target:g}: below what must be stored anyway (ratio {lo:.6g} for the per-task "
-                            f"non-matrix deltas, plus {float(self.unit.min())} elements for a single rank unit); "
-                            f"ask for more, or use nonmatrix_policy=shared")
+            raise DidiError(
+                f"budget {target:g}: below what must be stored anyway (ratio {lo:.6g} for the per-task "
+                f"non-matrix deltas, plus {float(self.unit.min())} elements for a single rank unit); "
+                f"ask for more, or use nonmatrix_policy=shared"
+            )
         if target > hi + 1e-12:
-            raise DidiError(f"budget {target:g}: above full rank (every module at its full numerical rank costs "
-                            f"ratio {hi:.6g}); ask for at most {hi:.6g}")
+            raise DidiError(
+                f"budget {target:g}: above full rank (every module at its full numerical rank costs "
+                f"ratio {hi:.6g}); ask for at most {hi:.6g}"
+            )
 
 
 class Allocator:
@@ -90,7 +98,9 @@ class Allocator:
         """Σ_t Σ_l ‖E_t,l‖² / Σ_t Σ_l ‖τ_t,l‖² at integer ranks (relative squared error)."""
         return float(self.matrix_errors(r_s, r_t).sum()) / self.tau_total
 
-    def matrix_errors(self, r_s: torch.Tensor, r_t: torch.Tensor, only: torch.Tensor | None = None) -> torch.Tensor:
+    def matrix_errors(
+        self, r_s: torch.Tensor, r_t: torch.Tensor, only: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Σ_t ‖E_t,l‖² per matrix [L] (absolute); with `only` (a bool mask [L]) just those matrices, 0 elsewhere."""
         out = torch.zeros(len(r_s), dtype=torch.float64)
         for idx, terms in self.groups:
@@ -125,12 +135,16 @@ class Allocator:
         j_s = rs.clamp(max=K - 1)
         C_row = terms.C.gather(-2, j_s[:, None, None, None].expand(L, T, 1, K))[..., 0, :]  # C[l,t,j_s,:]
         sig_s = terms.sigma_s.gather(-1, j_s[:, None])[:, 0]
-        lin_s = ((C_row * d_t).sum(-1) + terms.p.gather(-1, j_s[:, None, None].expand(L, T, 1))[..., 0]).sum(-1)
+        lin_s = ((C_row * d_t).sum(-1) + terms.p.gather(-1, j_s[:, None, None].expand(L, T, 1))[..., 0]).sum(
+            -1
+        )
         gain_s = self.T * sig_s * sig_s + 2 * sig_s * lin_s
         gain_s = torch.where(rs < K, gain_s, torch.full_like(gain_s, -float("inf")))
         return gain_s, gain_t
 
-    def greedy_fill(self, r_s: torch.Tensor, r_t: torch.Tensor, max_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def greedy_fill(
+        self, r_s: torch.Tensor, r_t: torch.Tensor, max_elements: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add single rank units by largest gain per element while they fit; returns new integer ranks."""
         p = self.problem
         r_s, r_t = r_s.clone().long(), r_t.clone().long()
@@ -154,8 +168,8 @@ class Allocator:
         def push(l: int) -> None:
             g, pos = where[l]
             idx, terms = self.groups[g]
-            one = GroupTerms(*(getattr(terms, f)[pos:pos + 1] for f in GroupTerms.__dataclass_fields__))
-            push_gains([l], *self._gains(idx[pos:pos + 1], one, r_s, r_t))
+            one = GroupTerms(*(getattr(terms, f)[pos : pos + 1] for f in GroupTerms.__dataclass_fields__))
+            push_gains([l], *self._gains(idx[pos : pos + 1], one, r_s, r_t))
             heapq.heapify(heap)
 
         for idx, terms in self.groups:  # all matrices at once, then one matrix per accepted unit
@@ -192,8 +206,14 @@ class Allocator:
             loss_t[idx] = torch.where(r_t[idx] > 0, gt, loss_t[idx])
         return loss_s, loss_t
 
-    def polish(self, r_s: torch.Tensor, r_t: torch.Tensor, max_elements: int, max_iters: int = 500,
-               max_removed: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    def polish(
+        self,
+        r_s: torch.Tensor,
+        r_t: torch.Tensor,
+        max_elements: int,
+        max_iters: int = 500,
+        max_removed: int = 8,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exchange moves: while the best unit that does not fit is worth more per element than the cheapest
         units held, free those (fewest first, at most `max_removed`), refill greedily, keep if the exact error
         drops. Never increases the error; stops at a local optimum of the discrete problem."""
@@ -234,14 +254,17 @@ class Allocator:
         return r_s, r_t
 
 
-def rescale_to_budget(r_s: torch.Tensor, r_t: torch.Tensor, problem: RankProblem, max_elements: int,
-                      iters: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
+def rescale_to_budget(
+    r_s: torch.Tensor, r_t: torch.Tensor, problem: RankProblem, max_elements: int, iters: int = 60
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Round, then one global factor c by bisection: ranks = min(bound, floor(c·round(r))) within budget."""
     rs, rt = r_s.double().clamp_min(0).round(), r_t.double().clamp_min(0).round()
 
     def at(c: float):
-        return (torch.minimum((c * rs).floor(), problem.bound_s.double()).long(),
-                torch.minimum((c * rt).floor(), problem.bound_t.double()).long())
+        return (
+            torch.minimum((c * rs).floor(), problem.bound_s.double()).long(),
+            torch.minimum((c * rt).floor(), problem.bound_t.double()).long(),
+        )
 
     def fits(c: float) -> bool:
         a, b = at(c)
@@ -258,6 +281,7 @@ def rescale_to_budget(r_s: torch.Tensor, r_t: torch.Tensor, problem: RankProblem
 
 def uniform_ranks(problem: RankProblem, max_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same rank r for every module (clipped at its bound), the largest r that fits."""
+
     def at(r: int):
         return (torch.clamp(problem.bound_s, max=r), torch.clamp(problem.bound_t, max=r))
 
@@ -272,8 +296,9 @@ def uniform_ranks(problem: RankProblem, max_elements: int) -> tuple[torch.Tensor
     return at(lo)
 
 
-def folded_ranks(sigma_t: list[torch.Tensor], bound_t: torch.Tensor, unit: torch.Tensor,
-                 max_elements: int) -> torch.Tensor:
+def folded_ranks(
+    sigma_t: list[torch.Tensor], bound_t: torch.Tensor, unit: torch.Tensor, max_elements: int
+) -> torch.Tensor:
     """Expert ranks [L,T] when the shared part is folded into the stored base (dense, free).
 
     Then task t's error in matrix l is ‖M_t‖² − Σ_{j≤r} σ_j², separable across modules and concave in each

@@ -1,4 +1,5 @@
 """Side effects of the search: rank-evolution metrics per step and the final rank heatmap."""
+
 from __future__ import annotations
 
 import io
@@ -21,7 +22,9 @@ def _groups(entries: Sequence[MatrixEntry], key) -> dict[str, torch.Tensor]:
 class RankEvolution(L.Callback):
     """Logs, every `every_n_steps`, the mean shared and expert rank per matrix kind and per layer."""
 
-    def __init__(self, entries: Sequence[MatrixEntry], every_n_steps: int = 10, per_layer: bool = True) -> None:
+    def __init__(
+        self, entries: Sequence[MatrixEntry], every_n_steps: int = 10, per_layer: bool = True
+    ) -> None:
         self.by_kind = _groups(entries, lambda e: e.kind)
         self.by_layer = _groups(entries, lambda e: e.layer) if per_layer else {}
         self.every = max(1, every_n_steps)
@@ -38,7 +41,9 @@ class RankEvolution(L.Callback):
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
 
-def rank_heatmap_png(entries: Sequence[MatrixEntry], r_s: torch.Tensor, r_t: torch.Tensor, title: str = "") -> bytes:
+def rank_heatmap_png(
+    entries: Sequence[MatrixEntry], r_s: torch.Tensor, r_t: torch.Tensor, title: str = ""
+) -> bytes:
     """PNG bytes: two heatmaps (shared rank, mean expert rank), rows = layers, columns = matrix kinds."""
     import matplotlib
 

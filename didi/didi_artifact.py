@@ -2,6 +2,7 @@
 terms `didi.artifact.write_artifact` stores, with the manifest of a DiDi merge (ranks, allocation and
 refinement metrics, the registry name of the variant) and the rank heatmap.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,8 +27,11 @@ def nonmatrix_terms(store: FactorStore, policy: Policy) -> tuple[dict, dict]:
         if meta["zero"]:
             continue
         if policy_fn(policy)(name) == "shared":
-            fold[name] = LazyTensor(tuple(meta["shape"]), torch.float32,
-                                    lambda name=name: torch.stack(list(store.nonmatrix_deltas(name).values())).mean(0))
+            fold[name] = LazyTensor(
+                tuple(meta["shape"]),
+                torch.float32,
+                lambda name=name: torch.stack(list(store.nonmatrix_deltas(name).values())).mean(0),
+            )
         else:
             per_task = lazy_tensors(store.nonmatrix_path(name))
             for t in store.tasks:
@@ -44,8 +48,17 @@ def _in_source_dtype(t: LazyTensor, dtype: torch.dtype) -> LazyTensor:
     return LazyTensor(t.shape, dtype, lambda: t.load().to(dtype))
 
 
-def write_didi_artifact(output: str | Path, zoo: Zoo, store: FactorStore, ranks: Ranks, shared: dict, tasks: dict,
-                        hyper: dict, metrics: dict, method: str = "didi") -> Path:
+def write_didi_artifact(
+    output: str | Path,
+    zoo: Zoo,
+    store: FactorStore,
+    ranks: Ranks,
+    shared: dict,
+    tasks: dict,
+    hyper: dict,
+    metrics: dict,
+    method: str = "didi",
+) -> Path:
     """Write a DiDi merge atomically; `method` is the registry name of the variant (didi, didi_greedy, ...),
     recorded in the manifest before the rename (nothing is rewritten afterwards)."""
     fold, nm_tasks = nonmatrix_terms(store, zoo.adapter.policy_of)
@@ -54,17 +67,24 @@ def write_didi_artifact(output: str | Path, zoo: Zoo, store: FactorStore, ranks:
     folded = [k for k in shared if k.endswith("::fold")]
     dtypes = {p.name: p.dtype for p in zoo.matrices}
     for k in folded:
-        name = k[:-len("::fold")]
+        name = k[: -len("::fold")]
         fold[name] = _in_source_dtype(shared[k], dtypes.get(name, torch.float32))
     shared = {k: v for k, v in shared.items() if k not in folded}
     manifest = {
-        "method": {"name": "didi", "registry_name": method, "hyper_parameters": hyper}, **zoo_manifest(zoo, store.sha256),
-        **ranks.to_json(store), "storage": {"target_ratio": ranks.info.get("target_ratio")},
+        "method": {"name": "didi", "registry_name": method, "hyper_parameters": hyper},
+        **zoo_manifest(zoo, store.sha256),
+        **ranks.to_json(store),
+        "storage": {"target_ratio": ranks.info.get("target_ratio")},
         "metrics": {"allocation": ranks.info, "refine": metrics},
     }
-    png = rank_heatmap_png(store.matrices, ranks.r_s, ranks.r_t,
-                           title=f"DiDi ranks at {ranks.info.get('ratio', 0):.4g}x"
-                                 + (" (shared part folded into the base)" if folded else ""))
+    png = rank_heatmap_png(
+        store.matrices,
+        ranks.r_s,
+        ranks.r_t,
+        title=f"DiDi ranks at {ranks.info.get('ratio', 0):.4g}x"
+        + (" (shared part folded into the base)" if folded else ""),
+    )
     ranks_json = jsonio.dumps(ranks.to_json(store), indent=1).encode()
-    return write_artifact(output, manifest, fold, shared, tasks,
-                          extra_files={"rank_heatmap.png": png, "ranks.json": ranks_json})
+    return write_artifact(
+        output, manifest, fold, shared, tasks, extra_files={"rank_heatmap.png": png, "ranks.json": ranks_json}
+    )

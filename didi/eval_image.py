@@ -4,6 +4,7 @@ Heads: a zero-shot head per task from the open_clip text tower of θ0 (class nam
 normalised mean text embedding per class, times CLIP's logit scale) — the text tower is not merged and sits
 outside the storage budget, as in the paper — or given head weights (`didi.evaluators.load_head`).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -59,14 +60,20 @@ def routed_image_features(clip: nn.Module, artifact, adapter) -> RoutedImageFeat
 
 
 @torch.no_grad()
-def zero_shot_head(clip: nn.Module, tokenizer: Callable, classnames: Sequence[str],
-                   templates: Sequence[str] = DEFAULT_TEMPLATES) -> nn.Linear:
+def zero_shot_head(
+    clip: nn.Module,
+    tokenizer: Callable,
+    classnames: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+) -> nn.Linear:
     """Linear head (classes × embed, no bias): logit_scale · normalise(mean_t normalise(text(template_t(c))))."""
     if not classnames:
         raise DidiError("zero-shot head: no class names")
     bad = [t for t in templates if "{}" not in t]
     if bad or not templates:
-        raise DidiError(f"zero-shot head: every prompt template needs a '{{}}' for the class name; found {bad or []}")
+        raise DidiError(
+            f"zero-shot head: every prompt template needs a '{{}}' for the class name; found {bad or []}"
+        )
     rows = []
     for c in classnames:
         emb = clip.encode_text(tokenizer([t.format(c) for t in templates]))
@@ -80,21 +87,40 @@ def zero_shot_head(clip: nn.Module, tokenizer: Callable, classnames: Sequence[st
 # ------------------------------------------------------------------------------------------------ data
 
 
-def evaluate_images(art, adapter, data: dict[str, str], heads: dict[str, str] | None, base: str | None,
-                    batch_size: int, limit_per_task: int | None, trainer,
-                    templates: Sequence[str] = DEFAULT_TEMPLATES) -> dict[str, dict]:
+def evaluate_images(
+    art,
+    adapter,
+    data: dict[str, str],
+    heads: dict[str, str] | None,
+    base: str | None,
+    batch_size: int,
+    limit_per_task: int | None,
+    trainer,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+) -> dict[str, dict]:
     """Routed per-task accuracy of an open_clip artifact (what `didi evaluate` runs for image models): the given
     head file of a task, or else its zero-shot head from θ0's text tower and the folder's class names."""
     src = base or art.manifest["sources"]["base"]["path"]
-    base_sd = dict(adapter.open_source(src, art.manifest["sources"]["base"].get("allow_pickle", False)).items())
+    base_sd = dict(
+        adapter.open_source(src, art.manifest["sources"]["base"].get("allow_pickle", False)).items()
+    )
     clip = adapter.build_model(base_sd)
     tokenizer = open_clip_tokenizer(adapter)
-    hds = {t: load_head(heads[t]) if heads and t in heads else zero_shot_head(clip, tokenizer, classnames_of(d),
-                                                                              templates)
-           for t, d in data.items()}
-    dm = ImageClassificationDataModule(data, open_clip_transform(clip), task_order=art.tasks, batch_size=batch_size,
-                                       num_classes={t: h.out_features for t, h in hds.items()},
-                                       limit_per_task=limit_per_task)
+    hds = {
+        t: load_head(heads[t])
+        if heads and t in heads
+        else zero_shot_head(clip, tokenizer, classnames_of(d), templates)
+        for t, d in data.items()
+    }
+    dm = ImageClassificationDataModule(
+        data,
+        open_clip_transform(clip),
+        task_order=art.tasks,
+        batch_size=batch_size,
+        num_classes={t: h.out_features for t, h in hds.items()},
+        limit_per_task=limit_per_task,
+    )
     dm.setup("test")  # bad data fails here, before any process is spawned
-    return run_evaluation(routed_image_features(adapter.build_model(base_sd), art, adapter), hds, art.tasks, dm,
-                          trainer)
+    return run_evaluation(
+        routed_image_features(adapter.build_model(base_sd), art, adapter), hds, art.tasks, dm, trainer
+    )

@@ -21,6 +21,7 @@ Heads (and the text tower of CLIP-style models) sit outside the storage budget, 
 process evaluates a disjoint share (datamodules.text.ShardSampler, no padding); torchmetrics sums the counts,
 and the per-task example counts are checked against the data so no example is counted twice or dropped.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,11 +61,15 @@ def load_individual(individual: dict[str, float] | str | None) -> dict[str, floa
         raise DidiError(f"{p}: not a report.json with per-task accuracies ({e})") from e
 
 
-def make_report(results: dict[str, dict], storage_ratio: float, individual: dict[str, float] | None = None,
-                **info: Any) -> dict:
+def make_report(
+    results: dict[str, dict], storage_ratio: float, individual: dict[str, float] | None = None, **info: Any
+) -> dict:
     tasks = {t: dict(v) for t, v in results.items()}
-    rep: dict[str, Any] = {"tasks": tasks, "average": sum(v["accuracy"] for v in tasks.values()) / len(tasks),
-                           "storage_ratio": float(storage_ratio)}
+    rep: dict[str, Any] = {
+        "tasks": tasks,
+        "average": sum(v["accuracy"] for v in tasks.values()) / len(tasks),
+        "storage_ratio": float(storage_ratio),
+    }
     if individual:
         missing = [t for t in tasks if t not in individual]
         if missing:
@@ -79,22 +84,35 @@ def make_report(results: dict[str, dict], storage_ratio: float, individual: dict
 def report_markdown(rep: dict, title: str = "Evaluation") -> str:
     norm = "average_normalized" in rep
     ppl = any("perplexity" in v for v in rep["tasks"].values())  # causal LM: next-token accuracy + perplexity
-    lines = [f"# {title}", "", f"storage ratio: {rep['storage_ratio']:.4g}×", "",
-             "| task | n | accuracy |" + (" normalised |" if norm else "") + (" perplexity |" if ppl else ""),
-             "|---|---:|---:|" + ("---:|" if norm else "") + ("---:|" if ppl else "")]
+    lines = [
+        f"# {title}",
+        "",
+        f"storage ratio: {rep['storage_ratio']:.4g}×",
+        "",
+        "| task | n | accuracy |" + (" normalised |" if norm else "") + (" perplexity |" if ppl else ""),
+        "|---|---:|---:|" + ("---:|" if norm else "") + ("---:|" if ppl else ""),
+    ]
     for t, v in rep["tasks"].items():
-        lines.append(f"| {t} | {v['n']} | {100 * v['accuracy']:.2f} |"
-                     + (f" {100 * v['normalized_accuracy']:.2f} |" if norm else "")
-                     + ((f" {v['perplexity']:.4g} |" if "perplexity" in v else " |") if ppl else ""))
-    lines.append(f"| **average** | {sum(v['n'] for v in rep['tasks'].values())} | {100 * rep['average']:.2f} |"
-                 + (f" {100 * rep['average_normalized']:.2f} |" if norm else "") + (" |" if ppl else ""))
+        lines.append(
+            f"| {t} | {v['n']} | {100 * v['accuracy']:.2f} |"
+            + (f" {100 * v['normalized_accuracy']:.2f} |" if norm else "")
+            + ((f" {v['perplexity']:.4g} |" if "perplexity" in v else " |") if ppl else "")
+        )
+    lines.append(
+        f"| **average** | {sum(v['n'] for v in rep['tasks'].values())} | {100 * rep['average']:.2f} |"
+        + (f" {100 * rep['average_normalized']:.2f} |" if norm else "")
+        + (" |" if ppl else "")
+    )
     return "\n".join(lines) + "\n"
 
 
 def write_report(rep: dict, output: str | Path, title: str = "Evaluation") -> Path:
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("report.json", jsonio.dumps(rep, indent=1)), ("report.md", report_markdown(rep, title))):
+    for name, text in (
+        ("report.json", jsonio.dumps(rep, indent=1)),
+        ("report.md", report_markdown(rep, title)),
+    ):
         tmp = out / f".{name}.tmp-{os.getpid()}"
         tmp.write_text(text)
         os.replace(tmp, out / name)
@@ -102,7 +120,9 @@ def write_report(rep: dict, output: str | Path, title: str = "Evaluation") -> Pa
 
 
 # ------------------------------------------------------------------------------------------ entry points
-def _heads_for(tasks: list[str], heads: dict[str, str] | None, sources: dict[str, str]) -> dict[str, nn.Linear]:
+def _heads_for(
+    tasks: list[str], heads: dict[str, str] | None, sources: dict[str, str]
+) -> dict[str, nn.Linear]:
     out = {}
     for t in tasks:
         path = (heads or {}).get(t) or (default_head_path(sources[t]) if t in sources else None)
@@ -112,11 +132,24 @@ def _heads_for(tasks: list[str], heads: dict[str, str] | None, sources: dict[str
     return out
 
 
-def _text_data(data: dict[str, str], tokenizer: str, tasks: list[str], heads: dict[str, nn.Linear],
-               batch_size: int, max_length: int, limit_per_task: int | None):
-    dm = TextClassificationDataModule(data, tokenizer, task_order=tasks,
-                                      num_classes={t: h.out_features for t, h in heads.items()},
-                                      batch_size=batch_size, max_length=max_length, limit_per_task=limit_per_task)
+def _text_data(
+    data: dict[str, str],
+    tokenizer: str,
+    tasks: list[str],
+    heads: dict[str, nn.Linear],
+    batch_size: int,
+    max_length: int,
+    limit_per_task: int | None,
+):
+    dm = TextClassificationDataModule(
+        data,
+        tokenizer,
+        task_order=tasks,
+        num_classes={t: h.out_features for t, h in heads.items()},
+        batch_size=batch_size,
+        max_length=max_length,
+        limit_per_task=limit_per_task,
+    )
     dm.setup("test")  # bad data fails here, before any process is spawned
     return dm
 
@@ -125,15 +158,25 @@ def _check_text_adapter(adapter) -> None:
     from didi.backbones.hf_encoder import HFEncoderAdapter
 
     if not isinstance(adapter, HFEncoderAdapter):
-        raise DidiError(f"evaluate: adapter '{adapter.registry_name}' has no evaluation data module yet "
-                        f"(text classification needs 'hf_encoder', images 'open_clip', causal LM 'hf_llama')")
+        raise DidiError(
+            f"evaluate: adapter '{adapter.registry_name}' has no evaluation data module yet "
+            f"(text classification needs 'hf_encoder', images 'open_clip', causal LM 'hf_llama')"
+        )
 
 
-def evaluate_artifact(artifact: str | Path, data: dict[str, str], heads: dict[str, str] | None = None,
-                      base: str | None = None, tokenizer: str | None = None,
-                      individual: dict[str, float] | str | None = None, batch_size: int = 32,
-                      max_length: int = 128, limit_per_task: int | None = None,
-                      trainer: TrainerConfig = TrainerConfig(), output: str | Path | None = None) -> dict:
+def evaluate_artifact(
+    artifact: str | Path,
+    data: dict[str, str],
+    heads: dict[str, str] | None = None,
+    base: str | None = None,
+    tokenizer: str | None = None,
+    individual: dict[str, float] | str | None = None,
+    batch_size: int = 32,
+    max_length: int = 128,
+    limit_per_task: int | None = None,
+    trainer: TrainerConfig = TrainerConfig(),
+    output: str | Path | None = None,
+) -> dict:
     """Per-task accuracy of an artifact served with routed experts (oracle router); see the module docstring."""
     art = load_artifact(artifact)
     data = dict(data)
@@ -143,11 +186,14 @@ def evaluate_artifact(artifact: str | Path, data: dict[str, str], heads: dict[st
     if not data:
         raise DidiError("data: no task data given")
     adapter = art.adapter()
-    if adapter.registry_name == "open_clip":  # image classification: ImageFolder data, zero-shot or given heads
+    if (
+        adapter.registry_name == "open_clip"
+    ):  # image classification: ImageFolder data, zero-shot or given heads
         res = evaluate_images(art, adapter, data, heads, base, batch_size, limit_per_task, trainer)
     elif adapter.registry_name == "hf_llama":  # causal LM: perplexity (.txt) and multiple choice (.jsonl)
-        res = evaluate_causal_lm(art, adapter, data, base, tokenizer, batch_size, max_length, limit_per_task,
-                                 trainer)
+        res = evaluate_causal_lm(
+            art, adapter, data, base, tokenizer, batch_size, max_length, limit_per_task, trainer
+        )
     else:
         _check_text_adapter(adapter)
         src = base or art.manifest["sources"]["base"]["path"]
@@ -157,18 +203,32 @@ def evaluate_artifact(artifact: str | Path, data: dict[str, str], heads: dict[st
         dm = _text_data(data, tokenizer or str(src), art.tasks, hds, batch_size, max_length, limit_per_task)
         routed = RoutedModel(adapter.build_model(base_sd), art, adapter=adapter)
         res = run_evaluation(RoutedTextFeatures(routed), hds, art.tasks, dm, trainer)
-    rep = make_report(res, art.storage_ratio, load_individual(individual),
-                      method=art.manifest.get("method", {}).get("name"), artifact=str(art.path))
+    rep = make_report(
+        res,
+        art.storage_ratio,
+        load_individual(individual),
+        method=art.manifest.get("method", {}).get("name"),
+        artifact=str(art.path),
+    )
     if output is not None:
         write_report(rep, output, f"{rep['method']} artifact {art.path.name}")
     return rep
 
 
-def evaluate_models(models: dict[str, str], data: dict[str, str], heads: dict[str, str] | None = None,
-                    tokenizer: str | None = None, backbone: str = "hf_encoder",
-                    individual: dict[str, float] | str | None = None, storage_ratio: float | None = None,
-                    batch_size: int = 32, max_length: int = 128, limit_per_task: int | None = None,
-                    trainer: TrainerConfig = TrainerConfig(), output: str | Path | None = None) -> dict:
+def evaluate_models(
+    models: dict[str, str],
+    data: dict[str, str],
+    heads: dict[str, str] | None = None,
+    tokenizer: str | None = None,
+    backbone: str = "hf_encoder",
+    individual: dict[str, float] | str | None = None,
+    storage_ratio: float | None = None,
+    batch_size: int = 32,
+    max_length: int = 128,
+    limit_per_task: int | None = None,
+    trainer: TrainerConfig = TrainerConfig(),
+    output: str | Path | None = None,
+) -> dict:
     """Per-task accuracy of unmerged encoders: `models` maps each task to its encoder, or "*" to one encoder
     for every task (θ0 + heads). Storage ratio defaults to the number of distinct models (T for individual)."""
     adapter = build_adapter(backbone)
@@ -183,11 +243,16 @@ def evaluate_models(models: dict[str, str], data: dict[str, str], heads: dict[st
     if missing:
         raise DidiError(f"models: no encoder for task {missing[0]!r}")
     hds = _heads_for(tasks, heads, {t: p for t, p in models.items() if t != "*"})
-    dm = _text_data(data, tokenizer or next(iter(models.values())), tasks, hds, batch_size, max_length,
-                    limit_per_task)
+    dm = _text_data(
+        data, tokenizer or next(iter(models.values())), tasks, hds, batch_size, max_length, limit_per_task
+    )
     res = run_evaluation(PerTaskTextFeatures(encoders, tasks), hds, tasks, dm, trainer)
-    rep = make_report(res, storage_ratio if storage_ratio is not None else float(len(by_path)),
-                      load_individual(individual), method="unmerged")
+    rep = make_report(
+        res,
+        storage_ratio if storage_ratio is not None else float(len(by_path)),
+        load_individual(individual),
+        method="unmerged",
+    )
     if output is not None:
         write_report(rep, output, "unmerged models")
     return rep

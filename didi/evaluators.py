@@ -2,6 +2,7 @@
 encoders), and the Lightning module that counts correct predictions per task with torchmetrics, so that DDP
 (disjoint shares per process) gives exactly the one-process numbers.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -90,8 +91,9 @@ class Evaluator(L.LightningModule):
     Logs "eval/<task>/acc", "eval/<task>/n" and "eval/<task>/correct"; `results` holds {task: {"accuracy", "n"}} after a test run.
     """
 
-    def __init__(self, features: nn.Module, heads: dict[str, nn.Linear], tasks: list[str],
-                 router: Router | None = None) -> None:
+    def __init__(
+        self, features: nn.Module, heads: dict[str, nn.Linear], tasks: list[str], router: Router | None = None
+    ) -> None:
         super().__init__()
         self.features = features
         self.tasks = list(tasks)
@@ -119,7 +121,9 @@ class Evaluator(L.LightningModule):
             logits = self.heads[name](feats[rows])
             labels = batch["labels"][rows]
             self.correct[name].update((logits.argmax(-1) == labels).sum().double())
-            self.count[name].update(torch.tensor(float(rows.numel()), dtype=torch.float64, device=self.device))
+            self.count[name].update(
+                torch.tensor(float(rows.numel()), dtype=torch.float64, device=self.device)
+            )
 
     def on_test_epoch_end(self) -> None:
         res = {}
@@ -129,13 +133,21 @@ class Evaluator(L.LightningModule):
             self.correct[name].reset()
             self.count[name].reset()
         self.results = res
-        self.log_dict({f"eval/{t}/acc": v["accuracy"] for t, v in res.items()}
-                      | {f"eval/{t}/n": float(v["n"]) for t, v in res.items()}
-                      | {f"eval/{t}/correct": float(v["correct"]) for t, v in res.items()}, rank_zero_only=True)
+        self.log_dict(
+            {f"eval/{t}/acc": v["accuracy"] for t, v in res.items()}
+            | {f"eval/{t}/n": float(v["n"]) for t, v in res.items()}
+            | {f"eval/{t}/correct": float(v["correct"]) for t, v in res.items()},
+            rank_zero_only=True,
+        )
 
 
-def run_evaluation(features: nn.Module, heads: dict[str, nn.Linear], tasks: list[str], dm,
-                   trainer: TrainerConfig = TrainerConfig()) -> dict[str, dict]:
+def run_evaluation(
+    features: nn.Module,
+    heads: dict[str, nn.Linear],
+    tasks: list[str],
+    dm,
+    trainer: TrainerConfig = TrainerConfig(),
+) -> dict[str, dict]:
     """Run the Evaluator under a Trainer; returns {task: {"accuracy", "n"}} and checks the counts."""
     expected = dm.counts()
     model = Evaluator(features, heads, tasks)
@@ -149,6 +161,8 @@ def run_evaluation(features: nn.Module, heads: dict[str, nn.Linear], tasks: list
         n, c = int(round(float(metrics[f"eval/{t}/n"]))), int(round(float(metrics[f"eval/{t}/correct"])))
         res[t] = {"accuracy": c / n if n else float("nan"), "n": n}
         if res[t]["n"] != expected[t]:
-            raise DidiError(f"evaluation: task {t!r} counted {res[t]['n']} examples, the data has {expected[t]} "
-                            f"(examples dropped or counted twice)")
+            raise DidiError(
+                f"evaluation: task {t!r} counted {res[t]['n']} examples, the data has {expected[t]} "
+                f"(examples dropped or counted twice)"
+            )
     return res

@@ -16,6 +16,7 @@ policy) have no PEFT LoRA form and are refused by name.
 
 Everything is written to a temporary directory and renamed into place at the end.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,17 @@ from didi.errors import DidiError
 ExportFormat = Literal["checkpoint", "peft"]
 
 #: Small files of an HF model directory that travel with exported weights.
-AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt")
+AUX_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 # --------------------------------------------------------------------------------------- artifact terms
@@ -167,8 +177,9 @@ class BaseLayout:
             save_file(tensors, str(target), metadata={"format": "pt"})
             del tensors
         if self.sharded:
-            (out / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+            (out / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+            )
         if self.as_directory:
             for aux in AUX_FILES:
                 if (self.config_dir / aux).exists():
@@ -206,8 +217,9 @@ def _value_fn(src, shapes, terms: LazyTerms, files: list[str]) -> Callable[[str]
 
 
 # ---------------------------------------------------------------------------------------- checkpoint
-def export_checkpoints(artifact: str | Path, output: str | Path, tasks: Iterable[str] | None = None,
-                       base: str | None = None) -> Path:
+def export_checkpoints(
+    artifact: str | Path, output: str | Path, tasks: Iterable[str] | None = None, base: str | None = None
+) -> Path:
     """Write each task's full weights in θ0's own format: OUTPUT/<task>/ (a directory base, shards and index
     included) or OUTPUT/<task>.safetensors (a single-file base)."""
     art = load_artifact(artifact)
@@ -223,21 +235,32 @@ def export_checkpoints(artifact: str | Path, output: str | Path, tasks: Iterable
             if layout.as_directory:
                 target.mkdir()
             layout.write(target, _value_fn(src, shapes, terms, files))
-        _write_info(tmp, art, "checkpoint", {t: (f"{t}" if layout.as_directory else f"{t}.safetensors")
-                                             for t in tasks})
+        _write_info(
+            tmp,
+            art,
+            "checkpoint",
+            {t: (f"{t}" if layout.as_directory else f"{t}.safetensors") for t in tasks},
+        )
     return Path(output)
 
 
 def _check_names(art: Artifact, src) -> None:
     missing = sorted(set(art.manifest["tensors"]) - set(src.keys()))
     if missing:
-        raise DidiError(f"{art.path}: base model {getattr(src, 'path', '')} lacks tensor '{missing[0]}' that the "
-                        f"artifact changes; pass the base the artifact was made from")
+        raise DidiError(
+            f"{art.path}: base model {getattr(src, 'path', '')} lacks tensor '{missing[0]}' that the "
+            f"artifact changes; pass the base the artifact was made from"
+        )
 
 
 def _write_info(tmp: Path, art: Artifact, fmt: str, files: dict) -> None:
-    info = {"format": fmt, "artifact": str(art.path.resolve()), "method": art.manifest.get("method", {}).get("name"),
-            "storage_ratio": art.storage_ratio, "tasks": files}
+    info = {
+        "format": fmt,
+        "artifact": str(art.path.resolve()),
+        "method": art.manifest.get("method", {}).get("name"),
+        "storage_ratio": art.storage_ratio,
+        "tasks": files,
+    }
     (tmp / "export.json").write_text(jsonio.dumps(info, indent=1))
 
 
@@ -251,21 +274,26 @@ def _meta_model(adapter) -> torch.nn.Module:
 
         with torch.device("meta"):
             return AutoModel.from_config(adapter.hf_config())
-    raise DidiError(f"adapter '{adapter.registry_name}' has no model architecture; PEFT export needs a Hugging "
-                    f"Face model (hf_llama, hf_encoder, hf_clip); use --format checkpoint")
+    raise DidiError(
+        f"adapter '{adapter.registry_name}' has no model architecture; PEFT export needs a Hugging "
+        f"Face model (hf_llama, hf_encoder, hf_clip); use --format checkpoint"
+    )
 
 
-def _peft_tensors(art: Artifact, terms: LazyTerms, task: str, adapter, model: torch.nn.Module
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+def _peft_tensors(
+    art: Artifact, terms: LazyTerms, task: str, adapter, model: torch.nn.Module
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """PEFT state dict and {module path: rank} of one task's expert (own low-rank terms + its groups')."""
     factors: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for rel in art.expert_files(task):
         for name in terms.names(rel):
             for term in terms.terms(rel, name):
                 if not isinstance(term, LoRA):
-                    raise DidiError(f"{art.path / rel}: task '{task}' stores a '{term.kind}' term for tensor "
-                                    f"'{name}' ('{name}::{term.kind}'), which is not low rank and has no PEFT LoRA "
-                                    f"form; export this artifact with --format checkpoint")
+                    raise DidiError(
+                        f"{art.path / rel}: task '{task}' stores a '{term.kind}' term for tensor "
+                        f"'{name}' ('{name}::{term.kind}'), which is not low rank and has no PEFT LoRA "
+                        f"form; export this artifact with --format checkpoint"
+                    )
                 A, B = factors.setdefault(name, ([], []))
                 A.append(term.A.float())
                 B.append(term.B.float())
@@ -279,19 +307,28 @@ def _peft_tensors(art: Artifact, terms: LazyTerms, task: str, adapter, model: to
         try:
             module = model.get_submodule(module_path)
         except AttributeError as e:
-            raise DidiError(f"tensor '{name}': no module '{module_path}' in the {type(model).__name__}") from e
+            raise DidiError(
+                f"tensor '{name}': no module '{module_path}' in the {type(model).__name__}"
+            ) from e
         if param != "weight" or not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-            raise DidiError(f"tensor '{name}' belongs to {type(module).__name__} '{module_path}' (parameter "
-                            f"'{param}'); PEFT LoRA export handles the weight of nn.Linear and nn.Embedding only; "
-                            f"use --format checkpoint")
+            raise DidiError(
+                f"tensor '{name}' belongs to {type(module).__name__} '{module_path}' (parameter "
+                f"'{param}'); PEFT LoRA export handles the weight of nn.Linear and nn.Embedding only; "
+                f"use --format checkpoint"
+            )
         if tuple(module.weight.shape) != shapes[name] or A.shape[0] * B.shape[1] != module.weight.numel():
-            raise DidiError(f"tensor '{name}': factors {list(A.shape)} @ {list(B.shape)} do not give the shape "
-                            f"{list(module.weight.shape)} of '{module_path}'")
+            raise DidiError(
+                f"tensor '{name}': factors {list(A.shape)} @ {list(B.shape)} do not give the shape "
+                f"{list(module.weight.shape)} of '{module_path}'"
+            )
         prefix = f"base_model.model.{module_path}"
         if isinstance(module, torch.nn.Linear):
             out[f"{prefix}.lora_A.weight"], out[f"{prefix}.lora_B.weight"] = B.contiguous(), A.contiguous()
         else:
-            out[f"{prefix}.lora_embedding_A"], out[f"{prefix}.lora_embedding_B"] = A.T.contiguous(), B.T.contiguous()
+            out[f"{prefix}.lora_embedding_A"], out[f"{prefix}.lora_embedding_B"] = (
+                A.T.contiguous(),
+                B.T.contiguous(),
+            )
         ranks[module_path] = int(A.shape[1])
     return out, ranks
 
@@ -302,13 +339,21 @@ def peft_config(ranks: dict[str, int], base_path: str):
 
     r = max(ranks.values())
     pattern = {re.escape(m): k for m, k in sorted(ranks.items()) if k != r}
-    return LoraConfig(r=r, lora_alpha=r, target_modules=sorted(ranks), rank_pattern=pattern,
-                      alpha_pattern=dict(pattern), lora_dropout=0.0, bias="none",
-                      base_model_name_or_path=base_path)
+    return LoraConfig(
+        r=r,
+        lora_alpha=r,
+        target_modules=sorted(ranks),
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        lora_dropout=0.0,
+        bias="none",
+        base_model_name_or_path=base_path,
+    )
 
 
-def export_peft(artifact: str | Path, output: str | Path, tasks: Iterable[str] | None = None,
-                base: str | None = None) -> Path:
+def export_peft(
+    artifact: str | Path, output: str | Path, tasks: Iterable[str] | None = None, base: str | None = None
+) -> Path:
     """OUTPUT/base/ (θ0 + fold + shared, the base's layout) and OUTPUT/adapters/<task>/ (PEFT LoRA adapters).
 
     A task whose expert has rank 0 everywhere gets no adapter: its model is the exported base itself
@@ -320,7 +365,9 @@ def export_peft(artifact: str | Path, output: str | Path, tasks: Iterable[str] |
     terms = LazyTerms(art)
     _check_names(art, src)
     terms.check(["fold.safetensors", SHARED_FILE, *(rel for t in tasks for rel in art.expert_files(t))])
-    adapters = {t: _peft_tensors(art, terms, t, adapter, model) for t in tasks}  # refuse before writing anything
+    adapters = {
+        t: _peft_tensors(art, terms, t, adapter, model) for t in tasks
+    }  # refuse before writing anything
     layout = BaseLayout(src)
     out = Path(output)
     with atomic_dir(out) as tmp:
@@ -328,7 +375,9 @@ def export_peft(artifact: str | Path, output: str | Path, tasks: Iterable[str] |
         base_dir.mkdir()
         base_target = base_dir if layout.as_directory else base_dir / layout.path.name
         layout.write(base_target, _value_fn(src, _shapes(art), terms, ["fold.safetensors", SHARED_FILE]))
-        final_base = (out.resolve() / "base") if layout.as_directory else out.resolve() / "base" / layout.path.name
+        final_base = (
+            (out.resolve() / "base") if layout.as_directory else out.resolve() / "base" / layout.path.name
+        )
         (tmp / "adapters").mkdir()
         listing = {}
         for t, (tensors, ranks) in adapters.items():
@@ -344,8 +393,13 @@ def export_peft(artifact: str | Path, output: str | Path, tasks: Iterable[str] |
     return out
 
 
-def export_artifact(artifact: str | Path, output: str | Path, format: ExportFormat = "checkpoint",
-                    tasks: Iterable[str] | None = None, base: str | None = None) -> Path:
+def export_artifact(
+    artifact: str | Path,
+    output: str | Path,
+    format: ExportFormat = "checkpoint",
+    tasks: Iterable[str] | None = None,
+    base: str | None = None,
+) -> Path:
     if format == "peft":
         return export_peft(artifact, output, tasks, base)
     if format == "checkpoint":

@@ -4,6 +4,7 @@ Each task is fine-tuned from θ0 on its own; the result is written in the adapte
 model.safetensors with exactly θ0's tensor names, plus θ0's tokenizer files) with the task's head beside it
 (head.safetensors: "weight" classes × hidden, "bias"; head.json). Heads are outside the storage budget.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,16 @@ from didi.errors import DidiError
 from didi.evaluators import mean_pool
 from didi.trainer import TrainerConfig, Trainers
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+)
 
 
 @dataclass
@@ -57,7 +66,10 @@ class ClassifierFineTune(L.LightningModule):
 
     def __init__(self, encoder: nn.Module, num_classes: int, cfg: FinetuneConfig) -> None:
         super().__init__()
-        self.encoder, self.cfg = encoder.train(), cfg  # build_model returns eval mode; fine-tuning uses dropout
+        self.encoder, self.cfg = (
+            encoder.train(),
+            cfg,
+        )  # build_model returns eval mode; fine-tuning uses dropout
         hidden = encoder.config.hidden_size
         g = torch.Generator().manual_seed(cfg.seed)
         self.head = nn.Linear(hidden, num_classes)
@@ -75,14 +87,17 @@ class ClassifierFineTune(L.LightningModule):
         logits = self(batch)
         loss = F.cross_entropy(logits, batch["labels"])
         acc = (logits.argmax(-1) == batch["labels"]).float().mean()
-        self.log_dict({"finetune/loss": loss, "finetune/acc": acc}, prog_bar=True, on_step=True, on_epoch=False)
+        self.log_dict(
+            {"finetune/loss": loss, "finetune/acc": acc}, prog_bar=True, on_step=True, on_epoch=False
+        )
         return loss
 
     def configure_optimizers(self):
         enc = [p for p in self.encoder.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW([{"params": enc, "lr": self.cfg.lr},
-                                 {"params": self.head.parameters(), "lr": self.cfg.head_lr}],
-                                weight_decay=self.cfg.weight_decay)
+        opt = torch.optim.AdamW(
+            [{"params": enc, "lr": self.cfg.lr}, {"params": self.head.parameters(), "lr": self.cfg.head_lr}],
+            weight_decay=self.cfg.weight_decay,
+        )
         warm = max(1, self.cfg.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -97,13 +112,22 @@ def _num_classes(data: str) -> int:
     if min(labels) < 0:
         raise DidiError(f"{data}: negative label {min(labels)}")
     if max(labels) < 1:
-        raise DidiError(f"{data}: all training labels are {labels[0]}; a classifier needs two classes or more")
+        raise DidiError(
+            f"{data}: all training labels are {labels[0]}; a classifier needs two classes or more"
+        )
     return max(labels) + 1
 
 
-def finetune_task(base: str | Path, data: str | Path, output: str | Path, task: str | None = None,
-                  cfg: FinetuneConfig = FinetuneConfig(), trainer: TrainerConfig = TrainerConfig(),
-                  backbone: str = "hf_encoder", num_classes: int | None = None) -> Path:
+def finetune_task(
+    base: str | Path,
+    data: str | Path,
+    output: str | Path,
+    task: str | None = None,
+    cfg: FinetuneConfig = FinetuneConfig(),
+    trainer: TrainerConfig = TrainerConfig(),
+    backbone: str = "hf_encoder",
+    num_classes: int | None = None,
+) -> Path:
     """Fine-tune θ0 (`base`) on one task's `data` (directory with train.jsonl); write the model + head."""
     from didi.artifact import atomic_dir
     from didi.backbones import build_adapter
@@ -118,8 +142,15 @@ def finetune_task(base: str | Path, data: str | Path, output: str | Path, task: 
     encoder = adapter.build_model(base_sd)
     L.seed_everything(cfg.seed, verbose=False)
     module = ClassifierFineTune(encoder, C, cfg)
-    dm = TextClassificationDataModule({task: str(data)}, str(base), split="train", num_classes={task: C},
-                                      batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed)
+    dm = TextClassificationDataModule(
+        {task: str(data)},
+        str(base),
+        split="train",
+        num_classes={task: C},
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+    )
     tr = Trainers(trainer).fit(f"finetune_{task}", max_steps=cfg.steps)
     tr.fit(module, datamodule=dm)
     if not tr.is_global_zero:
@@ -127,26 +158,49 @@ def finetune_task(base: str | Path, data: str | Path, output: str | Path, task: 
     own = {k: v.detach().cpu() for k, v in module.encoder.state_dict().items()}
     model_dir = resolve_model_dir(base)
     with atomic_dir(output) as tmp:
-        save_file({k: (own[k].to(v.dtype) if k in own else v).contiguous() for k, v in base_sd.items()},
-                  str(tmp / "model.safetensors"))
+        save_file(
+            {k: (own[k].to(v.dtype) if k in own else v).contiguous() for k, v in base_sd.items()},
+            str(tmp / "model.safetensors"),
+        )
         shutil.copy(model_dir / "config.json", tmp / "config.json")
         for f in TOKENIZER_FILES:
             for d in (model_dir, Path(base)):
                 if (d / f).exists():
                     shutil.copy(d / f, tmp / f)
                     break
-        save_file({"weight": module.head.weight.detach().cpu().contiguous(),
-                   "bias": module.head.bias.detach().cpu().contiguous()}, str(tmp / "head.safetensors"))
+        save_file(
+            {
+                "weight": module.head.weight.detach().cpu().contiguous(),
+                "bias": module.head.bias.detach().cpu().contiguous(),
+            },
+            str(tmp / "head.safetensors"),
+        )
         train_acc = tr.callback_metrics.get("finetune/acc")
-        (tmp / "head.json").write_text(json.dumps({
-            "task": task, "num_classes": C, "base": str(Path(base).resolve()), "data": str(Path(data).resolve()),
-            "finetune": asdict(cfg), "last_train_acc": None if train_acc is None else float(train_acc)}, indent=1))
+        (tmp / "head.json").write_text(
+            json.dumps(
+                {
+                    "task": task,
+                    "num_classes": C,
+                    "base": str(Path(base).resolve()),
+                    "data": str(Path(data).resolve()),
+                    "finetune": asdict(cfg),
+                    "last_train_acc": None if train_acc is None else float(train_acc),
+                },
+                indent=1,
+            )
+        )
     return Path(output)
 
 
-def finetune_zoo(base: str, tasks: dict[str, str], output: str, cfg: FinetuneConfig = FinetuneConfig(),
-                 trainer: TrainerConfig = TrainerConfig(), backbone: str = "hf_encoder",
-                 skip_existing: bool = True) -> dict[str, str]:
+def finetune_zoo(
+    base: str,
+    tasks: dict[str, str],
+    output: str,
+    cfg: FinetuneConfig = FinetuneConfig(),
+    trainer: TrainerConfig = TrainerConfig(),
+    backbone: str = "hf_encoder",
+    skip_existing: bool = True,
+) -> dict[str, str]:
     """Fine-tune every task; returns {task: model directory}. Finished tasks are kept (a cached zoo)."""
     out = {}
     for task, data in tasks.items():

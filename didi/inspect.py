@@ -1,4 +1,5 @@
 """`didi inspect`: what an artifact stores, what it costs, and the ranks it gives every module."""
+
 from __future__ import annotations
 
 from didi import jsonio
@@ -12,11 +13,21 @@ def inspect_data(path: str) -> dict:
     m = a.manifest
     st = m["storage"]
     return {
-        "path": str(a.path), "method": m["method"]["name"], "storage_ratio": float(st["ratio"]),
-        "target_ratio": st.get("target_ratio"), "base_params": int(m["base_params"]), "tasks": a.tasks,
-        "ranks": m.get("ranks", {}), "storage": {"stored_elements": st["stored_elements"],
-                                                  "by_module": st["by_module"], "by_kind": st["by_kind"]},
-        "metrics": m.get("metrics", {}), "adapter": m["adapter"], "published": artifact_ratio_row(m),
+        "path": str(a.path),
+        "method": m["method"]["name"],
+        "storage_ratio": float(st["ratio"]),
+        "target_ratio": st.get("target_ratio"),
+        "base_params": int(m["base_params"]),
+        "tasks": a.tasks,
+        "ranks": m.get("ranks", {}),
+        "storage": {
+            "stored_elements": st["stored_elements"],
+            "by_module": st["by_module"],
+            "by_kind": st["by_kind"],
+        },
+        "metrics": m.get("metrics", {}),
+        "adapter": m["adapter"],
+        "published": artifact_ratio_row(m),
     }
 
 
@@ -24,15 +35,19 @@ def inspect_artifact(path: str, as_json: bool = False) -> str:
     d = inspect_data(path)
     if as_json:
         return jsonio.dumps(d, indent=1)
-    lines = [f"artifact {d['path']}  method={d['method']}  adapter={d['adapter']['name']}",
-             f"tasks ({len(d['tasks'])}): {', '.join(d['tasks'])}",
-             f"storage ratio {d['storage_ratio']:.6g}" + (f" (target {d['target_ratio']:g})" if d["target_ratio"]
-                                                            else "") + f" of |θ0| = {d['base_params']:,}",
-             ]
+    lines = [
+        f"artifact {d['path']}  method={d['method']}  adapter={d['adapter']['name']}",
+        f"tasks ({len(d['tasks'])}): {', '.join(d['tasks'])}",
+        f"storage ratio {d['storage_ratio']:.6g}"
+        + (f" (target {d['target_ratio']:g})" if d["target_ratio"] else "")
+        + f" of |θ0| = {d['base_params']:,}",
+    ]
     pub = d["published"]
     if pub.get("published") is not None:
-        lines.append(f"published ratio ({pub['paper'] or pub['method']}): {pub['published']:g}; ours "
-                     f"{d['storage_ratio']:.4g} — {pub['reason']}")
+        lines.append(
+            f"published ratio ({pub['paper'] or pub['method']}): {pub['published']:g}; ours "
+            f"{d['storage_ratio']:.4g} — {pub['reason']}"
+        )
     elif pub.get("reason"):
         lines.append(f"published ratio: none — {pub['reason']}")
     lines += ["", "storage breakdown (elements):"]
@@ -41,7 +56,10 @@ def inspect_artifact(path: str, as_json: bool = False) -> str:
     if d["ranks"]:
         tasks = d["tasks"]
         head = ["tensor", "shared", *tasks]
-        rows = [[name, str(r.get("shared", 0)), *(str(r.get(t, 0)) for t in tasks)] for name, r in d["ranks"].items()]
+        rows = [
+            [name, str(r.get("shared", 0)), *(str(r.get(t, 0)) for t in tasks)]
+            for name, r in d["ranks"].items()
+        ]
         widths = [max(len(x) for x in col) for col in zip(head, *rows)]
         lines += ["", "ranks:", "  " + "  ".join(h.ljust(w) for h, w in zip(head, widths))]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]

@@ -4,6 +4,7 @@ Where a figure can be undefined (an accuracy over no examples, a search metric o
 the code that makes it writes null and a reason beside it; `dumps` is the guard behind that: any non-finite
 float left is written as null with `<key>_not_finite` naming what it was.
 """
+
 from __future__ import annotations
 
 import json

@@ -5,6 +5,7 @@ and a QR 40× slower with 2 threads than with 1, because MKL's threaded LAPACK s
 DDP's processes always share them). Matrix products keep every thread; only these LAPACK calls run on one
 thread on CPU. CUDA tensors are unaffected.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -7,6 +7,7 @@ Choices where the original code differs: TIES trims the top-k % per tensor (merg
 trims over the whole flattened model, which needs every task vector in memory at once). TSV-M keeps
 ⌊k/T⌋ triplets per task; a matrix with min(m, n) < T (no triplet to keep) is averaged instead.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -25,8 +26,9 @@ def check_lambda(lam: float, option: str = "lam") -> None:
 
 def check_topk(k: float, option: str = "k") -> None:
     if not 0 < k <= 100:
-        raise DidiError(f"{option}: top-k is the percentage of entries kept per task, expected 0 < k ≤ 100, "
-                        f"found {k}")
+        raise DidiError(
+            f"{option}: top-k is the percentage of entries kept per task, expected 0 < k ≤ 100, found {k}"
+        )
 
 
 def ties_merge(taus: torch.Tensor, k: float = 20.0, lam: float = 1.0) -> torch.Tensor:

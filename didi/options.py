@@ -3,6 +3,7 @@
 The methods' options (`didi methods`, `--options '{k: 20}'`) and the merge options of `didi merge|search|refine`
 are dataclasses whose Google-style `Args:` docstring is their help; these helpers read them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,10 @@ def strict_yaml_load(stream: str) -> Any:
                 key = self.construct_object(key_node, deep=True)
                 try:
                     if key in seen:
-                        raise DidiError(f"{key!r} appears twice in the mapping {stream.strip()[:200]!r} (line "
-                                        f"{key_node.start_mark.line + 1}); give each entry a unique name")
+                        raise DidiError(
+                            f"{key!r} appears twice in the mapping {stream.strip()[:200]!r} (line "
+                            f"{key_node.start_mark.line + 1}); give each entry a unique name"
+                        )
                     seen.add(key)
                 except TypeError:  # an unhashable key: yaml itself refuses it below
                     pass
@@ -55,7 +58,9 @@ def option_parameters(cls: type, names: tuple[str, ...]) -> tuple[list[inspect.P
     for n in names:
         f = by_name[n]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        params.append(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hints[n]))
+        params.append(
+            inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hints[n])
+        )
         docs.append(f"        {n}: {helps.get(n, '')}")
     return params, docs
 
@@ -73,8 +78,14 @@ def describe_options(cls: type) -> list[dict]:
             default = None
         if is_dataclass(default):
             default = dataclasses.asdict(default)
-        out.append({"name": f.name, "type": _type_name(hints.get(f.name, f.type)), "default": default,
-                    "help": helps.get(f.name, "")})
+        out.append(
+            {
+                "name": f.name,
+                "type": _type_name(hints.get(f.name, f.type)),
+                "default": default,
+                "help": helps.get(f.name, ""),
+            }
+        )
     return out
 
 

@@ -4,6 +4,7 @@ This module only orchestrates: each stage lives in its own module (`decompose`, 
 `didi_artifact`), and `didi merge`, `didi search`, `didi refine`, the registry's DiDi variants and the benchmarks
 all run them through the three functions here, with one options object (`MergeOptions`).
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,14 @@ class MergeOptions:
 
     def hyper_parameters(self) -> dict:
         """What the manifest records (the trainer settings change no result)."""
-        return {"budget": parse_budget(self.budget), "allocation": self.allocation, "shared": self.shared,
-                "decompose": asdict(self.decompose), "search": asdict(self.search), "refine": asdict(self.refine)}
+        return {
+            "budget": parse_budget(self.budget),
+            "allocation": self.allocation,
+            "shared": self.shared,
+            "decompose": asdict(self.decompose),
+            "search": asdict(self.search),
+            "refine": asdict(self.refine),
+        }
 
 
 def work_dir_for(output: str | Path) -> Path:
@@ -87,21 +94,38 @@ def _check_new(output: str | Path) -> None:
         raise DidiError(f"{output}: output directory already exists; choose another path or delete it")
 
 
-def run_search(zoo: Zoo, output: str | Path, opts: MergeOptions, progress: bool = True,
-               trainers: Trainers | None = None) -> tuple[Ranks, FactorStore]:
+def run_search(
+    zoo: Zoo, output: str | Path, opts: MergeOptions, progress: bool = True, trainers: Trainers | None = None
+) -> tuple[Ranks, FactorStore]:
     """Decompose, search and budget: the integer ranks (what `didi search` writes to `output`) and the factor
     store they index."""
     target = parse_budget(opts.budget)
     precheck_budget(zoo, target)
     store = decompose(zoo, opts.decompose, progress=progress)
     trainers = trainers or Trainers(opts.trainer)
-    ranks = allocate(store, target, opts.search, trainers, zoo.adapter.policy_of, opts.allocation,
-                     work_dir_for(output), opts.resume, opts.shared)
+    ranks = allocate(
+        store,
+        target,
+        opts.search,
+        trainers,
+        zoo.adapter.policy_of,
+        opts.allocation,
+        work_dir_for(output),
+        opts.resume,
+        opts.shared,
+    )
     return ranks, store
 
 
-def run_refine(zoo: Zoo, output: str | Path, ranks: Ranks | str | Path, opts: MergeOptions, progress: bool = True,
-               method: str = "didi", trainers: Trainers | None = None) -> Path | None:
+def run_refine(
+    zoo: Zoo,
+    output: str | Path,
+    ranks: Ranks | str | Path,
+    opts: MergeOptions,
+    progress: bool = True,
+    method: str = "didi",
+    trainers: Trainers | None = None,
+) -> Path | None:
     """Refine at `ranks` (a `Ranks` or a ranks file of `didi search`) and write the artifact; returns its path
     (None on non-zero DDP ranks). Matrices finished by an interrupted run are not redone."""
     _check_new(output)
@@ -112,8 +136,12 @@ def run_refine(zoo: Zoo, output: str | Path, ranks: Ranks | str | Path, opts: Me
             ranks_file, ranks = Path(ranks), Ranks.from_json(json.loads(Path(ranks).read_text()), store)
         except (OSError, json.JSONDecodeError, KeyError) as e:
             raise DidiError(f"{ranks}: not a ranks file written by `didi search` ({e})") from e
-        hyper.update(budget=ranks.info.get("target_ratio"), allocation=ranks.info.get("allocation"),
-                     shared=ranks.info.get("shared", "low_rank"), ranks_file=str(ranks_file.resolve()))
+        hyper.update(
+            budget=ranks.info.get("target_ratio"),
+            allocation=ranks.info.get("allocation"),
+            shared=ranks.info.get("shared", "low_rank"),
+            ranks_file=str(ranks_file.resolve()),
+        )
         del hyper["search"]
     trainers = trainers or Trainers(opts.trainer)
     work = work_dir_for(output)
@@ -127,8 +155,13 @@ def run_refine(zoo: Zoo, output: str | Path, ranks: Ranks | str | Path, opts: Me
     return path
 
 
-def run_merge(zoo: Zoo, output: str | Path, opts: MergeOptions | None = None, progress: bool = True,
-              method: str = "didi") -> Path | None:
+def run_merge(
+    zoo: Zoo,
+    output: str | Path,
+    opts: MergeOptions | None = None,
+    progress: bool = True,
+    method: str = "didi",
+) -> Path | None:
     """The whole `didi merge`; returns the artifact path (None on non-zero DDP ranks). `method` is the registry
     name recorded in the manifest (didi, didi_greedy, ...)."""
     opts = opts or MergeOptions()

@@ -15,6 +15,7 @@ Two optimisers:
 With the shared part folded into the stored base (`shared: folded`), the shared module is a dense m×n matrix
 M_s (B_s is None): it costs nothing, and its ALS block is exact, M_s = mean_t(τ_t − A_tB_t).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,7 +59,9 @@ class RefineConfig:
     dtype: str = "float32"
 
 
-def init_factors(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def init_factors(
+    U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, r: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A = U_r √Σ_r (m×r), B = √Σ_r V_rᵀ (r×n)."""
     sq = S[:r].clamp_min(0).sqrt().to(U.dtype)
     return U[:, :r] * sq, (V[:, :r] * sq).T.contiguous()
@@ -75,7 +78,9 @@ def task_errors(taus: torch.Tensor, A_s, B_s, A_t: list, B_t: list) -> torch.Ten
     return torch.stack([((Ms + A @ B - tau) ** 2).sum() for tau, A, B in zip(taus, A_t, B_t)])
 
 
-def _best_rank_r(X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _best_rank_r(
+    X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, iters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-r approximation of X by subspace iteration from the column space of A; returns (A', B') with B' = QᵀX."""
     r = A.shape[1]
     if r == 0:
@@ -112,13 +117,16 @@ def refine_adam(taus: torch.Tensor, A_s, B_s, A_t: list, B_t: list, steps: int, 
     shared = [A_s] if B_s is None else [A_s, B_s]  # a folded shared part is one dense parameter
     h, T = len(shared), taus.shape[0]
     params = [p.clone().requires_grad_(True) for p in [*shared, *A_t, *B_t]]
-    groups = [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-12))}
-              for p in params if p.numel()]
+    groups = [
+        {"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-12))}
+        for p in params
+        if p.numel()
+    ]
     if not groups:
         return A_s, B_s, A_t, B_t
 
     def unpack(ps: list) -> tuple:
-        return ps[0], (None if h == 1 else ps[1]), ps[h:h + T], ps[h + T:]
+        return ps[0], (None if h == 1 else ps[1]), ps[h : h + T], ps[h + T :]
 
     opt = torch.optim.Adam(groups)
     best = None
@@ -140,8 +148,13 @@ class LoRARefine(L.LightningModule):
     folded merge also has `M_s` [m,n], the dense shared part, which replaces the shared factors (file key `M_s`).
     """
 
-    def __init__(self, cfg: RefineConfig, out_dir: str | Path, tau_total: float,
-                 on_result: Callable[[dict], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RefineConfig,
+        out_dir: str | Path,
+        tau_total: float,
+        on_result: Callable[[dict], None] | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.out_dir = Path(out_dir)
@@ -160,26 +173,40 @@ class LoRARefine(L.LightningModule):
                 A_s, B_s = job["M_s"].to(self.device, dt), None
             else:
                 A_s, B_s = init_factors(mv["U_s"], mv["S_s"], mv["V_s"], int(job["r_s"]))
-            pairs = [init_factors(mv["U_t"][t], mv["S_t"][t], mv["V_t"][t], int(r)) for t, r in enumerate(job["r_t"])]
+            pairs = [
+                init_factors(mv["U_t"][t], mv["S_t"][t], mv["V_t"][t], int(r))
+                for t, r in enumerate(job["r_t"])
+            ]
             A_t, B_t = [a for a, _ in pairs], [b for _, b in pairs]
             e0 = float(task_errors(taus, A_s, B_s, A_t, B_t).sum())
             if self.cfg.optimizer == "als":
-                A_s, B_s, A_t, B_t = refine_als(taus, A_s, B_s, A_t, B_t, self.cfg.sweeps, self.cfg.power_iters)
+                A_s, B_s, A_t, B_t = refine_als(
+                    taus, A_s, B_s, A_t, B_t, self.cfg.sweeps, self.cfg.power_iters
+                )
             elif self.cfg.optimizer == "adam":
                 A_s, B_s, A_t, B_t = refine_adam(taus, A_s, B_s, A_t, B_t, self.cfg.steps, self.cfg.lr)
             e1 = float(task_errors(taus, A_s, B_s, A_t, B_t).sum())
             before, after = before + e0, after + e1
-            tensors = {"err_before": torch.tensor(e0, dtype=torch.float64),
-                       "err_after": torch.tensor(e1, dtype=torch.float64),
-                       **({"M_s": A_s} if B_s is None else {"A_s": A_s, "B_s": B_s})}
+            tensors = {
+                "err_before": torch.tensor(e0, dtype=torch.float64),
+                "err_after": torch.tensor(e1, dtype=torch.float64),
+                **({"M_s": A_s} if B_s is None else {"A_s": A_s, "B_s": B_s}),
+            }
             for t in range(len(A_t)):
                 tensors[f"A_t{t}"], tensors[f"B_t{t}"] = A_t[t], B_t[t]
-            save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
-                      str(self.out_dir / f"{int(job['idx']):05d}.safetensors"))
+            save_file(
+                {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
+                str(self.out_dir / f"{int(job['idx']):05d}.safetensors"),
+            )
         world = self.trainer.world_size
         self.log("refine/rec_err_before", before / self.tau_total, reduce_fx="sum", sync_dist=world > 1)
-        self.log("refine/rec_err_after", after / self.tau_total, reduce_fx="sum", sync_dist=world > 1,
-                 prog_bar=True)
+        self.log(
+            "refine/rec_err_after",
+            after / self.tau_total,
+            reduce_fx="sum",
+            sync_dist=world > 1,
+            prog_bar=True,
+        )
 
     def configure_optimizers(self):
         return None
@@ -206,15 +233,27 @@ class RefineJobs:
             # only the leading r columns are used (the initial truncated-SVD factors): a job holds rank-r factors,
             # not the store's width K (for Llama's embeddings, 128256×K per task)
             r_s, r_t = int(self.ranks.r_s[i]), [int(r) for r in self.ranks.r_t[i]]
-            job = {"idx": i, "taus": taus, "r_s": r_s, "r_t": r_t, **self.store.factors(i, r_s, max(r_t, default=0))}
+            job = {
+                "idx": i,
+                "taus": taus,
+                "r_s": r_s,
+                "r_t": r_t,
+                **self.store.factors(i, r_s, max(r_t, default=0)),
+            }
             if self.ranks.info.get("shared") == "folded":
                 job["M_s"] = self.store.shared_merge(taus)
             jobs.append(job)
         return jobs
 
 
-def refine_matrices(zoo: Zoo, store: FactorStore, ranks: Ranks, rcfg: RefineConfig,
-                    trainers: Trainers | TrainerConfig, work_dir: Path) -> tuple[dict, dict, dict]:
+def refine_matrices(
+    zoo: Zoo,
+    store: FactorStore,
+    ranks: Ranks,
+    rcfg: RefineConfig,
+    trainers: Trainers | TrainerConfig,
+    work_dir: Path,
+) -> tuple[dict, dict, dict]:
     """Stage 2 over every matrix (a Lightning fit over layer batches; finished matrices of an interrupted run
     are kept in `work_dir/refine` and not redone); returns (shared terms, per-task terms, metrics). A folded
     shared part comes back as shared `NAME::fold` terms, which `write_didi_artifact` adds to the stored base."""
@@ -236,13 +275,19 @@ def refine_matrices(zoo: Zoo, store: FactorStore, ranks: Ranks, rcfg: RefineConf
         f = lazy_tensors(out / f"{e.idx:05d}.safetensors")
         before, after = before + float(f["err_before"].load()), after + float(f["err_after"].load())
         if "M_s" in f:  # folded: the dense shared part goes into the stored base, in the tensor's own shape
-            shared[f"{e.name}::fold"] = LazyTensor(tuple(e.shape), torch.float32,
-                                                   lambda x=f["M_s"], shape=tuple(e.shape): x.load().reshape(shape))
+            shared[f"{e.name}::fold"] = LazyTensor(
+                tuple(e.shape),
+                torch.float32,
+                lambda x=f["M_s"], shape=tuple(e.shape): x.load().reshape(shape),
+            )
         elif f["A_s"].shape[1]:
             shared[f"{e.name}::lora_A"], shared[f"{e.name}::lora_B"] = f["A_s"], f["B_s"]
         for j, t in enumerate(store.tasks):
             if f[f"A_t{j}"].shape[1]:
                 tasks[t][f"{e.name}::lora_A"], tasks[t][f"{e.name}::lora_B"] = f[f"A_t{j}"], f[f"B_t{j}"]
-    metrics = {"rec_err_before": before / tau_total, "rec_err_after": after / tau_total,
-               "optimizer": rcfg.optimizer}
+    metrics = {
+        "rec_err_before": before / tau_total,
+        "rec_err_after": after / tau_total,
+        "optimizer": rcfg.optimizer,
+    }
     return shared, tasks, metrics

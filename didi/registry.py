@@ -6,6 +6,7 @@ package's import. A registry knows the modules that define its built-ins (import
 `import didi.backbones` does not import open_clip or transformers) and an entry-point group through which other
 installed packages add theirs. Registering a second, different object under a taken key is an error.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -28,8 +29,13 @@ class Registry(Generic[T]):
         identity: what makes two registrations the same (a method spec is the same when its function is).
     """
 
-    def __init__(self, kind: str, builtins: tuple[str, ...] = (), group: str | None = None,
-                 identity: Callable[[T], object] = lambda obj: obj) -> None:
+    def __init__(
+        self,
+        kind: str,
+        builtins: tuple[str, ...] = (),
+        group: str | None = None,
+        identity: Callable[[T], object] = lambda obj: obj,
+    ) -> None:
         self.kind, self.builtins, self.group, self.identity = kind, tuple(builtins), group, identity
         self._items: dict[Hashable, T] = {}
         self._loaded = False
@@ -38,8 +44,10 @@ class Registry(Generic[T]):
         """Register `obj` under `key`; the same object twice is a no-op (a module imported twice)."""
         old = self._items.get(key)
         if old is not None and not _same_definition(self.identity(old), self.identity(obj)):
-            raise DidiError(f"{self.kind} {_label(key)!r} is registered twice ({_label(old)} and {_label(obj)}); "
-                            f"choose another name")
+            raise DidiError(
+                f"{self.kind} {_label(key)!r} is registered twice ({_label(old)} and {_label(obj)}); "
+                f"choose another name"
+            )
         self._items[key] = obj
         return obj
 
@@ -71,7 +79,9 @@ class Registry(Generic[T]):
         if key not in self._items:
             self.load()
         if key not in self._items:
-            raise DidiError(f"unknown {self.kind} {_label(key)!r}; registered: {sorted(map(_label, self._items))}")
+            raise DidiError(
+                f"unknown {self.kind} {_label(key)!r}; registered: {sorted(map(_label, self._items))}"
+            )
         return self._items[key]
 
     def find(self, key: Hashable) -> T | None:
@@ -113,5 +123,7 @@ def _same_definition(a: object, b: object) -> bool:
     if a is b:
         return True
     qual = getattr(a, "__qualname__", None)
-    return bool(qual) and (getattr(a, "__module__", None), qual) == (getattr(b, "__module__", None),
-                                                                      getattr(b, "__qualname__", None))
+    return bool(qual) and (getattr(a, "__module__", None), qual) == (
+        getattr(b, "__module__", None),
+        getattr(b, "__qualname__", None),
+    )

@@ -24,6 +24,7 @@ Extending: `register_wrapper(module_type)(factory)`, factory(module, parent, par
 None when it cannot wrap that module (e.g. nn.Linear inside an unwrapped nn.MultiheadAttention, whose
 forward reads `out_proj.weight` without calling `out_proj`).
 """
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,9 @@ class Router(ABC):
         ids = torch.as_tensor(ids).long().reshape(-1)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.tasks)):
             bad = int(ids.max()) if int(ids.max()) >= len(self.tasks) else int(ids.min())
-            raise DidiError(f"router: task id {bad} is outside the artifact's {len(self.tasks)} tasks "
-                            f"{self.tasks}")
+            raise DidiError(
+                f"router: task id {bad} is outside the artifact's {len(self.tasks)} tasks {self.tasks}"
+            )
         return ids
 
 
@@ -121,8 +123,13 @@ def artifact_terms(artifact) -> tuple[dict[str, torch.Tensor], list[dict[str, Ta
     """(common delta per tensor — fold + shared low rank + shared dense —, per task {tensor: TaskTerms}).
     Group terms (task subsets) count as each member's own."""
     common = artifact.common_deltas()
-    per_task = [{name: TaskTerms.of(terms, artifact.shape_of(name))
-                 for name, terms in artifact.expert_terms(t).items()} for t in artifact.tasks]
+    per_task = [
+        {
+            name: TaskTerms.of(terms, artifact.shape_of(name))
+            for name, terms in artifact.expert_terms(t).items()
+        }
+        for t in artifact.tasks
+    ]
     return common, per_task
 
 
@@ -241,8 +248,12 @@ class RoutedLinear(RoutedLayer):
             return self.base.weight.detach(), None if b is None else b.detach()
         made_of = tuple(e.values())
         a = self._active  # one read: another thread may replace it meanwhile
-        if a is not None and a[0] == task and len(a[1]) == len(made_of) \
-                and all(r() is t for r, t in zip(a[1], made_of)):
+        if (
+            a is not None
+            and a[0] == task
+            and len(a[1]) == len(made_of)
+            and all(r() is t for r, t in zip(a[1], made_of))
+        ):
             return a[2], a[3]
         W, b = self.base.weight, self.base.bias
         if "A" in e:
@@ -291,8 +302,10 @@ class RoutedLinear(RoutedLayer):
         groups = r.groups
         bd = self.batch_dim
         if x.shape[bd] != groups.rows:
-            raise DidiError(f"routed layer: input has {x.shape[bd]} rows along dim {bd}, the router gave "
-                            f"{groups.rows} task ids")
+            raise DidiError(
+                f"routed layer: input has {x.shape[bd]} rows along dim {bd}, the router gave "
+                f"{groups.rows} task ids"
+            )
         for t, rows in groups.on(x.device):
             if isinstance(rows, slice):  # rows of one task are contiguous: views, added in place
                 idx = (slice(None),) * bd + (rows,)
@@ -391,7 +404,9 @@ class RoutedMultiheadAttention(RoutedLayer):
         super().__init__()
         self.base = base
         self.batch_dim = 0 if base.batch_first else 1
-        packed = nn.Linear(base.embed_dim, 3 * base.embed_dim, bias=base.in_proj_bias is not None, device="meta")
+        packed = nn.Linear(
+            base.embed_dim, 3 * base.embed_dim, bias=base.in_proj_bias is not None, device="meta"
+        )
         packed.weight = base.in_proj_weight  # the same Parameter objects: folds and .to() reach both
         packed.bias = base.in_proj_bias
         self.in_proj = RoutedLinear(packed)
@@ -413,8 +428,11 @@ class RoutedMultiheadAttention(RoutedLayer):
         mask = None
 
         def as_float(m: torch.Tensor) -> torch.Tensor:
-            return torch.zeros_like(m, dtype=dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool \
+            return (
+                torch.zeros_like(m, dtype=dtype).masked_fill(m, float("-inf"))
+                if m.dtype == torch.bool
                 else m.to(dtype)
+            )
 
         if attn_mask is None and is_causal:
             attn_mask = torch.ones(L, S, dtype=torch.bool, device=device).triu(1)
@@ -426,10 +444,17 @@ class RoutedMultiheadAttention(RoutedLayer):
             mask = k if mask is None else mask + k
         return mask
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
-                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         base = self.base
         unbatched = query.dim() == 2
         self_attn = query is key and key is value
@@ -447,8 +472,8 @@ class RoutedMultiheadAttention(RoutedLayer):
             q, k, v = self.in_proj(query).chunk(3, dim=-1)
         else:  # each input through the packed projection, its own third kept
             q = self.in_proj(query)[..., :E]
-            k = self.in_proj(key)[..., E:2 * E]
-            v = self.in_proj(value)[..., 2 * E:]
+            k = self.in_proj(key)[..., E : 2 * E]
+            v = self.in_proj(value)[..., 2 * E :]
         B, L, S = q.shape[0], q.shape[1], k.shape[1]
         q, k, v = (z.reshape(B, -1, H, E // H).transpose(1, 2) for z in (q, k, v))
         mask = self._mask(attn_mask, key_padding_mask, is_causal, B, L, S, q.dtype, q.device)
@@ -474,8 +499,12 @@ class RoutedMultiheadAttention(RoutedLayer):
 
 @register_wrapper(nn.MultiheadAttention)
 def _wrap_mha(module: nn.Module, parent: nn.Module | None, params: set) -> RoutedLayer | None:
-    ok = (module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn
-          and params <= set(RoutedMultiheadAttention._PARAMS))
+    ok = (
+        module._qkv_same_embed_dim
+        and module.bias_k is None
+        and not module.add_zero_attn
+        and params <= set(RoutedMultiheadAttention._PARAMS)
+    )
     return RoutedMultiheadAttention(module) if ok else None
 
 
@@ -542,8 +571,15 @@ class RoutedModel(nn.Module):
 
     fast_path: bool = True
 
-    def __init__(self, model: nn.Module, artifact, adapter=None, prefix: str = "", router: Router | None = None,
-                 cache_tasks: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        artifact,
+        adapter=None,
+        prefix: str = "",
+        router: Router | None = None,
+        cache_tasks: int | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.tasks = artifact.tasks
@@ -551,8 +587,10 @@ class RoutedModel(nn.Module):
         self.cache_tasks = cache_tasks
         adapter = adapter or artifact.adapter()
         if adapter.registry_name != artifact.manifest["adapter"]["name"]:
-            raise DidiError(f"{artifact.path}: made with adapter '{artifact.manifest['adapter']['name']}', "
-                            f"not '{adapter.registry_name}'")
+            raise DidiError(
+                f"{artifact.path}: made with adapter '{artifact.manifest['adapter']['name']}', "
+                f"not '{adapter.registry_name}'"
+            )
         for p in model.parameters():
             p.requires_grad_(False)
         common, per_task = artifact_terms(artifact)
@@ -578,8 +616,11 @@ class RoutedModel(nn.Module):
         wrapped: set[str] = set()
         for mod, params in sorted(by_module.items()):
             module = self.model.get_submodule(mod)
-            parent = self.model.get_submodule(mod.rpartition(".")[0]) if "." in mod else (
-                self.model if mod else None)
+            parent = (
+                self.model.get_submodule(mod.rpartition(".")[0])
+                if "." in mod
+                else (self.model if mod else None)
+            )
             factory = _find_wrapper(module)
             layer = factory(module, parent, params) if factory else None
             if layer is None:
@@ -606,16 +647,22 @@ class RoutedModel(nn.Module):
         try:
             module = self.model.get_submodule(mod)
         except AttributeError:
-            raise DidiError(f"{artifact.path}: tensor '{name}' has no module '{mod}' in the runnable "
-                            f"{type(self.model).__name__} (artifact and backbone do not match)") from None
+            raise DidiError(
+                f"{artifact.path}: tensor '{name}' has no module '{mod}' in the runnable "
+                f"{type(self.model).__name__} (artifact and backbone do not match)"
+            ) from None
         p = getattr(module, pname, None)
         if not isinstance(p, torch.Tensor):
-            raise DidiError(f"{artifact.path}: tensor '{name}' is not a parameter of module '{mod}' "
-                            f"({type(module).__name__}); artifact and backbone do not match")
+            raise DidiError(
+                f"{artifact.path}: tensor '{name}' is not a parameter of module '{mod}' "
+                f"({type(module).__name__}); artifact and backbone do not match"
+            )
         shape = tuple(artifact.manifest["tensors"][name]["shape"])
         if tuple(p.shape) != shape:
-            raise DidiError(f"{artifact.path}: tensor '{name}' has shape {list(shape)} in the artifact, the "
-                            f"model has {list(p.shape)} (artifact and backbone do not match)")
+            raise DidiError(
+                f"{artifact.path}: tensor '{name}' has shape {list(shape)} in the artifact, the "
+                f"model has {list(p.shape)} (artifact and backbone do not match)"
+            )
         return p
 
     def _get(self, mod: str, pname: str) -> torch.Tensor:
@@ -634,7 +681,9 @@ class RoutedModel(nn.Module):
         vals = {}
         for name, base in self._base_values.items():
             tt = self._swap_terms[task].get(name)
-            vals[name] = base if tt is None else (base.float() + tt.delta(base.shape).to(base.device)).to(base.dtype)
+            vals[name] = (
+                base if tt is None else (base.float() + tt.delta(base.shape).to(base.device)).to(base.dtype)
+            )
         self._cache[task] = vals
         if self.cache_tasks is not None:
             while len(self._cache) > max(1, self.cache_tasks):
@@ -649,7 +698,9 @@ class RoutedModel(nn.Module):
             self._get(mod, pname).data = vals[name]
         self._current = task
 
-    def _apply(self, fn, recurse=True):  # the swap path's base values and per-task cache (experts are buffers)
+    def _apply(
+        self, fn, recurse=True
+    ):  # the swap path's base values and per-task cache (experts are buffers)
         super()._apply(fn, recurse)
         self._base_values = {k: fn(v) for k, v in self._base_values.items()}
         self._cache.clear()
@@ -673,7 +724,9 @@ class RoutedModel(nn.Module):
         ids = torch.as_tensor(task_ids).long().reshape(-1).cpu()
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.tasks)):
             bad = int(ids.max()) if int(ids.max()) >= len(self.tasks) else int(ids.min())
-            raise DidiError(f"routed model: task id {bad} is outside the {len(self.tasks)} tasks {self.tasks}")
+            raise DidiError(
+                f"routed model: task id {bad} is outside the {len(self.tasks)} tasks {self.tasks}"
+            )
         return ids
 
     def _run_single(self, task: int, args, kwargs) -> Any:

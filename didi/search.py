@@ -6,6 +6,7 @@ Under DDP each process sees only its share of a layer batch: its reconstruction 
 world size (and by the number of layer batches) so that DDP's gradient average equals the one-process
 gradient of the full objective.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,17 @@ class SearchConfig:
 class RankSearch(L.LightningModule):
     """Learns continuous ranks r_s [L] and r_t [L, T]; U, σ, V stay frozen (they live in the batches)."""
 
-    def __init__(self, cfg: SearchConfig, problem: RankProblem, target_ratio: float, tau_total: float,
-                 gamma: float, init_s: torch.Tensor, init_t: torch.Tensor, n_batches: int) -> None:
+    def __init__(
+        self,
+        cfg: SearchConfig,
+        problem: RankProblem,
+        target_ratio: float,
+        tau_total: float,
+        gamma: float,
+        init_s: torch.Tensor,
+        init_t: torch.Tensor,
+        n_batches: int,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.target_ratio = target_ratio
@@ -95,8 +105,13 @@ class RankSearch(L.LightningModule):
         ratio = self.ratio()
         penalty = self.gamma * (ratio - self.target_ratio).abs()
         loss = rec_rel * (self.n_batches * world) + penalty.float()
-        self.log("search/rec_err", rec_rel.detach() * self.n_batches, reduce_fx="sum", sync_dist=world > 1,
-                 prog_bar=True)
+        self.log(
+            "search/rec_err",
+            rec_rel.detach() * self.n_batches,
+            reduce_fx="sum",
+            sync_dist=world > 1,
+            prog_bar=True,
+        )
         self.log("search/ratio", ratio.detach().float(), prog_bar=True)
         self.log("search/beta", beta)
         self.log("search/loss", loss.detach(), sync_dist=world > 1)

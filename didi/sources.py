@@ -3,6 +3,7 @@
 Big backbones never fit in host memory T+1 times over, so a `TensorSource` only opens files and reads one
 tensor when asked (safetensors memory-maps).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,7 +42,11 @@ def _unwrap_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     """Accept a plain state dict or the usual wrappers ({'state_dict': ...}, {'model': ...})."""
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "module"):
-            if key in obj and isinstance(obj[key], dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            if (
+                key in obj
+                and isinstance(obj[key], dict)
+                and not any(isinstance(v, torch.Tensor) for v in obj.values())
+            ):
                 obj = obj[key]
                 break
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -102,18 +107,24 @@ class TensorSource:
             pickles = [f for suf in PICKLE_SUFFIXES for f in sorted(p.glob(f"*{suf}"))]
             if pickles:
                 if len(pickles) > 1:
-                    raise DidiError(f"{p}: several pickle checkpoints {[f.name for f in pickles]}; name one file")
+                    raise DidiError(
+                        f"{p}: several pickle checkpoints {[f.name for f in pickles]}; name one file"
+                    )
                 self._load_pickle(pickles[0])
                 return
-            raise DidiError(f"{p}: directory holds no *.safetensors files, no model.safetensors.index.json "
-                            f"and no pickle checkpoint")
+            raise DidiError(
+                f"{p}: directory holds no *.safetensors files, no model.safetensors.index.json "
+                f"and no pickle checkpoint"
+            )
         if p.suffix == ".safetensors":
             self._read_headers([p], register=True)
         elif p.suffix in PICKLE_SUFFIXES:
             self._load_pickle(p)
         else:
-            raise DidiError(f"{p}: unknown checkpoint format (expected .safetensors, a directory, or with "
-                            f"--allow_pickle a {'/'.join(PICKLE_SUFFIXES)} file)")
+            raise DidiError(
+                f"{p}: unknown checkpoint format (expected .safetensors, a directory, or with "
+                f"--allow_pickle a {'/'.join(PICKLE_SUFFIXES)} file)"
+            )
 
     def _read_headers(self, files: list[Path], register: bool = False) -> None:
         for f in files:
@@ -124,8 +135,10 @@ class TensorSource:
             for name in h.keys():
                 if register:
                     if name in self._files and self._files[name] != f:
-                        raise DidiError(f"{self.path}: tensor '{name}' appears in both {self._files[name].name} "
-                                        f"and {f.name}")
+                        raise DidiError(
+                            f"{self.path}: tensor '{name}' appears in both {self._files[name].name} "
+                            f"and {f.name}"
+                        )
                     self._files[name] = f
                 if self._files.get(name) == f:
                     sl = h.get_slice(name)
@@ -133,9 +146,11 @@ class TensorSource:
 
     def _load_pickle(self, f: Path) -> None:
         if not self.allow_pickle:
-            raise DidiError(f"{f}: pickle checkpoints can run code when loaded and are refused by default; "
-                            f"convert it to safetensors, or pass --allow_pickle true to load it with "
-                            f"torch.load(weights_only=True)")
+            raise DidiError(
+                f"{f}: pickle checkpoints can run code when loaded and are refused by default; "
+                f"convert it to safetensors, or pass --allow_pickle true to load it with "
+                f"torch.load(weights_only=True)"
+            )
         try:
             obj = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -144,7 +159,6 @@ class TensorSource:
         for name, t in self._pickled.items():
             self._files[name] = f
             self._meta[name] = (tuple(t.shape), t.dtype)
-
 
     # ------------------------------------------------------------------------------------------- access
     def keys(self) -> list[str]:
@@ -177,7 +191,14 @@ class TensorSource:
 
 
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }

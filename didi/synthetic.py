@@ -4,6 +4,7 @@ Task vectors are τ_t = S + E_t (+ noise) per matrix, with a shared part S of ra
 experts: E_t = X_t for t < T and E_T = −Σ_{t<T} X_t, each X_t of rank `expert_rank`. Under the mean merge,
 M_s = S and M_t = E_t exactly, so the planted ranks are (shared_rank, expert_rank, …, (T−1)·expert_rank).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,8 +24,16 @@ def lowrank(m: int, n: int, r: int, scale: float, g: torch.Generator) -> torch.T
     return (U * s) @ V.T
 
 
-def planted_task_vectors(m: int, n: int, T: int, shared_rank: int, expert_rank: int, noise: float,
-                         g: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+def planted_task_vectors(
+    m: int,
+    n: int,
+    T: int,
+    shared_rank: int,
+    expert_rank: int,
+    noise: float,
+    g: torch.Generator,
+    scale: float = 1.0,
+) -> torch.Tensor:
     S = lowrank(m, n, shared_rank, scale, g)
     X = [lowrank(m, n, expert_rank, 0.7 * scale, g) for _ in range(T - 1)]
     E = X + [-torch.stack(X).sum(0)]
@@ -56,9 +65,18 @@ def block_shapes(width: int, layers: int, mlp_ratio: int = 4) -> dict[str, tuple
     return out
 
 
-def make_zoo(root: str | Path, T: int = 4, width: int = 32, layers: int = 2, shared_rank: int = 3,
-             expert_rank: int = 2, noise: float = 0.0, seed: int = 0, with_vectors: bool = True,
-             varied_ranks: bool = True) -> tuple[Path, dict[str, Path]]:
+def make_zoo(
+    root: str | Path,
+    T: int = 4,
+    width: int = 32,
+    layers: int = 2,
+    shared_rank: int = 3,
+    expert_rank: int = 2,
+    noise: float = 0.0,
+    seed: int = 0,
+    with_vectors: bool = True,
+    varied_ranks: bool = True,
+) -> tuple[Path, dict[str, Path]]:
     """Write base.safetensors and task_<i>.safetensors under `root`; returns (base path, {task: path}).
 
     With `varied_ranks`, planted ranks grow with the layer index so that a good allocation is not uniform.
@@ -71,9 +89,10 @@ def make_zoo(root: str | Path, T: int = 4, width: int = 32, layers: int = 2, sha
     for name, (m, n) in block_shapes(width, layers).items():
         layer = int(name.split(".")[1])
         bump = layer if varied_ranks else 0
-        base[name] = torch.randn(m, n, generator=g) / n ** 0.5
-        taus[name] = planted_task_vectors(m, n, T, shared_rank + bump, expert_rank + bump // 2, noise, g,
-                                          scale=1.0 + 0.5 * layer)
+        base[name] = torch.randn(m, n, generator=g) / n**0.5
+        taus[name] = planted_task_vectors(
+            m, n, T, shared_rank + bump, expert_rank + bump // 2, noise, g, scale=1.0 + 0.5 * layer
+        )
     if with_vectors:
         for i in range(layers):
             for nm in (f"blocks.{i}.ln_1.weight", f"blocks.{i}.attn.in_proj_bias"):
@@ -94,8 +113,9 @@ def spectral(m: int, n: int, decay: float, scale: float, g: torch.Generator) -> 
     return (U * s) @ V.T
 
 
-def make_spectral_zoo(root: str | Path, T: int = 8, width: int = 64, layers: int = 4, mlp_ratio: int = 4,
-                      seed: int = 0) -> tuple[Path, dict[str, Path]]:
+def make_spectral_zoo(
+    root: str | Path, T: int = 8, width: int = 64, layers: int = 4, mlp_ratio: int = 4, seed: int = 0
+) -> tuple[Path, dict[str, Path]]:
     """A ViT-shaped zoo whose task vectors have power-law spectra that vary by layer and matrix kind.
 
     Later layers get larger and more task-specific task vectors (as fine-tunes of vision transformers do),
@@ -107,12 +127,21 @@ def make_spectral_zoo(root: str | Path, T: int = 8, width: int = 64, layers: int
     base: dict[str, torch.Tensor] = {}
     names = list(block_shapes(width, layers, mlp_ratio).items())
     for name, (m, n) in names:
-        base[name] = torch.randn(m, n, generator=g) / n ** 0.5
+        base[name] = torch.randn(m, n, generator=g) / n**0.5
     taus: dict[str, list[torch.Tensor]] = {}
     for j, (name, (m, n)) in enumerate(names):
         depth = int(name.split(".")[1]) / max(1, layers - 1)
         kind_decay = 0.6 + 0.15 * (j % 4)  # attention in/out and MLP up/down decay differently
         shared = spectral(m, n, kind_decay, 1.0 + depth, g)
-        taus[name] = [shared + spectral(m, n, kind_decay + 0.2 - 0.3 * depth, (0.5 + 1.5 * depth) *
-                                        (0.6 + 0.8 * torch.rand((), generator=g).item()), g) for _ in range(T)]
+        taus[name] = [
+            shared
+            + spectral(
+                m,
+                n,
+                kind_decay + 0.2 - 0.3 * depth,
+                (0.5 + 1.5 * depth) * (0.6 + 0.8 * torch.rand((), generator=g).item()),
+                g,
+            )
+            for _ in range(T)
+        ]
     return write_zoo(root, base, taus, T)

@@ -2,6 +2,7 @@
 
 Reading records every tensor's sha256 (for the manifest) and refuses integer tensors that a task changed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,8 +57,10 @@ class DeltaReader:
             if not plan.dtype.is_floating_point:
                 for t, x in zip(tasks, xs):
                     if not torch.equal(x, base):
-                        raise DidiError(f"task '{t}': non-floating tensor '{plan.name}' ({plan.dtype}) "
-                                        f"differs from the base model; didi cannot merge integer tensors")
+                        raise DidiError(
+                            f"task '{t}': non-floating tensor '{plan.name}' ({plan.dtype}) "
+                            f"differs from the base model; didi cannot merge integer tensors"
+                        )
                 continue
             taus = torch.stack(xs)
             del xs  # the task tensors are not kept while the consumer works on this one

@@ -6,6 +6,7 @@ memory grow with the model. Here a file's header (names, dtypes, shapes, offsets
 `LazyTensor` descriptions, then each tensor is produced, written and dropped in turn: memory stays at one
 tensor. The files are ordinary safetensors files (read back by `safetensors` in the tests).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,15 +36,20 @@ class LazyTensor:
 def lazy_tensors(path: str | Path) -> dict[str, LazyTensor]:
     """Every tensor of a safetensors file as a LazyTensor: the header is read once, now; each tensor's data
     when it is written."""
+
     def reader(key: str) -> Callable[[], torch.Tensor]:
         def read() -> torch.Tensor:
             with safe_open(str(path), framework="pt", device="cpu") as g:
                 return g.get_tensor(key).clone()
+
         return read
 
     with safe_open(str(path), framework="pt", device="cpu") as f:
         slices = {k: f.get_slice(k) for k in f.keys()}
-        return {k: LazyTensor(tuple(sl.get_shape()), _ST_DTYPES[sl.get_dtype()], reader(k)) for k, sl in slices.items()}
+        return {
+            k: LazyTensor(tuple(sl.get_shape()), _ST_DTYPES[sl.get_dtype()], reader(k))
+            for k, sl in slices.items()
+        }
 
 
 TensorLike = Union[torch.Tensor, LazyTensor]
@@ -55,7 +61,9 @@ def _spec(name: str, t: TensorLike) -> tuple[tuple[int, ...], torch.dtype]:
     return tuple(t.shape), t.dtype
 
 
-def write_tensors(path: str | Path, tensors: Mapping[str, TensorLike], metadata: dict[str, str] | None = None) -> None:
+def write_tensors(
+    path: str | Path, tensors: Mapping[str, TensorLike], metadata: dict[str, str] | None = None
+) -> None:
     """Write `tensors` as a safetensors file, loading lazy ones one at a time."""
     specs = {name: _spec(name, t) for name, t in tensors.items()}
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
@@ -64,7 +72,11 @@ def write_tensors(path: str | Path, tensors: Mapping[str, TensorLike], metadata:
         if dtype not in _DTYPE_NAMES:
             raise DidiError(f"tensor '{name}': dtype {dtype} cannot be stored in safetensors")
         size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": _DTYPE_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
@@ -75,8 +87,10 @@ def write_tensors(path: str | Path, tensors: Mapping[str, TensorLike], metadata:
             value = t.load() if isinstance(t, LazyTensor) else t
             shape, dtype = specs[name]
             if tuple(value.shape) != shape or value.dtype != dtype:
-                raise DidiError(f"tensor '{name}': declared {list(shape)} {dtype}, produced "
-                                f"{list(value.shape)} {value.dtype}")
+                raise DidiError(
+                    f"tensor '{name}': declared {list(shape)} {dtype}, produced "
+                    f"{list(value.shape)} {value.dtype}"
+                )
             data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
             f.write(memoryview(data.numpy()))
             del value, data

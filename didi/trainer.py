@@ -2,6 +2,7 @@
 evaluation, fine-tuning), so that a setting such as `logger: wandb` or the spawned-process fix cannot be
 honoured by one of them and forgotten by another.
 """
+
 from __future__ import annotations
 
 import logging
@@ -97,20 +98,30 @@ class Trainers:
         self.cfg = cfg
         self._wandb = None
 
-    def fit(self, stage: str, callbacks: Sequence[L.Callback] = (), max_steps: int = -1,
-            max_epochs: int = -1) -> L.Trainer:
+    def fit(
+        self, stage: str, callbacks: Sequence[L.Callback] = (), max_steps: int = -1, max_epochs: int = -1
+    ) -> L.Trainer:
         """A Trainer for a fit: the search runs `max_steps` optimiser steps; the refinement one epoch (its
         manual optimisation advances no global step); a fine-tune `max_steps`."""
         quiet_lightning()
         c = self.cfg
         callbacks = list(callbacks)
         return L.Trainer(
-            accelerator=c.accelerator, devices=c.devices, strategy=c.strategy, num_nodes=c.num_nodes,
-            max_steps=max_steps, max_epochs=max_epochs, logger=self.logger(stage),
-            log_every_n_steps=c.log_every_n_steps, enable_progress_bar=c.progress_bar, enable_model_summary=False,
+            accelerator=c.accelerator,
+            devices=c.devices,
+            strategy=c.strategy,
+            num_nodes=c.num_nodes,
+            max_steps=max_steps,
+            max_epochs=max_epochs,
+            logger=self.logger(stage),
+            log_every_n_steps=c.log_every_n_steps,
+            enable_progress_bar=c.progress_bar,
+            enable_model_summary=False,
             callbacks=[*callbacks, ProcessHygiene()],
             enable_checkpointing=any(isinstance(cb, L.pytorch.callbacks.ModelCheckpoint) for cb in callbacks),
-            default_root_dir=c.log_dir, num_sanity_val_steps=0, limit_val_batches=0,
+            default_root_dir=c.log_dir,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
         )
 
     def test(self) -> L.Trainer:
@@ -118,9 +129,18 @@ class Trainers:
         checkpoints."""
         quiet_lightning()
         c = self.cfg
-        return L.Trainer(accelerator=c.accelerator, devices=c.devices, strategy=c.strategy, num_nodes=c.num_nodes,
-                         logger=False, enable_progress_bar=c.progress_bar, enable_model_summary=False,
-                         enable_checkpointing=False, default_root_dir=c.log_dir, callbacks=[ProcessHygiene()])
+        return L.Trainer(
+            accelerator=c.accelerator,
+            devices=c.devices,
+            strategy=c.strategy,
+            num_nodes=c.num_nodes,
+            logger=False,
+            enable_progress_bar=c.progress_bar,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=c.log_dir,
+            callbacks=[ProcessHygiene()],
+        )
 
     def logger(self, stage: str):
         c = self.cfg
@@ -149,7 +169,8 @@ def is_global_zero() -> bool:
     """Rank 0 of the launch (torchrun/`fabric run` environment, or an initialised process group)."""
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and (
         not (torch.distributed.is_available() and torch.distributed.is_initialized())
-        or torch.distributed.get_rank() == 0)
+        or torch.distributed.get_rank() == 0
+    )
 
 
 def barrier() -> None:

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny synthetic zoos and settings that keep every test to seconds on 2 CPU cores."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,12 @@ def tiny_zoo(tmp_path):
 @pytest.fixture
 def fast(tmp_path):
     """(decompose, search, refine, trainer) settings for tests."""
-    return (DecomposeConfig(cache_dir=str(tmp_path / "cache"), device="cpu"), SearchConfig(steps=30),
-            RefineConfig(sweeps=2), TrainerConfig(accelerator="cpu", logger="none", progress_bar=False))
+    return (
+        DecomposeConfig(cache_dir=str(tmp_path / "cache"), device="cpu"),
+        SearchConfig(steps=30),
+        RefineConfig(sweeps=2),
+        TrainerConfig(accelerator="cpu", logger="none", progress_bar=False),
+    )
 
 
 @pytest.fixture(autouse=True)

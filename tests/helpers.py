@@ -8,6 +8,7 @@ in setup.cfg puts this folder on sys.path); fixtures live in conftest.py.
 - A tiny BERT zoo: `tiny_bert_config`, `save_hf` (HF or sentence-transformers layout), `make_bert_zoo`,
   `tiny_merge` (a merge in a few seconds on CPU), and the word list `WORDS` / `add_vocab` for its tokenizer.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,9 @@ def lowrank_delta(shape: tuple[int, int], rank: int, scale: float, g: torch.Gene
     return scale * (a @ b) / math.sqrt(rank * n)
 
 
-def synthetic_finetunes(adapter: Adapter, base: dict[str, torch.Tensor], T: int = 3, seed: int = 0,
-                        scale: float = 0.1) -> list[dict[str, torch.Tensor]]:
+def synthetic_finetunes(
+    adapter: Adapter, base: dict[str, torch.Tensor], T: int = 3, seed: int = 0, scale: float = 0.1
+) -> list[dict[str, torch.Tensor]]:
     """θ_t = θ0 + shared rank-1 + own rank-2 deltas on decomposed tensors, small dense deltas on other
     in-scope floating tensors; out-of-scope tensors are untouched. Computed in fp32, stored in θ0's dtype."""
     g = torch.Generator().manual_seed(seed)
@@ -53,13 +55,18 @@ def synthetic_finetunes(adapter: Adapter, base: dict[str, torch.Tensor], T: int 
                 own[t][k] = 0.01 * torch.randn(v.shape, generator=g)
     out = []
     for t in range(T):
-        out.append({k: ((v.float() + shared[k] + own[t][k]).to(v.dtype) if k in shared else v.clone())
-                    for k, v in base.items()})
+        out.append(
+            {
+                k: ((v.float() + shared[k] + own[t][k]).to(v.dtype) if k in shared else v.clone())
+                for k, v in base.items()
+            }
+        )
     return out
 
 
-def expected_task_state(artifact: str | Path, task: str,
-                        base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def expected_task_state(
+    artifact: str | Path, task: str, base: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """θ0 + τ̃_task in fp32, from the raw artifact files (an implementation independent of artifact.py)."""
     root = Path(artifact)
     deltas: dict[str, torch.Tensor] = {}
@@ -81,20 +88,28 @@ def expected_task_state(artifact: str | Path, task: str,
             if f"{name}::dense" in terms:
                 add(name, terms[f"{name}::dense"])
             if f"{name}::mask" in terms:
-                add(name, own[f"{name}::scale"].double() * terms[f"{name}::mask"].double()
-                    * shared[f"{name}::ref"].double())
+                add(
+                    name,
+                    own[f"{name}::scale"].double()
+                    * terms[f"{name}::mask"].double()
+                    * shared[f"{name}::ref"].double(),
+                )
     return {k: (v.float() + deltas[k]) if k in deltas else v.float() for k, v in base.items()}
 
 
-def check_nonmatrix_policy(artifact: str | Path, adapter: Adapter, base: dict,
-                           tunes: dict[str, dict]) -> None:
+def check_nonmatrix_policy(
+    artifact: str | Path, adapter: Adapter, base: dict, tunes: dict[str, dict]
+) -> None:
     """`shared`: fold = mean task delta of every non-decomposed in-scope tensor; `per_task`: exact deltas."""
     root = Path(artifact)
     fold = load_file(str(root / "fold.safetensors")) if (root / "fold.safetensors").exists() else {}
     checked = 0
     for k, v in base.items():
-        if (not adapter.in_scope(k) or not v.dtype.is_floating_point
-                or adapter.is_decomposed(k, tuple(v.shape), v.dtype)):
+        if (
+            not adapter.in_scope(k)
+            or not v.dtype.is_floating_point
+            or adapter.is_decomposed(k, tuple(v.shape), v.dtype)
+        ):
             continue
         deltas = [tunes[t][k].float() - v.float() for t in tunes]
         if not any(bool(d.abs().max() > 0) for d in deltas):
@@ -123,8 +138,14 @@ def add_vocab(d: Path) -> None:
 def tiny_bert_config():
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=24)
+    return BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=24,
+    )
 
 
 def save_hf(model, path, st_layout=False):
@@ -136,10 +157,24 @@ def save_hf(model, path, st_layout=False):
     model.config.to_json_file(str(d / "config.json"))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
     if st_layout:
-        (path / "modules.json").write_text(json.dumps([
-            {"idx": 0, "name": "0", "path": "0_Transformer",
-             "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+        (path / "modules.json").write_text(
+            json.dumps(
+                [
+                    {
+                        "idx": 0,
+                        "name": "0",
+                        "path": "0_Transformer",
+                        "type": "sentence_transformers.models.Transformer",
+                    },
+                    {
+                        "idx": 1,
+                        "name": "1",
+                        "path": "1_Pooling",
+                        "type": "sentence_transformers.models.Pooling",
+                    },
+                ]
+            )
+        )
     return path
 
 
@@ -169,7 +204,11 @@ def make_bert_zoo(root, T=3, seed=0):
 
 def tiny_merge(zoo, out, budget=1.3):
     """`didi merge` of `zoo` into `out` with few steps on CPU (seconds); the factor cache beside `out`."""
-    options = MergeOptions(budget, DecomposeConfig(cache_dir=str(out.parent / "cache"), device="cpu"),
-                           SearchConfig(steps=15), RefineConfig(sweeps=1, power_iters=1),
-                           TrainerConfig(accelerator="cpu", logger="none", progress_bar=False))
+    options = MergeOptions(
+        budget,
+        DecomposeConfig(cache_dir=str(out.parent / "cache"), device="cpu"),
+        SearchConfig(steps=15),
+        RefineConfig(sweeps=1, power_iters=1),
+        TrainerConfig(accelerator="cpu", logger="none", progress_bar=False),
+    )
     return run_merge(zoo, out, options, progress=False)

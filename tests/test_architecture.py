@@ -1,6 +1,7 @@
 """The structure stays as docs/architecture.md draws it: no import cycle among didi's modules, and the lower
 layers never import the upper ones. The graph is built from the installed packages' source (AST), so an
 import inside a function counts as much as one at the top of a file."""
+
 from __future__ import annotations
 
 import ast
@@ -43,7 +44,7 @@ def import_graph(dirs: dict[str, Path]) -> dict[str, set[str]]:
                 base = node.module or ""
                 if node.level:  # relative: resolve against this module's package
                     anchor = name.split(".") if is_pkg else name.split(".")[:-1]
-                    anchor = anchor[:len(anchor) - node.level + 1]
+                    anchor = anchor[: len(anchor) - node.level + 1]
                     base = ".".join(anchor + ([base] if base else []))
                 for alias in node.names:
                     full = f"{base}.{alias.name}"
@@ -114,11 +115,34 @@ def test_cycle_detector_finds_an_added_cycle(tmp_path: Path) -> None:
 
 
 # Layers, from the bottom up: a module may import its own layer's modules and those below, never above.
-GROUND = {"didi.errors", "didi.registry", "didi.options", "didi.jsonio", "didi.accounting", "didi.closed_form", "didi.linalg",
-          "didi.sources", "didi.tensorfile", "didi.merges", "didi.trainer", "didi.artifact", "didi.task_vectors",
-          "didi.synthetic", "didi.budget", "didi.methods.published"}
-WORKFLOWS = {"didi.cli", "didi.__main__", "didi.compare", "didi.demo", "didi.demo_real", "didi.inspect",
-             "didi.finetune", "didi.export"}
+GROUND = {
+    "didi.errors",
+    "didi.registry",
+    "didi.options",
+    "didi.jsonio",
+    "didi.accounting",
+    "didi.closed_form",
+    "didi.linalg",
+    "didi.sources",
+    "didi.tensorfile",
+    "didi.merges",
+    "didi.trainer",
+    "didi.artifact",
+    "didi.task_vectors",
+    "didi.synthetic",
+    "didi.budget",
+    "didi.methods.published",
+}
+WORKFLOWS = {
+    "didi.cli",
+    "didi.__main__",
+    "didi.compare",
+    "didi.demo",
+    "didi.demo_real",
+    "didi.inspect",
+    "didi.finetune",
+    "didi.export",
+}
 
 
 def _layer(mod: str) -> int:
@@ -131,8 +155,9 @@ def _layer(mod: str) -> int:
     return 1  # stages: decompose, allocation, search, refine, routing, evaluation, pipeline
 
 
-@pytest.mark.parametrize("rule", ["layers point down", "backbones import only the ground",
-                                  "datamodules hold data"])
+@pytest.mark.parametrize(
+    "rule", ["layers point down", "backbones import only the ground", "datamodules hold data"]
+)
 def test_layers(rule: str) -> None:
     graph = import_graph(package_dirs())
     bad = []
@@ -140,10 +165,18 @@ def test_layers(rule: str) -> None:
         for d in deps:
             if rule == "layers point down" and _layer(d) > _layer(mod):
                 bad.append(f"{mod} → {d}")
-            if rule == "backbones import only the ground" and mod.startswith("didi.backbones") and not (
-                    d.startswith("didi.backbones") or d in {"didi.errors", "didi.sources", "didi.registry"}):
+            if (
+                rule == "backbones import only the ground"
+                and mod.startswith("didi.backbones")
+                and not (
+                    d.startswith("didi.backbones") or d in {"didi.errors", "didi.sources", "didi.registry"}
+                )
+            ):
                 bad.append(f"{mod} → {d}")
-            if rule == "datamodules hold data" and mod.startswith("didi.datamodules") and not (
-                    d.startswith(("didi.datamodules", "didi.backbones")) or d == "didi.errors"):
+            if (
+                rule == "datamodules hold data"
+                and mod.startswith("didi.datamodules")
+                and not (d.startswith(("didi.datamodules", "didi.backbones")) or d == "didi.errors")
+            ):
                 bad.append(f"{mod} → {d}")
     assert not bad, f"{rule}: " + ", ".join(sorted(bad))

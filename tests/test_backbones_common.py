@@ -2,6 +2,7 @@
 
 The helpers the backbone-adapter tests share (synthetic fine-tunes, an independent τ̃) are in helpers.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,9 @@ def test_import_didi_stays_light():
 
     # registering the built-in adapters imports neither open_clip nor transformers (lightning, imported by the
     # pipeline, may import transformers itself, so only didi.backbones is checked for it)
-    code = ("import sys, didi.backbones; print(sorted({'open_clip', 'transformers'} & set(sys.modules)));"
-            "import didi.cli; print('open_clip' in sys.modules)")
+    code = (
+        "import sys, didi.backbones; print(sorted({'open_clip', 'transformers'} & set(sys.modules)));"
+        "import didi.cli; print('open_clip' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]", "False"]

@@ -7,6 +7,7 @@ the two inventories are identical tensor for tensor (`visual.proj` is stored tra
 the number of decomposed parameters are still equal, but HF has 2 more matrices per layer (3 × w×w instead
 of 1 × 3w×w), which lets q, k and v get different ranks; both facts are asserted below.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,11 +29,26 @@ from helpers import check_nonmatrix_policy, expected_task_state, synthetic_finet
 def clip_config(width=32, layers=2, patch=8, image=16, proj=16, heads=2, **kw):
     from transformers import CLIPConfig
 
-    return CLIPConfig(vision_config=dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-                                         num_attention_heads=heads, patch_size=patch, image_size=image),
-                      text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=2, vocab_size=64, max_position_embeddings=8),
-                      projection_dim=proj, **kw)
+    return CLIPConfig(
+        vision_config=dict(
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            patch_size=patch,
+            image_size=image,
+        ),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=64,
+            max_position_embeddings=8,
+        ),
+        projection_dim=proj,
+        **kw,
+    )
 
 
 def save_hf(path, config, state_dict=None, cls="CLIPModel"):
@@ -67,17 +83,27 @@ class MetaSource:
 
 def to_open_clip_name(hf: str) -> str:
     """HF CLIP vision name → open_clip name (fused q/k/v = in_proj)."""
-    fixed = {"vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
-             "vision_model.embeddings.class_embedding": "visual.class_embedding",
-             "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
-             "visual_projection.weight": "visual.proj"}
+    fixed = {
+        "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+        "vision_model.embeddings.class_embedding": "visual.class_embedding",
+        "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+        "visual_projection.weight": "visual.proj",
+    }
     if hf in fixed:
         return fixed[hf]
-    n = hf.replace("vision_model.pre_layrnorm", "visual.ln_pre").replace("vision_model.post_layernorm", "visual.ln_post")
+    n = hf.replace("vision_model.pre_layrnorm", "visual.ln_pre").replace(
+        "vision_model.post_layernorm", "visual.ln_post"
+    )
     n = n.replace("vision_model.encoder.layers.", "visual.transformer.resblocks.")
-    for a, b in ((".layer_norm1.", ".ln_1."), (".layer_norm2.", ".ln_2."), (".self_attn.qkv_proj.weight", ".attn.in_proj_weight"),
-                 (".self_attn.qkv_proj.bias", ".attn.in_proj_bias"), (".self_attn.out_proj.", ".attn.out_proj."),
-                 (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj.")):
+    for a, b in (
+        (".layer_norm1.", ".ln_1."),
+        (".layer_norm2.", ".ln_2."),
+        (".self_attn.qkv_proj.weight", ".attn.in_proj_weight"),
+        (".self_attn.qkv_proj.bias", ".attn.in_proj_bias"),
+        (".self_attn.out_proj.", ".attn.out_proj."),
+        (".mlp.fc1.", ".mlp.c_fc."),
+        (".mlp.fc2.", ".mlp.c_proj."),
+    ):
         n = n.replace(a, b)
     return n
 
@@ -92,8 +118,10 @@ def inventory(adapter, src) -> dict[str, tuple]:
     return out
 
 
-@pytest.mark.parametrize("name,width,layers,patch,image,proj,params", [
-    ("ViT-B-32", 768, 12, 32, 224, 512, 87_849_216), ("ViT-L-14", 1024, 24, 14, 224, 768, 303_966_208)])
+@pytest.mark.parametrize(
+    "name,width,layers,patch,image,proj,params",
+    [("ViT-B-32", 768, 12, 32, 224, 512, 87_849_216), ("ViT-L-14", 1024, 24, 14, 224, 768, 303_966_208)],
+)
 def test_same_scope_and_inventory_as_open_clip(name, width, layers, patch, image, proj, params):
     import open_clip
     from transformers import CLIPModel
@@ -144,8 +172,11 @@ def test_merge_tiny_hf_clip_roundtrip(tmp_path, fast, fuse_qkv):
     rebuilt = art.adapter()
     assert rebuilt.config["vision_config"]["hidden_size"] == 32 and rebuilt.fuse_qkv == fuse_qkv
     fused_base = dict(FusedQKVSource(adapter.open_source(tmp_path / "base")).items()) if fuse_qkv else base
-    fused_tunes = ({t: dict(FusedQKVSource(adapter.open_source(tmp_path / t)).items()) for t in tunes}
-                   if fuse_qkv else tunes)
+    fused_tunes = (
+        {t: dict(FusedQKVSource(adapter.open_source(tmp_path / t)).items()) for t in tunes}
+        if fuse_qkv
+        else tunes
+    )
     check_nonmatrix_policy(out, adapter, fused_base, fused_tunes)
     pix = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -153,7 +184,9 @@ def test_merge_tiny_hf_clip_roundtrip(tmp_path, fast, fuse_qkv):
             sd = art.task_state_dict(t)
             assert (".self_attn.qkv_proj.weight" in "".join(sd)) == fuse_qkv
             merged = rebuilt.build_model(sd).get_image_features(pixel_values=pix)
-            dense = adapter.build_model(expected_task_state(out, t, fused_base)).get_image_features(pixel_values=pix)
+            dense = adapter.build_model(expected_task_state(out, t, fused_base)).get_image_features(
+                pixel_values=pix
+            )
             merged = getattr(merged, "pooler_output", merged)
             dense = getattr(dense, "pooler_output", dense)
             torch.testing.assert_close(merged, dense, rtol=1e-4, atol=1e-5)
@@ -174,8 +207,8 @@ def test_merge_tiny_hf_clip_roundtrip(tmp_path, fast, fuse_qkv):
     with torch.no_grad():
         got = routed(imgs, task_ids=ids)
         for i, j in enumerate(ids.tolist()):
-            ref = ImageFeatures(rebuilt.build_model(art.task_state_dict(art.tasks[j])))(imgs[i:i + 1])
-            torch.testing.assert_close(got[i:i + 1], ref, rtol=1e-4, atol=1e-5)
+            ref = ImageFeatures(rebuilt.build_model(art.task_state_dict(art.tasks[j])))(imgs[i : i + 1])
+            torch.testing.assert_close(got[i : i + 1], ref, rtol=1e-4, atol=1e-5)
 
 
 class ImageFeatures(torch.nn.Module):
@@ -197,17 +230,38 @@ def test_mismatches_refused_before_any_svd(tmp_path):
     save_hf(tmp_path / "wide", clip_config(width=48, heads=2))
     save_hf(tmp_path / "deep", clip_config(layers=3))
     save_hf(tmp_path / "vision_only", clip_config().vision_config, cls="CLIPVisionModel")  # no projection
-    save_hf(tmp_path / "llama", LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                             num_attention_heads=2, num_key_value_heads=2), cls="LlamaForCausalLM")
-    cases = {"wide": "has shape \\[48", "deep": "encoder.layers.2.* is not part of the model",
-             "vision_only": "visual_projection.weight' is missing", "llama": "model_type 'llama'"}
+    save_hf(
+        tmp_path / "llama",
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        ),
+        cls="LlamaForCausalLM",
+    )
+    cases = {
+        "wide": "has shape \\[48",
+        "deep": "encoder.layers.2.* is not part of the model",
+        "vision_only": "visual_projection.weight' is missing",
+        "llama": "model_type 'llama'",
+    }
     for task, msg in cases.items():
         with pytest.raises(DidiError, match=msg) as e:
-            Zoo(HFClipAdapter(), str(tmp_path / "base"), {"ok": str(tmp_path / "base"), task: str(tmp_path / task)})
+            Zoo(
+                HFClipAdapter(),
+                str(tmp_path / "base"),
+                {"ok": str(tmp_path / "base"), task: str(tmp_path / task)},
+            )
         assert str(tmp_path / task) in str(e.value)
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text(json.dumps(clip_config().to_dict()))
-    torch.save(base := HFClipAdapter(clip_config().to_dict()).create().state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    torch.save(
+        base := HFClipAdapter(clip_config().to_dict()).create().state_dict(),
+        tmp_path / "bin" / "pytorch_model.bin",
+    )
     with pytest.raises(DidiError, match="pickle checkpoints can run code"):
         HFClipAdapter().open_source(tmp_path / "bin")
     src = HFClipAdapter().open_source(tmp_path / "bin", allow_pickle=True)
@@ -232,5 +286,7 @@ def test_vision_model_files_of_both_transformers_generations(tmp_path):
     sd = dict(a.open_source(tmp_path / "v5").items())
     pix = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(a.build_model(sd)(pixel_values=pix).pooler_output,
-                                   a.build_model(v5)(pixel_values=pix).pooler_output)
+        torch.testing.assert_close(
+            a.build_model(sd)(pixel_values=pix).pooler_output,
+            a.build_model(v5)(pixel_values=pix).pooler_output,
+        )

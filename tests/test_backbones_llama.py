@@ -1,4 +1,5 @@
 """HF Llama adapter: the 3.1-8B preset on the meta device, sharded tiny merges (fp32 and bf16), refusals."""
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,17 @@ from helpers import check_nonmatrix_policy, expected_task_state, synthetic_finet
 def tiny_config(vocab=64, hidden=32, layers=2, **kw):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                       tie_word_embeddings=False, **kw)
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+        **kw,
+    )
 
 
 def save_llama(path, config, state_dict=None, dtype=torch.float32):
@@ -37,9 +46,16 @@ def save_llama(path, config, state_dict=None, dtype=torch.float32):
 def test_llama_3_1_8b_preset_on_meta():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):
         sd = LlamaForCausalLM(cfg).state_dict()
     assert sum(v.numel() for v in sd.values()) == 8_030_261_248
@@ -54,9 +70,13 @@ def test_llama_3_1_8b_preset_on_meta():
     assert per_task.policy_of("model.embed_tokens.weight") == "per_task"
     assert per_task.policy_of("model.norm.weight") == "shared"  # norms keep their own policy
     assert {k for k, s in preset.items() if per_task.is_decomposed(k, s, torch.bfloat16)} == dec - {
-        "model.embed_tokens.weight", "lm_head.weight"}
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+    }
     mixed = HFLlamaAdapter("llama-3.1-8b", embeddings="shared", nonmatrix_policy="per_task")
-    assert mixed.policy_of("lm_head.weight") == "shared" and mixed.policy_of("model.norm.weight") == "per_task"
+    assert (
+        mixed.policy_of("lm_head.weight") == "shared" and mixed.policy_of("model.norm.weight") == "per_task"
+    )
 
 
 def _zoo(tmp_path, adapter, dtype, T=3):
@@ -77,8 +97,11 @@ def test_merge_tiny_llama_sharded_roundtrip(tmp_path, fast):
     base, tunes = _zoo(tmp_path, adapter, torch.float32)
     zoo = Zoo(adapter, str(tmp_path / "base"), {t: str(tmp_path / t) for t in tunes})
     assert zoo.base_params == sum(v.numel() for v in base.values())
-    assert {p.name for p in zoo.matrices} >= {"model.embed_tokens.weight", "lm_head.weight",
-                                              "model.layers.1.self_attn.k_proj.weight"}
+    assert {p.name for p in zoo.matrices} >= {
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+    }
     out = run_merge(zoo, tmp_path / "merged", MergeOptions(1.6, dcfg, scfg, rcfg, tcfg), progress=False)
     art = load_artifact(out)
     check_nonmatrix_policy(out, adapter, base, tunes)
@@ -104,7 +127,9 @@ def test_bf16_llama_round_trips_in_bf16(tmp_path, fast, shared):
     base, tunes = _zoo(tmp_path, adapter, torch.bfloat16)
     zoo = Zoo(adapter, str(tmp_path / "base"), {t: str(tmp_path / t) for t in tunes})
     assert "model.embed_tokens.weight" not in {p.name for p in zoo.matrices}
-    out = run_merge(zoo, tmp_path / "merged", MergeOptions(1.9, dcfg, scfg, rcfg, tcfg, shared=shared), progress=False)
+    out = run_merge(
+        zoo, tmp_path / "merged", MergeOptions(1.9, dcfg, scfg, rcfg, tcfg, shared=shared), progress=False
+    )
     art = load_artifact(out)
     if shared == "folded":
         fold = load_file(str(out / "fold.safetensors"))
@@ -117,7 +142,7 @@ def test_bf16_llama_round_trips_in_bf16(tmp_path, fast, shared):
         assert all(v.dtype == torch.bfloat16 for v in sd.values())
         exp = expected_task_state(out, t, base)
         for k, v in sd.items():  # equal up to one bf16 rounding of the fp32 sum
-            torch.testing.assert_close(v.float(), exp[k], rtol=2 ** -7, atol=1e-6)
+            torch.testing.assert_close(v.float(), exp[k], rtol=2**-7, atol=1e-6)
         # embeddings (per_task, exact) come back bit-for-bit as the fine-tune's
         assert torch.equal(sd["model.embed_tokens.weight"], tunes[t]["model.embed_tokens.weight"])
         with torch.no_grad():
@@ -134,14 +159,29 @@ def test_mismatches_refused_before_any_svd(tmp_path):
     save_llama(tmp_path / "deep", tiny_config(layers=3))
     from transformers import CLIPVisionModel
 
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                     patch_size=8, image_size=16)).save_pretrained(str(tmp_path / "clip"))
-    cases = {"vocab": "vocabulary size 72 .* differs from the base model's vocabulary size 64",
-             "wide": "hidden size 48 .* differs from the base model's 32",
-             "deep": "3 decoder layers, the base model has 2", "clip": "model_type 'clip_vision_model'"}
+    CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            patch_size=8,
+            image_size=16,
+        )
+    ).save_pretrained(str(tmp_path / "clip"))
+    cases = {
+        "vocab": "vocabulary size 72 .* differs from the base model's vocabulary size 64",
+        "wide": "hidden size 48 .* differs from the base model's 32",
+        "deep": "3 decoder layers, the base model has 2",
+        "clip": "model_type 'clip_vision_model'",
+    }
     for task, msg in cases.items():
         with pytest.raises(DidiError, match=msg) as e:
-            Zoo(HFLlamaAdapter(), str(tmp_path / "base"), {"ok": str(tmp_path / "base"), task: str(tmp_path / task)})
+            Zoo(
+                HFLlamaAdapter(),
+                str(tmp_path / "base"),
+                {"ok": str(tmp_path / "base"), task: str(tmp_path / task)},
+            )
         assert str(tmp_path / task) in str(e.value)
     # a missing tensor inside a shard set (drop it from the index)
     (tmp_path / "missing").mkdir()
@@ -152,10 +192,16 @@ def test_mismatches_refused_before_any_svd(tmp_path):
     (tmp_path / "missing" / "model.safetensors.index.json").unlink()
     (tmp_path / "missing" / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(DidiError, match="model.layers.1.mlp.up_proj.weight' of the Llama config is missing"):
-        Zoo(HFLlamaAdapter(), str(tmp_path / "base"), {"ok": str(tmp_path / "base"), "m": str(tmp_path / "missing")})
+        Zoo(
+            HFLlamaAdapter(),
+            str(tmp_path / "base"),
+            {"ok": str(tmp_path / "base"), "m": str(tmp_path / "missing")},
+        )
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
-    torch.save(HFLlamaAdapter(tiny_config().to_dict()).create().state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    torch.save(
+        HFLlamaAdapter(tiny_config().to_dict()).create().state_dict(), tmp_path / "bin" / "pytorch_model.bin"
+    )
     with pytest.raises(DidiError, match="pickle checkpoints can run code"):
         HFLlamaAdapter().open_source(tmp_path / "bin")
     assert "model.norm.weight" in HFLlamaAdapter().open_source(tmp_path / "bin", allow_pickle=True)

@@ -1,4 +1,5 @@
 """open_clip adapter: preset sizes, a merge of a tiny CLIP through `didi merge`, and refusals before any SVD."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,11 @@ from didi.cli import main
 from didi.errors import DidiError
 from helpers import check_nonmatrix_policy, expected_task_state, synthetic_finetunes
 
-TINY = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
+TINY = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 def tiny_cfg(**vision) -> dict:
@@ -32,12 +36,16 @@ def test_preset_scope_sizes(name, params):
         model = open_clip.create_model(name, pretrained=None, device="meta")
     visual = {k: v for k, v in model.state_dict().items() if a.in_scope(k)}
     assert sum(v.numel() for v in visual.values()) == params
-    assert sum(v.numel() for v in model.visual.parameters()) == params  # the scope is exactly the visual tower
+    assert (
+        sum(v.numel() for v in model.visual.parameters()) == params
+    )  # the scope is exactly the visual tower
     dec = [k for k, v in visual.items() if a.is_decomposed(k, tuple(v.shape), v.dtype)]
     layers = model.visual.transformer.layers
     assert len(dec) == 4 * layers + 3  # in_proj, out_proj, c_fc, c_proj per block + conv1, positional, proj
     assert a.matrix_shape("visual.conv1.weight", tuple(visual["visual.conv1.weight"].shape)) == (
-        visual["visual.conv1.weight"].shape[0], 3 * visual["visual.conv1.weight"].shape[2] ** 2)
+        visual["visual.conv1.weight"].shape[0],
+        3 * visual["visual.conv1.weight"].shape[2] ** 2,
+    )
     assert a.layer_of("visual.transformer.resblocks.7.attn.in_proj_weight") == (7, "attn.in_proj_weight")
     assert a.layer_of("visual.proj") == (-1, "proj")
 
@@ -58,12 +66,34 @@ def test_merge_tiny_clip_roundtrip(tmp_path):
     adapter = OpenClipAdapter(model_config=TINY)
     base, tunes = _save_zoo(tmp_path, adapter)
     out = tmp_path / "merged"
-    rc = main(["merge", str(tmp_path / "base.safetensors"),
-               json.dumps({t: str(tmp_path / f"{t}.safetensors") for t in tunes}), str(out), "--budget", "1.5",
-               "--backbone", "OpenClipAdapter", "--backbone.model_config", json.dumps(TINY),
-               "--decompose.cache_dir", str(tmp_path / "cache"), "--decompose.device", "cpu",
-               "--search.steps", "20", "--refine.sweeps", "1", "--trainer.accelerator", "cpu",
-               "--trainer.logger", "none", "--trainer.progress_bar", "false"])
+    rc = main(
+        [
+            "merge",
+            str(tmp_path / "base.safetensors"),
+            json.dumps({t: str(tmp_path / f"{t}.safetensors") for t in tunes}),
+            str(out),
+            "--budget",
+            "1.5",
+            "--backbone",
+            "OpenClipAdapter",
+            "--backbone.model_config",
+            json.dumps(TINY),
+            "--decompose.cache_dir",
+            str(tmp_path / "cache"),
+            "--decompose.device",
+            "cpu",
+            "--search.steps",
+            "20",
+            "--refine.sweeps",
+            "1",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.logger",
+            "none",
+            "--trainer.progress_bar",
+            "false",
+        ]
+    )
     assert rc == 0
     art = load_artifact(out)
     assert art.manifest["adapter"]["name"] == "open_clip"
@@ -82,7 +112,9 @@ def test_merge_tiny_clip_roundtrip(tmp_path):
         for t in tunes:
             merged = rebuilt_adapter.build_model(art.task_state_dict(t))
             dense = adapter.build_model(expected_task_state(out, t, base))
-            torch.testing.assert_close(merged.encode_image(img), dense.encode_image(img), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                merged.encode_image(img), dense.encode_image(img), rtol=1e-4, atol=1e-5
+            )
             torch.testing.assert_close(merged.encode_text(txt), dense.encode_text(txt))  # text tower = θ0's
             tuned = adapter.build_model(tunes[t]).encode_image(img)
             # the merge moved the features toward the fine-tune (budget 1.5 covers the planted ranks)
@@ -102,8 +134,8 @@ def test_merge_tiny_clip_roundtrip(tmp_path):
         got = feats({"pixel_values": imgs}, ids)
         for i, j in enumerate(ids.tolist()):
             model = rebuilt_adapter.build_model(art.task_state_dict(art.tasks[j]))
-            ref = torch.nn.functional.normalize(model.encode_image(imgs[i:i + 1]), dim=-1)
-            torch.testing.assert_close(got[i:i + 1], ref, rtol=1e-4, atol=1e-5)
+            ref = torch.nn.functional.normalize(model.encode_image(imgs[i : i + 1]), dim=-1)
+            torch.testing.assert_close(got[i : i + 1], ref, rtol=1e-4, atol=1e-5)
 
 
 def test_mismatches_refused_before_any_svd(tmp_path):
@@ -118,20 +150,31 @@ def test_mismatches_refused_before_any_svd(tmp_path):
         other = {k: v for k, v in OpenClipAdapter(model_config=cfg).create("cpu").state_dict().items()}
         save_file(other, str(tmp_path / f"{label}.safetensors"))
         with pytest.raises(DidiError, match=msg) as e:
-            Zoo(OpenClipAdapter(model_config=TINY), str(tmp_path / "base.safetensors"),
-                {"ok": str(tmp_path / "base.safetensors"), label: str(tmp_path / f"{label}.safetensors")})
+            Zoo(
+                OpenClipAdapter(model_config=TINY),
+                str(tmp_path / "base.safetensors"),
+                {"ok": str(tmp_path / "base.safetensors"), label: str(tmp_path / f"{label}.safetensors")},
+            )
         assert f"{label}.safetensors" in str(e.value)
     missing = dict(sd)
     missing.pop("visual.ln_post.bias")
     save_file(missing, str(tmp_path / "missing.safetensors"))
     with pytest.raises(DidiError, match="visual.ln_post.bias' of custom model_config is missing"):
-        Zoo(OpenClipAdapter(model_config=TINY), str(tmp_path / "base.safetensors"),
-            {"a": str(tmp_path / "base.safetensors"), "b": str(tmp_path / "missing.safetensors")})
+        Zoo(
+            OpenClipAdapter(model_config=TINY),
+            str(tmp_path / "base.safetensors"),
+            {"a": str(tmp_path / "base.safetensors"), "b": str(tmp_path / "missing.safetensors")},
+        )
     # another family: a Hugging Face-style checkpoint
-    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(4, 4)}, str(tmp_path / "llama.safetensors"))
+    save_file(
+        {"model.layers.0.self_attn.q_proj.weight": torch.zeros(4, 4)}, str(tmp_path / "llama.safetensors")
+    )
     with pytest.raises(DidiError, match="not an open_clip CLIP checkpoint.*Hugging Face"):
-        Zoo(OpenClipAdapter(model_config=TINY), str(tmp_path / "llama.safetensors"),
-            {"a": str(tmp_path / "base.safetensors"), "b": str(tmp_path / "base.safetensors")})
+        Zoo(
+            OpenClipAdapter(model_config=TINY),
+            str(tmp_path / "llama.safetensors"),
+            {"a": str(tmp_path / "base.safetensors"), "b": str(tmp_path / "base.safetensors")},
+        )
     # the wrong preset for the checkpoint
     with pytest.raises(DidiError, match="ViT-B-32"):
         OpenClipAdapter("ViT-B-32").open_source(tmp_path / "base.safetensors")
@@ -150,5 +193,9 @@ def test_pickle_checkpoints_need_allow_pickle(tmp_path):
         Zoo(a, str(tmp_path / "base.pt"), tasks)
     zoo = Zoo(a, str(tmp_path / "base.pt"), tasks, allow_pickle=True)
     assert zoo.base_params == sum(v.numel() for k, v in sd.items() if k.startswith("visual."))
-    assert {p.name for p in zoo.matrices} >= {"visual.conv1.weight", "visual.proj", "visual.positional_embedding"}
+    assert {p.name for p in zoo.matrices} >= {
+        "visual.conv1.weight",
+        "visual.proj",
+        "visual.positional_embedding",
+    }
     assert build_adapter("open_clip", a.settings()).settings() == a.settings()

@@ -1,4 +1,5 @@
 """Budgets: presets, refusal of unreachable targets, exactness (never over, short by < one unit), planted ranks."""
+
 import pytest
 import torch
 
@@ -37,8 +38,11 @@ def test_budget_never_exceeded_and_within_one_unit(tmp_path, fast, target, alloc
     if allocation != "uniform":  # greedy fill: nothing that is still addable would fit
         room = (ranks.r_s < problem.bound_s).any() or (ranks.r_t < problem.bound_t).any()
         if room:
-            addable = [int(problem.unit[i]) for i in range(len(problem.unit))
-                       if ranks.r_s[i] < problem.bound_s[i] or (ranks.r_t[i] < problem.bound_t[i]).any()]
+            addable = [
+                int(problem.unit[i])
+                for i in range(len(problem.unit))
+                if ranks.r_s[i] < problem.bound_s[i] or (ranks.r_t[i] < problem.bound_t[i]).any()
+            ]
             assert allowed - elements < min(addable)
     assert ranks.info["ratio"] == pytest.approx(1 + elements / store.base_params)
 
@@ -57,8 +61,9 @@ def test_unreachable_budgets_are_refused(tmp_path, fast):
 def test_planted_ranks_recovered_when_budget_fits_them(tmp_path, fast, allocation):
     """Planted ranks per matrix (shared a, experts b, b, 2b, growing with the layer) are found exactly,
     by the search on its own too (no fallback to the greedy allocation)."""
-    zoo, store = _store(tmp_path, fast, T=3, width=24, layers=2, shared_rank=3, expert_rank=2, noise=1e-4,
-                        varied_ranks=True)
+    zoo, store = _store(
+        tmp_path, fast, T=3, width=24, layers=2, shared_rank=3, expert_rank=2, noise=1e-4, varied_ranks=True
+    )
     planted_s, planted_t = [], []
     for e in store.matrices:
         layer = e.layer
@@ -92,9 +97,12 @@ def test_marginal_gains_are_exact_error_differences(tmp_path, fast):
         for pos, l in enumerate(idx.tolist()):
             a = r_s.clone()
             a[l] += 1
-            assert float(gs[pos]) == pytest.approx(e0 - alloc.error(a, r_t) * alloc.tau_total, rel=1e-7, abs=1e-9)
+            assert float(gs[pos]) == pytest.approx(
+                e0 - alloc.error(a, r_t) * alloc.tau_total, rel=1e-7, abs=1e-9
+            )
             for t in range(T):
                 b = r_t.clone()
                 b[l, t] += 1
-                assert float(gt[pos, t]) == pytest.approx(e0 - alloc.error(r_s, b) * alloc.tau_total, rel=1e-7,
-                                                          abs=1e-9)
+                assert float(gt[pos, t]) == pytest.approx(
+                    e0 - alloc.error(r_s, b) * alloc.tau_total, rel=1e-7, abs=1e-9
+                )

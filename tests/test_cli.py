@@ -1,4 +1,5 @@
 """The `didi` CLI end to end, and every bad input: a clear error, a non-zero exit, nothing left behind."""
+
 import json
 import math
 import subprocess
@@ -11,13 +12,34 @@ from safetensors.torch import load_file, save_file
 
 from didi.cli import main
 
-FAST = ["--search.steps", "20", "--refine.sweeps", "1", "--trainer.accelerator", "cpu", "--trainer.logger", "none",
-        "--trainer.progress_bar", "false", "--decompose.device", "cpu"]
+FAST = [
+    "--search.steps",
+    "20",
+    "--refine.sweeps",
+    "1",
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.logger",
+    "none",
+    "--trainer.progress_bar",
+    "false",
+    "--decompose.device",
+    "cpu",
+]
 
 
 def _merge_args(tmp_path, base, tasks, out, budget="1.3"):
-    return ["merge", base, json.dumps(tasks), str(out), "--budget", budget,
-            "--decompose.cache_dir", str(tmp_path / "cache"), *FAST]
+    return [
+        "merge",
+        base,
+        json.dumps(tasks),
+        str(out),
+        "--budget",
+        budget,
+        "--decompose.cache_dir",
+        str(tmp_path / "cache"),
+        *FAST,
+    ]
 
 
 def test_merge_inspect_search_refine(tmp_path, tiny_zoo, capsys):
@@ -40,24 +62,46 @@ def test_merge_inspect_search_refine(tmp_path, tiny_zoo, capsys):
     args = _merge_args(tmp_path, base, tasks, ranks)
     args[0] = "search"
     i = args.index("--refine.sweeps")
-    del args[i:i + 2]
+    del args[i : i + 2]
     assert main(args) == 0
     rk = json.loads(ranks.read_text())
     assert rk["ranks"] == json.loads((out / "manifest.json").read_text())["ranks"]
     out2 = tmp_path / "refined"
-    assert main(["refine", base, json.dumps(tasks), str(ranks), str(out2), "--decompose.cache_dir",
-                 str(tmp_path / "cache"), "--refine.sweeps", "1", "--trainer.accelerator", "cpu",
-                 "--trainer.logger", "none", "--trainer.progress_bar", "false"]) == 0
+    assert (
+        main(
+            [
+                "refine",
+                base,
+                json.dumps(tasks),
+                str(ranks),
+                str(out2),
+                "--decompose.cache_dir",
+                str(tmp_path / "cache"),
+                "--refine.sweeps",
+                "1",
+                "--trainer.accelerator",
+                "cpu",
+                "--trainer.logger",
+                "none",
+                "--trainer.progress_bar",
+                "false",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out2 / "manifest.json").read_text())["ranks"] == rk["ranks"]
 
 
 def test_yaml_config_and_list_tasks(tmp_path, tiny_zoo):
     base, tasks = tiny_zoo
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"base: {base}\ntasks:\n" + "".join(f"  - {p}\n" for p in tasks.values()) +
-                   f"output: {tmp_path / 'y'}\nbudget: 1.3\nsearch:\n  steps: 10\nrefine:\n  optimizer: none\n"
-                   f"trainer:\n  accelerator: cpu\n  logger: none\n  progress_bar: false\n"
-                   f"decompose:\n  cache_dir: {tmp_path / 'cache'}\n")
+    cfg.write_text(
+        f"base: {base}\ntasks:\n"
+        + "".join(f"  - {p}\n" for p in tasks.values())
+        + f"output: {tmp_path / 'y'}\nbudget: 1.3\nsearch:\n  steps: 10\nrefine:\n  optimizer: none\n"
+        f"trainer:\n  accelerator: cpu\n  logger: none\n  progress_bar: false\n"
+        f"decompose:\n  cache_dir: {tmp_path / 'cache'}\n"
+    )
     assert main(["merge", "--config", str(cfg)]) == 0
     m = json.loads((tmp_path / "y" / "manifest.json").read_text())
     assert m["tasks"] == [Path(p).stem for p in tasks.values()]
@@ -69,8 +113,11 @@ def test_console_script_help_and_exit_code(tmp_path):
     exe = Path(sys.executable).with_name("didi")
     r = subprocess.run([str(exe), "merge", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "examples:" in r.stdout and "--search.steps" in r.stdout
-    r = subprocess.run([str(exe), "merge", str(tmp_path / "nope.safetensors"), "[a, b]", str(tmp_path / "o")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(exe), "merge", str(tmp_path / "nope.safetensors"), "[a, b]", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "nope.safetensors: no such file or directory" in r.stderr
     assert not (tmp_path / "o").exists()
 
@@ -92,11 +139,18 @@ def _inf(sd):
 
 
 BAD = {
-    "shape mismatch": (lambda sd: sd.__setitem__("blocks.0.attn.out_proj.weight", torch.zeros(16, 15)),
-                       "has shape \\[16, 15\\], the base model has \\[16, 16\\]"),
-    "missing tensor": (lambda sd: sd.pop("blocks.1.mlp.c_proj.weight"), "'blocks.1.mlp.c_proj.weight' of the base "
-                                                                        "model is missing"),
-    "extra tensor": (lambda sd: sd.__setitem__("head.weight", torch.zeros(2, 2)), "'head.weight' is not in the base"),
+    "shape mismatch": (
+        lambda sd: sd.__setitem__("blocks.0.attn.out_proj.weight", torch.zeros(16, 15)),
+        "has shape \\[16, 15\\], the base model has \\[16, 16\\]",
+    ),
+    "missing tensor": (
+        lambda sd: sd.pop("blocks.1.mlp.c_proj.weight"),
+        "'blocks.1.mlp.c_proj.weight' of the base model is missing",
+    ),
+    "extra tensor": (
+        lambda sd: sd.__setitem__("head.weight", torch.zeros(2, 2)),
+        "'head.weight' is not in the base",
+    ),
     "nan": (_nan, "contains NaN or Inf"),
     "inf in a vector": (_inf, "contains NaN or Inf"),
 }
@@ -126,8 +180,14 @@ def _nothing_left(tmp_path):
     assert not cache.exists() or not any(".tmp-" in p.name for p in cache.iterdir())
 
 
-@pytest.mark.parametrize("budget,msg", [("50", "above full rank"), ("1.0000001", "below the cost of a single rank "
-                                                                                 "unit"), ("XL", "expected S, M, L")])
+@pytest.mark.parametrize(
+    "budget,msg",
+    [
+        ("50", "above full rank"),
+        ("1.0000001", "below the cost of a single rank unit"),
+        ("XL", "expected S, M, L"),
+    ],
+)
 def test_unreachable_or_invalid_budget(tmp_path, tiny_zoo, capsys, budget, msg):
     base, tasks = tiny_zoo
     assert main(_merge_args(tmp_path, base, tasks, tmp_path / "out", budget)) == 2
@@ -136,12 +196,18 @@ def test_unreachable_or_invalid_budget(tmp_path, tiny_zoo, capsys, budget, msg):
     assert not (tmp_path / "cache").exists()  # refused before any SVD
 
 
-@pytest.mark.parametrize("tasks_fn,msg", [
-    (lambda t: {"a": t["task_0"]}, "only one task"),
-    (lambda t: {}, "no tasks given"),
-    (lambda t: [t["task_0"], t["task_0"]], "duplicate task name"),
-    (lambda t: {"a": t["task_0"], "b": "/nonexistent/x.safetensors"}, "/nonexistent/x.safetensors: no such file"),
-])
+@pytest.mark.parametrize(
+    "tasks_fn,msg",
+    [
+        (lambda t: {"a": t["task_0"]}, "only one task"),
+        (lambda t: {}, "no tasks given"),
+        (lambda t: [t["task_0"], t["task_0"]], "duplicate task name"),
+        (
+            lambda t: {"a": t["task_0"], "b": "/nonexistent/x.safetensors"},
+            "/nonexistent/x.safetensors: no such file",
+        ),
+    ],
+)
 def test_bad_task_lists(tmp_path, tiny_zoo, capsys, tasks_fn, msg):
     base, tasks = tiny_zoo
     assert main(_merge_args(tmp_path, base, tasks_fn(tasks), tmp_path / "out")) == 2

@@ -1,4 +1,5 @@
 """The closed form of stage 1 equals the materialised loss (docs/method.md §3), full and truncated SVD, fp64."""
+
 import pytest
 import torch
 
@@ -15,7 +16,9 @@ def _case(m, n, T, seed):
 def test_closed_form_equals_materialised_loss(m, n, K):
     T = 3
     taus = _case(m, n, T, seed=m * n + (K or 0))
-    f, _, _ = decompose_matrix(taus, lambda x: x.mean(0), max_rank=None)  # full factors: the literal reference
+    f, _, _ = decompose_matrix(
+        taus, lambda x: x.mean(0), max_rank=None
+    )  # full factors: the literal reference
     k = min(m, n)
     Kw = K or k
     terms = terms_from_factors(f, Kw, dtype=torch.float64)
@@ -41,7 +44,9 @@ def test_truncated_store_matches_full_store():
     trunc, _, _ = decompose_matrix(taus, lambda x: x.mean(0), max_rank=6)
     a, b = terms_from_factors(full, 5, dtype=torch.float64), terms_from_factors(trunc, 5, dtype=torch.float64)
     r_s, r_t = torch.tensor([2.3], dtype=torch.float64), torch.tensor([[1.0, 4.2, 0.4]], dtype=torch.float64)
-    torch.testing.assert_close(soft_error(a, r_s, r_t, 4.0), soft_error(b, r_s, r_t, 4.0), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        soft_error(a, r_s, r_t, 4.0), soft_error(b, r_s, r_t, 4.0), rtol=1e-9, atol=1e-9
+    )
 
 
 def test_hard_error_is_truncation_error():

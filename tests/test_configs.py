@@ -2,6 +2,7 @@
 with the values it writes, builds, and says honestly what it holds: either "Every option of `didi <sub>`"
 (then it has every key that `didi <sub> --print_config` prints, with that default, except the required
 arguments and lines marked `# not the default`) or "only some options of `didi <sub>`"."""
+
 from __future__ import annotations
 
 import inspect
@@ -25,8 +26,9 @@ def subcommand(path: Path) -> str:
 def header(path: Path) -> str:
     """The comment lines at the top of the file."""
     lines = path.read_text().splitlines()
-    return "\n".join(line for line in lines[:next((i for i, x in enumerate(lines) if not x.startswith("#")),
-                                                   len(lines))])
+    return "\n".join(
+        line for line in lines[: next((i for i, x in enumerate(lines) if not x.startswith("#")), len(lines))]
+    )
 
 
 def claims_every_option(path: Path) -> bool:
@@ -109,7 +111,8 @@ def test_config_says_whether_it_lists_every_option(path):
     partial = f"only some options of `didi {sub}`" in header(path).lower()
     assert claims_every_option(path) != partial, (
         f"{path.name}: its header must say either 'Every option of `didi {sub}`' (then the test below "
-        f"checks it) or 'only some options of `didi {sub}`'")
+        f"checks it) or 'only some options of `didi {sub}`'"
+    )
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if claims_every_option(p)], ids=lambda p: p.name)
@@ -126,8 +129,11 @@ def test_complete_config_has_every_default(path, capsys):
 
     missing = [k for k in defaults if k not in written and not any(w.startswith(k + ".") for w in written)]
     assert not missing, f"{path.name} lacks {missing} (see `didi {sub} --print_config`)"
-    changed = {k: (written.get(k, "<a sub-block>"), v) for k, v in defaults.items()
-               if not exempt(k) and written.get(k, "<a sub-block>") != v}
+    changed = {
+        k: (written.get(k, "<a sub-block>"), v)
+        for k, v in defaults.items()
+        if not exempt(k) and written.get(k, "<a sub-block>") != v
+    }
     assert not changed, f"{path.name}: (written, default) {changed}; mark such lines `# not the default`"
     extra = [k for k in written if k not in defaults and not exempt(k)]
     assert not extra, f"{path.name}: {extra} are not printed by `didi {sub} --print_config`"
@@ -138,7 +144,9 @@ def test_complete_config_has_every_default(path, capsys):
 
 
 def test_not_the_default_marker_is_read():
-    text = ("# header\nbase: x\ntasks:\n  a: a.safetensors   # not the default\nsearch:\n"
-            "  steps: 300  # not the default: longer\n  lr: 0.5\n"
-            "backbone:   # not the default\n  class_path: didi.backbones.Adapter\n")
+    text = (
+        "# header\nbase: x\ntasks:\n  a: a.safetensors   # not the default\nsearch:\n"
+        "  steps: 300  # not the default: longer\n  lr: 0.5\n"
+        "backbone:   # not the default\n  class_path: didi.backbones.Adapter\n"
+    )
     assert marked_not_default(text) == {"tasks.a", "search.steps", "backbone"}

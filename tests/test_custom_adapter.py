@@ -1,4 +1,5 @@
 """The subclassing example of docs/custom_adapter.md, verbatim, registered and merged with 3 synthetic fine-tunes."""
+
 from __future__ import annotations
 
 import re
@@ -19,9 +20,17 @@ class TinyConvFormer(nn.Module):
     def __init__(self, width: int = 16, depth: int = 2, classes: int = 5) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, width, kernel_size=4, stride=4)
-        self.blocks = nn.ModuleList(nn.ModuleDict({
-            "norm": nn.LayerNorm(width), "mix": nn.Linear(width, width),
-            "up": nn.Linear(width, 2 * width), "down": nn.Linear(2 * width, width)}) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "norm": nn.LayerNorm(width),
+                    "mix": nn.Linear(width, width),
+                    "up": nn.Linear(width, 2 * width),
+                    "down": nn.Linear(2 * width, width),
+                }
+            )
+            for _ in range(depth)
+        )
         self.head = nn.Linear(width, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,8 +52,15 @@ class TinyConvFormerAdapter(Adapter):
         include, exclude, nonmatrix_policy: as for every adapter.
     """
 
-    def __init__(self, width: int = 16, depth: int = 2, classes: int = 5, include: list[str] | None = None,
-                 exclude: list[str] | None = None, nonmatrix_policy: str = "shared") -> None:
+    def __init__(
+        self,
+        width: int = 16,
+        depth: int = 2,
+        classes: int = 5,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        nonmatrix_policy: str = "shared",
+    ) -> None:
         super().__init__(include, exclude, nonmatrix_policy)
         self.width, self.depth, self.classes = width, depth, classes
 
@@ -81,6 +97,8 @@ def write_zoo(root: Path, tasks: int = 3) -> None:
             else:
                 tuned[name] = w + 0.01 * torch.randn(w.shape)
         save_file(tuned, str(root / f"task{t}.safetensors"))
+
+
 # --- example: end
 
 
@@ -101,12 +119,34 @@ def test_custom_adapter_merges(tmp_path, capsys):
     write_zoo(tmp_path / "zoo")
     assert get_adapter_class("tiny_convformer") is TinyConvFormerAdapter
     z = tmp_path / "zoo"
-    rc = main(["merge", str(z / "base.safetensors"), f'{{a: {z}/task0.safetensors, b: {z}/task1.safetensors, '
-               f'c: {z}/task2.safetensors}}', str(tmp_path / "merged"), "--budget", "1.5",
-               "--backbone", f"{__name__}.TinyConvFormerAdapter", "--backbone.depth", "2",
-               "--decompose.cache_dir", str(tmp_path / "cache"), "--decompose.device", "cpu",
-               "--search.steps", "20", "--refine.sweeps", "1", "--trainer.accelerator", "cpu",
-               "--trainer.logger", "none", "--trainer.progress_bar", "false"])
+    rc = main(
+        [
+            "merge",
+            str(z / "base.safetensors"),
+            f"{{a: {z}/task0.safetensors, b: {z}/task1.safetensors, c: {z}/task2.safetensors}}",
+            str(tmp_path / "merged"),
+            "--budget",
+            "1.5",
+            "--backbone",
+            f"{__name__}.TinyConvFormerAdapter",
+            "--backbone.depth",
+            "2",
+            "--decompose.cache_dir",
+            str(tmp_path / "cache"),
+            "--decompose.device",
+            "cpu",
+            "--search.steps",
+            "20",
+            "--refine.sweeps",
+            "1",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.logger",
+            "none",
+            "--trainer.progress_bar",
+            "false",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     art = load_artifact(tmp_path / "merged")
     from safetensors.torch import load_file

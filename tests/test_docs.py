@@ -1,6 +1,7 @@
 """Documentation references resolve: every section reference to method.md (`method.md` + section sign + N or
 N.M, or the section sign alone) names a heading of docs/method.md, the path is written `docs/method.md` or
 `method.md`, and no file points outside the repository."""
+
 from __future__ import annotations
 
 import re
@@ -49,7 +50,7 @@ def references(path: str, text: str) -> list[Reference]:
     out = []
     for lineno, line in enumerate(text.splitlines(), 1):
         for m in REFERENCE.finditer(line):
-            explicit = bool(CITES_METHOD.search(line[:m.start()]))
+            explicit = bool(CITES_METHOD.search(line[: m.start()]))
             first, last = m.group(1), m.group(2)
             if last is not None and first.isdigit() and last.isdigit() and int(first) < int(last):
                 sections = [str(i) for i in range(int(first), int(last) + 1)]
@@ -66,8 +67,12 @@ def unresolved(path: str, text: str, sections: set[str]) -> list[Reference]:
 
 def wrong_paths(path: str, text: str) -> list[str]:
     """`path:line: written` for every method.md path other than `method.md` and `docs/method.md`."""
-    return [f"{path}:{n}: {m.group(0)}" for n, line in enumerate(text.splitlines(), 1)
-            for m in METHOD_PATH.finditer(line) if m.group(1) not in ("", "docs/")]
+    return [
+        f"{path}:{n}: {m.group(0)}"
+        for n, line in enumerate(text.splitlines(), 1)
+        for m in METHOD_PATH.finditer(line)
+        if m.group(1) not in ("", "docs/")
+    ]
 
 
 def repository_files() -> list[Path]:
@@ -109,11 +114,16 @@ def test_parser_finds_the_missing_section():
     doc = "# Title\n## 1. One\n### 1.2 Sub\n## 2. Two\n"
     sections = set(section_numbers(doc))
     assert sections == {"1", "1.2", "2"}
-    text = (f"ok: method.md {SECTION}1.2 and docs/method.md {SECTION}2.\n"
-            f"bad: method.md {SECTION}1.3, bare {SECTION}7, range {SECTION}1\u20133\n")
+    text = (
+        f"ok: method.md {SECTION}1.2 and docs/method.md {SECTION}2.\n"
+        f"bad: method.md {SECTION}1.3, bare {SECTION}7, range {SECTION}1\u20133\n"
+    )
     bad = unresolved("x.py", text, sections)
     assert [(r.where, r.section, r.explicit) for r in bad] == [
-        ("x.py:2", "1.3", True), ("x.py:2", "7", False), ("x.py:2", "3", False)]
+        ("x.py:2", "1.3", True),
+        ("x.py:2", "7", False),
+        ("x.py:2", "3", False),
+    ]
     assert f"x.py:2: method.md {SECTION}1.3 has no heading" in str(bad[0])
     assert [r.section for r in references("y.md", f"{SECTION}2-{SECTION}3, {SECTION}4.")] == ["2", "3", "4"]
     doubled = "docs/" + "docs/method.md"  # split so that this file does not contain the wrong path itself
@@ -146,6 +156,11 @@ def test_method_md_is_cited_by_its_path():
 
 
 def test_no_file_points_outside_the_repository():
-    hits = [f"{path}:{n}: {needle}" for path, text in text_files()
-            for n, line in enumerate(text.splitlines(), 1) for needle in FORBIDDEN if needle in line]
+    hits = [
+        f"{path}:{n}: {needle}"
+        for path, text in text_files()
+        for n, line in enumerate(text.splitlines(), 1)
+        for needle in FORBIDDEN
+        if needle in line
+    ]
     assert not hits, "files that point outside the repository:\n" + "\n".join(hits)

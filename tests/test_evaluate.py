@@ -1,5 +1,6 @@
 """Evaluation: per-task accuracy against a literal per-example computation, 2-process DDP = 1 process exactly,
 report.json schema, and clear errors for bad inputs."""
+
 from __future__ import annotations
 
 import json
@@ -32,12 +33,21 @@ def setup(tmp_path_factory):
     classes = {"task0": 2, "task1": 3, "task2": 4}
     data = {}
     for t, C in classes.items():
-        save_file({"weight": torch.randn(C, 32, generator=g), "bias": torch.randn(C, generator=g)},
-                  os.path.join(tasks[t], "head.safetensors"))
+        save_file(
+            {"weight": torch.randn(C, 32, generator=g), "bias": torch.randn(C, generator=g)},
+            os.path.join(tasks[t], "head.safetensors"),
+        )
         n = {"task0": 13, "task1": 8, "task2": 10}[t]
-        exs = [{"text": " ".join(WORDS[int(i)] for i in torch.randint(0, 45, (int(torch.randint(2, 9, (1,),
-                generator=g)),), generator=g)), "label": int(torch.randint(0, C, (1,), generator=g))}
-               for _ in range(n)]
+        exs = [
+            {
+                "text": " ".join(
+                    WORDS[int(i)]
+                    for i in torch.randint(0, 45, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g)
+                ),
+                "label": int(torch.randint(0, C, (1,), generator=g)),
+            }
+            for _ in range(n)
+        ]
         write_jsonl(root / "data" / t / "test.jsonl", exs)
         data[t] = str(root / "data" / t)
     art = tiny_merge(Zoo(build_adapter("hf_encoder"), base, tasks), root / "merged")
@@ -60,8 +70,10 @@ def literal_accuracy(s):
         correct = 0
         for e in exs:
             enc = tok([e["text"]], return_tensors="pt")
-            f = mean_pool(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state,
-                          enc["attention_mask"])
+            f = mean_pool(
+                model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state,
+                enc["attention_mask"],
+            )
             correct += int(head(f).argmax(-1).item() == e["label"])
         out[t] = (correct / len(exs), len(exs))
     return out
@@ -86,8 +98,14 @@ def literal_predictions(s, art, task, texts):
 
 def test_routed_evaluation_matches_literal_and_report(setup, tmp_path):
     s = setup
-    rep = evaluate_artifact(s["art"], s["data"], batch_size=4, trainer=CPU1, output=tmp_path / "rep",
-                            individual={"task0": 0.5, "task1": 0.5, "task2": 0.25})
+    rep = evaluate_artifact(
+        s["art"],
+        s["data"],
+        batch_size=4,
+        trainer=CPU1,
+        output=tmp_path / "rep",
+        individual={"task0": 0.5, "task1": 0.5, "task2": 0.25},
+    )
     lit = literal_accuracy(s)
     for t, (acc, n) in lit.items():
         assert rep["tasks"][t]["n"] == n
@@ -108,9 +126,14 @@ def test_routed_evaluation_matches_literal_and_report(setup, tmp_path):
 def test_ddp_two_processes_equal_one(setup):
     s = setup
     one = evaluate_artifact(s["art"], s["data"], batch_size=4, trainer=CPU1)
-    two = evaluate_artifact(s["art"], s["data"], batch_size=4,
-                            trainer=TrainerConfig(accelerator="cpu", devices=2, strategy="ddp_spawn",
-                                                  logger="none", progress_bar=False))
+    two = evaluate_artifact(
+        s["art"],
+        s["data"],
+        batch_size=4,
+        trainer=TrainerConfig(
+            accelerator="cpu", devices=2, strategy="ddp_spawn", logger="none", progress_bar=False
+        ),
+    )
     assert {t: v["n"] for t, v in two["tasks"].items()} == {"task0": 13, "task1": 8, "task2": 10}  # odd sizes
     assert two["tasks"] == one["tasks"]
     assert two["average"] == one["average"]
@@ -119,13 +142,18 @@ def test_ddp_two_processes_equal_one(setup):
 def test_unmerged_models(setup):
     """Individual fine-tunes vs θ0 + heads through evaluate_models (no artifact)."""
     s = setup
-    ind = evaluate_models(s["tasks"], s["data"], tokenizer=os.path.join(s["base"], "0_Transformer"), batch_size=5,
-                          trainer=CPU1)
+    ind = evaluate_models(
+        s["tasks"], s["data"], tokenizer=os.path.join(s["base"], "0_Transformer"), batch_size=5, trainer=CPU1
+    )
     assert ind["storage_ratio"] == 3.0 and set(ind["tasks"]) == set(s["tasks"])
-    pre = evaluate_models({"*": s["base"]}, s["data"],
-                          heads={t: os.path.join(p, "head.safetensors") for t, p in s["tasks"].items()},
-                          batch_size=5, trainer=CPU1, individual=ind["tasks"] and
-                          {t: v["accuracy"] for t, v in ind["tasks"].items()})
+    pre = evaluate_models(
+        {"*": s["base"]},
+        s["data"],
+        heads={t: os.path.join(p, "head.safetensors") for t, p in s["tasks"].items()},
+        batch_size=5,
+        trainer=CPU1,
+        individual=ind["tasks"] and {t: v["accuracy"] for t, v in ind["tasks"].items()},
+    )
     assert pre["storage_ratio"] == 1.0 and "average_normalized" in pre
 
 
@@ -145,22 +173,36 @@ def test_bad_inputs(setup, tmp_path):
     with pytest.raises(DidiError, match="expected a JSON object with 'text' and 'label'"):
         evaluate_artifact(s["art"], {"task0": str(tmp_path / "junk.jsonl")}, trainer=CPU1)
     with pytest.raises(DidiError, match="no such head file"):
-        evaluate_artifact(s["art"], {"task0": s["data"]["task0"]}, heads={"task0": str(tmp_path / "x")},
-                          trainer=CPU1)
+        evaluate_artifact(
+            s["art"], {"task0": s["data"]["task0"]}, heads={"task0": str(tmp_path / "x")}, trainer=CPU1
+        )
     # an artifact made for another backbone: the state_dict adapter cannot be served as a text encoder
     from didi.backbones import Adapter
     from didi.synthetic import make_zoo
 
     sb, st = make_zoo(tmp_path / "syn", T=2, width=8, layers=1)
-    other = tiny_merge(Zoo(Adapter(), str(sb), {k: str(v) for k, v in st.items()}), tmp_path / "syn_merged", 1.5)
+    other = tiny_merge(
+        Zoo(Adapter(), str(sb), {k: str(v) for k, v in st.items()}), tmp_path / "syn_merged", 1.5
+    )
     with pytest.raises(DidiError, match="adapter 'state_dict' has no evaluation data module"):
         evaluate_artifact(other, {"task_0": s["data"]["task0"]}, trainer=CPU1)
     # the right adapter but another model: artifact/backbone mismatch
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    wide = save_hf(BertModel(BertConfig(vocab_size=50, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
-                                        intermediate_size=64, max_position_embeddings=24)), tmp_path / "wide")
+    wide = save_hf(
+        BertModel(
+            BertConfig(
+                vocab_size=50,
+                hidden_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=24,
+            )
+        ),
+        tmp_path / "wide",
+    )
     add_vocab(wide)
     with pytest.raises(DidiError, match="hidden_size 48 differs from the base model's 32"):
         evaluate_artifact(s["art"], s["data"], base=str(wide), trainer=CPU1)
@@ -182,15 +224,23 @@ def test_tall_masks_lambda_chosen_per_task_on_validation(setup, tmp_path):
     write_jsonl(tmp_path / "val0.jsonl", [{"text": e["text"], "label": p} for e, p in zip(exs, preds)])
     val["task0"] = str(tmp_path / "val0.jsonl")
     ev = {"batch_size": 4}
-    art = load_artifact(apply_method("tall_masks", zoo, tmp_path / "tv",
-                                     {"validation": val, "lam_grid": grid, "evaluation": ev, "lam": 0.3}))
+    art = load_artifact(
+        apply_method(
+            "tall_masks",
+            zoo,
+            tmp_path / "tv",
+            {"validation": val, "lam_grid": grid, "evaluation": ev, "lam": 0.3},
+        )
+    )
     chosen = art.manifest["metrics"]["lam_per_task"]
     ref = {}
     for lam in grid:  # independent: each λ as its own data-free artifact, evaluated by didi evaluate
         ref[lam] = load_artifact(apply_method("tall_masks", zoo, tmp_path / f"ref{lam}", {"lam": lam}))
         rep = evaluate_artifact(ref[lam].path, val, batch_size=4, trainer=CPU1)
         for t in val:
-            assert art.manifest["metrics"]["validation_accuracy"][f"{lam:g}"][t] == rep["tasks"][t]["accuracy"]
+            assert (
+                art.manifest["metrics"]["validation_accuracy"][f"{lam:g}"][t] == rep["tasks"][t]["accuracy"]
+            )
     for t in val:
         accs = {lam: art.manifest["metrics"]["validation_accuracy"][f"{lam:g}"][t] for lam in grid}
         best = max(accs.values())

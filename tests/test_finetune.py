@@ -1,4 +1,5 @@
 """`didi finetune`: a tiny BERT learns a separable task; the output is in the adapter's format with a head."""
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,10 @@ def test_finetune_writes_zoo_that_learns_and_merges(tmp_path):
     torch.manual_seed(0)
     base = save_hf(BertModel(tiny_bert_config()), tmp_path / "base")
     add_vocab(base)
-    data = {"a": task_data(tmp_path / "data", "a", ["w1", "w2"]), "b": task_data(tmp_path / "data", "b", ["w5"], seed=1)}
+    data = {
+        "a": task_data(tmp_path / "data", "a", ["w1", "w2"]),
+        "b": task_data(tmp_path / "data", "b", ["w5"], seed=1),
+    }
     cfg = FinetuneConfig(steps=40, lr=3e-3, head_lr=3e-2, batch_size=16, max_length=16, warmup_steps=1)
     zoo = finetune_zoo(str(base), data, str(tmp_path / "zoo"), cfg, CPU1)
     for t, d in zoo.items():
@@ -56,8 +60,14 @@ def test_finetune_writes_zoo_that_learns_and_merges(tmp_path):
     assert all((q - q0).abs().max() > 1e-4 for q in qs)
     # it learned: each fine-tune beats θ0 + its own head on its task
     rep = evaluate_models(zoo, {t: d for t, d in data.items()}, batch_size=16, trainer=CPU1)
-    pre = evaluate_models({"*": str(base)}, data, tokenizer=str(base), batch_size=16, trainer=CPU1,
-                          heads={t: os.path.join(d, "head.safetensors") for t, d in zoo.items()})
+    pre = evaluate_models(
+        {"*": str(base)},
+        data,
+        tokenizer=str(base),
+        batch_size=16,
+        trainer=CPU1,
+        heads={t: os.path.join(d, "head.safetensors") for t, d in zoo.items()},
+    )
     for t in data:
         assert rep["tasks"][t]["accuracy"] >= 0.9, rep
         assert rep["tasks"][t]["accuracy"] > pre["tasks"][t]["accuracy"]

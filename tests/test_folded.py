@@ -3,6 +3,7 @@
 References: brute-force enumeration of rank allocations, errors materialised from dense matrices, and the
 artifact's own task weights compared with the fine-tunes.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -22,7 +23,10 @@ from didi.refine import RefineConfig, refine_adam, refine_als, task_errors
 
 
 def _spectra(g, L, T, K):
-    return [torch.sort(torch.rand(T, K, generator=g, dtype=torch.float64), descending=True).values for _ in range(L)]
+    return [
+        torch.sort(torch.rand(T, K, generator=g, dtype=torch.float64), descending=True).values
+        for _ in range(L)
+    ]
 
 
 def _brute_force(sigma, mt_sq, unit, bound, budget):
@@ -33,7 +37,11 @@ def _brute_force(sigma, mt_sq, unit, bound, budget):
         r = torch.tensor(flat).reshape(L, T)
         if int((r * unit[:, None]).sum()) > budget:
             continue
-        err = sum(float(mt_sq[l, t]) - float((sigma[l][t, :r[l, t]] ** 2).sum()) for l in range(L) for t in range(T))
+        err = sum(
+            float(mt_sq[l, t]) - float((sigma[l][t, : r[l, t]] ** 2).sum())
+            for l in range(L)
+            for t in range(T)
+        )
         best = err if best is None else min(best, err)
     return best
 
@@ -43,19 +51,21 @@ def test_greedy_is_optimal_for_equal_units(budget):
     g = torch.Generator().manual_seed(budget)
     L, T, K = 2, 2, 4
     sigma = _spectra(g, L, T, K)
-    mt_sq = torch.stack([(s ** 2).sum(-1) + 0.1 for s in sigma])
+    mt_sq = torch.stack([(s**2).sum(-1) + 0.1 for s in sigma])
     unit = torch.tensor([20, 20])
     bound = torch.tensor([[4, 3], [4, 4]])
     r = folded_ranks(sigma, bound, unit, budget)
     assert int((r * unit[:, None]).sum()) <= budget and (r <= bound).all()
-    assert float(folded_error(sigma, mt_sq, r).sum()) == pytest.approx(_brute_force(sigma, mt_sq, unit, bound, budget))
+    assert float(folded_error(sigma, mt_sq, r).sum()) == pytest.approx(
+        _brute_force(sigma, mt_sq, unit, bound, budget)
+    )
 
 
 @pytest.mark.slow
 def test_greedy_with_unequal_units_is_within_one_unit_of_optimal():
     g = torch.Generator().manual_seed(7)
     sigma = _spectra(g, 3, 2, 3)
-    mt_sq = torch.stack([(s ** 2).sum(-1) for s in sigma])
+    mt_sq = torch.stack([(s**2).sum(-1) for s in sigma])
     unit, bound = torch.tensor([10, 17, 31]), torch.full((3, 2), 3)
     for budget in range(0, 350, 23):
         r = folded_ranks(sigma, bound, unit, budget)
@@ -72,8 +82,10 @@ def test_folded_error_equals_materialised():
     M_s = taus.mean(0)
     U, S, Vh = torch.linalg.svd(taus - M_s, full_matrices=False)
     r = torch.tensor([[2, 0, 5]])
-    dense = sum(float(((taus[t] - M_s - U[t, :, :k] @ torch.diag(S[t, :k]) @ Vh[t, :k]) ** 2).sum())
-                for t, k in enumerate(r[0].tolist()))
+    dense = sum(
+        float(((taus[t] - M_s - U[t, :, :k] @ torch.diag(S[t, :k]) @ Vh[t, :k]) ** 2).sum())
+        for t, k in enumerate(r[0].tolist())
+    )
     mt_sq = ((taus - M_s) ** 2).sum((-2, -1))
     assert float(folded_error([S], mt_sq[None], r)[0]) == pytest.approx(dense)
 
@@ -123,7 +135,9 @@ def test_folded_merge_end_to_end(tiny_zoo, fast, tmp_path, optimizer):
     base, tasks = tiny_zoo
     zoo = Zoo(Adapter(), base, tasks)
     rcfg = RefineConfig(optimizer=optimizer, sweeps=3)
-    path = run_merge(zoo, tmp_path / "folded", MergeOptions(1.3, dcfg, scfg, rcfg, tcfg, shared="folded"), progress=False)
+    path = run_merge(
+        zoo, tmp_path / "folded", MergeOptions(1.3, dcfg, scfg, rcfg, tcfg, shared="folded"), progress=False
+    )
     a = load_artifact(path)
     m = a.manifest
     assert m["method"]["hyper_parameters"]["shared"] == "folded"
@@ -153,11 +167,25 @@ def test_folded_merge_end_to_end(tiny_zoo, fast, tmp_path, optimizer):
 def test_folded_search_then_refine_cli(tmp_path, tiny_zoo, capsys):
     """`didi search --shared folded` writes the mode into the ranks file and `didi refine` honours it."""
     base, tasks = tiny_zoo
-    common = ["--decompose.cache_dir", str(tmp_path / "cache"), "--decompose.device", "cpu",
-              "--trainer.accelerator", "cpu", "--trainer.logger", "none", "--trainer.progress_bar", "false"]
+    common = [
+        "--decompose.cache_dir",
+        str(tmp_path / "cache"),
+        "--decompose.device",
+        "cpu",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.logger",
+        "none",
+        "--trainer.progress_bar",
+        "false",
+    ]
     ranks = tmp_path / "ranks.json"
-    assert main(["search", base, json.dumps(tasks), str(ranks), "--budget", "1.2", "--shared", "folded",
-                 *common]) == 0
+    assert (
+        main(
+            ["search", base, json.dumps(tasks), str(ranks), "--budget", "1.2", "--shared", "folded", *common]
+        )
+        == 0
+    )
     rk = json.loads(ranks.read_text())
     assert rk["info"]["shared"] == "folded" and all(v["shared"] == 0 for v in rk["ranks"].values())
     out = tmp_path / "merged"
@@ -178,8 +206,21 @@ def test_folded_two_process_ddp_reproduces_one_process(tmp_path, tiny_zoo, fast)
     d, s, r, t = fast
     r.layer_batch_size = 3  # uneven shares of the matrices across the two processes
     one = run_merge(zoo, tmp_path / "one", MergeOptions(1.3, d, s, r, t, shared="folded"), progress=False)
-    two = run_merge(zoo, tmp_path / "two", MergeOptions(1.3, d, s, r, TrainerConfig(accelerator="cpu", devices=2, strategy="ddp_spawn", logger="none",
-                                  progress_bar=False), shared="folded"), progress=False)
+    two = run_merge(
+        zoo,
+        tmp_path / "two",
+        MergeOptions(
+            1.3,
+            d,
+            s,
+            r,
+            TrainerConfig(
+                accelerator="cpu", devices=2, strategy="ddp_spawn", logger="none", progress_bar=False
+            ),
+            shared="folded",
+        ),
+        progress=False,
+    )
     assert load_artifact(one).manifest["ranks"] == load_artifact(two).manifest["ranks"]
     for f in ["fold.safetensors", "tasks/task_0.safetensors", "tasks/task_3.safetensors"]:
         x, y = load_file(str(one / f)), load_file(str(two / f))

@@ -1,5 +1,6 @@
 """The hf_encoder adapter: HF / sentence-transformers layouts, a tiny BERT zoo merged end to end and served
 routed, and the real all-MiniLM-L6-v2 loaded offline."""
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ def per_example(adapter, art, base_sd, batch, ids):
     outs = []
     for i in range(len(ids)):
         m = adapter.build_model(art.task_state_dict(art.tasks[int(ids[i])], base=base_sd))
-        outs.append(m(**{k: v[i:i + 1] for k, v in batch.items()}).last_hidden_state)
+        outs.append(m(**{k: v[i : i + 1] for k, v in batch.items()}).last_hidden_state)
     return torch.cat(outs)
 
 
@@ -44,7 +45,10 @@ def test_tiny_bert_zoo_merges_and_routes(tmp_path, policy):
     assert len(routed.routed) == (13 if policy == "per_task" else 12)  # per_task: the pooler Linear as well
     assert bool(routed.swapped) == (policy == "per_task")  # per-task LayerNorms: split the batch per task
     g = torch.Generator().manual_seed(3)
-    batch = {"input_ids": torch.randint(0, 50, (7, 9), generator=g), "attention_mask": torch.ones(7, 9, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.randint(0, 50, (7, 9), generator=g),
+        "attention_mask": torch.ones(7, 9, dtype=torch.long),
+    }
     batch["attention_mask"][1, 5:] = 0
     ids = torch.tensor([0, 2, 1, 1, 0, 2, 2])
     expect = per_example(adapter2, art, base_sd, batch, ids)
@@ -72,7 +76,9 @@ def test_layouts_and_bad_inputs(tmp_path):
     sd = dict(a.open_source(st).items())
     rebuilt = a.build_model(sd)
     x = torch.randint(0, 50, (2, 5))
-    torch.testing.assert_close(rebuilt(input_ids=x).last_hidden_state, m.eval()(input_ids=x).last_hidden_state)
+    torch.testing.assert_close(
+        rebuilt(input_ids=x).last_hidden_state, m.eval()(input_ids=x).last_hidden_state
+    )
     with pytest.raises(DidiError, match="expected config.json and model.safetensors"):
         (tmp_path / "empty").mkdir()
         resolve_model_dir(tmp_path / "empty")
@@ -88,8 +94,9 @@ def test_layouts_and_bad_inputs(tmp_path):
     # word embeddings are decomposed only on request
     shape = (50, 32)
     assert not a.is_decomposed("embeddings.word_embeddings.weight", shape, torch.float32)
-    assert HFEncoderAdapter(decompose_word_embeddings=True).is_decomposed("embeddings.word_embeddings.weight",
-                                                                         shape, torch.float32)
+    assert HFEncoderAdapter(decompose_word_embeddings=True).is_decomposed(
+        "embeddings.word_embeddings.weight", shape, torch.float32
+    )
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Inputs that used to be lost or written wrongly without a word: a repeated task name in a YAML mapping, one
 file under two task names, and NaN in JSON that strict readers reject."""
+
 from __future__ import annotations
 
 import json
@@ -28,13 +29,20 @@ def test_one_file_under_two_names_is_warned_about(tmp_path):
     f.write_bytes(b"")
     with pytest.warns(UserWarning, match=r"given under 2 names \(a, b\)"):
         assert parse_tasks({"a": str(f), "b": str(tmp_path / "." / "t.safetensors")}) == {
-            "a": str(f), "b": str(tmp_path / "." / "t.safetensors")}
+            "a": str(f),
+            "b": str(tmp_path / "." / "t.safetensors"),
+        }
 
 
 def test_json_has_no_nan_and_says_why():
     obj = {"acc": float("nan"), "ok": 1.5, "nested": [{"x": float("inf")}], "s": "nan"}
     text = dumps(obj)
     back = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard constant {c} in {text}"))
-    assert back == {"acc": None, "acc_not_finite": "nan", "ok": 1.5, "nested": [{"x": None, "x_not_finite": "inf"}],
-                    "s": "nan"}
+    assert back == {
+        "acc": None,
+        "acc_not_finite": "nan",
+        "ok": 1.5,
+        "nested": [{"x": None, "x_not_finite": "inf"}],
+        "s": "nan",
+    }
     assert finite(float("-inf")) is None and math.isfinite(finite(2.0))

@@ -1,5 +1,6 @@
 """End-to-end behaviour of the pipeline: artifact round trip against an independent dense computation,
 refinement monotonicity, factor-store reuse, multi-process equality, logging."""
+
 import json
 
 import pytest
@@ -34,7 +35,9 @@ def test_artifact_round_trip_equals_dense_truncation(tmp_path, tiny_zoo, fast, p
     base, tasks = tiny_zoo
     zoo = Zoo(Adapter(nonmatrix_policy=policy), base, tasks)
     target = 1.3 if policy == "shared" else 1.4
-    out = run_merge(zoo, tmp_path / "art", MergeOptions(target, fast[0], fast[1], RefineConfig(optimizer="none"), fast[3]))
+    out = run_merge(
+        zoo, tmp_path / "art", MergeOptions(target, fast[0], fast[1], RefineConfig(optimizer="none"), fast[3])
+    )
     art = load_artifact(out)
     raw_b, raw_t = _raw(base, tasks)
     names = list(tasks)
@@ -53,8 +56,15 @@ def test_artifact_round_trip_equals_dense_truncation(tmp_path, tiny_zoo, fast, p
                 expect = w0.double() + taus[names.index(t)]
             torch.testing.assert_close(sd[name].double(), expect, rtol=1e-4, atol=1e-5, msg=name)
     assert art.manifest["storage"]["ratio"] <= target
-    ratio_by_hand = 1 + sum(v.numel() for f in ["shared.safetensors", *[f"tasks/{t}.safetensors" for t in names]]
-                            for v in load_file(str(out / f)).values()) / art.manifest["base_params"]
+    ratio_by_hand = (
+        1
+        + sum(
+            v.numel()
+            for f in ["shared.safetensors", *[f"tasks/{t}.safetensors" for t in names]]
+            for v in load_file(str(out / f)).values()
+        )
+        / art.manifest["base_params"]
+    )
     assert art.storage_ratio == pytest.approx(ratio_by_hand)
     assert (out / "rank_heatmap.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -89,10 +99,14 @@ def test_refinement_never_increases_error():
             assert out[0].shape == (m, r_s) and [a.shape[1] for a in out[2]] == r_t
     # ALS reaches the block optimum: the shared part (updated last in a sweep) is the best rank-r_s fit of the
     # mean residual mean_t(τ_t − A_tB_t) (Eckart–Young), so no other rank-3 shared part does better
-    A_s, B_s, A_t, B_t = refine_als(taus, *init_factors(U[0], S[0], V[0], 3),
-                                    [init_factors(U[t + 1], S[t + 1], V[t + 1], 2)[0] for t in range(T)],
-                                    [init_factors(U[t + 1], S[t + 1], V[t + 1], 2)[1] for t in range(T)],
-                                    sweeps=1, power_iters=60)
+    A_s, B_s, A_t, B_t = refine_als(
+        taus,
+        *init_factors(U[0], S[0], V[0], 3),
+        [init_factors(U[t + 1], S[t + 1], V[t + 1], 2)[0] for t in range(T)],
+        [init_factors(U[t + 1], S[t + 1], V[t + 1], 2)[1] for t in range(T)],
+        sweeps=1,
+        power_iters=60,
+    )
     R = torch.stack([taus[t] - A_t[t] @ B_t[t] for t in range(T)]).double()
     torch.testing.assert_close((A_s @ B_s).double(), _trunc(R.mean(0), 3), rtol=1e-4, atol=1e-4)
 
@@ -124,12 +138,27 @@ def test_two_process_ddp_reproduces_one_process(tmp_path, tiny_zoo, fast):
     s.layer_batch_size = 3  # several layer batches, uneven shares across the two processes
     r.layer_batch_size = 3
     one = run_merge(zoo, tmp_path / "one", MergeOptions(1.3, d, s, r, t))
-    two = run_merge(zoo, tmp_path / "two", MergeOptions(1.3, d, s, r, TrainerConfig(accelerator="cpu", devices=2, strategy="ddp_spawn", logger="none",
-                                  progress_bar=False)))
+    two = run_merge(
+        zoo,
+        tmp_path / "two",
+        MergeOptions(
+            1.3,
+            d,
+            s,
+            r,
+            TrainerConfig(
+                accelerator="cpu", devices=2, strategy="ddp_spawn", logger="none", progress_bar=False
+            ),
+        ),
+    )
     a, b = load_artifact(one), load_artifact(two)
     ca, cb = a.manifest["metrics"]["allocation"], b.manifest["metrics"]["allocation"]
-    torch.testing.assert_close(torch.tensor(ca["continuous_ranks"]["experts"]),
-                               torch.tensor(cb["continuous_ranks"]["experts"]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(ca["continuous_ranks"]["experts"]),
+        torch.tensor(cb["continuous_ranks"]["experts"]),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     assert a.manifest["ranks"] == b.manifest["ranks"]
     for f in ["shared.safetensors", "tasks/task_0.safetensors", "tasks/task_3.safetensors"]:
         x, y = load_file(str(one / f)), load_file(str(two / f))
@@ -142,14 +171,45 @@ def test_csv_and_wandb_offline_logging(tmp_path, tiny_zoo, fast, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     zoo = Zoo(Adapter(), *tiny_zoo)
     d, s, r, _ = fast
-    run_merge(zoo, tmp_path / "csv", MergeOptions(1.3, d, s, r, TrainerConfig(accelerator="cpu", logger="csv", log_dir=str(tmp_path / "logs"), log_every_n_steps=5,
-                            progress_bar=False)))
+    run_merge(
+        zoo,
+        tmp_path / "csv",
+        MergeOptions(
+            1.3,
+            d,
+            s,
+            r,
+            TrainerConfig(
+                accelerator="cpu",
+                logger="csv",
+                log_dir=str(tmp_path / "logs"),
+                log_every_n_steps=5,
+                progress_bar=False,
+            ),
+        ),
+    )
     metrics = next((tmp_path / "logs" / "search").rglob("metrics.csv")).read_text().splitlines()
     header = metrics[0].split(",")
-    for key in ("search/rec_err", "search/ratio", "rank/shared/kind=attn.in_proj_weight",
-                "rank/expert/layer=1"):
+    for key in (
+        "search/rec_err",
+        "search/ratio",
+        "rank/shared/kind=attn.in_proj_weight",
+        "rank/expert/layer=1",
+    ):
         assert key in header, key
-    run_merge(zoo, tmp_path / "wb", MergeOptions(1.3, d, s, r, TrainerConfig(accelerator="cpu", logger="wandb", log_dir=str(tmp_path / "wlogs"), progress_bar=False)))
+    run_merge(
+        zoo,
+        tmp_path / "wb",
+        MergeOptions(
+            1.3,
+            d,
+            s,
+            r,
+            TrainerConfig(
+                accelerator="cpu", logger="wandb", log_dir=str(tmp_path / "wlogs"), progress_bar=False
+            ),
+        ),
+    )
     runs = list((tmp_path / "wlogs" / "wandb").glob("offline-run-*"))
     assert runs, "no offline W&B run written"
     assert any(p.suffix == ".wandb" for p in runs[0].iterdir())
@@ -182,7 +242,9 @@ def test_batched_decomposition_equals_one_matrix_at_a_time(tmp_path, batch_mb, m
         assert len(sizes) < len(store.matrices)  # some calls were batched (width-96 blocks: 110 KB each)
     else:
         assert len(sizes) == len(store.matrices)
-    ref = decompose(zoo, dataclasses.replace(cfg, batch_mb=None, cache_dir=str(tmp_path / "r")), progress=False)
+    ref = decompose(
+        zoo, dataclasses.replace(cfg, batch_mb=None, cache_dir=str(tmp_path / "r")), progress=False
+    )
     ref_index = {e.name: e.idx for e in ref.matrices}
     assert sorted(ref_index) == sorted(e.name for e in store.matrices)
     for e in store.matrices:
@@ -190,8 +252,12 @@ def test_batched_decomposition_equals_one_matrix_at_a_time(tmp_path, batch_mb, m
         for k in ("S_s", "S_t", "tau_sq", "inner"):
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
         # singular vectors up to sign: compare the rank-K reconstructions
-        torch.testing.assert_close(a["U_s"] * a["S_s"].float() @ a["V_s"].T, b["U_s"] * b["S_s"].float() @ b["V_s"].T,
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            a["U_s"] * a["S_s"].float() @ a["V_s"].T,
+            b["U_s"] * b["S_s"].float() @ b["V_s"].T,
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 def test_search_width_grows_until_the_budget_is_reachable(tmp_path, monkeypatch):
@@ -204,8 +270,11 @@ def test_search_width_grows_until_the_budget_is_reachable(tmp_path, monkeypatch)
     zoo = Zoo(Adapter(), str(base), {k: str(v) for k, v in tasks.items()})
     store = decompose(zoo, dec.DecomposeConfig(cache_dir=str(tmp_path / "c"), device="cpu"), progress=False)
     L, T = len(store.matrices), len(store.tasks)
-    monkeypatch.setattr(pl, "greedy_ranks", lambda *a, **k: (torch.zeros(L, dtype=torch.long),
-                                                             torch.zeros(L, T, dtype=torch.long), 32, 0.0))
+    monkeypatch.setattr(
+        pl,
+        "greedy_ranks",
+        lambda *a, **k: (torch.zeros(L, dtype=torch.long), torch.zeros(L, T, dtype=torch.long), 32, 0.0),
+    )
     tcfg = TrainerConfig(accelerator="cpu", logger="none", progress_bar=False)
     ranks = pl.allocate(store, 3.5, SearchConfig(steps=5), tcfg, "shared")
     assert ranks.info["search_width"] > 32

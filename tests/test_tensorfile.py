@@ -1,4 +1,5 @@
 """Streamed safetensors writing: files equal what safetensors reads back; lazy tensors load one at a time."""
+
 from __future__ import annotations
 
 import gc
@@ -15,10 +16,17 @@ from didi.tensorfile import LazyTensor, lazy_tensors, write_tensors
 
 def test_round_trip_every_dtype_and_shape(tmp_path):
     g = torch.Generator().manual_seed(0)
-    tensors = {"w": torch.randn(5, 3, generator=g), "h": torch.randn(4, generator=g).to(torch.bfloat16),
-               "f16": torch.randn(2, 2, 2, generator=g).half(), "d": torch.randn(3, generator=g).double(),
-               "scalar": torch.tensor(2.5), "empty": torch.zeros(7, 0), "mask": torch.rand(6, generator=g) > 0.5,
-               "i": torch.arange(5), "strided": torch.randn(4, 6, generator=g)[:, ::2]}
+    tensors = {
+        "w": torch.randn(5, 3, generator=g),
+        "h": torch.randn(4, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(2, 2, 2, generator=g).half(),
+        "d": torch.randn(3, generator=g).double(),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(7, 0),
+        "mask": torch.rand(6, generator=g) > 0.5,
+        "i": torch.arange(5),
+        "strided": torch.randn(4, 6, generator=g)[:, ::2],
+    }
     write_tensors(tmp_path / "a.safetensors", tensors, metadata={"format": "pt"})
     back = load_file(str(tmp_path / "a.safetensors"))
     assert set(back) == set(tensors)
@@ -32,7 +40,9 @@ def test_round_trip_every_dtype_and_shape(tmp_path):
     lazy = lazy_tensors(tmp_path / "src.safetensors")["x"]
     assert lazy.shape == (3, 2) and lazy.dtype == torch.float32
     write_tensors(tmp_path / "b.safetensors", {"y": lazy})
-    assert torch.equal(load_file(str(tmp_path / "b.safetensors"))["y"], load_file(str(tmp_path / "src.safetensors"))["x"])
+    assert torch.equal(
+        load_file(str(tmp_path / "b.safetensors"))["y"], load_file(str(tmp_path / "src.safetensors"))["x"]
+    )
 
 
 def test_lazy_tensors_are_loaded_one_at_a_time(tmp_path):
@@ -46,6 +56,7 @@ def test_lazy_tensors_are_loaded_one_at_a_time(tmp_path):
             t = torch.full((1000,), float(i))
             alive.append(weakref.ref(t))
             return t
+
         return LazyTensor((1000,), torch.float32, load)
 
     write_tensors(tmp_path / "c.safetensors", {f"t{i}": make(i) for i in range(5)})

@@ -5,6 +5,7 @@ tensor × (T + 1); they return `Terms` in the artifact vocabulary (fold / shared
 `write_method_artifact` writes them with the same manifest keys as `didi merge`, priced by the same
 accounting.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,17 +52,20 @@ def lora_from_svd(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     return U[:, :r] * sq, sq[:, None] * Vh[:r]
 
 
-def write_method_artifact(output: str | Path, zoo: Zoo, reader: DeltaReader, method: str, options: Any,
-                          terms: Terms) -> Path:
+def write_method_artifact(
+    output: str | Path, zoo: Zoo, reader: DeltaReader, method: str, options: Any, terms: Terms
+) -> Path:
     """Write `terms` as a didi artifact (manifest keys as `didi.pipeline.write_didi_artifact`)."""
     manifest = {
         "method": {"name": method, "hyper_parameters": dataclasses.asdict(options)},
         **zoo_manifest(zoo, reader.sha256),
-        "ranks": terms.ranks, "storage": {"target_ratio": terms.target_ratio},
+        "ranks": terms.ranks,
+        "storage": {"target_ratio": terms.target_ratio},
         "metrics": terms.metrics,
     }
-    return write_artifact(output, manifest, terms.fold, terms.shared, terms.per_task,
-                          groups=terms.groups or None)
+    return write_artifact(
+        output, manifest, terms.fold, terms.shared, terms.per_task, groups=terms.groups or None
+    )
 
 
 def apply_method(name: str, zoo: Zoo, output: str | Path, options: Any = None) -> Path:

@@ -10,6 +10,7 @@ They call `didi.pipeline.run_merge` with the one options class of a merge (`Merg
 artifact with the registry name in the manifest's method entry (`method.registry_name`), so a comparison can
 label the point.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace

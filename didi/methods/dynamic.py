@@ -12,6 +12,7 @@ they are.
 TALL-masks' λ is data-free (0.6) by default; with `validation` data it is chosen per task from `lam_grid` by
 the accuracy of the routed artifact on each task's validation split, as the original does.
 """
+
 from __future__ import annotations
 
 import math
@@ -180,7 +181,7 @@ def _tall_terms(opts: TallOptions, reader: DeltaReader, tasks: list[str], lam_of
             tau_mtl = opts.mtl_lam * d.taus.sum(0)
         terms.shared[f"{name}::ref"] = tau_mtl
         for j, t in enumerate(tasks):
-            terms.per_task[t][f"{name}::mask"] = tall_masks(d.taus[j:j + 1], tau_mtl, lam_of[t])[0]
+            terms.per_task[t][f"{name}::mask"] = tall_masks(d.taus[j : j + 1], tau_mtl, lam_of[t])[0]
             terms.per_task[t][f"{name}::scale"] = one.clone()
     terms.metrics["mask_density"] = _densities(terms, tasks)
     terms.metrics["lam_per_task"] = dict(lam_of)
@@ -199,14 +200,23 @@ def tall(zoo: Zoo, opts: TallOptions, reader: DeltaReader) -> Terms:
     scores: dict[float, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="didi_tall_") as tmp:
         for lam in opts.lam_grid:  # one candidate artifact at a time, scored on the validation splits
-            path = write_method_artifact(Path(tmp) / f"lam_{lam:g}", zoo, reader, "tall_masks", opts,
-                                         _tall_terms(opts, reader, tasks, {t: lam for t in tasks}))
-            rep = evaluate_artifact(path, data=opts.validation, trainer=TrainerConfig(logger="none"),
-                                    **opts.evaluation)
+            path = write_method_artifact(
+                Path(tmp) / f"lam_{lam:g}",
+                zoo,
+                reader,
+                "tall_masks",
+                opts,
+                _tall_terms(opts, reader, tasks, {t: lam for t in tasks}),
+            )
+            rep = evaluate_artifact(
+                path, data=opts.validation, trainer=TrainerConfig(logger="none"), **opts.evaluation
+            )
             scores[lam] = {t: rep["tasks"][t]["accuracy"] for t in opts.validation}
             shutil.rmtree(path)
-    chosen = {t: max(opts.lam_grid, key=lambda x: (scores[x][t], x)) if t in opts.validation else opts.lam
-              for t in tasks}
+    chosen = {
+        t: max(opts.lam_grid, key=lambda x: (scores[x][t], x)) if t in opts.validation else opts.lam
+        for t in tasks
+    }
     terms = _tall_terms(opts, reader, tasks, chosen)
     terms.metrics["validation_accuracy"] = {f"{lam:g}": v for lam, v in scores.items()}
     return terms

@@ -17,6 +17,7 @@ multi-task cluster in `groups/<gid>.safetensors` (one group per distinct member 
 `didi.artifact`), a singleton in its task's file. So ratio = 1 + Σ_blocks (clusters − 1)·numel / |θ0|,
 which is exactly FlexMerge's size Σ_blocks clusters·numel / |θ| when the blocks cover the model.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -69,8 +70,13 @@ class MergeStep:
     size_after: float
 
 
-def greedy_clusters(grams: dict[str, torch.Tensor], numels: dict[str, int], base_params: int, target: float,
-                    linkage: str = "min") -> tuple[dict[str, list[list[int]]], list[MergeStep], float]:
+def greedy_clusters(
+    grams: dict[str, torch.Tensor],
+    numels: dict[str, int],
+    base_params: int,
+    target: float,
+    linkage: str = "min",
+) -> tuple[dict[str, list[list[int]]], list[MergeStep], float]:
     """FlexMerge's greedy loop. Returns (clusters per block, merge sequence, reached size ratio).
 
     size = 1 + Σ_b (clusters_b − 1)·numel_b / base_params; ties in similarity go to the earlier block/cluster.
@@ -125,8 +131,10 @@ class FlexMergeOptions:
         if self.linkage not in ("min", "max", "mean"):
             raise DidiError(f"linkage: expected min, max or mean, found {self.linkage!r}")
         if not self.target >= 1.0:
-            raise DidiError(f"target: FlexMerge's size is relative to one model and cannot be below 1×, "
-                            f"found {self.target}")
+            raise DidiError(
+                f"target: FlexMerge's size is relative to one model and cannot be below 1×, "
+                f"found {self.target}"
+            )
 
 
 def merge_cluster(taus: torch.Tensor, members: list[int], opts: FlexMergeOptions) -> torch.Tensor:
@@ -146,8 +154,9 @@ def flexmerge(zoo: Zoo, opts: FlexMergeOptions, reader: DeltaReader) -> Terms:
     tasks = zoo.task_names
     T = len(tasks)
     if opts.target > T:
-        raise DidiError(f"target: FlexMerge's size cannot exceed T× = {T} (every fine-tune kept), "
-                        f"found {opts.target}")
+        raise DidiError(
+            f"target: FlexMerge's size cannot exceed T× = {T} (every fine-tune kept), found {opts.target}"
+        )
     # pass 1: Gram matrix of the task vectors per block
     grams: dict[str, torch.Tensor] = {}
     numels: dict[str, int] = {}
@@ -183,9 +192,18 @@ def flexmerge(zoo: Zoo, opts: FlexMergeOptions, reader: DeltaReader) -> Terms:
                     terms.groups[group_ids[key]] = ([tasks[i] for i in c], {})
                 terms.groups[group_ids[key]][1][f"{name}::dense"] = delta
     terms.metrics["flexmerge"] = {
-        "reached_size": size, "target": opts.target,
+        "reached_size": size,
+        "target": opts.target,
         "clusters": {b: [[tasks[i] for i in c] for c in cs] for b, cs in clusters.items()},
-        "merges": [{"block": s.block, "a": [tasks[i] for i in s.a], "b": [tasks[i] for i in s.b],
-                    "similarity": s.similarity, "size_after": s.size_after} for s in steps],
+        "merges": [
+            {
+                "block": s.block,
+                "a": [tasks[i] for i in s.a],
+                "b": [tasks[i] for i in s.b],
+                "similarity": s.similarity,
+                "size_after": s.size_after,
+            }
+            for s in steps
+        ],
     }
     return terms

@@ -4,12 +4,21 @@ Ours is always `didi.accounting` on the artifact: 1 + stored elements / |θ0| (l
 numel/32, scalar 1, fold 0). `compare_ratio(method, ours, hyper)` gives the published number (None when the
 paper states none) and a one-line reason where our accounting differs.
 """
+
 from __future__ import annotations
 
 #: method (paper name) -> published ratio
 PUBLISHED: dict[str, float] = {
-    "WEMoE": 6.27, "SMILE": 3.07, "TALL-Mask+TIES": 2.5, "Twin-Merging": 2.25, "EMR-Merging": 4.0,
-    "FREE": 2.16, "TSV-C": 2.08, "DiDi-S": 1.24, "DiDi-M": 1.4, "DiDi-L": 2.0,
+    "WEMoE": 6.27,
+    "SMILE": 3.07,
+    "TALL-Mask+TIES": 2.5,
+    "Twin-Merging": 2.25,
+    "EMR-Merging": 4.0,
+    "FREE": 2.16,
+    "TSV-C": 2.08,
+    "DiDi-S": 1.24,
+    "DiDi-M": 1.4,
+    "DiDi-L": 2.0,
 }
 
 #: registry name -> (paper name, reason our ratio differs; "" where it matches by construction)
@@ -18,22 +27,40 @@ REASONS: dict[str, tuple[str | None, str]] = {
     "task_arithmetic": (None, "a static merge stores one model: 1.0 by construction"),
     "ties": (None, "a static merge stores one model: 1.0 by construction"),
     "tsv_m": (None, "a static merge stores one model: 1.0 by construction"),
-    "tall_masks": ("TALL-Mask+TIES", "we count θ0 (1) + τ_MTL once (1) + T masks at 1 bit (T/32: 2.25 at "
-                   "T = 8); the published 2.5 counts more than that (its breakdown is not stated)"),
-    "emr": ("EMR-Merging", "we price a mask at 1 bit per entry (T/32); the published 4 matches 1-byte bool "
-            "masks (8 × 1/4 = 2) + τ_uni (1) + θ0 (1)"),
-    "tsv_c": ("TSV-C", "we price each task's rank-⌊k/T⌋ factors at r(m+n) elements (≈ 2× the matrix in "
-              "total for square matrices); the published 2.08 counts them as 1/T of the matrix per task"),
-    "twin": ("Twin-Merging", "we fold the shared TA merge into the base (cost 0) and price each exclusive "
-             "LoRA at r(m+n) with r = 10 % of min(m, n); the paper counts the compressed vectors otherwise"),
-    "flexmerge": (None, "our ratio equals FlexMerge's size (Σ clusters × block numel) when its blocks cover "
-                  "the model; blocks no task changed cost nothing here"),
+    "tall_masks": (
+        "TALL-Mask+TIES",
+        "we count θ0 (1) + τ_MTL once (1) + T masks at 1 bit (T/32: 2.25 at "
+        "T = 8); the published 2.5 counts more than that (its breakdown is not stated)",
+    ),
+    "emr": (
+        "EMR-Merging",
+        "we price a mask at 1 bit per entry (T/32); the published 4 matches 1-byte bool "
+        "masks (8 × 1/4 = 2) + τ_uni (1) + θ0 (1)",
+    ),
+    "tsv_c": (
+        "TSV-C",
+        "we price each task's rank-⌊k/T⌋ factors at r(m+n) elements (≈ 2× the matrix in "
+        "total for square matrices); the published 2.08 counts them as 1/T of the matrix per task",
+    ),
+    "twin": (
+        "Twin-Merging",
+        "we fold the shared TA merge into the base (cost 0) and price each exclusive "
+        "LoRA at r(m+n) with r = 10 % of min(m, n); the paper counts the compressed vectors otherwise",
+    ),
+    "flexmerge": (
+        None,
+        "our ratio equals FlexMerge's size (Σ clusters × block numel) when its blocks cover "
+        "the model; blocks no task changed cost nothing here",
+    ),
     "didi": ("DiDi", "same accounting as the paper (ranks r(m+n), non-matrix deltas folded)"),
     "didi_uniform": ("DiDi", "same accounting as the paper (ranks r(m+n), non-matrix deltas folded)"),
     "didi_greedy": ("DiDi", "same accounting as the paper (ranks r(m+n), non-matrix deltas folded)"),
     "didi_norefine": ("DiDi", "same accounting as the paper (ranks r(m+n), non-matrix deltas folded)"),
-    "didi_folded": ("DiDi", "the paper's accounting, but the shared part is folded densely into the stored base "
-                    "(θ0 + M_s replaces θ0: cost 0) instead of a low-rank module paid for in the budget"),
+    "didi_folded": (
+        "DiDi",
+        "the paper's accounting, but the shared part is folded densely into the stored base "
+        "(θ0 + M_s replaces θ0: cost 0) instead of a low-rank module paid for in the budget",
+    ),
 }
 
 
@@ -54,13 +81,19 @@ def compare_ratio(method: str, hyper: dict | None = None) -> dict:
         paper = _didi_label(hyper.get("budget"))
         if paper is None:
             reason = "the paper reports DiDi at 1.24, 1.4 and 2.0 only" + (
-                f"; {reason}" if method == "didi_folded" else "")
+                f"; {reason}" if method == "didi_folded" else ""
+            )
     if method == "flexmerge" and hyper.get("target") is not None:
         return {"paper": "FlexMerge", "published": float(hyper["target"]), "reason": reason}
     if method == "tall_masks" and hyper.get("mtl") != "ties":
         reason = "the paper's 2.5 is for TALL-Mask+TIES; " + reason
-    return {"paper": paper, "published": PUBLISHED.get(paper) if paper else
-            (1.0 if method in ("averaging", "task_arithmetic", "ties", "tsv_m") else None), "reason": reason}
+    return {
+        "paper": paper,
+        "published": PUBLISHED.get(paper)
+        if paper
+        else (1.0 if method in ("averaging", "task_arithmetic", "ties", "tsv_m") else None),
+        "reason": reason,
+    }
 
 
 def artifact_ratio_row(manifest: dict) -> dict:

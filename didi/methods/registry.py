@@ -10,6 +10,7 @@ artifact kind) or, with `writes_artifact=True`, writes the artifact itself (the 
 `didi.pipeline.run_merge`). Built-in methods are defined in the modules listed in `METHODS`; other packages add
 theirs through the `didi.methods` entry-point group.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, is_dataclass
@@ -45,8 +46,10 @@ class MethodSpec:
         elif isinstance(options, dict):
             opts = from_dict(self.options, options, f"options of method '{self.name}'")
         else:
-            raise DidiError(f"options of method '{self.name}': expected a mapping such as {{k: 20}}, "
-                            f"found {type(options).__name__}")
+            raise DidiError(
+                f"options of method '{self.name}': expected a mapping such as {{k: 20}}, "
+                f"found {type(options).__name__}"
+            )
         validate = getattr(opts, "validate", None)
         if validate is not None:
             validate()
@@ -54,8 +57,16 @@ class MethodSpec:
 
 
 METHODS: Registry[MethodSpec] = Registry(
-    "merging method", group="didi.methods", identity=lambda spec: spec.fn,
-    builtins=("didi.methods.static", "didi.methods.dynamic", "didi.methods.flexmerge", "didi.methods.didi_variants"))
+    "merging method",
+    group="didi.methods",
+    identity=lambda spec: spec.fn,
+    builtins=(
+        "didi.methods.static",
+        "didi.methods.dynamic",
+        "didi.methods.flexmerge",
+        "didi.methods.didi_variants",
+    ),
+)
 
 
 def register_method(name: str, options: type, kind: MethodKind = "static", writes_artifact: bool = False):
@@ -80,5 +91,7 @@ def get_method(name: str) -> MethodSpec:
 
 def list_methods() -> list[dict]:
     """Name, kind, one-line summary and options (name, type, default, help) of every registered method."""
-    return [{"name": s.name, "kind": s.kind, "summary": s.summary, "options": describe_options(s.options)}
-            for _, s in METHODS.items()]
+    return [
+        {"name": s.name, "kind": s.kind, "summary": s.summary, "options": describe_options(s.options)}
+        for _, s in METHODS.items()
+    ]

@@ -3,6 +3,7 @@
 Each writes the merged delta as `fold` terms (folded into the stored base, ratio 1.0). The tensor-level
 kernels live in `didi.merges`, where DiDi's shared part (`--decompose.shared_merge ties`) finds them too.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ def ties(zoo: Zoo, opts: TiesOptions, reader: DeltaReader) -> Terms:
 @register_method("tsv_m", options=TsvMOptions)
 def tsv_m(zoo: Zoo, opts: TsvMOptions, reader: DeltaReader) -> Terms:
     """TSV-M: per matrix, orthogonalised top-⌊k/T⌋ singular vectors of every task; other tensors averaged."""
+
     def merge(d):
         if d.is_matrix:
             return tsv_m_merge(d.matrices(), opts.alpha).reshape(d.plan.shape)

@@ -1,5 +1,6 @@
 """Backbone adapters: how to read θ0 and θ_t of one model family tensor by tensor, which tensors are
-decomposed, and how to rebuild a runnable model. The registry (`didi.backbones.registry`) finds them by name."""
+decomposed, and how to rebuild a runnable model. The registry (`didi.backbones.registry`) finds them by
+name."""
 
 from __future__ import annotations
 

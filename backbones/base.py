@@ -1,8 +1,8 @@
 """The adapter base class: how didi reads one model family tensor by tensor and which tensors it decomposes.
 
-An `Adapter` is configuration only (name patterns, the non-matrix policy, reshape rules). `Zoo` binds an adapter
-to θ0 and the task checkpoints, checks they fit together before any heavy compute, and plans what happens to
-every tensor. A new family subclasses `Adapter` and overrides the few hooks it needs (see README).
+An `Adapter` is configuration only (name patterns, the non-matrix policy, reshape rules). `Zoo` binds an
+adapter to θ0 and the task checkpoints, checks they fit together before any heavy compute, and plans what
+happens to every tensor. A new family subclasses `Adapter` and overrides the few hooks it needs (see README).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ _LAYER_RE = re.compile(r"(?:^|\.)(?:layers?|blocks?|resblocks|h|encoder\.layer)\
 
 
 class Adapter:
-    """Generic state-dict adapter; families override `scope`, `is_decomposed`, reshape rules and `build_model`.
+    """Generic state-dict adapter; families override `scope`, `is_decomposed`, reshape rules, `build_model`.
 
     Args:
         include: fnmatch patterns; when given, only matching tensors are decomposed (others follow the
@@ -80,7 +80,7 @@ class Adapter:
         return True
 
     def is_decomposed(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
-        """Default: every floating tensor of `matrix_ndims` dimensions, subject to include/exclude patterns."""
+        """Default: each floating tensor of `matrix_ndims` dimensions, subject to include/exclude patterns."""
         if not dtype.is_floating_point or len(shape) not in self.matrix_ndims or min(shape) < 1:
             return False
         return self._pattern_ok(name)
@@ -109,7 +109,8 @@ class Adapter:
     def locate(self, name: str) -> tuple[str, str]:
         """(module path, parameter name) of tensor `name` inside `build_model()`'s module (routed wrapping).
 
-        Default: state-dict names are module paths, so "blocks.0.mlp.fc.weight" → ("blocks.0.mlp.fc", "weight").
+        Default: state-dict names are module paths, so "blocks.0.mlp.fc.weight"
+        → ("blocks.0.mlp.fc", "weight").
         """
         module, _, param = name.rpartition(".")
         return module, param

@@ -1,9 +1,9 @@
-"""Hugging Face CLIP vision towers (`CLIPModel`, `CLIPVisionModel`, `CLIPVisionModelWithProjection` directories).
+"""HF CLIP vision towers (`CLIPModel`, `CLIPVisionModel`, `CLIPVisionModelWithProjection` directories).
 
 Scope = the vision tower, as in the open_clip adapter: every `vision_model.*` tensor (transformers-4 names; a
 transformers-5 `CLIPVisionModel` file without that prefix is read under the same names) plus
-`visual_projection.weight` when the checkpoint has one (open_clip's `visual.proj`, stored transposed). HF keeps
-q, k and v as three (w×w) projections where open_clip keeps one (3w×w) `in_proj_weight`; with
+`visual_projection.weight` when the checkpoint has one (open_clip's `visual.proj`, stored transposed). HF
+keeps q, k and v as three (w×w) projections where open_clip keeps one (3w×w) `in_proj_weight`; with
 `fuse_qkv=True` the adapter presents them as one `...self_attn.qkv_proj.weight` / `.bias` (rows q, k, v: the
 in_proj layout), so an HF checkpoint and its open_clip twin are decomposed matrix for matrix, with the same
 ranks, the same budget and the same result. The default keeps the three HF matrices (each gets its own rank,

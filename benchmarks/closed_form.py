@@ -1,4 +1,4 @@
-"""Stage-1 step: the closed form (docs/method.md §3) vs the literal materialised loss, ViT-B/32-shaped matrices.
+"""Stage-1 step: closed form (docs/method.md §3) vs literal materialised loss, ViT-B/32-shaped matrices.
 
 12 blocks × {2304×768, 768×768, 3072×768, 768×3072}, 8 tasks, random full-rank task vectors. One "step" is the
 forward and backward pass of the reconstruction term over all 48 matrices and 8 tasks. Reports the median step

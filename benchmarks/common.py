@@ -48,7 +48,10 @@ def write_results(name: str, payload: dict, table: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {**payload, "device": device_info(), "git": git_rev()}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
-    md = f"{table}\n\nCommand: `{payload.get('command', '')}`  \nDevice: {payload['device']}  \ngit: {payload['git']}\n"
+    md = (
+        f"{table}\n\nCommand: `{payload.get('command', '')}`  \n"
+        f"Device: {payload['device']}  \ngit: {payload['git']}\n"
+    )
     (RESULTS / f"{name}.md").write_text(md)
     print(md)
     return RESULTS / f"{name}.json"

@@ -1,4 +1,4 @@
-"""End-to-end `didi merge` at 1.24× of synthetic ViT-B/32-shaped task vectors (8 tasks): seconds per stage, peak RSS.
+"""End-to-end `didi merge` at 1.24× of 8 synthetic ViT-B/32-shaped task vectors: seconds per stage, peak RSS.
 
 The zoo: 12 blocks × {2304×768, 768×768, 3072×768, 768×3072} with fine-tune-like power-law spectra
 (didi.synthetic.make_spectral_zoo), written as safetensors; the merge runs with the default settings.
@@ -71,7 +71,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
     table += (
         f"\n\n|θ0| = {store.base_params:,}, {len(store.matrices)} matrices, {args.tasks} tasks, ratio "
         f"{ranks.info['ratio']:.5f} (target {ranks.info['target_ratio']}), relative error "
-        f"{metrics['rec_err_before']:.4f} → {metrics['rec_err_after']:.4f} after refinement; allocation kept: "
+        f"{metrics['rec_err_before']:.4f} → {metrics['rec_err_after']:.4f} after refinement; "
+        f"allocation kept: "
         f"{ranks.info.get('chosen')}; peak RSS {peak_rss_mb():.0f} MB (zoo generation alone "
         f"{rss_after_zoo:.0f} MB)."
     )

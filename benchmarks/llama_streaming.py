@@ -176,7 +176,8 @@ def projection(rows: list[dict], calib: dict, T_meas: int, hidden: int, vocab: i
             ("per_task", L8B_LAYER * L8B_LAYERS),
         ):
             # one tensor (one layer batch) at a time: the largest decomposed matrix sets the working set; with
-            # per_task embeddings, the T dense embedding deltas of one embedding tensor being written may be larger
+            # per_task embeddings, the T dense embedding deltas of one embedding tensor being written may be
+            # larger
             big = max(m * n for m, n in shapes)
             held = 0 if emb_policy == "low_rank" else T * 128256 * 4096 * 4
             out.append(
@@ -237,7 +238,8 @@ def main() -> None:
             r = child(["--_merge", d, *common, "--device", a.device])
             rows.append({"layers": L, **r})
             print(
-                f"layers {L:>3}: peak RSS {r['peak_rss_mb']:.0f} MB (decompose {r['peak_rss_decompose_mb']:.0f} MB, "
+                f"layers {L:>3}: peak RSS {r['peak_rss_mb']:.0f} MB "
+                f"(decompose {r['peak_rss_decompose_mb']:.0f} MB, "
                 f"after imports {r['rss_after_imports_mb']:.0f} MB), decompose {r['decompose_s']:.1f} s, "
                 f"rest {r['search_refine_write_s']:.1f} s, checkpoint {r['checkpoint_mb']:.0f} MB",
                 flush=True,
@@ -281,11 +283,15 @@ def main() -> None:
     }
     (out / "llama_streaming.json").write_text(json.dumps(result, indent=1))
     md = [
-        "| layers | checkpoint (MB) | peak RSS (MB) | peak in decompose (MB) | decompose (s) | search+refine+write (s) |",
+        (
+            "| layers | checkpoint (MB) | peak RSS (MB) | peak in decompose (MB) | "
+            "decompose (s) | search+refine+write (s) |"
+        ),
         "|---:|---:|---:|---:|---:|---:|",
     ]
     md += [
-        f"| {r['layers']} | {r['checkpoint_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_decompose_mb']:.0f} | "
+        f"| {r['layers']} | {r['checkpoint_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+        f"{r['peak_rss_decompose_mb']:.0f} | "
         f"{r['decompose_s']:.1f} | {r['search_refine_write_s']:.1f} |"
         for r in rows
     ]
@@ -299,7 +305,8 @@ def main() -> None:
         "|---:|---|---:|---:|",
     ]
     md += [
-        f"| {q['tasks']} | {q['embeddings']} | {q['decompose_hours_cpu_rate']:.2f} | {q['peak_host_gb']:.1f} |"
+        f"| {q['tasks']} | {q['embeddings']} | {q['decompose_hours_cpu_rate']:.2f} | "
+        f"{q['peak_host_gb']:.1f} |"
         for q in proj
     ]
     md += ["", formula]

@@ -63,8 +63,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     table = md_table(["stage-2 optimiser", "rel. reconstruction error", "seconds"], rows)
     table += (
-        f"\n\nZoo: ViT-shaped, width {args.width}, {args.layers} blocks, {args.tasks} tasks, power-law spectra; "
-        f"ranks: greedy allocation at {args.budget}× (ratio {ranks.info['ratio']:.4f}), the same for every row."
+        f"\n\nZoo: ViT-shaped, width {args.width}, {args.layers} blocks, {args.tasks} tasks, "
+        f"power-law spectra; ranks: greedy allocation at {args.budget}× "
+        f"(ratio {ranks.info['ratio']:.4f}), the same for every row."
     )
     write_results(
         f"refine_w{args.width}",

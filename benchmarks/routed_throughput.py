@@ -1,18 +1,18 @@
 """Routed mixed-task throughput vs the dense single model (issue 5's benchmark).
 
-Model: open_clip's own `ViT-B-32` image tower (random weights, `pretrained=None`; the architecture a user serves,
-with nn.MultiheadAttention and the conv patch embedding), through `OpenClipAdapter` + `RoutedModel`, exactly
-as `didi evaluate` runs it. Artifact: 8 tasks; every decomposed matrix of the tower (conv1 as 768×3072, the 12
-packed in-projections 2304×768, out-projections, MLPs, the final projection) gets one shared and one expert
-rank per task, spread uniformly so the artifact costs the requested ratio of |θ0| (1.24×: rank 14 each).
-Factors are random; the time of a forward does not depend on their values.
+Model: open_clip's own `ViT-B-32` image tower (random weights, `pretrained=None`; the architecture a user
+serves, with nn.MultiheadAttention and the conv patch embedding), through `OpenClipAdapter` + `RoutedModel`,
+exactly as `didi evaluate` runs it. Artifact: 8 tasks; every decomposed matrix of the tower (conv1 as
+768×3072, the 12 packed in-projections 2304×768, out-projections, MLPs, the final projection) gets one shared
+and one expert rank per task, spread uniformly so the artifact costs the requested ratio of |θ0| (1.24×: rank
+14 each). Factors are random; the time of a forward does not depend on their values.
 
 Measured: image forward passes per second at batch 64 (224×224) for (a) the dense model, (b) routed, a mixed
 batch of 8 tasks × 8 interleaved rows with experts on every matrix: open_clip uses `positional_embedding` and
 `proj` as raw parameters (x + pos, x @ proj) that no layer wrapper reaches, so such a batch runs once per task
 group on materialised weights, (c) the same batch in one pass, with those two tensors given shared terms only,
-(d) routed, a one-task batch (materialised fast path, weights kept between batches). The three are timed in alternating rounds so a
-change of machine load hits them alike; the median round counts.
+(d) routed, a one-task batch (materialised fast path, weights kept between batches). The three are timed in
+alternating rounds so a change of machine load hits them alike; the median round counts.
 
     python benchmarks/routed_throughput.py                      # the numbers in BENCHMARKS.md
     python benchmarks/routed_throughput.py --device cuda        # on a GPU
@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{torch.__version__}, median of {a.rounds} alternating rounds.\n\n"
         f"| path | forward/s | × dense |\n|---|---:|---:|\n"
         f"| dense single model | {per_s['dense']:.3g} | 1.00 |\n"
-        f"| routed, mixed batch ({T} tasks, interleaved rows), experts on every matrix: runs per task group | "
+        f"| routed, mixed batch ({T} tasks, interleaved rows), "
+        f"experts on every matrix: runs per task group | "
         f"{per_s['routed_mixed']:.3g} | {res['ratio_mixed_vs_dense']:.2f} |\n"
         f"| routed, mixed batch, one pass (positional embedding and `proj` shared-only) | "
         f"{per_s['routed_mixed_one_pass']:.3g} | {res['ratio_mixed_one_pass_vs_dense']:.2f} |\n"

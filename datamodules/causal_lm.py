@@ -1,4 +1,4 @@
-"""Causal-LM evaluation data: per-task perplexity on text files, and multiple-choice accuracy by log-likelihood.
+"""Causal-LM evaluation data: per-task perplexity on text files, multiple-choice accuracy by log-likelihood.
 
 A task's data is one of
   * a `.txt` file (or a directory with `<split>.txt`): perplexity. The file is tokenised once (with the
@@ -13,8 +13,8 @@ A task's data is one of
 A batch holds one row per window or per (question, choice): `input_ids`, `attention_mask` (right padding),
 `target_mask` (1 where the token is scored), `task_id` per row (what the router reads), `row_example`
 (example of the row inside the batch), and per example `example_task`, `example_kind` (0 text, 1 choice),
-`labels`. `didi.eval_causal_lm.CausalLMEvaluator` sums NLL, tokens and correct counts per task, so DDP (disjoint
-`ShardSampler` shares, nothing padded) gives exactly the one-process numbers.
+`labels`. `didi.eval_causal_lm.CausalLMEvaluator` sums NLL, tokens and correct counts per task, so DDP
+(disjoint `ShardSampler` shares, nothing padded) gives exactly the one-process numbers.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Image classification data for evaluation (one ImageFolder per task), open_clip preprocessing, zero-shot heads.
+"""Image classification evaluation data (one ImageFolder per task), open_clip preprocessing, zero-shot heads.
 
 A task's data is a directory in `torchvision.datasets.ImageFolder` layout (`<class>/<image>`), or a directory
 holding `<split>/` in that layout. Batches hold `pixel_values` (the adapter's eval transform), `labels`,
@@ -23,7 +23,7 @@ from didi.errors import DidiError
 
 # ------------------------------------------------------------------------------------ open_clip helpers
 def open_clip_transform(model: nn.Module) -> Callable:
-    """The eval transform open_clip uses for `model` (size, resize mode, mean/std from its preprocess config)."""
+    """open_clip's eval transform for `model` (size, resize mode, mean/std from its preprocess config)."""
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     visual = getattr(model, "visual", model)

@@ -3,8 +3,9 @@
 ratio = 1 + stored elements / |θ0|. The backbone θ0 is stored once and counts 1.0. Stored tensors are priced
 by kind: a rank-r factor pair of an m×n matrix costs r(m + n) (the numel of A plus B), a dense tensor its
 numel, a binary mask numel/32 (1 bit against fp32), a scalar 1, and a delta folded into the stored base
-(it replaces a base tensor) nothing. Heads, routers and the text tower are outside the budget. Terms shared by a
-subset of the tasks (artifact groups, FlexMerge's clusters) are priced once per group, like the shared module.
+(it replaces a base tensor) nothing. Heads, routers and the text tower are outside the budget. Terms shared by
+a subset of the tasks (artifact groups, FlexMerge's clusters) are priced once per group, like the shared
+module.
 """
 
 from __future__ import annotations

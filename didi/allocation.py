@@ -2,7 +2,8 @@
 
 The rank problem (bounds, unit costs, fixed costs) of a factor store, the closed-form terms the search and the
 exact allocator read, and the three allocations: the differentiable search (a Lightning fit) followed by
-round → global factor → greedy fill, the greedy marginal-gain allocation, and the folded layout's exact greedy.
+round → global factor → greedy fill, the greedy marginal-gain allocation, and the folded layout's exact
+greedy.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class TermsCache:
         return terms_from_factors(self.store.load(i), self.widths[i], dtype=torch.float64)
 
     def groups(self, indices: list[int], dtype=torch.float32) -> list[tuple[torch.Tensor, GroupTerms]]:
-        """Terms of `indices`, stacked per search width; memoised, since every epoch asks for the same batches."""
+        """Terms of `indices`, stacked per search width; memoised: every epoch asks for the same batches."""
         key = (tuple(indices), dtype)
         if key not in self._groups:
             full = self._groups.get((self._all, torch.float64))
@@ -198,7 +199,8 @@ def _search(
     resume: bool,
     info: dict,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The differentiable search (Lightning fit), then round → global factor → greedy fill (docs/method.md §2.3)."""
+    """The differentiable search (Lightning fit), then round → global factor → greedy fill
+    (docs/method.md §2.3)."""
     tau_total = cache.tau_total()
     gamma = scfg.gamma
     if gamma == "auto":  # exact-penalty threshold: marginal error decrease per element, in loss units
@@ -247,7 +249,8 @@ def allocate(
 ) -> Ranks:
     """Stage 1 and the budget: integer ranks at the exact target (ratio ≤ target, short by < one unit).
 
-    `trainers`: the run's Trainers (a merge shares one W&B run between its stages), or settings to build them."""
+    `trainers`: the run's Trainers (a merge shares one W&B run between its stages), or settings to build
+    them."""
     if isinstance(trainers, TrainerConfig):
         trainers = Trainers(trainers)
     if shared == "folded":
@@ -307,9 +310,9 @@ def allocate(
 def allocate_folded(
     store: FactorStore, target: float, policy: Policy, allocation: Allocation = "search"
 ) -> Ranks:
-    """Expert ranks for a shared part folded into the base: no shared ranks; `search` and `greedy` both take the
-    exact greedy of `folded_ranks` (optimal to one rank unit: the search has nothing to find), `uniform` the
-    same rank everywhere (the ablation)."""
+    """Expert ranks for a shared part folded into the base: no shared ranks; `search` and `greedy` both take
+    the exact greedy of `folded_ranks` (optimal to one rank unit: the search has nothing to find), `uniform`
+    the same rank everywhere (the ablation)."""
     if allocation not in ("search", "greedy", "uniform"):
         raise DidiError(f"allocation: expected search, greedy or uniform, found {allocation!r}")
     problem = rank_problem(store, [e.K for e in store.matrices], policy)

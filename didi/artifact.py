@@ -1,21 +1,24 @@
 """The artifact: a directory anyone can use without didi's training code.
 
     manifest.json            format, adapter + settings, sources + sha256 of every tensor used, tasks,
-                             method + hyper-parameters, ranks, storage breakdown and ratio, versions, file sha256
+                             method + hyper-parameters, ranks, storage breakdown and ratio, versions,
+                             file sha256
     fold.safetensors         deltas folded into the stored base (every task; replaces base tensors, cost 0)
-    shared.safetensors       terms every task adds: "<name>::lora_A" (m×r), "<name>::lora_B" (r×n), "<name>::dense"
-    tasks/<task>.safetensors terms of one task: lora pairs, "<name>::dense", or "<name>::mask" + "<name>::scale"
-                             (scale · mask ⊙ shared "<name>::ref")
-    groups/<gid>.safetensors (optional) terms shared by a SUBSET of the tasks (FlexMerge's task clusters): lora
-                             pairs or "<name>::dense"; manifest["groups"][gid] lists the member tasks. Each group
-                             file is stored (and priced) once, like shared.safetensors, and added to its members.
+    shared.safetensors       terms every task adds: "<name>::lora_A" (m×r), "<name>::lora_B" (r×n),
+                             "<name>::dense"
+    tasks/<task>.safetensors terms of one task: lora pairs, "<name>::dense",
+                             or "<name>::mask" + "<name>::scale" (scale · mask ⊙ shared "<name>::ref")
+    groups/<gid>.safetensors (optional) terms shared by a SUBSET of the tasks (FlexMerge's task clusters):
+                             lora pairs or "<name>::dense"; manifest["groups"][gid] lists the member tasks.
+                             Each group file is stored (and priced) once, like shared.safetensors, and added
+                             to its members.
     rank_heatmap.png         (DiDi) ranks per layer and matrix kind
 
 Task t's weights: θ0[name] + fold + A_s B_s + A_t B_t + dense_t + scale_t·mask_t⊙ref (+ the terms of every
-group containing t), reshaped to the tensor's shape. Written to a temporary directory and renamed into place at the end.
-Terms are read in one place, `parse_terms`/`decode_terms` (typed `LoRA`, `Dense`, `Masked` terms per tensor),
-which routing, export and `Artifact.task_deltas` all use: a key that its file may not hold is the same
-DidiError everywhere. A mask's scale is in the mask's own file, its ref in shared.safetensors.
+group containing t), reshaped to the tensor's shape. Written to a temporary directory and renamed into place
+at the end. Terms are read in one place, `parse_terms`/`decode_terms` (typed `LoRA`, `Dense`, `Masked` terms
+per tensor), which routing, export and `Artifact.task_deltas` all use: a key that its file may not hold is the
+same DidiError everywhere. A mask's scale is in the mask's own file, its ref in shared.safetensors.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def zoo_manifest(zoo, sha256: dict[str, dict[str, str]]) -> dict:
-    """The manifest keys every method shares: adapter, sources with per-tensor sha256, tasks, |θ0|, tensors."""
+    """The manifest keys all methods share: adapter, sources with per-tensor sha256, tasks, |θ0|, tensors."""
     return {
         "adapter": {"name": zoo.adapter.registry_name, "settings": zoo.adapter.settings()},
         "sources": {
@@ -446,8 +449,8 @@ class Artifact:
         return out
 
     def common_deltas(self) -> dict[str, torch.Tensor]:
-        """name -> the delta every task shares: fold + shared low-rank + shared dense (fp32, the tensor's shape).
-        Routed serving folds exactly this into the base weights once."""
+        """name -> the delta every task shares: fold + shared low-rank + shared dense (fp32, the tensor's
+        shape). Routed serving folds exactly this into the base weights once."""
         return self._add({}, self.common_terms())
 
     def task_deltas(self, task: str) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Budgets: presets, feasibility, and turning continuous searched ranks into integer ranks at the exact target.
+"""Budgets: presets, feasibility and turning continuous searched ranks into integer ranks at the exact target.
 
 After the search: round, multiply every rank by one global factor found by bisection, then spend what is left
 on the single rank units with the largest exact error decrease per stored element (closed form), so the final
@@ -101,7 +101,8 @@ class Allocator:
     def matrix_errors(
         self, r_s: torch.Tensor, r_t: torch.Tensor, only: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Σ_t ‖E_t,l‖² per matrix [L] (absolute); with `only` (a bool mask [L]) just those matrices, 0 elsewhere."""
+        """Σ_t ‖E_t,l‖² per matrix [L] (absolute); with `only` (a bool mask [L]) just those matrices,
+        0 elsewhere."""
         out = torch.zeros(len(r_s), dtype=torch.float64)
         for idx, terms in self.groups:
             pos = torch.arange(len(idx)) if only is None else torch.nonzero(only[idx]).flatten()

@@ -37,9 +37,9 @@ def _zoo(base: str, tasks, backbone, allow_pickle: bool):
 
 
 def _merge_signature(*own: str, options: tuple[str, ...]) -> Callable:
-    """Give a subcommand the flat flags of `MergeOptions` (`--budget`, `--search.steps`, ...) without restating
-    them: its signature becomes its own parameters (`own`) plus the named option fields, and its help text
-    gets those fields' descriptions. The options are declared once, on `MergeOptions`."""
+    """Give a subcommand the flat flags of `MergeOptions` (`--budget`, `--search.steps`, ...) without
+    restating them: its signature becomes its own parameters (`own`) plus the named option fields, and its
+    help text gets those fields' descriptions. The options are declared once, on `MergeOptions`."""
     from didi.options import option_parameters
 
     def deco(fn: Callable) -> Callable:
@@ -128,7 +128,8 @@ def search(
     if is_global_zero():
         write_json_atomic(output, ranks.to_json(store))
         print(
-            f"ranks written to {output}: ratio {ranks.info['ratio']:.6g}, rel. error {ranks.info['rec_err']:.4g}"
+            f"ranks written to {output}: ratio {ranks.info['ratio']:.6g}, "
+            f"rel. error {ranks.info['rec_err']:.4g}"
         )
 
 
@@ -250,7 +251,7 @@ def backbones(json_output: bool = False) -> None:
 
 
 def _print_registry(rows: list[dict], json_output: bool, head, option) -> None:
-    """One listing for `didi backbones` and `didi methods`: JSON, or each entry's head line and option lines."""
+    """One listing for `didi backbones` and `didi methods`: JSON, or each entry's head and option lines."""
     if json_output:
         print(json.dumps(rows, indent=1, default=repr))
         return
@@ -281,7 +282,7 @@ def apply(
     backbone: Optional[Adapter] = None,
     allow_pickle: bool = False,
 ) -> None:
-    """Run one registered merging method (see `didi methods`) and write its artifact (same kind as `didi merge`).
+    """Run one registered merging method (see `didi methods`); write its artifact (same kind as `didi merge`).
 
     Args:
         method: registered method name: ties, emr, tall_masks, flexmerge, didi_uniform, ...
@@ -323,13 +324,15 @@ def evaluate(
         artifact: artifact directory.
         data: {task: path}. Text classification (hf_encoder): .jsonl of {"text", "label"} or a directory with
             test.jsonl. Images (open_clip): an ImageFolder directory (<class>/<image>, or test/<class>/...).
-            Causal LM (hf_llama): .txt (perplexity) or .jsonl of {"context", "choices", "label"} (multiple choice).
+            Causal LM (hf_llama): .txt (perplexity) or .jsonl of {"context", "choices", "label"} (multiple
+            choice).
         output: directory for report.json / report.md (default: <artifact>/eval).
         heads: {task: head.safetensors}; default: head.safetensors beside each task's fine-tune (open_clip:
             a zero-shot head from θ0's text tower and the class folder names).
         base: θ0 path (default: the one recorded in the manifest).
         tokenizer: tokenizer directory (default: θ0's).
-        individual: {task: accuracy} of the individual fine-tunes or their report.json: adds normalised accuracy.
+        individual: {task: accuracy} of the individual fine-tunes or their report.json: adds normalised
+            accuracy.
         batch_size: examples per batch and process.
         max_length: tokens per example.
         limit_per_task: evaluate only the first examples of each task.

@@ -1,6 +1,7 @@
 """Stage-1 reconstruction error in the SVD bases (docs/method.md §3): no m×n matrix is formed per step.
 
-For one matrix and task t, with masks dropping singular mass d_s = (1 − g(r_s))∘σ_s and d_t = (1 − g(r_t))∘σ_t:
+For one matrix and task t, with masks dropping singular mass d_s = (1 − g(r_s))∘σ_s and
+d_t = (1 − g(r_t))∘σ_t:
 
     ‖E_t‖² = ‖d_s‖² + ‖d_t‖² + 2 d_sᵀ C_t d_t + 2 d_sᵀ p_t + 2 d_tᵀ q_t + c_t
 
@@ -87,8 +88,8 @@ def literal_error(
 ) -> torch.Tensor:
     """The materialised loss ‖U_s diag(g_s σ_s) V_sᵀ + U_t diag(g_t σ_t) V_tᵀ − τ_t‖² [T] for one matrix.
 
-    Shapes: tau [T,m,n], U_s [m,K], S_s [K], V_s [n,K], U_t [T,m,K], S_t [T,K], V_t [T,n,K], g_s [K], g_t [T,K].
-    Used by tests and the benchmark as the independent reference; O(m·n·K) per task.
+    Shapes: tau [T,m,n], U_s [m,K], S_s [K], V_s [n,K], U_t [T,m,K], S_t [T,K], V_t [T,n,K], g_s [K],
+    g_t [T,K]. Used by tests and the benchmark as the independent reference; O(m·n·K) per task.
     """
     Ms = (U_s * (g_s * S_s)) @ V_s.T
     Mt = torch.einsum("tmk,tk,tnk->tmn", U_t, g_t * S_t, V_t)

@@ -129,7 +129,8 @@ class FactorStore:
 
 
 def terms_from_factors(f: dict[str, torch.Tensor], K: int, device=None, dtype=torch.float32) -> GroupTerms:
-    """C_t, p_t, q_t and c_t = ‖R_s + R_t‖² at width K from the stored factors (docs/method.md §3, truncated case)."""
+    """C_t, p_t, q_t and c_t = ‖R_s + R_t‖² at width K from the stored factors
+    (docs/method.md §3, truncated case)."""
     Ks = f["S_s"].shape[-1]
     if K > Ks:
         raise DidiError(f"search width K={K} exceeds the {Ks} singular components kept in the factor store")
@@ -263,9 +264,9 @@ class DecomposeConfig:
         batch_mb: same-shape matrices are decomposed together (one batched SVD call, which pays off on a GPU
             with many small matrices); at most this many MB of task vectors are buffered in all, across
             shapes (the largest pending group is decomposed when the cap is reached), so host memory does not
-            grow with the layer count. 0 decomposes every matrix on its own as soon as it is read. None (auto):
-            64 on a GPU, 0 on the CPU, where batching saved no time (16-layer Llama test: 46.1 s vs 46.3 s)
-            but its buffers and batched-SVD workspaces doubled the peak memory of the decomposition.
+            grow with the layer count. 0 decomposes every matrix on its own as soon as it is read. None
+            (auto): 64 on a GPU, 0 on the CPU, where batching saved no time (16-layer Llama test: 46.1 s vs
+            46.3 s) but its buffers and batched-SVD workspaces doubled the peak memory of the decomposition.
     """
 
     shared_merge: str = "mean"
@@ -287,7 +288,7 @@ class DecomposeConfig:
 
 
 def _fingerprint(zoo: Zoo, cfg: DecomposeConfig) -> str:
-    """Cache key from the sources' file stats, the task order, the adapter's settings and the decomposition."""
+    """Cache key: the sources' file stats, the task order, the adapter's settings and the decomposition."""
     h = hashlib.sha256()
 
     def stat(p: str) -> list:

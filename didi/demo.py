@@ -1,4 +1,4 @@
-"""`didi demo --kind synthetic`: a zoo with planted low-rank task vectors, merged and checked in about a minute."""
+"""`didi demo --kind synthetic`: planted low-rank task vectors, merged and checked in about a minute."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def run_synthetic_demo(
         f"\nsynthetic zoo: {tasks} tasks, {layers} blocks of width {width}, |θ0| = {zoo.base_params:,}\n"
         f"artifact {path}: storage ratio {m['storage']['ratio']:.5f} (target {a['target_ratio']})\n"
         f"relative reconstruction error: {r['rec_err_before']:.4f} with the truncated SVDs, "
-        f"{r['rec_err_after']:.4f} after refinement (uniform ranks would give {a.get('uniform_rec_err', 0):.4f}, "
+        f"{r['rec_err_after']:.4f} after refinement "
+        f"(uniform ranks would give {a.get('uniform_rec_err', 0):.4f}, "
         f"greedy {a.get('greedy_rec_err', 0):.4f}; kept: {a.get('chosen')})\n"
         f"demo took {time.time() - t0:.1f} s; `didi inspect {path}` shows the ranks"
     )

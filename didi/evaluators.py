@@ -88,7 +88,8 @@ class PerTaskTextFeatures(nn.Module):
 class Evaluator(L.LightningModule):
     """Accuracy per task: features (routed or not) → the task's head → torchmetrics, synced across processes.
 
-    Logs "eval/<task>/acc", "eval/<task>/n" and "eval/<task>/correct"; `results` holds {task: {"accuracy", "n"}} after a test run.
+    Logs "eval/<task>/acc", "eval/<task>/n" and "eval/<task>/correct"; `results` holds
+    {task: {"accuracy", "n"}} after a test run.
     """
 
     def __init__(
@@ -99,7 +100,8 @@ class Evaluator(L.LightningModule):
         self.tasks = list(tasks)
         self.router = router or OracleRouter(self.tasks)
         self.heads = nn.ModuleDict(heads)
-        # correct and total counts (torchmetrics sums them across processes); accuracy = correct / n in float64
+        # correct and total counts (torchmetrics sums them across processes); accuracy = correct / n in
+        # float64
         self.correct = nn.ModuleDict({t: SumMetric() for t in heads})
         self.count = nn.ModuleDict({t: SumMetric() for t in heads})
         self.results: dict[str, dict] = {}

@@ -1,10 +1,10 @@
 """Exports: hand an artifact to tools that know nothing of didi.
 
-`checkpoint`: task t's full weights (θ0 + fold + shared + expert) in the base model's own layout: the same file
-names, the same shards and `model.safetensors.index.json`, the same tensor names (hf_clip's renamed or fused
-q/k/v tensors are written back under the checkpoint's names), plus config.json / tokenizer files where the base
-had them. Each tensor is computed on its own and each shard written before the next is started, so host memory
-stays at about one shard even for a sharded 8B model.
+`checkpoint`: task t's full weights (θ0 + fold + shared + expert) in the base model's own layout: the same
+file names, the same shards and `model.safetensors.index.json`, the same tensor names (hf_clip's renamed or
+fused q/k/v tensors are written back under the checkpoint's names), plus config.json / tokenizer files where
+the base had them. Each tensor is computed on its own and each shard written before the next is started, so
+host memory stays at about one shard even for a sharded 8B model.
 
 `peft`: one base checkpoint with everything every task shares folded in (θ0 + fold + A_sB_s + shared dense),
 plus one PEFT LoRA adapter per task. didi stores a task's expert as A (m×r) @ B (r×n); PEFT computes
@@ -86,7 +86,7 @@ class LazyTerms:
         return list(self._index[rel])
 
     def check(self, files: Iterable[str]) -> None:
-        """Parse every key of `files` (no tensor is read): a bad term is refused before anything is written."""
+        """Parse every key of `files` (no tensor read): a bad term is refused before anything is written."""
         for rel in files:
             parse_terms(self._file(rel), self.art.path / rel, file_role(rel), refs=self._file(SHARED_FILE))
 
@@ -159,8 +159,8 @@ class BaseLayout:
         return self.path.is_dir() or self.has_config
 
     def write(self, out: Path, value: Callable[[str], torch.Tensor]) -> None:
-        """Write every tensor (`value(adapter name)`) under the checkpoint's own names, shard by shard; `out` is
-        a directory (as_directory) or a file path."""
+        """Write every tensor (`value(adapter name)`) under the checkpoint's own names, shard by shard; `out`
+        is a directory (as_directory) or a file path."""
         cache: dict[str, torch.Tensor] = {}
         weight_map, total = {}, 0
         for fname, rawnames in self.files.items():

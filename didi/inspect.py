@@ -8,7 +8,7 @@ from didi.methods.published import artifact_ratio_row
 
 
 def inspect_data(path: str) -> dict:
-    """The JSON view: storage_ratio, base_params, tasks, ranks {tensor: {"shared": int, task: int}}, breakdown."""
+    """JSON view: storage_ratio, base_params, tasks, ranks {tensor: {"shared": int, task: int}}, breakdown."""
     a = load_artifact(path)
     m = a.manifest
     st = m["storage"]

@@ -1,4 +1,4 @@
-"""JSON that strict readers accept: no NaN or Infinity, which Python's json writes by default and JSON forbids.
+"""JSON that strict readers accept: no NaN/Infinity, which Python's json writes by default and JSON forbids.
 
 Where a figure can be undefined (an accuracy over no examples, a search metric of a run that took no step),
 the code that makes it writes null and a reason beside it; `dumps` is the guard behind that: any non-finite

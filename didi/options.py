@@ -1,7 +1,8 @@
 """Options dataclasses as a command line, a YAML file and help text: a config is a class signature.
 
-The methods' options (`didi methods`, `--options '{k: 20}'`) and the merge options of `didi merge|search|refine`
-are dataclasses whose Google-style `Args:` docstring is their help; these helpers read them.
+The methods' options (`didi methods`, `--options '{k: 20}'`) and the merge options of
+`didi merge|search|refine` are dataclasses whose Google-style `Args:` docstring is their help; these helpers
+read them.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from didi.errors import DidiError
 
 
 def strict_yaml_load(stream: str) -> Any:
-    """jsonargparse's YAML loader, refusing a mapping with a repeated key: `'{a: x.safetensors, a: y.safetensors}'`
-    would otherwise keep the last `a` and drop a task without a word (PyYAML keeps the last value)."""
+    """jsonargparse's YAML loader, refusing a mapping with a repeated key:
+    `'{a: x.safetensors, a: y.safetensors}'` would otherwise keep the last `a` and drop a task without a word
+    (PyYAML keeps the last value)."""
     import yaml
     from jsonargparse._loaders_dumpers import yaml_load
 

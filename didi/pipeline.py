@@ -1,8 +1,8 @@
 """The DiDi pipeline: decompose → rank search → budget → LoRA refinement → artifact.
 
 This module only orchestrates: each stage lives in its own module (`decompose`, `allocation`, `refine`,
-`didi_artifact`), and `didi merge`, `didi search`, `didi refine`, the registry's DiDi variants and the benchmarks
-all run them through the three functions here, with one options object (`MergeOptions`).
+`didi_artifact`), and `didi merge`, `didi search`, `didi refine`, the registry's DiDi variants and the
+benchmarks all run them through the three functions here, with one options object (`MergeOptions`).
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ from didi.trainer import TrainerConfig, Trainers, is_global_zero
 
 @dataclass
 class MergeOptions:
-    """How a DiDi merge is run: the one set of options of `didi merge`, `didi search`, `didi refine`, `run_merge`
-    and the registry's DiDi variants (each takes the fields it needs).
+    """How a DiDi merge is run: the one set of options of `didi merge`, `didi search`, `didi refine`,
+    `run_merge` and the registry's DiDi variants (each takes the fields it needs).
 
     Args:
         budget: storage ratio: S (1.24), M (1.4), L (2.0) or any float > 1.
-        decompose: decomposition settings (shared_merge: mean, ties, tsv_m; max_rank; dtype; device; cache_dir).
+        decompose: decomposition settings (shared_merge: mean, ties, tsv_m; max_rank; dtype; device;
+            cache_dir).
         search: stage-1 settings.
         refine: stage-2 settings.
         trainer: Lightning Trainer settings (accelerator, devices, strategy, num_nodes, logger).
@@ -162,8 +163,8 @@ def run_merge(
     progress: bool = True,
     method: str = "didi",
 ) -> Path | None:
-    """The whole `didi merge`; returns the artifact path (None on non-zero DDP ranks). `method` is the registry
-    name recorded in the manifest (didi, didi_greedy, ...)."""
+    """The whole `didi merge`; returns the artifact path (None on non-zero DDP ranks). `method` is the
+    registry name recorded in the manifest (didi, didi_greedy, ...)."""
     opts = opts or MergeOptions()
     _check_new(output)
     trainers = Trainers(opts.trainer)  # one W&B run for both stages

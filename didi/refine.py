@@ -81,7 +81,8 @@ def task_errors(taus: torch.Tensor, A_s, B_s, A_t: list, B_t: list) -> torch.Ten
 def _best_rank_r(
     X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, iters: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-r approximation of X by subspace iteration from the column space of A; returns (A', B') with B' = QᵀX."""
+    """Rank-r approximation of X by subspace iteration from the column space of A; returns (A', B')
+    with B' = QᵀX."""
     r = A.shape[1]
     if r == 0:
         return A, B
@@ -145,7 +146,8 @@ class LoRARefine(L.LightningModule):
     """Fit loop over layer batches; each batch item is a list of matrix jobs, results go to `out_dir`.
 
     A job is a dict with `idx`, `taus` [T,m,n], `U_s,S_s,V_s,U_t,S_t,V_t` and ranks `r_s`, `r_t`; a job of a
-    folded merge also has `M_s` [m,n], the dense shared part, which replaces the shared factors (file key `M_s`).
+    folded merge also has `M_s` [m,n], the dense shared part, which replaces the shared factors (file key
+    `M_s`).
     """
 
     def __init__(
@@ -160,7 +162,8 @@ class LoRARefine(L.LightningModule):
         self.out_dir = Path(out_dir)
         self.tau_total = tau_total
         self.automatic_optimization = False  # each step solves its matrices to the end
-        # DDP refuses a module without a trainable parameter; this one is never used (matrices are independent).
+        # DDP refuses a module without a trainable parameter; this one is never used (matrices are
+        # independent).
         self._ddp_anchor = nn.Parameter(torch.zeros(()))
 
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
@@ -230,8 +233,8 @@ class RefineJobs:
             base, taus = self.zoo.read(e.name)
             taus = torch.stack(taus).sub_(base).reshape(-1, e.m, e.n)
             del base
-            # only the leading r columns are used (the initial truncated-SVD factors): a job holds rank-r factors,
-            # not the store's width K (for Llama's embeddings, 128256×K per task)
+            # only the leading r columns are used (the initial truncated-SVD factors): a job holds rank-r
+            # factors, not the store's width K (for Llama's embeddings, 128256×K per task)
             r_s, r_t = int(self.ranks.r_s[i]), [int(r) for r in self.ranks.r_t[i]]
             job = {
                 "idx": i,
@@ -256,7 +259,8 @@ def refine_matrices(
 ) -> tuple[dict, dict, dict]:
     """Stage 2 over every matrix (a Lightning fit over layer batches; finished matrices of an interrupted run
     are kept in `work_dir/refine` and not redone); returns (shared terms, per-task terms, metrics). A folded
-    shared part comes back as shared `NAME::fold` terms, which `write_didi_artifact` adds to the stored base."""
+    shared part comes back as shared `NAME::fold` terms, which `write_didi_artifact` adds to the stored
+    base."""
     if isinstance(trainers, TrainerConfig):
         trainers = Trainers(trainers)
     out = work_dir / "refine"

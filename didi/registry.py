@@ -3,8 +3,8 @@ merges and routed-layer wrappers.
 
 A thing registers itself where it is defined (`@REGISTRY.register(name)`), never as a side effect of a sibling
 package's import. A registry knows the modules that define its built-ins (imported on the first lookup, so
-`import didi.backbones` does not import open_clip or transformers) and an entry-point group through which other
-installed packages add theirs. Registering a second, different object under a taken key is an error.
+`import didi.backbones` does not import open_clip or transformers) and an entry-point group through which
+other installed packages add theirs. Registering a second, different object under a taken key is an error.
 """
 
 from __future__ import annotations

@@ -12,13 +12,14 @@ the fast path: W_t is materialised once and kept while the same task comes back.
 Per-task terms that are not low rank ("::dense", "::mask"·"::scale"·shared "::ref", as baselines store them)
 are materialised per task (cached): on a routed layer they become a dense delta of that layer; on a parameter
 that no wrapper handles (a LayerNorm, an embedding) the batch is split per task and each part runs with that
-task's parameters swapped in. nn.MultiheadAttention (open_clip's attention) has its own wrapper that routes its
-packed in-projection and its out_proj. Every method's artifact therefore runs through the same code; evaluation never special-cases one.
+task's parameters swapped in. nn.MultiheadAttention (open_clip's attention) has its own wrapper that routes
+its packed in-projection and its out_proj. Every method's artifact therefore runs through the same code;
+evaluation never special-cases one.
 
-Experts are buffers of their routed layer (`Expert` modules: in `state_dict()`, moved and cast by `.to()`). The
-routing of a batch is not stored on modules: `RoutedModel.forward` sets it in a ContextVar for the duration of
-the call (`routing`, `current_routing`), so a forward is re-entrant across threads. Artifact terms are read by
-`didi.artifact`'s one decoder (`Artifact.expert_terms`).
+Experts are buffers of their routed layer (`Expert` modules: in `state_dict()`, moved and cast by `.to()`).
+The routing of a batch is not stored on modules: `RoutedModel.forward` sets it in a ContextVar for the
+duration of the call (`routing`, `current_routing`), so a forward is re-entrant across threads. Artifact terms
+are read by `didi.artifact`'s one decoder (`Artifact.expert_terms`).
 
 Extending: `register_wrapper(module_type)(factory)`, factory(module, parent, params) → a `RoutedLayer` or
 None when it cannot wrap that module (e.g. nn.Linear inside an unwrapped nn.MultiheadAttention, whose
@@ -177,8 +178,8 @@ class RoutedLayer(nn.Module):
 
 
 class Expert(nn.Module):
-    """One task's terms on one layer as buffers, so they are in `state_dict()` and `.to()` moves and casts them:
-    "A" (m×r) and "B" (r×n) of the weight, "D" a dense weight delta, "db" a dense bias delta."""
+    """One task's terms on one layer as buffers, so they are in `state_dict()` and `.to()` moves and casts
+    them: "A" (m×r) and "B" (r×n) of the weight, "D" a dense weight delta, "db" a dense bias delta."""
 
     def terms(self) -> dict[str, torch.Tensor]:
         return self._buffers  # type: ignore[return-value]
@@ -347,12 +348,12 @@ WRAPPERS: Registry[WrapperFactory] = Registry("routed-layer wrapper")
 
 
 def register_wrapper(module_type: type) -> Callable[[WrapperFactory], WrapperFactory]:
-    """Decorator: `factory(module, parent, params)` wraps modules of `module_type` (exact type or subclass)."""
+    """Decorator: `factory(module, parent, params)` wraps `module_type` modules (exact type or subclass)."""
     return WRAPPERS.register(module_type)
 
 
 class RoutedConv2d(RoutedLinear):
-    """nn.Conv2d (open_clip's patch embedding `conv1`) whose kernel is decomposed as an (out, in·kh·kw) matrix.
+    """nn.Conv2d (open_clip's patch embedding `conv1`) whose kernel decomposes as an (out, in·kh·kw) matrix.
 
     A (out×r) B (r×in·kh·kw) reshaped to the kernel is the convolution with B as r filters followed by a 1×1
     convolution with A (convolution is linear in the output channels), so the expert costs r channels, not

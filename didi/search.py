@@ -40,7 +40,8 @@ class SearchConfig:
         layer_batch_size: matrices per global step (None: all of them in one batch).
         polish: after budgeting, exchange rank units between modules while that lowers the exact error.
         guard: keep the best (exact closed-form error) of the searched, greedy and uniform allocations, so the
-            default is never worse than either baseline (the manifest records all three errors and the choice).
+            default is never worse than either baseline (the manifest records all three errors and the
+            choice).
     """
 
     steps: int = 200

@@ -105,7 +105,8 @@ def make_zoo(
 
 
 def spectral(m: int, n: int, decay: float, scale: float, g: torch.Generator) -> torch.Tensor:
-    """A full-rank matrix with singular values scale · i^(−decay): a fine-tune-like, not exactly low-rank, spectrum."""
+    """A full-rank matrix with singular values scale · i^(−decay):
+    a fine-tune-like, not exactly low-rank, spectrum."""
     k = min(m, n)
     U = orthonormal(torch.randn(m, k, generator=g))
     V = orthonormal(torch.randn(n, k, generator=g))

@@ -45,10 +45,11 @@ class TrainerConfig:
     progress_bar: bool = True
 
 
-#: Lightning messages that say nothing to a didi user, each with the reason it is filtered (narrowly, by message).
+#: Lightning messages that say nothing to a didi user, each with the reason it is filtered (narrowly, by
+#: message).
 _QUIET_WARNINGS = (
     ".*IterableDataset.*has `__len__` defined.*",  # layer batches are an IterableDataset with a known length
-    ".*returned `None`, this fit will run with no optimizer.*",  # the refinement optimises in closed form (ALS)
+    ".*returned `None`, this fit will run with no optimizer.*",  # refinement optimises in closed form (ALS)
     ".*smaller than the logging interval.*",  # short fits (tests, small zoos) log at their last step anyway
     ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",  # raised inside Lightning against newer torch
     ".*does not have many workers.*",  # the batches are in-memory tensors; workers would only copy them
@@ -63,7 +64,7 @@ class _NoTip(logging.Filter):
 
 
 def quiet_lightning() -> None:
-    """Install the filters above in this process (idempotent; also called in spawned workers by a callback)."""
+    """Install the filters above in this process (idempotent; a callback also calls it in spawned workers)."""
     for msg in _QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=msg)
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
@@ -74,9 +75,9 @@ def quiet_lightning() -> None:
 class ProcessHygiene(L.Callback):
     """Runs in every process of a fit (spawned workers included): installs the warning filters at setup, and
     destroys the process group at teardown in processes that Lightning spawned (ddp_spawn, ddp_fork):
-    Lightning leaves it alive, and gloo's threads then race the interpreter's exit — a worker died with SIGABRT
-    ("terminate called without an active exception") in about one 2-process test run in eight. Processes
-    launched by torchrun or the `ddp` strategy go on to the next stage and keep theirs."""
+    Lightning leaves it alive, and gloo's threads then race the interpreter's exit — a worker died with
+    SIGABRT ("terminate called without an active exception") in about one 2-process test run in eight.
+    Processes launched by torchrun or the `ddp` strategy go on to the next stage and keep theirs."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         quiet_lightning()

@@ -28,7 +28,7 @@ def _g(seed: int) -> torch.Generator:
 
 @pytest.fixture
 def terms_artifact(tmp_path):
-    """fold (plain names), shared (lora pair, dense, ref), task files (lora, dense, mask + scale) and a group."""
+    """fold (plain names), shared (lora pair, dense, ref), task files (lora, dense, mask + scale), a group."""
     from didi.backbones import Adapter
 
     g = _g(0)

@@ -1,4 +1,4 @@
-"""open_clip adapter: preset sizes, a merge of a tiny CLIP through `didi merge`, and refusals before any SVD."""
+"""open_clip adapter: preset sizes, a merge of a tiny CLIP via `didi merge`, and refusals before any SVD."""
 
 from __future__ import annotations
 

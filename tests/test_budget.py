@@ -1,4 +1,4 @@
-"""Budgets: presets, refusal of unreachable targets, exactness (never over, short by < one unit), planted ranks."""
+"""Budgets: presets, refusing unreachable targets, exactness (never over, < one unit short), planted ranks."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The closed form of stage 1 equals the materialised loss (docs/method.md §3), full and truncated SVD, fp64."""
+"""The stage-1 closed form equals the materialised loss (docs/method.md §3), full and truncated SVD, fp64."""
 
 import pytest
 import torch

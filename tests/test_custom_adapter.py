@@ -1,4 +1,4 @@
-"""The subclassing example of docs/custom_adapter.md, verbatim, registered and merged with 3 synthetic fine-tunes."""
+"""The docs/custom_adapter.md subclassing example, verbatim, registered and merged with 3 synthetic tasks."""
 
 from __future__ import annotations
 

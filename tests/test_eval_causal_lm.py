@@ -195,8 +195,8 @@ def test_causal_lm_data_refusals(setup, tmp_path):
 
 
 def test_routed_choice_scores_of_a_mixed_batch(setup):
-    """Row log-likelihoods of one mixed batch (story windows + quiz choices) through the routed model equal the
-    same sums from each task's own model, sequence by sequence."""
+    """Row log-likelihoods of one mixed batch (story windows + quiz choices) through the routed model equal
+    the same sums from each task's own model, sequence by sequence."""
     from didi.eval_causal_lm import row_scores
     from didi.routing import RoutedModel
 

@@ -1,5 +1,6 @@
-"""Image classification evaluation: a tiny open_clip model, PNG files in ImageFolder layout, zero-shot heads from
-the text tower; routed per-task accuracy equals a literal per-image computation with each task's own model."""
+"""Image classification evaluation: a tiny open_clip model, PNG files in ImageFolder layout, zero-shot heads
+from the text tower; routed per-task accuracy equals a literal per-image computation with each task's own
+model."""
 
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ def test_image_data_refusals(setup, tmp_path):
 
 
 def test_evaluate_artifact_images_zero_shot_and_given_heads(setup, tmp_path):
-    """`didi evaluate` on an open_clip artifact: zero-shot heads by default, a given head file where passed."""
+    """`didi evaluate` on an open_clip artifact: zero-shot heads by default, a given head file if passed."""
     from safetensors.torch import save_file
 
     from didi.cli import main

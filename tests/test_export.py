@@ -347,7 +347,8 @@ def test_checkpoint_export_of_a_real_merge(tiny_zoo, fast, tmp_path):
 
 def test_checkpoint_export_hf_clip_fused_and_renamed_names(tmp_path):
     """hf_clip with fuse_qkv on a transformers-5 file (no `vision_model.` prefix): the export is written under
-    the checkpoint's own names (q/k/v split back, prefix dropped) and transformers loads it as the task model."""
+    the checkpoint's own names (q/k/v split back, prefix dropped) and transformers loads it as the task
+    model."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from didi.backbones.hf_clip import HFClipAdapter

@@ -199,7 +199,7 @@ def test_folded_search_then_refine_cli(tmp_path, tiny_zoo, capsys):
 
 @pytest.mark.slow
 def test_folded_two_process_ddp_reproduces_one_process(tmp_path, tiny_zoo, fast):
-    """The folded refinement under ddp_spawn on 2 CPU processes writes the same fold and experts as 1 process."""
+    """Folded refinement under ddp_spawn on 2 CPU processes writes the same fold and experts as 1 process."""
     from didi.trainer import TrainerConfig
 
     zoo = Zoo(Adapter(), *tiny_zoo)

@@ -107,7 +107,7 @@ MATRIX = lambda name, arr: arr.ndim == 2  # noqa: E731  (make_zoo's adapter deco
 def literal(
     method: str, taus: dict[str, dict[str, np.ndarray]], tasks: list[str]
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Expected per-task deltas of `method` at default options (docs/method.md §5), tensor by tensor in numpy."""
+    """Expected per-task deltas of `method` at defaults (docs/method.md §5), tensor by tensor in numpy."""
     T = len(tasks)
     names = list(taus[tasks[0]])
     out = {t: {} for t in tasks}

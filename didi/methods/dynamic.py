@@ -1,6 +1,6 @@
 """Dynamic baselines (each task served by its own reconstruction, oracle router): TSV-C, EMR-Merging,
-TALL-masks, Twin-Merging (docs/method.md §5), written in the artifact vocabulary so `didi evaluate` runs them as
-they are.
+TALL-masks, Twin-Merging (docs/method.md §5), written in the artifact vocabulary so `didi evaluate` runs them
+as they are.
 
     TSV-C   per-task "::lora_A/B" (top ⌊k/T⌋ triplets of τ_t) for decomposed matrices, per-task "::dense" else
     EMR     shared "::ref" = τ_uni, per task "::mask" (bool) + "::scale" (λ_t: one per model, repeated

@@ -6,9 +6,9 @@ Llama), found with the adapter's `layer_of()`; outside numbered layers, one bloc
 (embeddings, head, final norm, ...). Every block holds a partition of the T tasks, all singletons at first
 (size T×). Repeatedly, over all blocks, the two clusters with the highest similarity are merged, until the
 size is at most the target. Cluster similarity: the minimum pairwise cosine similarity of the member tasks'
-vectors in that block (the linkage docs/method.md §5.3 calls "single linkage = minimum pairwise similarity"; in
-distance terms this is complete linkage; `linkage` offers `max` and `mean` too). Blocks whose tensors no task
-changed hold nothing and are never merged. A cosine with a zero task vector is 0 (1 if both are zero).
+vectors in that block (the linkage docs/method.md §5.3 calls "single linkage = minimum pairwise similarity";
+in distance terms this is complete linkage; `linkage` offers `max` and `mean` too). Blocks whose tensors no
+task changed hold nothing and are never merged. A cosine with a zero task vector is 0 (1 if both are zero).
 
 A cluster's weights are its merge (Task Arithmetic by default, averaging or TIES) of its tasks' vectors; a
 singleton keeps its task's exact vector. Storage, in the artifact: per block, the largest cluster's delta is

@@ -7,8 +7,8 @@ The options dataclass is the method's CLI/YAML surface (`didi apply ties BASE TA
 `didi methods` lists it); its `validate()` (when defined) raises a DidiError naming the bad option. A method
 either returns `Terms` (written by `didi.methods.common.write_method_artifact`, so every method gives the same
 artifact kind) or, with `writes_artifact=True`, writes the artifact itself (the DiDi ablations call
-`didi.pipeline.run_merge`). Built-in methods are defined in the modules listed in `METHODS`; other packages add
-theirs through the `didi.methods` entry-point group.
+`didi.pipeline.run_merge`). Built-in methods are defined in the modules listed in `METHODS`; other packages
+add theirs through the `didi.methods` entry-point group.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Static merges (one model serves every task): weight averaging, Task Arithmetic, TIES, TSV-M (docs/method.md §5).
+"""Static merges (one model, all tasks): weight averaging, Task Arithmetic, TIES, TSV-M (docs/method.md §5).
 
 Each writes the merged delta as `fold` terms (folded into the stored base, ratio 1.0). The tensor-level
 kernels live in `didi.merges`, where DiDi's shared part (`--decompose.shared_merge ties`) finds them too.

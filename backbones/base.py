@@ -101,6 +101,12 @@ class Adapter:
             return -1, name
         return int(m.group(1)), name[m.end() :]
 
+    def kind_label(self, kind: str) -> str | None:
+        """Short column label of a matrix kind in the rank heatmap; None: the generic shortener of
+        `didi.callbacks.kind_labels` ("attention.self.query.weight" → "q"). Families with opaque names
+        override it."""
+        return None
+
     def policy_of(self, name: str) -> NonMatrixPolicy:
         """Non-matrix policy of one tensor that is not decomposed; families override it per tensor (e.g. Llama
         embeddings per task while norms are shared)."""

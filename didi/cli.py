@@ -163,7 +163,7 @@ def refine(
 
 
 for _cmd in (merge, search, refine):
-    _cmd.__doc__ = _cmd.__doc__.replace("{common}", _COMMON_ARGS.strip("\n"), 1)
+    _cmd.__doc__ = _cmd.__doc__.replace("    {common}", _COMMON_ARGS.rstrip("\n"), 1)
 
 
 def _options(options: dict) -> "MergeOptions":

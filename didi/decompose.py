@@ -20,13 +20,13 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from didi.backbones.base import Zoo
 from didi.closed_form import GroupTerms
 from didi.errors import DidiError
 from didi.linalg import svd
 from didi.merges import shared_merge_fn
+from didi.progress import stage_bar
 from didi.sources import load_owned
 from didi.task_vectors import DeltaReader
 
@@ -369,7 +369,7 @@ def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, pr
 
     cap = (cfg.batch_mb if cfg.batch_mb is not None else 64 if device.type == "cuda" else 0) * 2**20
     reader = DeltaReader(zoo, dtype)
-    for d in tqdm(reader, desc="decompose", unit="tensor", disable=not progress):
+    for d in stage_bar("decompose", len(reader), "tensors", disable=not progress, iterable=reader):
         plan, zero = d.plan, d.zero
         if not d.is_matrix or zero:
             nonmatrix[plan.name] = {"shape": list(plan.shape), "zero": zero, "file": len(nonmatrix)}

@@ -60,6 +60,11 @@ class SearchConfig:
 class RankSearch(L.LightningModule):
     """Learns continuous ranks r_s [L] and r_t [L, T]; U, σ, V stay frozen (they live in the batches)."""
 
+    #: The search bar's labels (didi.progress): the search sees the soft (tanh-masked) error and the storage
+    #: ratio of continuous ranks, not the integer ranks' exact error and ratio that the summary prints after
+    #: budgeting; the labels say so.
+    progress_labels = {"search/rec_err": "soft_rec_err", "search/ratio": "soft_ratio"}
+
     def __init__(
         self,
         cfg: SearchConfig,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import lightning as L
 import torch
 
 from didi.errors import DidiError
+from didi.progress import StageProgressBar
 
 
 @dataclass
@@ -31,7 +33,11 @@ class TrainerConfig:
         log_dir: where CSV logs (and W&B offline runs) go.
         wandb_project: W&B project name.
         log_every_n_steps: logging period.
-        progress_bar: show Lightning progress bars.
+        progress_bar: show one progress bar per stage ("search step 120/200", "refine 5/36 matrices").
+        verbose: also show Lightning's device and stop lines ("GPU available: ...", "TPU available: ...",
+            "LOCAL_RANK: ...", "`Trainer.fit` stopped: ..."), each distinct line once per run; off, they are
+            not shown (they repeat for every stage and say nothing about the merge). Warnings and errors are
+            shown either way.
     """
 
     accelerator: str = "auto"
@@ -43,6 +49,7 @@ class TrainerConfig:
     wandb_project: str = "didi"
     log_every_n_steps: int = 10
     progress_bar: bool = True
+    verbose: bool = False
 
 
 #: Lightning messages that say nothing to a didi user, each with the reason it is filtered (narrowly, by
@@ -56,20 +63,61 @@ _QUIET_WARNINGS = (
 )
 
 
-class _NoTip(logging.Filter):
-    """Drops Lightning's advertising tip; everything else it says is kept."""
+#: Lightning's INFO lines about devices and stopping: printed by every Trainer (eight times in a merge), they
+#: say nothing about the merge. Shown only with `TrainerConfig.verbose`, each distinct line once per run.
+_BANNER = re.compile(
+    r"(GPU available|TPU available|HPU available|IPU available|LOCAL_RANK: |Initializing distributed: "
+    r"|`Trainer\.(fit|test|validate|predict)` stopped|-+\ndistributed_backend=)"
+)
+#: Loggers that print them: Lightning's rank-zero INFO logger, the CUDA accelerator (LOCAL_RANK) and the
+#: distributed set-up (Initializing distributed).
+_BANNER_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.pytorch.accelerators.cuda",
+    "lightning.fabric.utilities.distributed",
+)
+
+
+class _LightningChatter(logging.Filter):
+    """Drops Lightning's advertising tip always, and its device/stop banner unless verbose (then each distinct
+    line once per run). Only INFO and below: warnings and errors always pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.verbose = False
+        self.seen: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        if record.levelno > logging.INFO:
+            return True
+        msg = record.getMessage()
+        if "litlogger" in msg:
+            return False
+        if not _BANNER.match(msg):
+            return True
+        if not self.verbose or msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
 
 
-def quiet_lightning() -> None:
-    """Install the filters above in this process (idempotent; a callback also calls it in spawned workers)."""
+_CHATTER = _LightningChatter()
+
+
+def quiet_lightning(verbose: bool = False, new_run: bool = False) -> None:
+    """Install the filters above in this process (idempotent; a callback also calls it in spawned workers).
+
+    `verbose`: show the device/stop banner (each line once per run); `new_run`: forget the lines already shown
+    (a new command, or a new `Trainers`)."""
     for msg in _QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=msg)
-    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _NoTip) for f in log.filters):
-        log.addFilter(_NoTip())
+    _CHATTER.verbose = verbose
+    if new_run:
+        _CHATTER.seen.clear()
+    for name in _BANNER_LOGGERS:
+        log = logging.getLogger(name)
+        if _CHATTER not in log.filters:
+            log.addFilter(_CHATTER)
 
 
 class ProcessHygiene(L.Callback):
@@ -79,8 +127,11 @@ class ProcessHygiene(L.Callback):
     SIGABRT ("terminate called without an active exception") in about one 2-process test run in eight.
     Processes launched by torchrun or the `ddp` strategy go on to the next stage and keep theirs."""
 
+    def __init__(self, verbose: bool = False) -> None:
+        self.verbose = verbose
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        quiet_lightning()
+        quiet_lightning(self.verbose)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         spawned = getattr(trainer.strategy, "_start_method", "popen") != "popen"
@@ -98,15 +149,26 @@ class Trainers:
     def __init__(self, cfg: TrainerConfig) -> None:
         self.cfg = cfg
         self._wandb = None
+        quiet_lightning(cfg.verbose, new_run=True)
 
     def fit(
-        self, stage: str, callbacks: Sequence[L.Callback] = (), max_steps: int = -1, max_epochs: int = -1
+        self,
+        stage: str,
+        callbacks: Sequence[L.Callback] = (),
+        max_steps: int = -1,
+        max_epochs: int = -1,
+        progress: StageProgressBar | None = None,
     ) -> L.Trainer:
         """A Trainer for a fit: the search runs `max_steps` optimiser steps; the refinement one epoch (its
-        manual optimisation advances no global step); a fine-tune `max_steps`."""
-        quiet_lightning()
+        manual optimisation advances no global step); a fine-tune `max_steps`.
+
+        `progress`: the stage's bar (the refinement counts matrices); default: `<stage> step n/max_steps`.
+        Lightning's epoch bar is never used."""
         c = self.cfg
+        quiet_lightning(c.verbose)
         callbacks = list(callbacks)
+        if c.progress_bar:
+            callbacks.append(progress or StageProgressBar(stage))
         return L.Trainer(
             accelerator=c.accelerator,
             devices=c.devices,
@@ -118,7 +180,7 @@ class Trainers:
             log_every_n_steps=c.log_every_n_steps,
             enable_progress_bar=c.progress_bar,
             enable_model_summary=False,
-            callbacks=[*callbacks, ProcessHygiene()],
+            callbacks=[*callbacks, ProcessHygiene(c.verbose)],
             enable_checkpointing=any(isinstance(cb, L.pytorch.callbacks.ModelCheckpoint) for cb in callbacks),
             default_root_dir=c.log_dir,
             num_sanity_val_steps=0,
@@ -128,8 +190,8 @@ class Trainers:
     def test(self) -> L.Trainer:
         """The Trainer of an evaluation (`trainer.test`): the run's devices and strategy, no logger or
         checkpoints."""
-        quiet_lightning()
         c = self.cfg
+        quiet_lightning(c.verbose)
         return L.Trainer(
             accelerator=c.accelerator,
             devices=c.devices,
@@ -140,7 +202,7 @@ class Trainers:
             enable_model_summary=False,
             enable_checkpointing=False,
             default_root_dir=c.log_dir,
-            callbacks=[ProcessHygiene()],
+            callbacks=[ProcessHygiene(c.verbose)],
         )
 
     def logger(self, stage: str):

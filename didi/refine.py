@@ -24,6 +24,7 @@ from typing import Callable, Literal
 
 import lightning as L
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -32,6 +33,7 @@ from didi.backbones.base import Zoo
 from didi.datamodules.layers import LayerBatchDataModule
 from didi.decompose import FactorStore
 from didi.linalg import orthonormal
+from didi.progress import StageProgressBar
 from didi.tensorfile import LazyTensor, lazy_tensors
 from didi.trainer import TrainerConfig, Trainers, barrier
 
@@ -148,7 +150,14 @@ class LoRARefine(L.LightningModule):
     A job is a dict with `idx`, `taus` [T,m,n], `U_s,S_s,V_s,U_t,S_t,V_t` and ranks `r_s`, `r_t`; a job of a
     folded merge also has `M_s` [m,n], the dense shared part, which replaces the shared factors (file key
     `M_s`).
+
+    Logs `refine/rec_err_before` and `refine/rec_err_after`: the running relative errors of every matrix
+    refined so far (`prior`: the absolute errors of matrices an interrupted run finished), as
+    `refine_matrices` computes its metrics, so the bar's last value is the summary's.
     """
+
+    #: The refinement bar's labels (didi.progress): the names the summary prints.
+    progress_labels = {"refine/rec_err_before": "rec_err_before", "refine/rec_err_after": "rec_err_after"}
 
     def __init__(
         self,
@@ -156,11 +165,14 @@ class LoRARefine(L.LightningModule):
         out_dir: str | Path,
         tau_total: float,
         on_result: Callable[[dict], None] | None = None,
+        prior: tuple[float, float] = (0.0, 0.0),
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.tau_total = tau_total
+        self.prior = prior
+        self._sums: list[float] | None = None  # this process's running (before, after), set at the first step
         self.automatic_optimization = False  # each step solves its matrices to the end
         # DDP refuses a module without a trainable parameter; this one is never used (matrices are
         # independent).
@@ -168,7 +180,8 @@ class LoRARefine(L.LightningModule):
 
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         dt = getattr(torch, self.cfg.dtype)
-        before = after = 0.0
+        if self._sums is None:  # the earlier run's matrices are counted once, by rank 0
+            self._sums = list(self.prior) if self.global_rank == 0 else [0.0, 0.0]
         for job in batch:
             taus = job["taus"].to(self.device, dt)
             mv = {k: job[k].to(self.device, dt) for k in ("U_s", "S_s", "V_s", "U_t", "S_t", "V_t")}
@@ -189,7 +202,6 @@ class LoRARefine(L.LightningModule):
             elif self.cfg.optimizer == "adam":
                 A_s, B_s, A_t, B_t = refine_adam(taus, A_s, B_s, A_t, B_t, self.cfg.steps, self.cfg.lr)
             e1 = float(task_errors(taus, A_s, B_s, A_t, B_t).sum())
-            before, after = before + e0, after + e1
             tensors = {
                 "err_before": torch.tensor(e0, dtype=torch.float64),
                 "err_after": torch.tensor(e1, dtype=torch.float64),
@@ -201,15 +213,12 @@ class LoRARefine(L.LightningModule):
                 {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
                 str(self.out_dir / f"{int(job['idx']):05d}.safetensors"),
             )
+            # the errors as stored (float32) and as `refine_matrices` reads them back
+            self._sums[0] += float(torch.tensor(e0, dtype=torch.float32))
+            self._sums[1] += float(torch.tensor(e1, dtype=torch.float32))
         world = self.trainer.world_size
-        self.log("refine/rec_err_before", before / self.tau_total, reduce_fx="sum", sync_dist=world > 1)
-        self.log(
-            "refine/rec_err_after",
-            after / self.tau_total,
-            reduce_fx="sum",
-            sync_dist=world > 1,
-            prog_bar=True,
-        )
+        for key, total in zip(("refine/rec_err_before", "refine/rec_err_after"), self._sums):
+            self.log(key, total / self.tau_total, reduce_fx="sum", sync_dist=world > 1, prog_bar=True)
 
     def configure_optimizers(self):
         return None
@@ -224,10 +233,33 @@ class RefineJobs:
     def __init__(self, zoo: Zoo, store: FactorStore, ranks: Ranks, done_dir: Path) -> None:
         self.zoo, self.store, self.ranks, self.done_dir = zoo, store, ranks, done_dir
 
+    def finished(self, i: int) -> bool:
+        """Matrix `i` was refined by an earlier (interrupted) run at these ranks and this layout; a file left
+        at other ranks (a run with other options, same output) is redone, not reused."""
+        path = self.done_dir / f"{i:05d}.safetensors"
+        if not path.exists():
+            return False
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                keys = set(f.keys())
+                width = {k: f.get_slice(k).get_shape()[1] for k in keys if k.startswith("A_")}
+        except Exception:  # a file cut short by the interrupt
+            return False
+        r_t = [int(r) for r in self.ranks.r_t[i]]
+        folded = self.ranks.info.get("shared") == "folded"
+        shared_ok = "M_s" in keys if folded else width.get("A_s") == int(self.ranks.r_s[i])
+        experts = {k for k in width if k.startswith("A_t")}
+        return (
+            shared_ok
+            and {"err_before", "err_after"} <= keys
+            and experts == {f"A_t{t}" for t in range(len(r_t))}
+            and all(width[f"A_t{t}"] == r for t, r in enumerate(r_t))
+        )
+
     def __call__(self, indices: list[int]) -> list[dict]:
         jobs = []
         for i in indices:
-            if (self.done_dir / f"{i:05d}.safetensors").exists():
+            if self.finished(i):
                 continue  # finished by an earlier (interrupted) run
             e = self.store.matrices[i]
             base, taus = self.zoo.read(e.name)
@@ -266,9 +298,17 @@ def refine_matrices(
     out = work_dir / "refine"
     out.mkdir(parents=True, exist_ok=True)
     tau_total = store.tau_total()
-    dm = LayerBatchDataModule(len(store.matrices), RefineJobs(zoo, store, ranks, out), rcfg.layer_batch_size)
-    module = LoRARefine(rcfg, out, tau_total)
-    trainer = trainers.fit("refine", max_epochs=1)
+    jobs = RefineJobs(zoo, store, ranks, out)
+    prior = [0.0, 0.0]  # errors of the matrices an interrupted run finished (the bar starts from them)
+    for e in store.matrices:
+        if jobs.finished(e.idx):
+            f = lazy_tensors(out / f"{e.idx:05d}.safetensors")
+            prior[0] += float(f["err_before"].load())
+            prior[1] += float(f["err_after"].load())
+    dm = LayerBatchDataModule(len(store.matrices), jobs, rcfg.layer_batch_size)
+    module = LoRARefine(rcfg, out, tau_total, prior=(prior[0], prior[1]))
+    bar = StageProgressBar("refine", "matrices", batch_units=[len(b) for b in dm.dataset.batches])
+    trainer = trainers.fit("refine", max_epochs=1, progress=bar)
     trainer.fit(module, datamodule=dm)
     barrier()
     # the factors stay in their per-matrix files until the artifact is written (LazyTensor): memory does

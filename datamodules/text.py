@@ -178,6 +178,10 @@ class TextClassificationDataModule(L.LightningDataModule):
         batch_size: examples per batch (per process).
         max_length: tokens per example (longer texts are truncated).
         limit_per_task: keep only the first examples of each task (quick runs).
+
+    No `val_dataloader`: didi fine-tunes without validation, and a data module that defines one makes every
+    `Trainer.fit` warn "You passed in a `val_dataloader` but have no `validation_step`"; evaluation reads
+    `split` through `test_dataloader`.
     """
 
     def __init__(
@@ -260,9 +264,6 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.split, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.split, shuffle=False)

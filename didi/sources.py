@@ -65,6 +65,13 @@ def load_owned(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in load_file(str(path)).items()}
 
 
+def require_path(path: str | os.PathLike, what: str) -> None:
+    """Refuse a missing checkpoint naming its role, `base (θ0): /p: no such file or directory`: a bare path
+    does not say whether the base or a task was mistyped."""
+    if not Path(path).exists():
+        raise DidiError(f"{what}: {path}: no such file or directory")
+
+
 class TensorSource:
     """Name → tensor reader over one checkpoint, opened lazily.
 

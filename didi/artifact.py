@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,18 +60,61 @@ def versions() -> dict[str, str]:
     return out
 
 
+def temp_sibling(path: Path, prefix: str = "") -> Path:
+    """A fresh name beside `path` for the directory that becomes `path` when complete,
+    PREFIX NAME.tmp-PID-NS-HOST: the pid and host say whose it is, so that `sweep_stale_temps` removes only
+    those of dead processes."""
+    return path.with_name(f"{prefix}{path.name}.tmp-{os.getpid()}-{time.time_ns()}-{socket.gethostname()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale_temps(path: Path, prefix: str = "") -> list[Path]:
+    """Remove the `temp_sibling`s of `path` left by processes of this host that no longer run (a kill -9, a
+    power cut: their `finally` never ran); returns what was removed. A temporary directory of a live process,
+    or of another host (a shared cache on a network file system), is left alone."""
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    host = socket.gethostname()
+    for p in path.parent.glob(f"{prefix}{path.name}.tmp-*"):
+        pid, _, rest = p.name.rpartition(".tmp-")[2].partition("-")
+        _, _, owner = rest.partition("-")
+        if owner == host and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; rename it to `path` only if the block succeeds."""
+    """Yield a temporary sibling directory; rename it to `path` only if the block succeeds. Temporary
+    directories that killed writers of `path` left behind are removed first."""
     path = Path(path)
     if path.exists():
         raise DidiError(f"{path}: output directory already exists; choose another path or delete it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.time_ns()}")
+    sweep_stale_temps(path, ".")
+    tmp = temp_sibling(path, ".")
     tmp.mkdir()
     try:
         yield tmp
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:  # a concurrent writer renamed its directory into place first
+            if not path.exists():
+                raise
+            raise DidiError(
+                f"{path}: written by another process while this one was writing it; that one is kept"
+            ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -364,12 +408,23 @@ class Artifact:
                 f"({FORMAT_VERSION}); upgrade didi"
             )
         if verify:
-            for rel, digest in self.manifest["files"].items():
-                f = self.path / rel
-                if not f.exists():
-                    raise DidiError(f"{self.path}: file {rel} listed in the manifest is missing")
-                if file_sha256(f) != digest:
-                    raise DidiError(f"{f}: sha256 does not match the manifest (corrupt or modified)")
+            problems = self.check_files(stop_at_first=True)
+            if problems:
+                raise DidiError(problems[0])
+
+    def check_files(self, stop_at_first: bool = False) -> list[str]:
+        """Every file the manifest lists, hashed against its sha256: one message per missing or changed file
+        (each names the file), [] when all match. `didi inspect --verify` lists them all."""
+        problems = []
+        for rel, digest in self.manifest["files"].items():
+            f = self.path / rel
+            if not f.exists():
+                problems.append(f"{self.path}: file {rel} listed in the manifest is missing")
+            elif file_sha256(f) != digest:
+                problems.append(f"{f}: sha256 does not match the manifest (corrupt or modified)")
+            if problems and stop_at_first:
+                break
+        return problems
 
     @property
     def tasks(self) -> list[str]:

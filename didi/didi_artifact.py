@@ -83,6 +83,7 @@ def write_didi_artifact(
         ranks.r_t,
         title=f"DiDi ranks at {ranks.info.get('ratio', 0):.4g}x"
         + (" (shared part folded into the base)" if folded else ""),
+        kind_label=zoo.adapter.kind_label,
     )
     ranks_json = jsonio.dumps(ranks.to_json(store), indent=1).encode()
     return write_artifact(

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import shutil
-import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,16 +21,25 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from didi.artifact import sweep_stale_temps, temp_sibling
 from didi.backbones.base import Zoo
 from didi.closed_form import GroupTerms
 from didi.errors import DidiError
 from didi.linalg import svd
 from didi.merges import shared_merge_fn
 from didi.progress import stage_bar
-from didi.sources import load_owned
+from didi.sources import file_sha256, load_owned
 from didi.task_vectors import DeltaReader
 
-STORE_VERSION = 2
+STORE_VERSION = 3  # 3: sha256 of every file in index.json ("file_sha256"), checked when a store is opened
+
+#: stores whose files this process has hashed (or written), by (root, index.json mtime): a merge opens its
+#: store once per stage, and one full read of it per process is enough
+_VERIFIED: set[tuple[str, int]] = set()
+
+
+class CorruptStore(DidiError):
+    """A factor store whose files do not match the checksums it was written with (`decompose` recomputes)."""
 
 
 @dataclass(frozen=True)
@@ -52,12 +61,17 @@ class MatrixEntry:
 class FactorStore:
     """On-disk results of `decompose` for one zoo and one set of decomposition settings."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, verify: bool = True) -> None:
+        """`verify`: hash every file against index.json once per process (a bit flip in a cached store would
+        otherwise pass silently into every later merge); raises CorruptStore on a mismatch."""
         self.root = Path(root)
         index = self.root / "index.json"
         if not index.exists():
             raise DidiError(f"{self.root}: not a didi factor store (no index.json)")
-        meta = json.loads(index.read_text())
+        try:
+            meta = json.loads(index.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptStore(f"{index}: unreadable index ({e})") from e
         if meta.get("store_version") != STORE_VERSION:
             raise DidiError(
                 f"{self.root}: factor store version {meta.get('store_version')} is not "
@@ -72,6 +86,22 @@ class FactorStore:
         self.nonmatrix: dict[str, dict] = meta["nonmatrix"]  # name -> {"shape", "zero": bool}
         self.base_params: int = meta["base_params"]
         self.sha256: dict = meta["sha256"]
+        if verify:
+            self.verify()
+
+    def verify(self) -> None:
+        """Stream every file of the store once against its sha256 in index.json (skipped when this process
+        already did, or wrote the store); raises CorruptStore naming the first missing or changed file."""
+        key = (str(self.root.resolve()), (self.root / "index.json").stat().st_mtime_ns)
+        if key in _VERIFIED:
+            return
+        for rel, digest in self.meta["file_sha256"].items():
+            f = self.root / rel
+            if not f.is_file():
+                raise CorruptStore(f"{f}: missing from the factor store")
+            if file_sha256(f) != digest:
+                raise CorruptStore(f"{f}: sha256 does not match the factor store's index (corrupt on disk)")
+        _VERIFIED.add(key)
 
     def load(self, i: int) -> dict[str, torch.Tensor]:
         return load_owned(self.root / "matrices" / f"{i:05d}.safetensors")
@@ -312,20 +342,39 @@ def decompose(zoo: Zoo, cfg: DecomposeConfig, progress: bool = True) -> FactorSt
     shared_merge_fn(cfg.shared_merge)
     dtype, device = cfg.torch_dtype(), cfg.torch_device()
     root = Path(os.path.expanduser(cfg.cache_dir)) / _fingerprint(zoo, cfg)
+    sweep_stale_temps(root)  # left by decompositions that were killed
     if (root / "index.json").exists():
-        return FactorStore(root)
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}-{time.time_ns()}")
+        try:
+            return FactorStore(root)
+        except CorruptStore as e:
+            warnings.warn(f"{e}; the factor store is deleted and recomputed", UserWarning, stacklevel=2)
+            _discard(root)
+    tmp = temp_sibling(root)
     (tmp / "matrices").mkdir(parents=True)
     try:
         _decompose_into(zoo, cfg, tmp, dtype, device, progress)
-        if root.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
+        try:
             os.replace(tmp, root)
+            _VERIFIED.add((str(root.resolve()), (root / "index.json").stat().st_mtime_ns))
+        except OSError:  # another process renamed its store into place first: that one is used
+            if not (root / "index.json").exists():
+                raise
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return FactorStore(root)
+
+
+def _discard(root: Path) -> None:
+    """Take a corrupt store out of the cache: renamed away first (atomic, so no process opens it half
+    deleted), then removed. Another process may have done either already."""
+    gone = temp_sibling(root)
+    try:
+        os.replace(root, gone)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, progress: bool) -> None:
@@ -396,5 +445,7 @@ def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, pr
         "matrices": [asdict(e) for e in matrices],
         "nonmatrix": nonmatrix,
         "sha256": reader.sha256,
+        # written files are hashed here, once, while they are still in the page cache
+        "file_sha256": {str(p.relative_to(out)): file_sha256(p) for p in sorted(out.rglob("*.safetensors"))},
     }
     (out / "index.json").write_text(json.dumps(meta))

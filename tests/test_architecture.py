@@ -127,6 +127,7 @@ GROUND = {
     "didi.tensorfile",
     "didi.merges",
     "didi.trainer",
+    "didi.progress",
     "didi.artifact",
     "didi.task_vectors",
     "didi.synthetic",

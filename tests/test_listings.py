@@ -152,3 +152,23 @@ def test_missing_base_is_named_by_evaluate(tmp_path, capsys):
     spec = json.dumps({t: str(data) for t in tasks})
     assert main(["evaluate", str(art), spec, "--base", str(missing), "--output", str(tmp_path / "e")]) == 2
     assert _missing_base_message(missing) in capsys.readouterr().err
+
+
+def test_demo_works_under_the_cache_directory_by_default(tmp_path, monkeypatch, capsys):
+    """The real demo's ~700 MB working directory goes to $XDG_CACHE_HOME/didi/demo, not the current one."""
+    import didi.demo
+
+    seen = []
+    monkeypatch.setattr(didi.demo, "run_synthetic_demo", lambda output, *a: seen.append(output))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert main(["demo", "--kind", "synthetic"]) == 0
+    assert main(["demo", "--kind", "synthetic", "--output", str(tmp_path / "here")]) == 0
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert main(["demo", "--kind", "synthetic"]) == 0
+    assert seen == [
+        str(tmp_path / "xdg" / "didi" / "demo"),
+        str(tmp_path / "here"),
+        str(tmp_path / "home" / ".cache" / "didi" / "demo"),
+    ]
+    assert f"demo working directory: {tmp_path / 'xdg' / 'didi' / 'demo'}" in capsys.readouterr().out

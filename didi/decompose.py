@@ -15,7 +15,7 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Literal
 
 import torch
 from safetensors import safe_open
@@ -25,7 +25,7 @@ from didi.artifact import sweep_stale_temps, temp_sibling
 from didi.backbones.base import Zoo
 from didi.closed_form import GroupTerms
 from didi.errors import DidiError
-from didi.linalg import svd
+from didi.linalg import randomized_svd, svd
 from didi.merges import shared_merge_fn
 from didi.progress import stage_bar
 from didi.sources import file_sha256, load_owned
@@ -207,6 +207,9 @@ def decompose_batch(
     max_rank: int | None,
     rtol: float | None = None,
     consume: bool = False,
+    svd_method: str = "full",
+    oversample: int = 32,
+    power_iters: int = 4,
 ) -> list[tuple[dict[str, torch.Tensor], int, list[int]]]:
     """SVDs and inner products of B same-shape matrices, taus [B,T,m,n] on the compute device/dtype.
 
@@ -214,7 +217,9 @@ def decompose_batch(
     matrices on a GPU). A single matrix (B = 1: every matrix on the CPU, and any matrix larger than the batch
     cap) runs its T+1 SVDs one after the other, each truncated to K at once: the working set stays near
     2·(T+1) copies of the matrix instead of about 10 for the batched call (measured on Llama's embeddings).
-    `consume=True` lets the residuals M_t overwrite `taus` in place.
+    `consume=True` lets the residuals M_t overwrite `taus` in place. `svd_method`: `full`, or `randomized`
+    (`linalg.randomized_svd` of each module at width K, one matrix at a time), or `auto`: randomized when
+    K + oversample ≤ min(m, n) / 4 (see `randomized_is_cheaper`), else full.
     """
     B, T, m, n = taus.shape
     k = min(m, n)
@@ -222,20 +227,31 @@ def decompose_batch(
     tau_sq = torch.stack([torch.stack([_dot64(x, x) for x in taus[j]]) for j in range(B)])  # before M_t
     Ms = torch.stack([merge(x) for x in taus])  # [B,m,n]
     Mt = taus.sub_(Ms[:, None]) if consume else taus - Ms[:, None]
-    if B > 1:
+    randomized = svd_method == "randomized" or (
+        svd_method == "auto" and randomized_is_cheaper(m, n, K, oversample)
+    )
+    if randomized and K + oversample >= k:  # the range finder would cost more than the SVD it replaces
+        randomized = False
+    if B > 1 and not randomized:
         U, S, Vh = svd(torch.cat([Ms[:, None], Mt], 1).reshape(B * (T + 1), m, n))
         U = U[..., :K].reshape(B, T + 1, m, K)
         S = S[..., :K].reshape(B, T + 1, K)
         V = Vh[..., :K, :].transpose(-2, -1).reshape(B, T + 1, n, K)
         del Vh
     else:
-        U = Ms.new_empty(1, T + 1, m, K)
-        V = Ms.new_empty(1, T + 1, n, K)
-        S = Ms.new_empty(1, T + 1, K)
-        for i in range(T + 1):
-            u, s_, vh = svd(Ms[0] if i == 0 else Mt[0, i - 1])
-            U[0, i], S[0, i], V[0, i] = u[:, :K], s_[:K], vh[:K].T
-            del u, vh
+        U = Ms.new_empty(B, T + 1, m, K)
+        V = Ms.new_empty(B, T + 1, n, K)
+        S = Ms.new_empty(B, T + 1, K)
+        for j in range(B):
+            for i in range(T + 1):
+                X = Ms[j] if i == 0 else Mt[j, i - 1]
+                # the range finder is seeded by the module index: every run and process gets the same factors
+                if randomized:
+                    u, s_, vh = randomized_svd(X, K, oversample, power_iters, seed=i)
+                else:
+                    u, s_, vh = svd(X)
+                U[j, i], S[j, i], V[j, i] = u[:, :K], s_[:K], vh[:K].T
+                del u, vh
     eps = torch.finfo(taus.dtype).eps
     f64 = torch.float64
     out = []
@@ -270,14 +286,25 @@ def decompose_batch(
     return out
 
 
+def randomized_is_cheaper(m: int, n: int, K: int, oversample: int = 32) -> bool:
+    """The automatic choice between the full and the randomized SVD of an m×n module kept at width K.
+
+    Measured on this project's 2-core CPU (benchmarks/svd_crossover.py): the randomized SVD with 4 power
+    iterations costs as much as the full one at (K + oversample) ≈ 0.37·min(m, n) and is 5–20× cheaper at
+    ≤ 0.15·min(m, n) on 2048-wide matrices; `auto` takes it below 0.25·min(m, n), with margin.
+    """
+    return K + oversample <= min(m, n) / 4
+
+
 def decompose_matrix(
     taus: torch.Tensor,
     merge: Callable[[torch.Tensor], torch.Tensor],
     max_rank: int | None,
     rtol: float | None = None,
+    **svd_options: Any,
 ) -> tuple[dict[str, torch.Tensor], int, list[int]]:
-    """One matrix, taus [T,m,n]: see `decompose_batch`."""
-    return decompose_batch(taus[None], merge, max_rank, rtol)[0]
+    """One matrix, taus [T,m,n]: see `decompose_batch` (and its SVD options)."""
+    return decompose_batch(taus[None], merge, max_rank, rtol, **svd_options)[0]
 
 
 @dataclass
@@ -297,6 +324,12 @@ class DecomposeConfig:
             grow with the layer count. 0 decomposes every matrix on its own as soon as it is read. None
             (auto): 64 on a GPU, 0 on the CPU, where batching saved no time (16-layer Llama test: 46.1 s vs
             46.3 s) but its buffers and batched-SVD workspaces doubled the peak memory of the decomposition.
+        svd: `full` (LAPACK), `randomized` (a seeded range finder at width max_rank: `linalg.randomized_svd`,
+            exact on one side so the closed form and the allocators stay exact for the factors stored), or
+            `auto`: randomized for a module when max_rank + oversample ≤ min(m, n) / 4, where it is several
+            times cheaper, else full. Without max_rank every SVD is full.
+        oversample: extra columns of the range finder.
+        power_iters: power iterations of the range finder.
     """
 
     shared_merge: str = "mean"
@@ -305,6 +338,9 @@ class DecomposeConfig:
     device: str = "auto"
     cache_dir: str = "~/.cache/didi/factors"
     batch_mb: int | None = None
+    svd: Literal["auto", "full", "randomized"] = "auto"
+    oversample: int = 32
+    power_iters: int = 4
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in ("float32", "float64"):
@@ -331,7 +367,9 @@ def _fingerprint(zoo: Zoo, cfg: DecomposeConfig) -> str:
         "base": stat(zoo.base),
         "tasks": [[t, stat(p)] for t, p in zoo.tasks.items()],
         "adapter": [zoo.adapter.registry_name, zoo.adapter.settings()],
-        "cfg": [cfg.shared_merge, cfg.max_rank, cfg.dtype],  # batch_mb changes no result
+        # batch_mb changes no result; the SVD method and its settings do (when max_rank makes a truncated SVD)
+        "cfg": [cfg.shared_merge, cfg.max_rank, cfg.dtype]
+        + ([cfg.svd, cfg.oversample, cfg.power_iters] if cfg.max_rank is not None else []),
     }
     h.update(json.dumps(payload, sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
@@ -393,7 +431,15 @@ def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, pr
         # one matrix: its own buffer (no stacked copy), overwritten by its residuals
         stacked = taus[0][None].to(device) if len(taus) == 1 else torch.stack(taus).to(device)
         del taus
-        results = decompose_batch(stacked, merge, cfg.max_rank, consume=True)
+        results = decompose_batch(
+            stacked,
+            merge,
+            cfg.max_rank,
+            consume=True,
+            svd_method=cfg.svd,
+            oversample=cfg.oversample,
+            power_iters=cfg.power_iters,
+        )
         del stacked
         for plan, (factors, bound_s, bound_t) in zip(plans, results):
             i = len(matrices)

@@ -632,11 +632,13 @@ class Drills:
             env=ENV,
         )
         by_cli = cli.returncode != 0 and rel in cli.stderr
+        named = next((ln.strip() for ln in cli.stderr.splitlines() if rel in ln), last_error(cli.stderr))
+        short = lambda msg: msg.replace(str(art), "ART")
         ok = by_load and by_cli and cli_ok.returncode == 0
         outcome = (
             f"one element of {key} in {rel} changed; load_artifact(verify=True): "
-            + (f"refused ('{refused[-120:]}')" if by_load else f"not refused ({refused[:120]})")
-            + f"; didi inspect --verify true: rc {cli.returncode} ('{last_error(cli.stderr)[-120:]}'), "
+            + (f"refused ('{short(refused)}')" if by_load else f"not refused ({short(refused)})")
+            + f"; didi inspect ART --verify true: rc {cli.returncode} ('{short(named)}'), "
             f"rc {cli_ok.returncode} on the untouched artifact"
         )
         return Row(

@@ -169,7 +169,10 @@ def test_mismatches_refused_before_any_svd(tmp_path):
     save_file(
         {"model.layers.0.self_attn.q_proj.weight": torch.zeros(4, 4)}, str(tmp_path / "llama.safetensors")
     )
-    with pytest.raises(DidiError, match="not an open_clip CLIP checkpoint.*Hugging Face"):
+    with (
+        pytest.warns(UserWarning, match="given under 2 names"),
+        pytest.raises(DidiError, match="not an open_clip CLIP checkpoint.*Hugging Face"),
+    ):
         Zoo(
             OpenClipAdapter(model_config=TINY),
             str(tmp_path / "llama.safetensors"),
@@ -188,7 +191,8 @@ def test_pickle_checkpoints_need_allow_pickle(tmp_path):
     sd = a.create("cpu").state_dict()
     torch.save({"state_dict": sd}, tmp_path / "base.pt")
     save_file(sd, str(tmp_path / "t.safetensors"))
-    tasks = {"a": str(tmp_path / "t.safetensors"), "b": str(tmp_path / "t.safetensors")}
+    save_file(sd, str(tmp_path / "u.safetensors"))
+    tasks = {"a": str(tmp_path / "t.safetensors"), "b": str(tmp_path / "u.safetensors")}
     with pytest.raises(DidiError, match="pickle checkpoints can run code"):
         Zoo(a, str(tmp_path / "base.pt"), tasks)
     zoo = Zoo(a, str(tmp_path / "base.pt"), tasks, allow_pickle=True)

@@ -48,6 +48,7 @@ from didi.evaluators import (
     run_evaluation,
 )
 from didi.routing import RoutedModel
+from didi.sources import require_path
 from didi.trainer import TrainerConfig
 
 
@@ -187,6 +188,7 @@ def evaluate_artifact(
         raise DidiError(f"data: task {unknown[0]!r} is not in the artifact {art.path} (tasks: {art.tasks})")
     if not data:
         raise DidiError("data: no task data given")
+    require_path(base or art.manifest["sources"]["base"]["path"], "base (θ0)")
     adapter = art.adapter()
     if (
         adapter.registry_name == "open_clip"

@@ -42,6 +42,7 @@ from didi.artifact import (
     parse_terms,
 )
 from didi.errors import DidiError
+from didi.sources import require_path
 
 ExportFormat = Literal["checkpoint", "peft"]
 
@@ -190,6 +191,7 @@ def _open(art: Artifact, base: str | None):
     adapter = art.adapter()
     src_info = art.manifest["sources"]["base"]
     path = base or src_info["path"]
+    require_path(path, "base (θ0)")
     return adapter, adapter.open_source(path, src_info.get("allow_pickle", False))
 
 

@@ -8,8 +8,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-
 from didi.cli import main
 from didi.inspect import breakdown_order
 
@@ -119,11 +117,6 @@ def test_missing_base_is_named_by_merge_apply_compare(tmp_path, tiny_zoo, capsys
     assert f"task 'extra': {missing}: no such file or directory" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="export --base opens θ0 in didi/export.py (_open), which does not call "
-    "didi.sources.require_path(path, 'base (θ0)') yet; remove this marker once it does",
-)
 def test_missing_base_is_named_by_export(tmp_path, tiny_zoo, capsys):
     base, tasks = tiny_zoo
     out = tmp_path / "merged"
@@ -135,11 +128,6 @@ def test_missing_base_is_named_by_export(tmp_path, tiny_zoo, capsys):
     assert _missing_base_message(missing) in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="evaluate --base opens θ0 in didi/evaluate.py (and eval_image / eval_causal_lm), which do not "
-    "call didi.sources.require_path(path, 'base (θ0)') yet; remove this marker once they do",
-)
 def test_missing_base_is_named_by_evaluate(tmp_path, capsys):
     from didi.backbones import Zoo, build_adapter
     from helpers import make_bert_zoo, tiny_merge

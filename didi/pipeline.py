@@ -80,6 +80,45 @@ def work_dir_for(output: str | Path) -> Path:
 #: Work directories this process has created or spoken about: a merge enters its work directory twice (search,
 #: refinement) and says what it found there once.
 _ANNOUNCED: set[Path] = set()
+#: work directories whose lock this process holds: path → (open lock file, nesting depth)
+_LOCKS: dict[Path, tuple[int, int]] = {}
+
+
+@contextmanager
+def _exclusive(work: Path) -> Iterator[None]:
+    """One run per output at a time. Two merges writing one output share its work directory: without a lock
+    the second could refine at its own ranks into the first's files, and the winner's artifact then carried
+    factors of the other run's ranks (a fault drill showed it). The lock is taken by rank 0 of a launch only
+    (the other processes of a DDP run share rank 0's run) and re-entered by the stages of one run."""
+    import fcntl
+
+    if not is_global_zero():
+        yield
+        return
+    key = work.resolve()
+    if key in _LOCKS:
+        fd, depth = _LOCKS[key]
+        _LOCKS[key] = (fd, depth + 1)
+    else:
+        fd = os.open(work / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DidiError(
+                f"{work}: another didi run is writing this output (its work directory is locked); wait for "
+                f"it to finish, or choose another output"
+            ) from None
+        _LOCKS[key] = (fd, 1)
+    try:
+        yield
+    finally:
+        fd, depth = _LOCKS[key]
+        if depth > 1:
+            _LOCKS[key] = (fd, depth - 1)
+        else:
+            del _LOCKS[key]
+            os.close(fd)  # releases the lock
 
 
 def _describe(work: Path) -> str:
@@ -123,7 +162,8 @@ def _work_dir(work: Path, resume: bool | None = None) -> Iterator[Path]:
     _ANNOUNCED.add(key)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        yield work
+        with _exclusive(work):
+            yield work
     except BaseException as e:
         _ANNOUNCED.discard(key)  # a later run in this process finds the directory and is told about it
         if isinstance(e, DidiError) and not existed:
@@ -145,17 +185,18 @@ def run_search(
     precheck_budget(zoo, target)
     store = decompose(zoo, opts.decompose, progress=progress)
     trainers = trainers or Trainers(opts.trainer)
-    ranks = allocate(
-        store,
-        target,
-        opts.search,
-        trainers,
-        zoo.adapter.policy_of,
-        opts.allocation,
-        work_dir_for(output),
-        opts.resume,
-        opts.shared,
-    )
+    with _work_dir(work_dir_for(output), opts.resume) as work:
+        ranks = allocate(
+            store,
+            target,
+            opts.search,
+            trainers,
+            zoo.adapter.policy_of,
+            opts.allocation,
+            work,
+            opts.resume,
+            opts.shared,
+        )
     return ranks, store
 
 
@@ -209,9 +250,9 @@ def run_merge(
     opts = opts or MergeOptions()
     _check_new(output)
     trainers = Trainers(opts.trainer)  # one W&B run for both stages
-    with _work_dir(work_dir_for(output), opts.resume):
+    with _work_dir(work_dir_for(output), opts.resume):  # one lock over both stages
         ranks, _ = run_search(zoo, output, opts, progress, trainers)
-    return run_refine(zoo, output, ranks, opts, progress, method, trainers)
+        return run_refine(zoo, output, ranks, opts, progress, method, trainers)
 
 
 def write_json_atomic(path: str | Path, obj: dict) -> None:

@@ -175,3 +175,31 @@ def test_concurrent_writers_of_one_output_one_wins(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["tasks"] == ["a", "b"]
     with pytest.raises(DidiError, match="already exists"):  # a writer that starts later is refused at once
         write_artifact(out, manifest, {}, {}, {})
+
+
+def test_a_second_run_on_a_locked_output_fails_cleanly(tmp_path, tiny_zoo, fast):
+    """While one run holds an output's work directory, another merge of that output refuses at once (it used
+    to refine into the first run's files), and leaves the first run's work directory alone."""
+    import fcntl
+    import os
+
+    from didi.backbones import Adapter, Zoo
+    from didi.errors import DidiError
+    from didi.pipeline import MergeOptions, run_merge, work_dir_for
+
+    base, tasks = tiny_zoo
+    zoo = Zoo(Adapter(), base, tasks)
+    out = tmp_path / "out"
+    work = work_dir_for(out)
+    work.mkdir()
+    (work / "keep").write_text("the other run's file")
+    fd = os.open(work / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the other run
+    try:
+        with pytest.raises(DidiError, match="another didi run is writing this output"):
+            run_merge(zoo, out, MergeOptions(1.3, *fast), progress=False)
+    finally:
+        os.close(fd)
+    assert (work / "keep").exists() and not out.exists()
+    assert run_merge(zoo, out, MergeOptions(1.3, *fast), progress=False) == out  # the lock is free again
+    assert not work.exists()

@@ -212,3 +212,18 @@ def tiny_merge(zoo, out, budget=1.3):
         TrainerConfig(accelerator="cpu", logger="none", progress_bar=False),
     )
     return run_merge(zoo, out, options, progress=False)
+
+
+#: `didi.cli.main` flags of a quiet CPU run: no logger, no progress bar
+CPU_QUIET = [
+    "--decompose.device",
+    "cpu",
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.logger",
+    "none",
+    "--trainer.progress_bar",
+    "false",
+]
+#: ... and a short merge (20 search steps, one ALS sweep)
+FAST_MERGE = ["--search.steps", "20", "--refine.sweeps", "1", *CPU_QUIET]

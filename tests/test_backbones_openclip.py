@@ -13,7 +13,7 @@ from didi.backbones import Zoo, build_adapter
 from didi.backbones.open_clip import OpenClipAdapter
 from didi.cli import main
 from didi.errors import DidiError
-from helpers import check_nonmatrix_policy, expected_task_state, synthetic_finetunes
+from helpers import FAST_MERGE, check_nonmatrix_policy, expected_task_state, synthetic_finetunes
 
 TINY = {
     "embed_dim": 16,
@@ -80,18 +80,7 @@ def test_merge_tiny_clip_roundtrip(tmp_path):
             json.dumps(TINY),
             "--decompose.cache_dir",
             str(tmp_path / "cache"),
-            "--decompose.device",
-            "cpu",
-            "--search.steps",
-            "20",
-            "--refine.sweeps",
-            "1",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.logger",
-            "none",
-            "--trainer.progress_bar",
-            "false",
+            *FAST_MERGE,
         ]
     )
     assert rc == 0

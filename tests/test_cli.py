@@ -11,21 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from didi.cli import main
+from helpers import FAST_MERGE
 
-FAST = [
-    "--search.steps",
-    "20",
-    "--refine.sweeps",
-    "1",
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.logger",
-    "none",
-    "--trainer.progress_bar",
-    "false",
-    "--decompose.device",
-    "cpu",
-]
+FAST = FAST_MERGE
 
 
 def _merge_args(tmp_path, base, tasks, out, budget="1.3"):

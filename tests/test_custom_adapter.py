@@ -114,7 +114,7 @@ def test_custom_adapter_merges(tmp_path, capsys):
     from didi.artifact import load_artifact
     from didi.backbones import get_adapter_class
     from didi.cli import main
-    from helpers import expected_task_state
+    from helpers import FAST_MERGE, expected_task_state
 
     write_zoo(tmp_path / "zoo")
     assert get_adapter_class("tiny_convformer") is TinyConvFormerAdapter
@@ -133,18 +133,7 @@ def test_custom_adapter_merges(tmp_path, capsys):
             "2",
             "--decompose.cache_dir",
             str(tmp_path / "cache"),
-            "--decompose.device",
-            "cpu",
-            "--search.steps",
-            "20",
-            "--refine.sweeps",
-            "1",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.logger",
-            "none",
-            "--trainer.progress_bar",
-            "false",
+            *FAST_MERGE,
         ]
     )
     assert rc == 0, capsys.readouterr().err

@@ -20,6 +20,7 @@ from didi.cli import main
 from didi.methods.published import artifact_ratio_row
 from didi.pipeline import MergeOptions, run_merge
 from didi.refine import RefineConfig, refine_adam, refine_als, task_errors
+from helpers import CPU_QUIET
 
 
 def _spectra(g, L, T, K):
@@ -167,18 +168,7 @@ def test_folded_merge_end_to_end(tiny_zoo, fast, tmp_path, optimizer):
 def test_folded_search_then_refine_cli(tmp_path, tiny_zoo, capsys):
     """`didi search --shared folded` writes the mode into the ranks file and `didi refine` honours it."""
     base, tasks = tiny_zoo
-    common = [
-        "--decompose.cache_dir",
-        str(tmp_path / "cache"),
-        "--decompose.device",
-        "cpu",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.logger",
-        "none",
-        "--trainer.progress_bar",
-        "false",
-    ]
+    common = ["--decompose.cache_dir", str(tmp_path / "cache"), *CPU_QUIET]
     ranks = tmp_path / "ranks.json"
     assert (
         main(

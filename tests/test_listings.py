@@ -10,21 +10,9 @@ from pathlib import Path
 
 from didi.cli import main
 from didi.inspect import breakdown_order
+from helpers import CPU_QUIET
 
-FAST = [
-    "--search.steps",
-    "10",
-    "--refine.optimizer",
-    "none",
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.logger",
-    "none",
-    "--trainer.progress_bar",
-    "false",
-    "--decompose.device",
-    "cpu",
-]
+FAST = ["--search.steps", "10", "--refine.optimizer", "none", *CPU_QUIET]
 
 
 def test_breakdown_order_puts_base_parts_and_shared_before_the_tasks():

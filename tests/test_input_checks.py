@@ -46,3 +46,34 @@ def test_json_has_no_nan_and_says_why():
         "s": "nan",
     }
     assert finite(float("-inf")) is None and math.isfinite(finite(2.0))
+
+
+def test_a_full_disk_and_an_interrupt_end_with_a_message_not_a_traceback(monkeypatch, capsys):
+    """ENOSPC (as OSError or as safetensors' own error) is a `didi: error` line with exit 2; Ctrl-C says how
+    to resume, exit 130; any other exception is not swallowed."""
+    import errno
+
+    import didi.cli as cli
+
+    def raising(exc):
+        def command(**kwargs):
+            raise exc
+
+        return command
+
+    cases = [
+        (OSError(errno.ENOSPC, "No space left on device", "/x/out.tmp"), 2, "no space left on device"),
+        (
+            RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+            2,
+            "no space",
+        ),
+        (KeyboardInterrupt(), 130, "--resume true"),
+    ]
+    for exc, rc, said in cases:
+        monkeypatch.setitem(cli.COMMANDS, "methods", raising(exc))
+        assert cli.main(["methods"]) == rc
+        assert said in capsys.readouterr().err
+    monkeypatch.setitem(cli.COMMANDS, "methods", raising(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["methods"])

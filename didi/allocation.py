@@ -8,6 +8,7 @@ greedy.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal, Union
@@ -20,7 +21,7 @@ from didi.budget import Allocator, RankProblem, folded_error, folded_ranks, resc
 from didi.callbacks import RankEvolution
 from didi.closed_form import GroupTerms
 from didi.datamodules.layers import LayerBatchDataModule
-from didi.decompose import FactorStore, terms_from_factors
+from didi.decompose import DecomposeConfig, FactorStore, terms_from_factors
 from didi.errors import DidiError
 from didi.search import RankSearch, SearchConfig
 from didi.trainer import TrainerConfig, Trainers
@@ -360,3 +361,60 @@ def precheck_budget(zoo: Zoo, target: float) -> None:
         )
     if target < lo:
         raise DidiError(f"budget {target:g}: below the cost of a single rank unit (ratio {lo:.6g})")
+
+
+def budget_width(zoo: Zoo, target: float, T: int | None = None) -> int:
+    """An upper bound on the rank any one module can get at budget `target`, from the zoo's plans alone
+    (no SVD, no task vector read): the budget in elements, (target − 1)·|θ0| minus the per-task non-matrix
+    deltas (counted as `precheck_budget` counts them), divided by the smallest unit cost m + n among the
+    matrices, and capped at the largest min(m, n).
+
+    It is a bound, not an estimate: a module at rank r costs r·(m + n) ≥ r·min(m + n), so even a module given
+    the whole budget cannot pass it; real allocations spread the budget over T + 1 modules per matrix and are
+    usually far below it. `T`: the number of tasks (default: the zoo's). 0 when the budget cannot pay the
+    fixed costs.
+    """
+    T = len(zoo.tasks) if T is None else T
+    shapes = [p.matrix_shape for p in zoo.matrices]
+    if not shapes:
+        return 0
+    fixed = T * sum(
+        p.numel
+        for p in zoo.nonmatrices
+        if p.dtype.is_floating_point and zoo.adapter.policy_of(p.name) == "per_task"
+    )
+    budget = int((target - 1.0) * zoo.base_params + 1e-6) - fixed
+    if budget <= 0:
+        return 0
+    return min(budget // min(sum(s) for s in shapes), max(min(s) for s in shapes))
+
+
+#: (base, max_rank, bound) this process has already warned about
+_WIDTH_WARNED: set[tuple] = set()
+
+
+def check_decompose_inputs(zoo: Zoo, cfg: DecomposeConfig, target: float) -> None:
+    """The decomposition settings against the zoo, before any SVD (issue 11): `cfg.validate()`, then refuse a
+    max_rank above every matrix's full rank min(m, n) (the truncation would do nothing; above SOME matrices'
+    rank is normal, those are kept whole), and say once on stderr when max_rank is above `budget_width`, the
+    largest rank this budget can give any module (SVD work that no allocation can use; not an error)."""
+    cfg.validate()
+    if cfg.max_rank is None or not zoo.matrices:
+        return
+    full = max(min(p.matrix_shape) for p in zoo.matrices)
+    if cfg.max_rank > full:
+        raise DidiError(
+            f"decompose.max_rank: expected at most {full}, the largest full rank min(m, n) of the zoo's "
+            f"matrices, found {cfg.max_rank}: above every matrix's rank the truncation does nothing; give "
+            f"--decompose.max_rank {full} or less, or leave it unset to keep every component"
+        )
+    bound = budget_width(zoo, target)
+    key = (str(zoo.base), cfg.max_rank, bound)
+    if cfg.max_rank > bound and key not in _WIDTH_WARNED:
+        _WIDTH_WARNED.add(key)
+        print(
+            f"didi: decompose.max_rank {cfg.max_rank} is above the largest rank this budget ({target:g}) "
+            f"can give any module ({bound}); components beyond {bound} are computed but never used",
+            file=sys.stderr,
+            flush=True,
+        )

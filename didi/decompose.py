@@ -343,6 +343,30 @@ class DecomposeConfig:
     oversample: int = 32
     power_iters: int = 4
 
+    def validate(self) -> None:
+        """Refuse settings that cannot work, before any file is read or written (issue 11): a CUDA device
+        this machine lacks, a max_rank ≤ 0, a randomized SVD with nothing to truncate, negative range-finder
+        settings. The checks that need the zoo (max_rank above every matrix's rank) are
+        `allocation.check_decompose_inputs`."""
+        check_device(self.device)
+        if self.max_rank is not None and (isinstance(self.max_rank, bool) or self.max_rank <= 0):
+            raise DidiError(
+                f"decompose.max_rank: expected a positive number of singular components (or None: all), "
+                f"found {self.max_rank!r}"
+            )
+        if self.svd not in ("auto", "full", "randomized"):
+            raise DidiError(f"decompose.svd: expected 'auto', 'full' or 'randomized', found {self.svd!r}")
+        if self.svd == "randomized" and self.max_rank is None:
+            raise DidiError(
+                "decompose.svd: 'randomized' needs decompose.max_rank (the width it truncates to), found "
+                "max_rank None: nothing to truncate; use --decompose.svd auto or full, or give "
+                "--decompose.max_rank"
+            )
+        for name in ("oversample", "power_iters"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise DidiError(f"decompose.{name}: expected an integer ≥ 0, found {v!r}")
+
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in ("float32", "float64"):
             raise DidiError(f"decompose.dtype: expected 'float32' or 'float64', found {self.dtype!r}")
@@ -352,6 +376,32 @@ class DecomposeConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+
+def check_device(device: str) -> None:
+    """Refuse a decomposition device this machine does not have: `cuda` without CUDA, `cuda:N` with N at or
+    above the device count, a string torch does not read as a device."""
+    if device == "auto":
+        return
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DidiError(
+            f"decompose.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', found {device!r} ({e})"
+        ) from None
+    if d.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise DidiError(
+            f"decompose.device: {device!r} asked for, but this machine has no CUDA device "
+            f"(torch.cuda.is_available() is False); use --decompose.device cpu or auto"
+        )
+    count = torch.cuda.device_count()
+    if d.index is not None and d.index >= count:
+        raise DidiError(
+            f"decompose.device: {device!r} asked for, but this machine has {count} CUDA device(s) "
+            f"(cuda:0 to cuda:{count - 1}); use one of those, cpu or auto"
+        )
 
 
 def _fingerprint(zoo: Zoo, cfg: DecomposeConfig) -> str:
@@ -378,6 +428,7 @@ def _fingerprint(zoo: Zoo, cfg: DecomposeConfig) -> str:
 
 def decompose(zoo: Zoo, cfg: DecomposeConfig, progress: bool = True) -> FactorStore:
     """Return the factor store for `zoo`, computing it (and writing it atomically) only if not cached."""
+    cfg.validate()
     shared_merge_fn(cfg.shared_merge)
     dtype, device = cfg.torch_dtype(), cfg.torch_device()
     root = Path(os.path.expanduser(cfg.cache_dir)) / _fingerprint(zoo, cfg)

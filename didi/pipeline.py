@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Iterator, Union
 
 from didi import jsonio
-from didi.allocation import Allocation, Ranks, SharedPart, allocate, precheck_budget
+from didi.allocation import (
+    Allocation,
+    Ranks,
+    SharedPart,
+    allocate,
+    check_decompose_inputs,
+    precheck_budget,
+)
 from didi.backbones.base import Zoo
 from didi.budget import parse_budget
 from didi.decompose import DecomposeConfig, FactorStore, decompose
@@ -183,6 +190,7 @@ def run_search(
     store they index."""
     target = parse_budget(opts.budget)
     precheck_budget(zoo, target)
+    check_decompose_inputs(zoo, opts.decompose, target)
     store = decompose(zoo, opts.decompose, progress=progress)
     trainers = trainers or Trainers(opts.trainer)
     with _work_dir(work_dir_for(output), opts.resume) as work:

@@ -13,7 +13,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import torch
 
@@ -124,6 +124,35 @@ class Adapter:
     def build_model(self, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
         """A runnable model from a state dict; the generic adapter has no architecture to build."""
         raise NotImplementedError(f"adapter '{self.registry_name}' cannot build a runnable model")
+
+    # ------------------------------------------------------------------------------------ components
+    #: how `component_of` groups tensors, in words (`didi backbones --components` prints it when the adapter
+    #: cannot list its tensors without a checkpoint)
+    component_rule: str = (
+        "per layer: layer.{i} (one component per numbered block); else the name's first segment"
+    )
+
+    def component_of(self, name: str) -> str:
+        """The component tensor `name` belongs to. Generic fallback: one component per numbered block
+        (`layer.{i}`, from `layer_of`), else the name's first path segment. Families split each block into
+        `layer.{i}.attn` / `layer.{i}.mlp` (norms and biases follow their component) and name `embed` and
+        `head`."""
+        layer, _ = self.layer_of(name)
+        if layer >= 0:
+            return f"layer.{layer}"
+        return name.split(".", 1)[0]
+
+    def components(self, names: Iterable[str]) -> dict[str, list[str]]:
+        """{component: tensor names}: components in the order of their first tensor, names in their order."""
+        out: dict[str, list[str]] = {}
+        for n in names:
+            out.setdefault(self.component_of(n), []).append(n)
+        return out
+
+    def listing_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """In-scope tensor names and shapes of the adapter's default (or preset) architecture, without any
+        checkpoint, for `didi backbones --components`; None when the architecture needs a checkpoint."""
+        return None
 
     def settings(self) -> dict:
         """What the manifest records so that a later load can rebuild the same adapter."""

@@ -262,6 +262,35 @@ class HFClipAdapter(Adapter):
         m = _LAYER_RE.match(name)
         return (int(m.group(1)), m.group(2)) if m else (-1, name.removeprefix("vision_model."))
 
+    component_rule = (
+        "per layer: layer.{i}.attn (self_attn.*, layer_norm1), layer.{i}.mlp (mlp.*, layer_norm2); "
+        "embed (embeddings.*, pre_layrnorm); head (post_layernorm, visual_projection)"
+    )
+
+    def component_of(self, name: str) -> str:
+        name = canonical_name(name)
+        m = _LAYER_RE.match(name)
+        if m:
+            part = m.group(2)
+            if part.startswith(("self_attn.", "layer_norm1.")):
+                return f"layer.{m.group(1)}.attn"
+            if part.startswith(("mlp.", "layer_norm2.")):
+                return f"layer.{m.group(1)}.mlp"
+            return f"layer.{m.group(1)}"
+        if not self.in_scope(name):  # the text tower (not merged): the generic rule
+            return super().component_of(name)
+        first = name.removeprefix("vision_model.").split(".", 1)[0]
+        if first in ("embeddings", "pre_layrnorm"):
+            return "embed"
+        if first in ("post_layernorm", "visual_projection"):
+            return "head"
+        return first
+
+    def listing_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        if self.config is None:  # the architecture comes from the base model's config.json
+            return None
+        return {k: s for k, s in self.expected_shapes().items() if self.in_scope(k)}
+
     def locate(self, name: str) -> tuple[str, str]:
         if self.fuse_qkv and ".qkv_proj." in name:
             raise DidiError(

@@ -152,6 +152,33 @@ class HFEncoderAdapter(Adapter):
         pats = self.include if self.include is not None else DEFAULT_INCLUDE
         return any(fnmatch.fnmatchcase(name, p) for p in pats)
 
+    component_rule = (
+        "per layer: layer.{i}.attn (attention.*, sa_layer_norm), layer.{i}.mlp (intermediate.*, output.*, "
+        "ffn.*, output_layer_norm); embed (embeddings.*); head (pooler.*, anything else outside the layers)"
+    )
+
+    def component_of(self, name: str) -> str:
+        layer, part = self.layer_of(name)
+        if layer >= 0:
+            if part.startswith(("attention.", "sa_layer_norm.")):
+                return f"layer.{layer}.attn"
+            if part.startswith(("intermediate.", "output.", "ffn.", "output_layer_norm.")):
+                return f"layer.{layer}.mlp"
+            return f"layer.{layer}"
+        if name.startswith("embeddings.") or ".embeddings." in name:
+            return "embed"
+        return "head"
+
+    def listing_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """The tensors of `model_config` (built on meta); None without one (it comes from the checkpoint)."""
+        if self.model_config is None:
+            return None
+        from transformers import AutoModel
+
+        with torch.device("meta"):
+            model = AutoModel.from_config(self.hf_config())
+        return {k: tuple(v.shape) for k, v in model.state_dict().items() if self.in_scope(k)}
+
     def hf_config(self):
         from transformers import AutoConfig
 

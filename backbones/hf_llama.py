@@ -205,6 +205,31 @@ class HFLlamaAdapter(Adapter):
         m = _LAYER_RE.match(name)
         return (int(m.group(1)), m.group(2)) if m else (-1, name)
 
+    component_rule = (
+        "per layer: layer.{i}.attn (self_attn.*, input_layernorm), "
+        "layer.{i}.mlp (mlp.*, post_attention_layernorm); embed (embed_tokens); head (norm, lm_head)"
+    )
+
+    def component_of(self, name: str) -> str:
+        m = _LAYER_RE.match(name)
+        if m:
+            part = m.group(2)
+            if part.startswith(("self_attn.", "input_layernorm.")):
+                return f"layer.{m.group(1)}.attn"
+            if part.startswith(("mlp.", "post_attention_layernorm.")):
+                return f"layer.{m.group(1)}.mlp"
+            return f"layer.{m.group(1)}"
+        if name.startswith("model.embed_tokens."):
+            return "embed"
+        if name.startswith(("model.norm.", "lm_head.")):
+            return "head"
+        return super().component_of(name)
+
+    def listing_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """The config's tensors; without a config, those of the first preset (`llama-3.1-8b`, on meta)."""
+        a = self if self.config is not None else HFLlamaAdapter(config=next(iter(PRESETS)))
+        return {k: s for k, s in a.expected_shapes().items() if a.in_scope(k)}
+
     def build_model(self, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
         """`LlamaForCausalLM` of the config holding `state_dict`'s tensors (no copy, built on meta)."""
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding

@@ -143,6 +143,32 @@ class OpenClipAdapter(Adapter):
             return int(m.group(1)), m.group(2)
         return -1, name.removeprefix("visual.")
 
+    component_rule = (
+        "per layer: layer.{i}.attn (attn.*, ln_1, ls_1), layer.{i}.mlp (mlp.*, ln_2, ls_2); "
+        "embed (conv1, class_embedding, positional_embedding, ln_pre); head (ln_post, proj)"
+    )
+
+    def component_of(self, name: str) -> str:
+        m = _BLOCK_RE.match(name)
+        if m:
+            part = m.group(2)
+            if part.startswith(("attn.", "ln_1.", "ls_1.")):
+                return f"layer.{m.group(1)}.attn"
+            if part.startswith(("mlp.", "ln_2.", "ls_2.")):
+                return f"layer.{m.group(1)}.mlp"
+            return f"layer.{m.group(1)}"
+        if not self.in_scope(name):  # the text tower (not merged): the generic rule
+            return super().component_of(name)
+        first = name.removeprefix("visual.").split(".", 1)[0]
+        if first in ("conv1", "class_embedding", "positional_embedding", "ln_pre"):
+            return "embed"
+        if first in ("ln_post", "proj"):
+            return "head"
+        return first
+
+    def listing_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        return {k: s for k, s in self.expected_shapes().items() if self.in_scope(k)}
+
     def build_model(self, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
         """The whole CLIP model (both towers) loaded strictly from `state_dict`, in eval mode."""
         model = self.create("cpu")

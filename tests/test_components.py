@@ -153,9 +153,12 @@ def test_every_tensor_has_a_component(family):
 
 
 def test_registry_covers_every_adapter():
+    """Every adapter didi ships is covered above (adapters that tests register, such as the custom-adapter
+    example's, come from other modules and are left out)."""
     from didi.backbones import ADAPTERS
 
-    assert set(dict(ADAPTERS.items())) == {"state_dict", *EXPECTED}
+    shipped = {name for name, cls in ADAPTERS.items() if cls.__module__.startswith("didi.backbones.")}
+    assert shipped == {"state_dict", *EXPECTED}
 
 
 def test_generic_adapter_one_component_per_layer_prefix():

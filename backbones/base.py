@@ -132,14 +132,28 @@ class Adapter:
         "per layer: layer.{i} (one component per numbered block); else the name's first segment"
     )
 
+    #: inside a numbered block, the name prefixes (after the block's own prefix, as `layer_of` returns them)
+    #: of the attention and of the MLP component; norms and biases are listed with the component they belong
+    #: to. Empty: a block is one component.
+    attn_parts: tuple[str, ...] = ()
+    mlp_parts: tuple[str, ...] = ()
+
     def component_of(self, name: str) -> str:
-        """The component tensor `name` belongs to. Generic fallback: one component per numbered block
-        (`layer.{i}`, from `layer_of`), else the name's first path segment. Families split each block into
-        `layer.{i}.attn` / `layer.{i}.mlp` (norms and biases follow their component) and name `embed` and
-        `head`."""
-        layer, _ = self.layer_of(name)
-        if layer >= 0:
-            return f"layer.{layer}"
+        """The component tensor `name` belongs to: `layer.{i}.attn` / `layer.{i}.mlp` inside numbered blocks
+        (by `attn_parts` / `mlp_parts`; `layer.{i}` for the rest of a block, or for the whole block when the
+        family declares no parts), else `outside_component`."""
+        layer, part = self.layer_of(name)
+        if layer < 0:
+            return self.outside_component(name)
+        if part.startswith(self.attn_parts):
+            return f"layer.{layer}.attn"
+        if part.startswith(self.mlp_parts):
+            return f"layer.{layer}.mlp"
+        return f"layer.{layer}"
+
+    def outside_component(self, name: str) -> str:
+        """The component of a tensor outside the numbered blocks; generic: its name's first path segment.
+        Families name `embed` and `head` here."""
         return name.split(".", 1)[0]
 
     def components(self, names: Iterable[str]) -> dict[str, list[str]]:

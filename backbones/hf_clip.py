@@ -267,18 +267,15 @@ class HFClipAdapter(Adapter):
         "embed (embeddings.*, pre_layrnorm); head (post_layernorm, visual_projection)"
     )
 
+    attn_parts = ("self_attn.", "layer_norm1.")
+    mlp_parts = ("mlp.", "layer_norm2.")
+
     def component_of(self, name: str) -> str:
-        name = canonical_name(name)
-        m = _LAYER_RE.match(name)
-        if m:
-            part = m.group(2)
-            if part.startswith(("self_attn.", "layer_norm1.")):
-                return f"layer.{m.group(1)}.attn"
-            if part.startswith(("mlp.", "layer_norm2.")):
-                return f"layer.{m.group(1)}.mlp"
-            return f"layer.{m.group(1)}"
+        return super().component_of(canonical_name(name))
+
+    def outside_component(self, name: str) -> str:
         if not self.in_scope(name):  # the text tower (not merged): the generic rule
-            return super().component_of(name)
+            return super().outside_component(name)
         first = name.removeprefix("vision_model.").split(".", 1)[0]
         if first in ("embeddings", "pre_layrnorm"):
             return "embed"

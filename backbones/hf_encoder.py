@@ -157,14 +157,10 @@ class HFEncoderAdapter(Adapter):
         "ffn.*, output_layer_norm); embed (embeddings.*); head (pooler.*, anything else outside the layers)"
     )
 
-    def component_of(self, name: str) -> str:
-        layer, part = self.layer_of(name)
-        if layer >= 0:
-            if part.startswith(("attention.", "sa_layer_norm.")):
-                return f"layer.{layer}.attn"
-            if part.startswith(("intermediate.", "output.", "ffn.", "output_layer_norm.")):
-                return f"layer.{layer}.mlp"
-            return f"layer.{layer}"
+    attn_parts = ("attention.", "sa_layer_norm.")
+    mlp_parts = ("intermediate.", "output.", "ffn.", "output_layer_norm.")
+
+    def outside_component(self, name: str) -> str:
         if name.startswith("embeddings.") or ".embeddings." in name:
             return "embed"
         return "head"

@@ -210,20 +210,15 @@ class HFLlamaAdapter(Adapter):
         "layer.{i}.mlp (mlp.*, post_attention_layernorm); embed (embed_tokens); head (norm, lm_head)"
     )
 
-    def component_of(self, name: str) -> str:
-        m = _LAYER_RE.match(name)
-        if m:
-            part = m.group(2)
-            if part.startswith(("self_attn.", "input_layernorm.")):
-                return f"layer.{m.group(1)}.attn"
-            if part.startswith(("mlp.", "post_attention_layernorm.")):
-                return f"layer.{m.group(1)}.mlp"
-            return f"layer.{m.group(1)}"
+    attn_parts = ("self_attn.", "input_layernorm.")
+    mlp_parts = ("mlp.", "post_attention_layernorm.")
+
+    def outside_component(self, name: str) -> str:
         if name.startswith("model.embed_tokens."):
             return "embed"
         if name.startswith(("model.norm.", "lm_head.")):
             return "head"
-        return super().component_of(name)
+        return super().outside_component(name)
 
     def listing_shapes(self) -> dict[str, tuple[int, ...]] | None:
         """The config's tensors; without a config, those of the first preset (`llama-3.1-8b`, on meta)."""

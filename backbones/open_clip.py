@@ -148,17 +148,12 @@ class OpenClipAdapter(Adapter):
         "embed (conv1, class_embedding, positional_embedding, ln_pre); head (ln_post, proj)"
     )
 
-    def component_of(self, name: str) -> str:
-        m = _BLOCK_RE.match(name)
-        if m:
-            part = m.group(2)
-            if part.startswith(("attn.", "ln_1.", "ls_1.")):
-                return f"layer.{m.group(1)}.attn"
-            if part.startswith(("mlp.", "ln_2.", "ls_2.")):
-                return f"layer.{m.group(1)}.mlp"
-            return f"layer.{m.group(1)}"
+    attn_parts = ("attn.", "ln_1.", "ls_1.")
+    mlp_parts = ("mlp.", "ln_2.", "ls_2.")
+
+    def outside_component(self, name: str) -> str:
         if not self.in_scope(name):  # the text tower (not merged): the generic rule
-            return super().component_of(name)
+            return super().outside_component(name)
         first = name.removeprefix("visual.").split(".", 1)[0]
         if first in ("conv1", "class_embedding", "positional_embedding", "ln_pre"):
             return "embed"

@@ -7,6 +7,8 @@ in setup.cfg puts this folder on sys.path); fixtures live in conftest.py.
   trip is checked against a second implementation.
 - A tiny BERT zoo: `tiny_bert_config`, `save_hf` (HF or sentence-transformers layout), `make_bert_zoo`,
   `tiny_merge` (a merge in a few seconds on CPU), and the word list `WORDS` / `add_vocab` for its tokenizer.
+- Tiny configs of the other families: `OPEN_CLIP_TINY`, `tiny_llama_config`, `tiny_clip_config`; the CLI flags
+  of a quiet CPU run and a short merge: `CPU_QUIET`, `FAST_MERGE`.
 """
 
 from __future__ import annotations
@@ -227,3 +229,54 @@ CPU_QUIET = [
 ]
 #: ... and a short merge (20 search steps, one ALS sweep)
 FAST_MERGE = ["--search.steps", "20", "--refine.sweeps", "1", *CPU_QUIET]
+
+
+#: a tiny open_clip CLIP (2 vision blocks of width 32, 1 text layer), as `OpenClipAdapter(model_config=...)`
+OPEN_CLIP_TINY = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def tiny_llama_config(vocab=64, hidden=32, layers=2, **kw):
+    """A 2-layer Llama (grouped-query attention, untied embeddings) in the shapes the tests use."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+        **kw,
+    )
+
+
+def tiny_clip_config(width=32, layers=2, patch=8, image=16, proj=16, heads=2, **kw):
+    """A tiny HF CLIP (vision tower of `layers` blocks, 1-layer text tower)."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        vision_config=dict(
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            patch_size=patch,
+            image_size=image,
+        ),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=64,
+            max_position_embeddings=8,
+        ),
+        projection_dim=proj,
+        **kw,
+    )

@@ -23,32 +23,7 @@ from didi.backbones.open_clip import OpenClipAdapter
 from didi.errors import DidiError
 from didi.pipeline import MergeOptions, run_merge
 from didi.routing import RoutedModel
-from helpers import check_nonmatrix_policy, expected_task_state, synthetic_finetunes
-
-
-def clip_config(width=32, layers=2, patch=8, image=16, proj=16, heads=2, **kw):
-    from transformers import CLIPConfig
-
-    return CLIPConfig(
-        vision_config=dict(
-            hidden_size=width,
-            intermediate_size=4 * width,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            patch_size=patch,
-            image_size=image,
-        ),
-        text_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=64,
-            max_position_embeddings=8,
-        ),
-        projection_dim=proj,
-        **kw,
-    )
+from helpers import check_nonmatrix_policy, expected_task_state, synthetic_finetunes, tiny_clip_config
 
 
 def save_hf(path, config, state_dict=None, cls="CLIPModel"):
@@ -126,7 +101,7 @@ def test_same_scope_and_inventory_as_open_clip(name, width, layers, patch, image
     import open_clip
     from transformers import CLIPModel
 
-    cfg = clip_config(width, layers, patch, image, proj, heads=width // 64)
+    cfg = tiny_clip_config(width, layers, patch, image, proj, heads=width // 64)
     with torch.device("meta"):
         hf_sd = CLIPModel(cfg).state_dict()
         oc_sd = open_clip.create_model(name, pretrained=None, device="meta").state_dict()
@@ -156,7 +131,7 @@ def test_same_scope_and_inventory_as_open_clip(name, width, layers, patch, image
 def test_merge_tiny_hf_clip_roundtrip(tmp_path, fast, fuse_qkv):
     dcfg, scfg, rcfg, tcfg = fast
     scfg.steps = 20
-    cfg = clip_config()
+    cfg = tiny_clip_config()
     base = save_hf(tmp_path / "base", cfg)
     adapter = HFClipAdapter(fuse_qkv=fuse_qkv)
     tunes = {f"t{i}": sd for i, sd in enumerate(synthetic_finetunes(adapter, base))}
@@ -226,10 +201,12 @@ class ImageFeatures(torch.nn.Module):
 def test_mismatches_refused_before_any_svd(tmp_path):
     from transformers import LlamaConfig
 
-    save_hf(tmp_path / "base", clip_config())
-    save_hf(tmp_path / "wide", clip_config(width=48, heads=2))
-    save_hf(tmp_path / "deep", clip_config(layers=3))
-    save_hf(tmp_path / "vision_only", clip_config().vision_config, cls="CLIPVisionModel")  # no projection
+    save_hf(tmp_path / "base", tiny_clip_config())
+    save_hf(tmp_path / "wide", tiny_clip_config(width=48, heads=2))
+    save_hf(tmp_path / "deep", tiny_clip_config(layers=3))
+    save_hf(
+        tmp_path / "vision_only", tiny_clip_config().vision_config, cls="CLIPVisionModel"
+    )  # no projection
     save_hf(
         tmp_path / "llama",
         LlamaConfig(
@@ -257,9 +234,9 @@ def test_mismatches_refused_before_any_svd(tmp_path):
             )
         assert str(tmp_path / task) in str(e.value)
     (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "config.json").write_text(json.dumps(clip_config().to_dict()))
+    (tmp_path / "bin" / "config.json").write_text(json.dumps(tiny_clip_config().to_dict()))
     torch.save(
-        base := HFClipAdapter(clip_config().to_dict()).create().state_dict(),
+        base := HFClipAdapter(tiny_clip_config().to_dict()).create().state_dict(),
         tmp_path / "bin" / "pytorch_model.bin",
     )
     with pytest.raises(DidiError, match="pickle checkpoints can run code"):
@@ -273,7 +250,7 @@ def test_vision_model_files_of_both_transformers_generations(tmp_path):
     the same checkpoint to the adapter, and build_model loads either name style."""
     from safetensors.torch import save_file
 
-    cfg = clip_config().vision_config
+    cfg = tiny_clip_config().vision_config
     v5 = save_hf(tmp_path / "v5", cfg, cls="CLIPVisionModel")
     assert not any(k.startswith("vision_model.") for k in v5)
     (tmp_path / "v4").mkdir()

@@ -13,23 +13,7 @@ from didi.backbones import Zoo
 from didi.backbones.hf_llama import HFLlamaAdapter
 from didi.errors import DidiError
 from didi.pipeline import MergeOptions, run_merge
-from helpers import check_nonmatrix_policy, expected_task_state, synthetic_finetunes
-
-
-def tiny_config(vocab=64, hidden=32, layers=2, **kw):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-        **kw,
-    )
+from helpers import check_nonmatrix_policy, expected_task_state, synthetic_finetunes, tiny_llama_config
 
 
 def save_llama(path, config, state_dict=None, dtype=torch.float32):
@@ -80,7 +64,7 @@ def test_llama_3_1_8b_preset_on_meta():
 
 
 def _zoo(tmp_path, adapter, dtype, T=3):
-    cfg = tiny_config()
+    cfg = tiny_llama_config()
     base = save_llama(tmp_path / "base", cfg, dtype=dtype)
     assert (tmp_path / "base" / "model.safetensors.index.json").exists()
     tunes = {f"t{i}": sd for i, sd in enumerate(synthetic_finetunes(adapter, base, T=T))}
@@ -153,10 +137,10 @@ def test_bf16_llama_round_trips_in_bf16(tmp_path, fast, shared):
 def test_mismatches_refused_before_any_svd(tmp_path):
     from transformers import CLIPVisionConfig
 
-    save_llama(tmp_path / "base", tiny_config())
-    save_llama(tmp_path / "vocab", tiny_config(vocab=72))
-    save_llama(tmp_path / "wide", tiny_config(hidden=48))
-    save_llama(tmp_path / "deep", tiny_config(layers=3))
+    save_llama(tmp_path / "base", tiny_llama_config())
+    save_llama(tmp_path / "vocab", tiny_llama_config(vocab=72))
+    save_llama(tmp_path / "wide", tiny_llama_config(hidden=48))
+    save_llama(tmp_path / "deep", tiny_llama_config(layers=3))
     from transformers import CLIPVisionModel
 
     CLIPVisionModel(
@@ -200,7 +184,8 @@ def test_mismatches_refused_before_any_svd(tmp_path):
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
     torch.save(
-        HFLlamaAdapter(tiny_config().to_dict()).create().state_dict(), tmp_path / "bin" / "pytorch_model.bin"
+        HFLlamaAdapter(tiny_llama_config().to_dict()).create().state_dict(),
+        tmp_path / "bin" / "pytorch_model.bin",
     )
     with pytest.raises(DidiError, match="pickle checkpoints can run code"):
         HFLlamaAdapter().open_source(tmp_path / "bin")

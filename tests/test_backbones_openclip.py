@@ -13,13 +13,15 @@ from didi.backbones import Zoo, build_adapter
 from didi.backbones.open_clip import OpenClipAdapter
 from didi.cli import main
 from didi.errors import DidiError
-from helpers import FAST_MERGE, check_nonmatrix_policy, expected_task_state, synthetic_finetunes
+from helpers import (
+    FAST_MERGE,
+    OPEN_CLIP_TINY,
+    check_nonmatrix_policy,
+    expected_task_state,
+    synthetic_finetunes,
+)
 
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
-}
+TINY = OPEN_CLIP_TINY
 
 
 def tiny_cfg(**vision) -> dict:

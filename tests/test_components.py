@@ -15,52 +15,7 @@ from didi.backbones.hf_encoder import HFEncoderAdapter
 from didi.backbones.hf_llama import HFLlamaAdapter
 from didi.backbones.open_clip import OpenClipAdapter
 from didi.cli import main
-from helpers import tiny_bert_config
-
-OPEN_CLIP_TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-def hf_clip_config():
-    from transformers import CLIPConfig
-
-    return CLIPConfig(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            patch_size=8,
-            image_size=16,
-        ),
-        text_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=64,
-            max_position_embeddings=8,
-        ),
-        projection_dim=16,
-    )
-
-
-def llama_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
+from helpers import OPEN_CLIP_TINY, tiny_bert_config, tiny_clip_config, tiny_llama_config
 
 
 def tiny(family: str) -> tuple[Adapter, list[str]]:
@@ -69,10 +24,10 @@ def tiny(family: str) -> tuple[Adapter, list[str]]:
         a = OpenClipAdapter(model_config=OPEN_CLIP_TINY)
         sd = a.create("meta").state_dict()
     elif family == "hf_clip":
-        a = HFClipAdapter(config=hf_clip_config().to_dict())
+        a = HFClipAdapter(config=tiny_clip_config().to_dict())
         sd = {k: None for k in a.expected_shapes()}
     elif family == "hf_llama":
-        a = HFLlamaAdapter(config=llama_config().to_dict())
+        a = HFLlamaAdapter(config=tiny_llama_config().to_dict())
         sd = a.expected_shapes()
     else:
         from transformers import BertModel
@@ -205,7 +160,7 @@ def test_cli_unknown_adapter(capsys):
 
 
 def test_fused_qkv_and_listing_shapes_follow_the_config():
-    a = HFClipAdapter(config=hf_clip_config().to_dict(), fuse_qkv=True)
+    a = HFClipAdapter(config=tiny_clip_config().to_dict(), fuse_qkv=True)
     assert a.component_of("vision_model.encoder.layers.1.self_attn.qkv_proj.weight") == "layer.1.attn"
     assert a.component_of("encoder.layers.0.mlp.fc1.bias") == "layer.0.mlp"  # unprefixed CLIPVisionModel file
     assert HFClipAdapter().listing_shapes() is None

@@ -16,6 +16,7 @@ from didi.datamodules.causal_lm import CausalLMDataModule
 from didi.errors import DidiError
 from didi.eval_causal_lm import evaluate_causal_lm
 from didi.trainer import TrainerConfig
+from helpers import tiny_llama_config
 
 CPU1 = TrainerConfig(accelerator="cpu", devices=1, logger="none", progress_bar=False)
 WORDS = [f"w{i}" for i in range(58)]
@@ -38,19 +39,10 @@ def save_tokenizer(path):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("lm")
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
+    cfg = tiny_llama_config()
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(str(root / "base"))
     save_tokenizer(root / "base")

@@ -18,6 +18,7 @@ from didi.artifact import load_artifact, write_artifact
 from didi.cli import main
 from didi.errors import DidiError
 from didi.export import export_artifact
+from helpers import tiny_llama_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -69,21 +70,12 @@ def put(terms: dict, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------------------- tiny Llama
 @pytest.fixture
 def llama(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from didi.backbones.hf_llama import HFLlamaAdapter
 
     tmp_path = tmp_path / "llama"
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
+    cfg = tiny_llama_config()
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(str(tmp_path / "base"), max_shard_size="20KB")
     assert (tmp_path / "base" / "model.safetensors.index.json").exists()

@@ -216,11 +216,14 @@ def run_refine(
     progress: bool = True,
     method: str = "didi",
     trainers: Trainers | None = None,
+    store: FactorStore | None = None,
 ) -> Path | None:
     """Refine at `ranks` (a `Ranks` or a ranks file of `didi search`) and write the artifact; returns its path
-    (None on non-zero DDP ranks). Matrices finished by an interrupted run are not redone."""
+    (None on non-zero DDP ranks). Matrices finished by an interrupted run are not redone. `store`: the factor
+    store the ranks index, when the caller has it open (`run_merge`); else it is looked up (and, if missing,
+    computed) by `decompose`."""
     _check_new(output)
-    store = decompose(zoo, opts.decompose, progress=progress)
+    store = store or decompose(zoo, opts.decompose, progress=progress)
     hyper = opts.hyper_parameters()
     if not isinstance(ranks, Ranks):
         try:
@@ -259,8 +262,8 @@ def run_merge(
     _check_new(output)
     trainers = Trainers(opts.trainer)  # one W&B run for both stages
     with _work_dir(work_dir_for(output), opts.resume):  # one lock over both stages
-        ranks, _ = run_search(zoo, output, opts, progress, trainers)
-        return run_refine(zoo, output, ranks, opts, progress, method, trainers)
+        ranks, store = run_search(zoo, output, opts, progress, trainers)
+        return run_refine(zoo, output, ranks, opts, progress, method, trainers, store)
 
 
 def write_json_atomic(path: str | Path, obj: dict) -> None:

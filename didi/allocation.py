@@ -338,6 +338,16 @@ def allocate_folded(
     return Ranks(r_s, r_t, info)
 
 
+def per_task_elements(zoo: Zoo, T: int) -> int:
+    """What the per-task non-matrix deltas cost before any rank is given, from the zoo's plans (no task vector
+    read): T copies of every floating tensor the adapter keeps `per_task`."""
+    return T * sum(
+        p.numel
+        for p in zoo.nonmatrices
+        if p.dtype.is_floating_point and zoo.adapter.policy_of(p.name) == "per_task"
+    )
+
+
 def precheck_budget(zoo: Zoo, target: float) -> None:
     """Cheap refusal before any SVD: below one rank unit, or above full rank of every module."""
     T = len(zoo.tasks)
@@ -347,11 +357,7 @@ def precheck_budget(zoo: Zoo, target: float) -> None:
             f"{zoo.base}: adapter '{zoo.adapter.registry_name}' decomposes no tensor of this model"
         )
     full = sum((T + 1) * min(p.matrix_shape) * sum(p.matrix_shape) for p in zoo.matrices)
-    fixed = T * sum(
-        p.numel
-        for p in zoo.nonmatrices
-        if p.dtype.is_floating_point and zoo.adapter.policy_of(p.name) == "per_task"
-    )
+    fixed = per_task_elements(zoo, T)
     hi = 1 + (full + fixed) / zoo.base_params
     lo = 1 + min(units) / zoo.base_params
     if target > hi:
@@ -366,8 +372,8 @@ def precheck_budget(zoo: Zoo, target: float) -> None:
 def budget_width(zoo: Zoo, target: float, T: int | None = None) -> int:
     """An upper bound on the rank any one module can get at budget `target`, from the zoo's plans alone
     (no SVD, no task vector read): the budget in elements, (target − 1)·|θ0| minus the per-task non-matrix
-    deltas (counted as `precheck_budget` counts them), divided by the smallest unit cost m + n among the
-    matrices, and capped at the largest min(m, n).
+    deltas (`per_task_elements`, as `precheck_budget` counts them), divided by the smallest unit cost m + n
+    among the matrices, and capped at the largest min(m, n).
 
     It is a bound, not an estimate: a module at rank r costs r·(m + n) ≥ r·min(m + n), so even a module given
     the whole budget cannot pass it; real allocations spread the budget over T + 1 modules per matrix and are
@@ -378,11 +384,7 @@ def budget_width(zoo: Zoo, target: float, T: int | None = None) -> int:
     shapes = [p.matrix_shape for p in zoo.matrices]
     if not shapes:
         return 0
-    fixed = T * sum(
-        p.numel
-        for p in zoo.nonmatrices
-        if p.dtype.is_floating_point and zoo.adapter.policy_of(p.name) == "per_task"
-    )
+    fixed = per_task_elements(zoo, T)
     budget = int((target - 1.0) * zoo.base_params + 1e-6) - fixed
     if budget <= 0:
         return 0

@@ -192,6 +192,29 @@ class TensorSource:
         except Exception as e:
             raise DidiError(f"{self._files[name]}: tensor '{name}' could not be read ({e})") from e
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start:stop) along dim 0 of tensor `name`, as an owned tensor.
+
+        Why: a matrix too large to hold T+1 times over (Llama's 128256×4096 embeddings) is decomposed and
+        refined a row block at a time (didi.streamed). safetensors' `get_slice` maps only the pages of those
+        rows, so a block costs its own bytes, not the tensor's; the handle is opened per call as in `get`, and
+        the slice is copied out of the map (it is a view of the whole tensor's mapped storage).
+        """
+        if name not in self._files:
+            raise DidiError(f"{self.path}: no tensor named '{name}'")
+        shape = self._meta[name][0]
+        if not shape or not 0 <= start <= stop <= shape[0]:
+            raise DidiError(
+                f"{self._files[name]}: tensor '{name}' of shape {list(shape)} has no rows [{start}:{stop})"
+            )
+        if self._pickled is not None:
+            return self._pickled[name][start:stop].clone()
+        try:
+            with safe_open(str(self._files[name]), framework="pt", device="cpu") as h:
+                return h.get_slice(name)[start:stop].clone()
+        except Exception as e:
+            raise DidiError(f"{self._files[name]}: tensor '{name}' could not be read ({e})") from e
+
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._files:
             yield name, self.get(name)

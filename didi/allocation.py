@@ -8,6 +8,7 @@ greedy.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -391,6 +392,44 @@ def budget_width(zoo: Zoo, target: float, T: int | None = None) -> int:
     return min(budget // min(sum(s) for s in shapes), max(min(s) for s in shapes))
 
 
+#: the factor store's automatic width is this many times the rank an even spread of the budget gives
+WIDTH_MARGIN = 2
+
+
+def auto_width(zoo: Zoo, target: float) -> int | None:
+    """The decomposition width K of `max_rank: auto`: WIDTH_MARGIN × the rank every expert would get if the
+    budget were spread evenly over the T experts of every matrix (budget in elements / (T·Σ(m + n))), rounded
+    up to a multiple of 32; None (every component) when that reaches the largest min(m, n) anyway.
+
+    An estimate, not a bound (`budget_width` is the bound, and it is useless: one module could take the whole
+    budget): the allocation concentrates rank where the spectra are slowest, and a module that reaches K is
+    reported after the search (`Ranks.info["at_width"]`) with the `--decompose.max_rank` that lifts it.
+    """
+    shapes = [p.matrix_shape for p in zoo.matrices]
+    T = len(zoo.tasks)
+    if not shapes or not T:
+        return None
+    budget = (target - 1.0) * zoo.base_params - per_task_elements(zoo, T)
+    even = max(budget, 0.0) / (T * sum(m + n for m, n in shapes))
+    K = 32 * max(1, math.ceil(WIDTH_MARGIN * even / 32))
+    return None if K >= max(min(s) for s in shapes) else K
+
+
+def at_width(store: FactorStore, ranks: Ranks) -> int:
+    """How many modules (shared or expert) the allocation gave the store's whole width K where K was cut below
+    min(m, n): their rank may have been limited by the decomposition, not by the budget."""
+    n = 0
+    for e in store.matrices:
+        if e.K < min(e.m, e.n):
+            n += int(ranks.r_s[e.idx] >= e.K) + int((ranks.r_t[e.idx] >= e.K).sum())
+    return n
+
+
+def resolve_width(zoo: Zoo, cfg: DecomposeConfig, target: float) -> DecomposeConfig:
+    """`cfg` with `max_rank: auto` replaced by `auto_width` (other settings unchanged)."""
+    return replace(cfg, max_rank=auto_width(zoo, target)) if cfg.max_rank == "auto" else cfg
+
+
 #: (base, max_rank, bound) this process has already warned about
 _WIDTH_WARNED: set[tuple] = set()
 
@@ -401,7 +440,7 @@ def check_decompose_inputs(zoo: Zoo, cfg: DecomposeConfig, target: float) -> Non
     rank is normal, those are kept whole), and say once on stderr when max_rank is above `budget_width`, the
     largest rank this budget can give any module (SVD work that no allocation can use; not an error)."""
     cfg.validate()
-    if cfg.max_rank is None or not zoo.matrices:
+    if cfg.max_rank in (None, "auto") or not zoo.matrices:
         return
     full = max(min(p.matrix_shape) for p in zoo.matrices)
     if cfg.max_rank > full:

@@ -12,23 +12,25 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Union
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from didi.artifact import sweep_stale_temps, temp_sibling
-from didi.backbones.base import Zoo
+from didi.backbones.base import TensorPlan, Zoo
 from didi.closed_form import GroupTerms
 from didi.errors import DidiError
 from didi.linalg import randomized_svd, svd
 from didi.merges import shared_merge_fn
 from didi.progress import stage_bar
 from didi.sources import file_sha256, load_owned
+from didi.streamed import STREAMABLE_MERGES, decompose_streamed
 from didi.task_vectors import DeltaReader
 
 STORE_VERSION = 3  # 3: sha256 of every file in index.json ("file_sha256"), checked when a store is opened
@@ -102,6 +104,14 @@ class FactorStore:
             if file_sha256(f) != digest:
                 raise CorruptStore(f"{f}: sha256 does not match the factor store's index (corrupt on disk)")
         _VERIFIED.add(key)
+
+    @property
+    def shares(self) -> dict | None:
+        """Who computed which share of this store (`shares.json`: processes, tensors, estimated flops,
+        seconds); not part of the store's contents (not in index.json), so stores computed by different
+        numbers of processes are the same bytes otherwise."""
+        f = self.root / "shares.json"
+        return json.loads(f.read_text()) if f.is_file() else None
 
     def load(self, i: int) -> dict[str, torch.Tensor]:
         return load_owned(self.root / "matrices" / f"{i:05d}.safetensors")
@@ -314,8 +324,10 @@ class DecomposeConfig:
 
     Args:
         shared_merge: static merge that defines the shared part M_s (`mean` is the paper's choice).
-        max_rank: keep at most this many singular components per module (None: all). Set it for big
-            matrices (Llama) to the largest rank the search may reach; the closed form stays exact.
+        max_rank: keep at most this many singular components per module: `auto` (default) takes the width
+            from the budget (`allocation.auto_width`: twice the rank an even spread of the budget would give,
+            rounded up to a multiple of 32), an integer fixes it, None keeps every component (full SVDs).
+            The closed form stays exact for the factors kept (docs/method.md §3.2).
         dtype: `float32` or `float64` for the SVDs.
         device: `auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`, ...
         cache_dir: where factor stores live; a second merge of the same models reuses them.
@@ -331,10 +343,13 @@ class DecomposeConfig:
             times cheaper, else full. Without max_rank every SVD is full.
         oversample: extra columns of the range finder.
         power_iters: power iterations of the range finder.
+        stream_mb: a matrix whose T+1 copies in the compute dtype pass this many MB (Llama's embeddings) is
+            decomposed from row blocks read straight from the checkpoints (`didi.streamed`), so host memory
+            stays O((m + n)·K·T) for it; it needs the randomized SVD and the `mean` shared merge. None: never.
     """
 
     shared_merge: str = "mean"
-    max_rank: int | None = None
+    max_rank: Union[int, Literal["auto"], None] = "auto"
     dtype: str = "float32"
     device: str = "auto"
     cache_dir: str = "~/.cache/didi/factors"
@@ -342,6 +357,7 @@ class DecomposeConfig:
     svd: Literal["auto", "full", "randomized"] = "auto"
     oversample: int = 32
     power_iters: int = 4
+    stream_mb: int | None = 2048
 
     def validate(self) -> None:
         """Refuse settings that cannot work, before any file is read or written (issue 11): a CUDA device
@@ -349,9 +365,14 @@ class DecomposeConfig:
         settings. The checks that need the zoo (max_rank above every matrix's rank) are
         `allocation.check_decompose_inputs`."""
         check_device(self.device)
-        if self.max_rank is not None and (isinstance(self.max_rank, bool) or self.max_rank <= 0):
+        if (
+            self.max_rank is not None
+            and self.max_rank != "auto"
+            and (isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank <= 0)
+        ):
             raise DidiError(
-                f"decompose.max_rank: expected a positive number of singular components (or None: all), "
+                f"decompose.max_rank: expected a positive number of singular components, 'auto' (from the "
+                f"budget) or None (all), "
                 f"found {self.max_rank!r}"
             )
         if self.svd not in ("auto", "full", "randomized"):
@@ -361,6 +382,12 @@ class DecomposeConfig:
                 "decompose.svd: 'randomized' needs decompose.max_rank (the width it truncates to), found "
                 "max_rank None: nothing to truncate; use --decompose.svd auto or full, or give "
                 "--decompose.max_rank"
+            )
+        if self.stream_mb is not None and (
+            isinstance(self.stream_mb, bool) or not isinstance(self.stream_mb, int) or self.stream_mb <= 0
+        ):
+            raise DidiError(
+                f"decompose.stream_mb: expected a positive number of MB or None, found {self.stream_mb!r}"
             )
         for name in ("oversample", "power_iters"):
             v = getattr(self, name)
@@ -418,7 +445,8 @@ def _fingerprint(zoo: Zoo, cfg: DecomposeConfig) -> str:
         "base": stat(zoo.base),
         "tasks": [[t, stat(p)] for t, p in zoo.tasks.items()],
         "adapter": [zoo.adapter.registry_name, zoo.adapter.settings()],
-        # batch_mb changes no result; the SVD method and its settings do (when max_rank makes a truncated SVD)
+        # batch_mb and stream_mb change no result; the SVD method and its settings do (when max_rank makes a
+        # truncated SVD)
         "cfg": [cfg.shared_merge, cfg.max_rank, cfg.dtype]
         + ([cfg.svd, cfg.oversample, cfg.power_iters] if cfg.max_rank is not None else []),
     }
@@ -426,12 +454,25 @@ def _fingerprint(zoo: Zoo, cfg: DecomposeConfig) -> str:
     return h.hexdigest()[:24]
 
 
-def decompose(zoo: Zoo, cfg: DecomposeConfig, progress: bool = True) -> FactorStore:
-    """Return the factor store for `zoo`, computing it (and writing it atomically) only if not cached."""
+def store_root(zoo: Zoo, cfg: DecomposeConfig) -> Path:
+    """Where the factor store of `zoo` under `cfg` lives (or will live) in the cache."""
+    return Path(os.path.expanduser(cfg.cache_dir)) / _fingerprint(zoo, cfg)
+
+
+def unbudgeted(cfg: DecomposeConfig) -> DecomposeConfig:
+    """`cfg` with `max_rank: auto`, which needs a budget, read as None (every component)."""
+    return replace(cfg, max_rank=None) if cfg.max_rank == "auto" else cfg
+
+
+def cached_store(zoo: Zoo, cfg: DecomposeConfig) -> FactorStore | None:
+    """The cached factor store of `zoo` under `cfg`, or None (a corrupt one is deleted: it is recomputed).
+
+    `max_rank: auto` needs a budget (`allocation.resolve_width`, as the pipeline does); here, without one, it
+    keeps every component."""
+    cfg = unbudgeted(cfg)
     cfg.validate()
     shared_merge_fn(cfg.shared_merge)
-    dtype, device = cfg.torch_dtype(), cfg.torch_device()
-    root = Path(os.path.expanduser(cfg.cache_dir)) / _fingerprint(zoo, cfg)
+    root = store_root(zoo, cfg)
     sweep_stale_temps(root)  # left by decompositions that were killed
     if (root / "index.json").exists():
         try:
@@ -439,21 +480,48 @@ def decompose(zoo: Zoo, cfg: DecomposeConfig, progress: bool = True) -> FactorSt
         except CorruptStore as e:
             warnings.warn(f"{e}; the factor store is deleted and recomputed", UserWarning, stacklevel=2)
             _discard(root)
+    return None
+
+
+def decompose(zoo: Zoo, cfg: DecomposeConfig, progress: bool = True) -> FactorStore:
+    """Return the factor store for `zoo`, computing it in this process (and writing it atomically) only if
+    not cached. `didi.shards.factor_store` is the same under a launcher, sharded across processes."""
+    cfg = unbudgeted(cfg)
+    store = cached_store(zoo, cfg)
+    if store is not None:
+        return store
+    root = store_root(zoo, cfg)
     tmp = temp_sibling(root)
-    (tmp / "matrices").mkdir(parents=True)
+    make_layout(tmp)
     try:
-        _decompose_into(zoo, cfg, tmp, dtype, device, progress)
-        try:
-            os.replace(tmp, root)
-            _VERIFIED.add((str(root.resolve()), (root / "index.json").stat().st_mtime_ns))
-        except OSError:  # another process renamed its store into place first: that one is used
-            if not (root / "index.json").exists():
-                raise
-            shutil.rmtree(tmp)
+        writer = ShareWriter(zoo, cfg, tmp)
+        positions = list(range(len(zoo.plan)))
+        for pos in stage_bar(
+            "decompose", len(positions), "tensors", disable=not progress, iterable=positions
+        ):
+            writer.add(pos)
+        assemble(tmp, zoo, cfg, [writer.finish(rank=0)])
+        install(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return FactorStore(root)
+
+
+def make_layout(out: Path) -> None:
+    (out / "matrices").mkdir(parents=True, exist_ok=True)
+    (out / "nonmatrix").mkdir(exist_ok=True)
+
+
+def install(tmp: Path, root: Path) -> None:
+    """Rename a finished store into place (another process that renamed its own first wins)."""
+    try:
+        os.replace(tmp, root)
+        _VERIFIED.add((str(root.resolve()), (root / "index.json").stat().st_mtime_ns))
+    except OSError:  # another process renamed its store into place first: that one is used
+        if not (root / "index.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _discard(root: Path) -> None:
@@ -467,83 +535,263 @@ def _discard(root: Path) -> None:
     shutil.rmtree(gone, ignore_errors=True)
 
 
-def _decompose_into(zoo: Zoo, cfg: DecomposeConfig, out: Path, dtype, device, progress: bool) -> None:
-    merge = shared_merge_fn(cfg.shared_merge)
-    tasks = zoo.task_names
-    matrices, nonmatrix = [], {}
-    (out / "nonmatrix").mkdir()
-    pending: dict[tuple[int, int], list] = {}  # matrix shape -> [(plan, taus)] waiting for one batched SVD
+# ------------------------------------------------------------------------------------ work and its shares
+def uses_randomized(m: int, n: int, K: int, svd_method: str, oversample: int) -> bool:
+    """Whether an m×n module kept at width K gets the randomized SVD (`decompose_batch`'s choice)."""
+    randomized = svd_method == "randomized" or (
+        svd_method == "auto" and randomized_is_cheaper(m, n, K, oversample)
+    )
+    return randomized and K + oversample < min(m, n)
 
-    def flush(shape: tuple[int, int]) -> None:
-        batch = pending.pop(shape, [])
+
+def width_of(m: int, n: int, cfg: DecomposeConfig) -> int:
+    return min(m, n) if cfg.max_rank is None else min(m, n, int(cfg.max_rank))
+
+
+def streams(plan: TensorPlan, T: int, cfg: DecomposeConfig) -> bool:
+    """Whether this matrix is decomposed from row blocks read straight from the checkpoints
+    (`didi.streamed`): its T+1 float copies would pass `cfg.stream_mb`, it gets the randomized SVD (only
+    products with row blocks are needed), and the shared merge is row-separable."""
+    if plan.matrix_shape is None or cfg.stream_mb is None:
+        return False
+    m, n = plan.matrix_shape
+    if (T + 1) * m * n * torch.finfo(cfg.torch_dtype()).bits // 8 <= cfg.stream_mb * 2**20:
+        return False
+    return cfg.shared_merge in STREAMABLE_MERGES and uses_randomized(
+        m, n, width_of(m, n, cfg), cfg.svd, cfg.oversample
+    )
+
+
+def svd_flops(m: int, n: int, K: int, randomized: bool, oversample: int, power_iters: int) -> float:
+    """Estimated flops of one module's SVD: a full thin SVD ≈ 4·m·n·k + 8·k³ (k = min(m, n)); the range
+    finder ≈ (2·power_iters + 2)·2·m·n·l + QR's 4·(m + n)·l²·(power_iters + 1), l = K + oversample."""
+    k = min(m, n)
+    if not randomized:
+        return 4.0 * m * n * k + 8.0 * k**3
+    w = min(K + oversample, k)
+    return (2 * power_iters + 2) * 2.0 * m * n * w + 4.0 * (m + n) * w * w * (power_iters + 1)
+
+
+def tensor_cost(plan: TensorPlan, T: int, cfg: DecomposeConfig) -> float:
+    """Estimated flops of decomposing one tensor (what the shards balance): T+1 SVDs of a matrix, or a read
+    per element of anything else."""
+    if plan.matrix_shape is None:
+        return float((T + 1) * plan.numel)
+    m, n = plan.matrix_shape
+    K = width_of(m, n, cfg)
+    one = svd_flops(
+        m, n, K, uses_randomized(m, n, K, cfg.svd, cfg.oversample), cfg.oversample, cfg.power_iters
+    )
+    return (T + 1) * one + 4.0 * T * m * n * K  # + the inner products a, b
+
+
+def assign_shares(costs: list[float], world: int) -> list[list[int]]:
+    """Plan positions per rank, balanced by estimated cost: the most expensive first, each to the least
+    loaded rank (ties: the lower position, the lower rank), each share in plan order. Deterministic, so every
+    rank computes the same assignment without talking to the others."""
+    load = [0.0] * world
+    shares: list[list[int]] = [[] for _ in range(world)]
+    for pos in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda j: (load[j], j))
+        shares[r].append(pos)
+        load[r] += costs[pos]
+    return [sorted(s) for s in shares]
+
+
+class ShareWriter:
+    """Decomposes the tensors it is given (by plan position) into a store layout, each into a file named by
+    its position (`p000123.safetensors`), and records what it wrote: `assemble` turns the records of every
+    share into the store's index. Same-shape matrices may wait for one batched SVD (`batch_mb`)."""
+
+    def __init__(self, zoo: Zoo, cfg: DecomposeConfig, out: Path) -> None:
+        cfg = unbudgeted(cfg)
+        self.zoo, self.cfg, self.out = zoo, cfg, Path(out)
+        self.dtype, self.device = cfg.torch_dtype(), cfg.torch_device()
+        self.merge = shared_merge_fn(cfg.shared_merge)
+        self.reader = DeltaReader(zoo, self.dtype)
+        self.pending: dict[tuple[int, int], list] = {}  # matrix shape -> [(pos, plan, taus)]
+        self.matrices: dict[int, dict] = {}
+        self.nonmatrix: dict[int, dict] = {}
+        self.sha: dict[str, str] = {}  # file name -> sha256, hashed right after it is written
+        self.flops = 0.0
+        self.t0 = time.perf_counter()
+        gpu = self.device.type == "cuda"
+        self.cap = (cfg.batch_mb if cfg.batch_mb is not None else 64 if gpu else 0) * 2**20
+
+    def _save(self, tensors: dict, sub: str, pos: int) -> None:
+        name = f"p{pos:06d}.safetensors"
+        path = self.out / sub / name
+        save_file(tensors, str(path))
+        self.sha[f"{sub}/{name}"] = file_sha256(path)
+
+    def add(self, pos: int) -> None:
+        plan = self.zoo.plan[pos]
+        T = len(self.zoo.tasks)
+        self.flops += tensor_cost(plan, T, self.cfg)
+        if streams(plan, T, self.cfg):
+            self._add_streamed(pos, plan)
+            return
+        d = self.reader.read(plan)
+        if d is None:  # an integer tensor no task changed
+            return
+        if not d.is_matrix or d.zero:
+            self._nonmatrix(pos, plan, d.zero, None if d.zero else d.taus)
+            return
+        shape = plan.matrix_shape
+        self.pending.setdefault(shape, []).append((pos, plan, d.matrices()))
+        del d
+        # the cap is on everything buffered, across shapes: memory stays flat in the number of layers
+        while self.pending and self._held(self.pending) >= self.cap:
+            self._flush(max(self.pending, key=lambda s: self._held({s: self.pending[s]})))
+
+    def _nonmatrix(self, pos: int, plan: TensorPlan, zero: bool, taus: torch.Tensor | None) -> None:
+        self.nonmatrix[pos] = {"name": plan.name, "shape": list(plan.shape), "zero": zero}
+        if not zero:
+            tasks = self.zoo.task_names
+            self._save(
+                {t: tau.to(torch.float32).contiguous() for t, tau in zip(tasks, taus)}, "nonmatrix", pos
+            )
+
+    def _add_streamed(self, pos: int, plan: TensorPlan) -> None:
+        m, n = plan.matrix_shape
+        factors, bound_s, bound_t, sha = decompose_streamed(
+            self.zoo,
+            plan,
+            width_of(m, n, self.cfg),
+            oversample=self.cfg.oversample,
+            power_iters=self.cfg.power_iters,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        for source, digest in sha.items():
+            self.reader.sha256[source][plan.name] = digest
+        if not bool((factors["tau_sq"] > 0).any()):
+            self._nonmatrix(pos, plan, True, None)
+            return
+        self._entry(pos, plan, factors, bound_s, bound_t)
+
+    @staticmethod
+    def _held(groups: dict) -> int:
+        return sum(t.numel() * t.element_size() for batch in groups.values() for _, _, t in batch)
+
+    def _flush(self, shape: tuple[int, int]) -> None:
+        batch = self.pending.pop(shape, [])
         if not batch:
             return
-        plans, taus = [p for p, _ in batch], [t for _, t in batch]
+        items, taus = [(pos, plan) for pos, plan, _ in batch], [t for _, _, t in batch]
         del batch
         # one matrix: its own buffer (no stacked copy), overwritten by its residuals
-        stacked = taus[0][None].to(device) if len(taus) == 1 else torch.stack(taus).to(device)
+        stacked = taus[0][None].to(self.device) if len(taus) == 1 else torch.stack(taus).to(self.device)
         del taus
         results = decompose_batch(
             stacked,
-            merge,
-            cfg.max_rank,
+            self.merge,
+            self.cfg.max_rank,
             consume=True,
-            svd_method=cfg.svd,
-            oversample=cfg.oversample,
-            power_iters=cfg.power_iters,
+            svd_method=self.cfg.svd,
+            oversample=self.cfg.oversample,
+            power_iters=self.cfg.power_iters,
         )
         del stacked
-        for plan, (factors, bound_s, bound_t) in zip(plans, results):
-            i = len(matrices)
-            save_file(factors, str(out / "matrices" / f"{i:05d}.safetensors"))
-            matrices.append(
-                MatrixEntry(
-                    i,
-                    plan.name,
-                    plan.shape,
-                    shape[0],
-                    shape[1],
-                    int(factors["S_s"].shape[0]),
-                    bound_s,
-                    tuple(bound_t),
-                    plan.layer,
-                    plan.kind,
-                )
+        for (pos, plan), (factors, bound_s, bound_t) in zip(items, results):
+            self._entry(pos, plan, factors, bound_s, bound_t)
+
+    def _entry(self, pos: int, plan: TensorPlan, factors: dict, bound_s: int, bound_t: list[int]) -> None:
+        self._save(factors, "matrices", pos)
+        m, n = plan.matrix_shape
+        self.matrices[pos] = {
+            "name": plan.name,
+            "shape": list(plan.shape),
+            "m": m,
+            "n": n,
+            "K": int(factors["S_s"].shape[0]),
+            "bound_s": bound_s,
+            "bound_t": list(bound_t),
+            "layer": plan.layer,
+            "kind": plan.kind,
+        }
+
+    def finish(self, rank: int) -> dict:
+        """Decompose what still waits and return this share's record (JSON-able)."""
+        for shape in list(self.pending):
+            self._flush(shape)
+        return {
+            "rank": rank,
+            "matrices": {str(k): v for k, v in self.matrices.items()},
+            "nonmatrix": {str(k): v for k, v in self.nonmatrix.items()},
+            "sha256": self.reader.sha256,
+            "file_sha256": self.sha,
+            "tensors": len(self.matrices) + len(self.nonmatrix),
+            "flops_est": self.flops,
+            "seconds": time.perf_counter() - self.t0,
+        }
+
+
+def assemble(out: Path, zoo: Zoo, cfg: DecomposeConfig, records: list[dict]) -> None:
+    """Turn the shares' records and files in `out` into the store: files renamed to their index in plan
+    order, index.json written last (so a store without it is unfinished). Whoever computed which share, the
+    store is the same bytes. A file a record names but `out` lacks is an error naming the directory: the
+    cache must be on a file system every rank sees."""
+    cfg = unbudgeted(cfg)
+    for sub, kind in (("matrices", "matrices"), ("nonmatrix", "nonmatrix")):
+        for r in records:
+            for pos, e in r[kind].items():
+                if kind == "nonmatrix" and e["zero"]:
+                    continue
+                f = out / sub / f"p{int(pos):06d}.safetensors"
+                if not f.is_file():
+                    raise DidiError(
+                        f"{out}: rank {r['rank']}'s file {sub}/{f.name} ({e['name']}) is not visible to "
+                        f"rank 0; decompose.cache_dir must be on a file system every rank (every node) sees"
+                    )
+    mats = sorted((int(pos), e, r) for r in records for pos, e in r["matrices"].items())
+    file_sha = {}
+    matrices = []
+    for i, (pos, e, r) in enumerate(mats):
+        os.replace(out / "matrices" / f"p{pos:06d}.safetensors", out / "matrices" / f"{i:05d}.safetensors")
+        file_sha[f"matrices/{i:05d}.safetensors"] = r["file_sha256"][f"matrices/p{pos:06d}.safetensors"]
+        matrices.append(
+            MatrixEntry(
+                i,
+                e["name"],
+                tuple(e["shape"]),
+                e["m"],
+                e["n"],
+                e["K"],
+                e["bound_s"],
+                tuple(e["bound_t"]),
+                e["layer"],
+                e["kind"],
             )
-
-    def held(groups: dict) -> int:
-        return sum(t.numel() * t.element_size() for batch in groups.values() for _, t in batch)
-
-    cap = (cfg.batch_mb if cfg.batch_mb is not None else 64 if device.type == "cuda" else 0) * 2**20
-    reader = DeltaReader(zoo, dtype)
-    for d in stage_bar("decompose", len(reader), "tensors", disable=not progress, iterable=reader):
-        plan, zero = d.plan, d.zero
-        if not d.is_matrix or zero:
-            nonmatrix[plan.name] = {"shape": list(plan.shape), "zero": zero, "file": len(nonmatrix)}
-            if not zero:
-                save_file(
-                    {t: tau.to(torch.float32).contiguous() for t, tau in zip(tasks, d.taus)},
-                    str(out / "nonmatrix" / f"{len(nonmatrix) - 1:05d}.safetensors"),
-                )
-            continue
-        shape = plan.matrix_shape
-        pending.setdefault(shape, []).append((plan, d.matrices()))
-        # the cap is on everything buffered, across shapes: memory stays flat in the number of layers
-        while pending and held(pending) >= cap:
-            flush(max(pending, key=lambda s: held({s: pending[s]})))
-    for shape in list(pending):
-        flush(shape)
+        )
     if not matrices:
         raise DidiError(f"{zoo.base}: no matrix has a non-zero task vector; nothing to decompose")
+    nonmatrix = {}
+    for j, (pos, e, r) in enumerate(
+        sorted((int(p), e, r) for r in records for p, e in r["nonmatrix"].items())
+    ):
+        nonmatrix[e["name"]] = {"shape": e["shape"], "zero": e["zero"], "file": j}
+        if not e["zero"]:
+            os.replace(
+                out / "nonmatrix" / f"p{pos:06d}.safetensors", out / "nonmatrix" / f"{j:05d}.safetensors"
+            )
+            file_sha[f"nonmatrix/{j:05d}.safetensors"] = r["file_sha256"][f"nonmatrix/p{pos:06d}.safetensors"]
+    sha256 = {}
+    for source in ["base", *zoo.task_names]:
+        seen = {}
+        for r in records:
+            seen.update(r["sha256"][source])
+        sha256[source] = {p.name: seen[p.name] for p in zoo.plan if p.name in seen}
     meta = {
         "store_version": STORE_VERSION,
-        "tasks": tasks,
+        "tasks": zoo.task_names,
         "base_params": zoo.base_params,
         "config": asdict(cfg),
         "matrices": [asdict(e) for e in matrices],
         "nonmatrix": nonmatrix,
-        "sha256": reader.sha256,
-        # written files are hashed here, once, while they are still in the page cache
-        "file_sha256": {str(p.relative_to(out)): file_sha256(p) for p in sorted(out.rglob("*.safetensors"))},
+        "sha256": sha256,
+        "file_sha256": dict(sorted(file_sha.items())),
     }
+    shares = [{k: r[k] for k in ("rank", "tensors", "flops_est", "seconds")} for r in records]
+    (out / "shares.json").write_text(json.dumps({"world": len(records), "shares": shares}, indent=1))
     (out / "index.json").write_text(json.dumps(meta))

@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -22,16 +22,19 @@ from didi.allocation import (
     Ranks,
     SharedPart,
     allocate,
+    at_width,
     check_decompose_inputs,
     precheck_budget,
+    resolve_width,
 )
 from didi.backbones.base import Zoo
 from didi.budget import parse_budget
-from didi.decompose import DecomposeConfig, FactorStore, decompose
+from didi.decompose import DecomposeConfig, FactorStore
 from didi.didi_artifact import write_didi_artifact
 from didi.errors import DidiError
 from didi.refine import RefineConfig, refine_matrices
 from didi.search import SearchConfig
+from didi.shards import factor_store
 from didi.trainer import TrainerConfig, Trainers, is_global_zero
 
 
@@ -190,9 +193,10 @@ def run_search(
     store they index."""
     target = parse_budget(opts.budget)
     precheck_budget(zoo, target)
-    check_decompose_inputs(zoo, opts.decompose, target)
-    store = decompose(zoo, opts.decompose, progress=progress)
+    dcfg = resolve_width(zoo, opts.decompose, target)
+    check_decompose_inputs(zoo, dcfg, target)
     trainers = trainers or Trainers(opts.trainer)
+    store = factor_store(zoo, dcfg, trainers, progress)
     with _work_dir(work_dir_for(output), opts.resume) as work:
         ranks = allocate(
             store,
@@ -204,6 +208,16 @@ def run_search(
             work,
             opts.resume,
             opts.shared,
+        )
+    ranks.info["width"] = dcfg.max_rank
+    ranks.info["at_width"] = n = at_width(store, ranks)
+    if n and is_global_zero():
+        print(
+            f"didi: {n} module(s) got the factor store's whole width K = {dcfg.max_rank} (decompose.max_rank "
+            f"{opts.decompose.max_rank!r}): the budget may have given them more; --decompose.max_rank "
+            f"{2 * dcfg.max_rank} widens the store",
+            file=sys.stderr,
+            flush=True,
         )
     return ranks, store
 
@@ -223,13 +237,29 @@ def run_refine(
     store the ranks index, when the caller has it open (`run_merge`); else it is looked up (and, if missing,
     computed) by `decompose`."""
     _check_new(output)
-    store = store or decompose(zoo, opts.decompose, progress=progress)
+    trainers = trainers or Trainers(opts.trainer)
     hyper = opts.hyper_parameters()
+    ranks_json = None
     if not isinstance(ranks, Ranks):
         try:
-            ranks_file, ranks = Path(ranks), Ranks.from_json(json.loads(Path(ranks).read_text()), store)
-        except (OSError, json.JSONDecodeError, KeyError) as e:
+            ranks_file, ranks_json = Path(ranks), json.loads(Path(ranks).read_text())
+        except (OSError, json.JSONDecodeError) as e:
             raise DidiError(f"{ranks}: not a ranks file written by `didi search` ({e})") from e
+    if store is None:
+        dcfg = opts.decompose
+        if dcfg.max_rank == "auto":  # the width the search used (recorded in its ranks), else the budget's
+            info = ranks.info if ranks_json is None else ranks_json.get("info", {})
+            dcfg = (
+                replace(dcfg, max_rank=info["width"])
+                if "width" in info
+                else resolve_width(zoo, dcfg, parse_budget(info.get("target_ratio", opts.budget)))
+            )
+        store = factor_store(zoo, dcfg, trainers, progress)
+    if ranks_json is not None:
+        try:
+            ranks = Ranks.from_json(ranks_json, store)
+        except KeyError as e:
+            raise DidiError(f"{ranks_file}: not a ranks file written by `didi search` ({e})") from e
         hyper.update(
             budget=ranks.info.get("target_ratio"),
             allocation=ranks.info.get("allocation"),
@@ -237,10 +267,11 @@ def run_refine(
             ranks_file=str(ranks_file.resolve()),
         )
         del hyper["search"]
-    trainers = trainers or Trainers(opts.trainer)
     work = work_dir_for(output)
     with _work_dir(work, opts.resume):
         shared_terms, tasks, metrics = refine_matrices(zoo, store, ranks, opts.refine, trainers, work)
+    metrics["decompose"] = {"max_rank": store.meta["config"]["max_rank"], "svd": store.meta["config"]["svd"]}
+    metrics["decompose"].update(store.shares or {})
     if not is_global_zero():
         return None
     path = write_didi_artifact(output, zoo, store, ranks, shared_terms, tasks, hyper, metrics, method)

@@ -34,6 +34,7 @@ from didi.datamodules.layers import LayerBatchDataModule
 from didi.decompose import FactorStore
 from didi.linalg import orthonormal
 from didi.progress import StageProgressBar
+from didi.streamed import refine_als_streamed
 from didi.tensorfile import LazyTensor, lazy_tensors
 from didi.trainer import TrainerConfig, Trainers, barrier
 
@@ -183,7 +184,6 @@ class LoRARefine(L.LightningModule):
         if self._sums is None:  # the earlier run's matrices are counted once, by rank 0
             self._sums = list(self.prior) if self.global_rank == 0 else [0.0, 0.0]
         for job in batch:
-            taus = job["taus"].to(self.device, dt)
             mv = {k: job[k].to(self.device, dt) for k in ("U_s", "S_s", "V_s", "U_t", "S_t", "V_t")}
             if "M_s" in job:
                 A_s, B_s = job["M_s"].to(self.device, dt), None
@@ -194,14 +194,22 @@ class LoRARefine(L.LightningModule):
                 for t, r in enumerate(job["r_t"])
             ]
             A_t, B_t = [a for a, _ in pairs], [b for _, b in pairs]
-            e0 = float(task_errors(taus, A_s, B_s, A_t, B_t).sum())
-            if self.cfg.optimizer == "als":
-                A_s, B_s, A_t, B_t = refine_als(
-                    taus, A_s, B_s, A_t, B_t, self.cfg.sweeps, self.cfg.power_iters
-                )
-            elif self.cfg.optimizer == "adam":
-                A_s, B_s, A_t, B_t = refine_adam(taus, A_s, B_s, A_t, B_t, self.cfg.steps, self.cfg.lr)
-            e1 = float(task_errors(taus, A_s, B_s, A_t, B_t).sum())
+            if "rows" in job:  # a matrix too large for memory: row blocks read from the checkpoints
+                A_s, B_s, A_t, B_t, err0, err1 = refine_als_streamed(
+                    job["rows"], job["m"], job["n"], len(A_t), A_s, B_s, A_t, B_t,
+                    self.cfg.sweeps, self.cfg.power_iters,
+                )  # fmt: skip
+                e0, e1 = float(err0.sum()), float(err1.sum())
+            else:
+                taus = job["taus"].to(self.device, dt)
+                e0 = float(task_errors(taus, A_s, B_s, A_t, B_t).sum())
+                if self.cfg.optimizer == "als":
+                    A_s, B_s, A_t, B_t = refine_als(
+                        taus, A_s, B_s, A_t, B_t, self.cfg.sweeps, self.cfg.power_iters
+                    )
+                elif self.cfg.optimizer == "adam":
+                    A_s, B_s, A_t, B_t = refine_adam(taus, A_s, B_s, A_t, B_t, self.cfg.steps, self.cfg.lr)
+                e1 = float(task_errors(taus, A_s, B_s, A_t, B_t).sum())
             tensors = {
                 "err_before": torch.tensor(e0, dtype=torch.float64),
                 "err_after": torch.tensor(e1, dtype=torch.float64),
@@ -225,13 +233,42 @@ class LoRARefine(L.LightningModule):
 
 
 # ------------------------------------------------------------------------------------------------ stage 2
+class TaskVectorRows:
+    """Rows [start, stop) of one matrix's task vectors, [T, rows, n], read from the checkpoints (a class, not
+    a closure, so that `ddp_spawn` can pickle the jobs)."""
+
+    def __init__(self, zoo: Zoo, name: str, n: int) -> None:
+        self.zoo, self.name, self.n = zoo, name, n
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        base, taus = self.zoo.read_rows(self.name, start, stop)
+        return torch.stack(taus).sub_(base).reshape(len(taus), stop - start, self.n)
+
+
 class RefineJobs:
     """Loads the refinement jobs of a layer batch: τ_t read from the checkpoints, factors from the store.
 
     A class, not a closure, so that `ddp_spawn` can pickle it."""
 
-    def __init__(self, zoo: Zoo, store: FactorStore, ranks: Ranks, done_dir: Path) -> None:
+    def __init__(
+        self, zoo: Zoo, store: FactorStore, ranks: Ranks, done_dir: Path, optimizer: str = "als"
+    ) -> None:
         self.zoo, self.store, self.ranks, self.done_dir = zoo, store, ranks, done_dir
+        self.optimizer = optimizer
+
+    def streams(self, i: int) -> bool:
+        """Matrix i is refined from row blocks (`didi.streamed.refine_als_streamed`) instead of in memory:
+        its T+1 fp32 copies pass the store's `stream_mb` (Llama's embeddings), the optimiser is ALS (which
+        needs products, not dense residuals) and the shared part is low-rank (a folded one is the dense m×n
+        matrix streaming avoids)."""
+        e, stream_mb = self.store.matrices[i], self.store.meta["config"].get("stream_mb")
+        T = len(self.store.tasks)
+        return (
+            stream_mb is not None
+            and (T + 1) * e.m * e.n * 4 > stream_mb * 2**20
+            and self.optimizer == "als"
+            and self.ranks.info.get("shared") != "folded"
+        )
 
     def finished(self, i: int) -> bool:
         """Matrix `i` was refined by an earlier (interrupted) run at these ranks and this layout; a file left
@@ -262,12 +299,17 @@ class RefineJobs:
             if self.finished(i):
                 continue  # finished by an earlier (interrupted) run
             e = self.store.matrices[i]
+            r_s, r_t = int(self.ranks.r_s[i]), [int(r) for r in self.ranks.r_t[i]]
+            if self.streams(i):
+                rows = TaskVectorRows(self.zoo, e.name, e.n)
+                jobs.append({"idx": i, "rows": rows, "m": e.m, "n": e.n, "r_s": r_s, "r_t": r_t})
+                jobs[-1].update(self.store.factors(i, r_s, max(r_t, default=0)))
+                continue
             base, taus = self.zoo.read(e.name)
             taus = torch.stack(taus).sub_(base).reshape(-1, e.m, e.n)
             del base
             # only the leading r columns are used (the initial truncated-SVD factors): a job holds rank-r
             # factors, not the store's width K (for Llama's embeddings, 128256×K per task)
-            r_s, r_t = int(self.ranks.r_s[i]), [int(r) for r in self.ranks.r_t[i]]
             job = {
                 "idx": i,
                 "taus": taus,
@@ -298,7 +340,7 @@ def refine_matrices(
     out = work_dir / "refine"
     out.mkdir(parents=True, exist_ok=True)
     tau_total = store.tau_total()
-    jobs = RefineJobs(zoo, store, ranks, out)
+    jobs = RefineJobs(zoo, store, ranks, out, rcfg.optimizer)
     prior = [0.0, 0.0]  # errors of the matrices an interrupted run finished (the bar starts from them)
     for e in store.matrices:
         if jobs.finished(e.idx):

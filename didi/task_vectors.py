@@ -48,20 +48,27 @@ class DeltaReader:
         return len(self.zoo.plan)
 
     def __iter__(self) -> Iterator[Delta]:
-        tasks = self.zoo.task_names
         for plan in self.zoo.plan:
-            base, xs = self.zoo.read(plan.name, dtype=self.dtype)
-            self.sha256["base"][plan.name] = tensor_sha256(base)
-            for j, t in enumerate(tasks):
-                self.sha256[t][plan.name] = tensor_sha256(xs[j])
-            if not plan.dtype.is_floating_point:
-                for t, x in zip(tasks, xs):
-                    if not torch.equal(x, base):
-                        raise DidiError(
-                            f"task '{t}': non-floating tensor '{plan.name}' ({plan.dtype}) "
-                            f"differs from the base model; didi cannot merge integer tensors"
-                        )
-                continue
-            taus = torch.stack(xs)
-            del xs  # the task tensors are not kept while the consumer works on this one
-            yield Delta(plan, base, taus.sub_(base))
+            d = self.read(plan)
+            if d is not None:
+                yield d
+
+    def read(self, plan: TensorPlan) -> Delta | None:
+        """One tensor's task vectors (None for an integer tensor no task changed; one that a task changed is
+        an error). A sharded decomposition reads only its own tensors this way."""
+        tasks = self.zoo.task_names
+        base, xs = self.zoo.read(plan.name, dtype=self.dtype)
+        self.sha256["base"][plan.name] = tensor_sha256(base)
+        for j, t in enumerate(tasks):
+            self.sha256[t][plan.name] = tensor_sha256(xs[j])
+        if not plan.dtype.is_floating_point:
+            for t, x in zip(tasks, xs):
+                if not torch.equal(x, base):
+                    raise DidiError(
+                        f"task '{t}': non-floating tensor '{plan.name}' ({plan.dtype}) "
+                        f"differs from the base model; didi cannot merge integer tensors"
+                    )
+            return None
+        taus = torch.stack(xs)
+        del xs  # the task tensors are not kept while the consumer works on this one
+        return Delta(plan, base, taus.sub_(base))

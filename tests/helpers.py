@@ -280,3 +280,45 @@ def tiny_clip_config(width=32, layers=2, patch=8, image=16, proj=16, heads=2, **
         projection_dim=proj,
         **kw,
     )
+
+
+def _delta(m: int, n: int, rank: int, scale: float, decay: float, g: torch.Generator) -> torch.Tensor:
+    """A low-rank delta with singular values scale·i^(−decay), i = 1..rank."""
+    U = torch.linalg.qr(torch.randn(m, rank, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64))[0]
+    return (U * (scale * torch.arange(1, rank + 1, dtype=torch.float64) ** -decay)) @ V.T
+
+
+def _finetune_taus(m: int, n: int, T: int, g: torch.Generator) -> torch.Tensor:
+    """Fine-tune-like task vectors: a shared and an own low-rank part with decaying σ, plus small noise."""
+    r = min(m, n)
+    shared = _delta(m, n, min(12, r), 1.0, 0.7, g)
+    return torch.stack(
+        [
+            shared + _delta(m, n, min(10, r), 0.6, 0.5, g) + 1e-3 * torch.randn(m, n, generator=g) / n**0.5
+            for _ in range(T)
+        ]
+    )
+
+
+def write_finetune_zoo(
+    root: Path, shapes: dict[str, tuple[int, ...]], T: int = 3, seed: int = 0
+) -> tuple[str, dict[str, str]]:
+    """A fine-tune-like zoo of float32 files, written here, not by didi: base.safetensors and
+    task<t>.safetensors = base + τ_t for each shape, plus a bias."""
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    base, tasks = {}, [{} for _ in range(T)]
+    for name, shape in shapes.items():
+        m, n = shape[0], math.prod(shape[1:])
+        base[name] = (torch.randn(m, n, generator=g) / n**0.5).reshape(shape)
+        for t, tau in enumerate(_finetune_taus(m, n, T, g)):
+            tasks[t][name] = (base[name] + tau.float().reshape(shape)).contiguous()
+    base["bias"] = torch.zeros(7)
+    save_file(base, str(root / "base.safetensors"))
+    paths = {}
+    for t in range(T):
+        tasks[t]["bias"] = torch.full((7,), 0.01 * t)
+        paths[f"task{t}"] = str(root / f"task{t}.safetensors")
+        save_file(tasks[t], paths[f"task{t}"])
+    return str(root / "base.safetensors"), paths

@@ -84,7 +84,7 @@ def test_concurrent_decompositions_share_one_store(tmp_path, tiny_zoo, fast, mon
     one's store (its own is discarded) instead of failing. Simulated in-process: a second decomposition
     completes while the first is between computing and renaming."""
     zoo = Zoo(Adapter(), *tiny_zoo)
-    real = dec._decompose_into
+    real = dec.assemble
     calls = []
 
     def racing(*a, **k):
@@ -93,7 +93,7 @@ def test_concurrent_decompositions_share_one_store(tmp_path, tiny_zoo, fast, mon
         if len(calls) == 1:
             decompose(zoo, fast[0], progress=False)  # the other process finishes first
 
-    monkeypatch.setattr(dec, "_decompose_into", racing)
+    monkeypatch.setattr(dec, "assemble", racing)
     store = decompose(zoo, fast[0], progress=False)
     assert len(calls) == 2
     dec._VERIFIED.clear()

@@ -4,7 +4,6 @@ in-memory randomized decomposition, a full float64 SVD, the materialised loss, t
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -19,48 +18,14 @@ from didi.merges import mean_merge
 from didi.refine import init_factors, refine_als, task_errors
 from didi.sources import TensorSource, tensor_sha256
 from didi.streamed import decompose_streamed, refine_als_streamed
+from helpers import write_finetune_zoo
 
 T = 3
 SHAPES = {"tall.weight": (600, 40), "wide.weight": (24, 300)}
 
 
-def _delta(m: int, n: int, rank: int, scale: float, decay: float, g: torch.Generator) -> torch.Tensor:
-    """A low-rank delta with singular values scale·i^(−decay), i = 1..rank."""
-    U = torch.linalg.qr(torch.randn(m, rank, generator=g, dtype=torch.float64))[0]
-    V = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64))[0]
-    return (U * (scale * torch.arange(1, rank + 1, dtype=torch.float64) ** -decay)) @ V.T
-
-
-def _finetune_taus(m: int, n: int, g: torch.Generator) -> torch.Tensor:
-    """Fine-tune-like task vectors: a shared and an own low-rank part with decaying σ, plus small noise."""
-    r = min(m, n)
-    shared = _delta(m, n, min(12, r), 1.0, 0.7, g)
-    return torch.stack(
-        [
-            shared + _delta(m, n, min(10, r), 0.6, 0.5, g) + 1e-3 * torch.randn(m, n, generator=g) / n**0.5
-            for _ in range(T)
-        ]
-    )
-
-
 def _write_zoo(root: Path, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> tuple[str, dict[str, str]]:
-    """base.safetensors and task_<t>.safetensors = base + τ_t (float32), written here, not by didi."""
-    root.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    base, tasks = {}, [{} for _ in range(T)]
-    for name, shape in shapes.items():
-        m, n = shape[0], math.prod(shape[1:])
-        base[name] = (torch.randn(m, n, generator=g) / n**0.5).reshape(shape)
-        for t, tau in enumerate(_finetune_taus(m, n, g)):
-            tasks[t][name] = (base[name] + tau.float().reshape(shape)).contiguous()
-    base["bias"] = torch.zeros(7)
-    save_file(base, str(root / "base.safetensors"))
-    paths = {}
-    for t in range(T):
-        tasks[t]["bias"] = torch.full((7,), 0.01 * t)
-        paths[f"task{t}"] = str(root / f"task{t}.safetensors")
-        save_file(tasks[t], paths[f"task{t}"])
-    return str(root / "base.safetensors"), paths
+    return write_finetune_zoo(root, shapes, T, seed)
 
 
 def _taus(root: str, tasks: dict[str, str], name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1,0 +1,344 @@
+"""A Llama-3.2-1B-shaped zoo merged end to end on this machine (issue 11): seconds per stage, peak RSS, and
+the reconstruction error against a full-SVD merge of the same zoo.
+
+The zoo has Llama-3.2-1B's shapes (16 layers, hidden 2048, intermediate 8192, 32 query / 8 KV
+heads, vocabulary 128256, tied embeddings: no `lm_head` tensor is stored) in bf16 safetensors shards, θ0
+and 4 tasks. Its task vectors have fine-tune-like spectra: per matrix a component common to the tasks and
+one per task, each of rank 48 with power-law singular values σ_i ∝ i^-0.7, plus a dense Gaussian tail
+holding about a quarter of the energy; the bf16 rounding of θ0 + τ adds its own noise, as in real bf16
+fine-tunes. It is written once (`--zoo DIR` keeps it between runs: about 12.4 GB).
+
+Each merge runs in a fresh subprocess that reports its own peak RSS (`ru_maxrss`) and the seconds of the
+decomposition, the search and the refinement (+ artifact); results are kept per run in DIR/rows/ so a run that
+was stopped resumes at the next missing row. Rows:
+
+- `full@B`: the reference, full SVDs at full width (`--decompose.max_rank null --decompose.svd full`); the two
+  budgets share one factor store (its decomposition is timed by the first).
+- `auto@B`: the defaults (`max_rank` from the budget, `svd: auto`).
+
+    python benchmarks/llama1b.py --zoo /tmp/llama1b            # every row, then the table
+    python benchmarks/llama1b.py --zoo /tmp/llama1b --rows full@1.24 full@1.05
+    python benchmarks/llama1b.py --layers 2 --vocab 8192       # a smoke test of the script (small zoo)
+
+Writes benchmarks/results/llama1b.json and .md (with the default shapes), else llama1b_small.*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import device_info, git_rev  # noqa: E402
+
+ROWS = ("full@1.24", "full@1.05", "auto@1.24", "auto@1.05")
+RANK, ALPHA, TAIL = 48, 0.7, 0.25  # rank and decay of each low-rank part; energy share of the dense tail
+
+
+def config(hidden: int, layers: int, vocab: int) -> dict:
+    """Llama-3.2-1B's config.json, architecture fields only (width, depth and vocabulary overridable)."""
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": 4 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 64,
+        "num_key_value_heads": hidden // 256,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+    out = [("model.embed_tokens.weight", (v, h))]
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        out += [
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "mlp.gate_proj.weight", (i, h)),
+            (p + "mlp.up_proj.weight", (i, h)),
+            (p + "mlp.down_proj.weight", (h, i)),
+            (p + "input_layernorm.weight", (h,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+        ]
+    return out + [("model.norm.weight", (h,))]
+
+
+def _low_rank(m: int, n: int, g, scale: float):
+    import torch
+
+    s = torch.arange(1, RANK + 1, dtype=torch.float32).pow(-ALPHA)
+    U = torch.randn(m, RANK, generator=g) / m**0.5
+    V = torch.randn(RANK, n, generator=g) / n**0.5
+    return (U * (s * scale / s.norm())) @ V
+
+
+def task_vector(m: int, n: int, g, common, rms: float = 1e-3):
+    """One task's τ for an m×n matrix: the common part, a task part and a dense tail (Frobenius shares
+    (1−TAIL)/2, (1−TAIL)/2, TAIL of ‖τ‖² = rms²·m·n)."""
+    import torch
+
+    total = rms * (m * n) ** 0.5
+    low = ((1 - TAIL) / 2) ** 0.5 * total
+    tail = torch.randn(m, n, generator=g) * (TAIL**0.5 * rms)
+    return tail.add_(common).add_(_low_rank(m, n, g, low))
+
+
+def make(root: Path, cfg: dict, T: int, shard_gb: float = 1.0) -> None:
+    """θ0 and T fine-tunes, tensor by tensor (never a whole model in memory), in HF sharded layout."""
+    import torch
+    from safetensors.torch import save_file
+
+    names = ["base", *[f"task{t}" for t in range(T)]]
+    dirs = {k: root / k for k in names}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    shards = {k: [] for k in names}  # finished shard dicts are written at once; the open one accumulates
+    open_ = {k: {} for k in names}
+    size = 0
+    weight_map: list[tuple[str, int]] = []
+
+    def flush() -> None:
+        nonlocal size
+        for k in names:
+            idx = len(shards[k])
+            save_file(open_[k], str(dirs[k] / f"part-{idx:05d}.safetensors"), metadata={"format": "pt"})
+            shards[k].append(list(open_[k]))
+            open_[k] = {}
+        size = 0
+
+    for j, (name, shape) in enumerate(tensor_shapes(cfg)):
+        g = torch.Generator().manual_seed(1000 + j)
+        if len(shape) == 1:
+            base = torch.ones(shape)
+            taus = [0.01 * torch.randn(shape, generator=g) for _ in range(T)]
+        else:
+            m, n = shape
+            base = torch.randn(shape, generator=g) * 0.02
+            common = _low_rank(m, n, g, ((1 - TAIL) / 2) ** 0.5 * 1e-3 * (m * n) ** 0.5)
+            taus = [task_vector(m, n, g, common) for _ in range(T)]
+            del common
+        open_["base"][name] = base.to(torch.bfloat16)
+        for t, tau in enumerate(taus):
+            open_[f"task{t}"][name] = (base + tau).to(torch.bfloat16)
+        del taus, base
+        weight_map.append((name, len(shards["base"])))
+        size += 2 * int(torch.tensor(shape).prod())
+        if size >= shard_gb * 2**30:
+            flush()
+        print(f"\rmake: {j + 1}/{len(tensor_shapes(cfg))} tensors", end="", file=sys.stderr, flush=True)
+    if open_["base"]:
+        flush()
+    print(file=sys.stderr)
+    n_shards = len(shards["base"])
+    for k in names:
+        for i in range(n_shards):
+            src = dirs[k] / f"part-{i:05d}.safetensors"
+            src.rename(dirs[k] / f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors")
+        index = {
+            "metadata": {"total_size": sum(2 * int(torch.tensor(s).prod()) for _, s in tensor_shapes(cfg))},
+            "weight_map": {n: f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for n, i in weight_map},
+        }
+        (dirs[k] / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    (root / "zoo_done").write_text("ok")
+
+
+def merge(root: Path, row: str, T: int) -> dict:
+    """One merge (`kind@budget`) in this process; returns seconds per stage, peak RSS and errors."""
+    from didi.backbones import Zoo
+    from didi.backbones.hf_llama import HFLlamaAdapter
+    from didi.decompose import DecomposeConfig, decompose
+    from didi.pipeline import MergeOptions, run_refine, run_search
+    from didi.trainer import TrainerConfig, Trainers
+
+    kind, budget = row.split("@")
+    zoo = Zoo(
+        HFLlamaAdapter(),
+        str(root / "zoo" / "base"),
+        {f"task{t}": str(root / "zoo" / f"task{t}") for t in range(T)},
+    )
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    dcfg = DecomposeConfig(cache_dir=str(root / "cache"), device="cpu")
+    if kind == "full":
+        dcfg.max_rank, dcfg.svd = None, "full"
+    opts = MergeOptions(
+        budget=float(budget),
+        decompose=dcfg,
+        trainer=TrainerConfig(accelerator="cpu", logger="none", progress_bar=False),
+    )
+    out = root / "out" / row
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.with_name(f".{out.name}.work"), ignore_errors=True)
+    trainers = Trainers(opts.trainer)
+    times = {}
+    t0 = time.perf_counter()
+    store = decompose(zoo, opts.decompose, progress=True)
+    times["decompose_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    ranks, store = run_search(zoo, out, opts, progress=True, trainers=trainers)  # the store: a cache lookup
+    times["search_s"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    path = run_refine(zoo, out, ranks, opts, progress=True, trainers=trainers, store=store)
+    times["refine_write_s"] = time.perf_counter() - t2
+    times["end_to_end_s"] = time.perf_counter() - t0
+    manifest = json.loads((path / "manifest.json").read_text())
+    ref = manifest["metrics"]["refine"]
+    widths = sorted({e.K for e in store.matrices})
+    return {
+        "row": row,
+        **times,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_after_imports_mb": rss0,
+        "rec_err_svd": ref["rec_err_before"],
+        "rec_err": ref["rec_err_after"],
+        "store_widths": widths,
+        "storage_ratio": manifest.get("storage", {}).get("ratio"),
+        "base_params": zoo.base_params,
+    }
+
+
+def child(args: list[str]) -> dict:
+    """Run this script in a fresh process (its own peak RSS); its last stdout line is its JSON result."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    out = subprocess.run([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"child {args} failed with exit code {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows: dict[str, dict], info: dict) -> tuple[dict, str]:
+    """The summary (speed-ups and error ratios against the full-SVD rows) and its markdown."""
+    summary = {}
+    for b in ("1.24", "1.05"):
+        full, auto = rows.get(f"full@{b}"), rows.get(f"auto@{b}")
+        if full and auto:
+            # the full-SVD store is shared by both budgets: its decomposition time is the first row's
+            full_dec = max(rows[r]["decompose_s"] for r in rows if r.startswith("full@"))
+            summary[b] = {
+                "decompose_speedup": full_dec / auto["decompose_s"],
+                "rec_err_ratio": auto["rec_err"] / full["rec_err"],
+            }
+    md = [
+        f"Device: {info['device']}; zoo: {info['zoo']}; commit {info['commit']}.",
+        "",
+        "| row | decompose (s) | search (s) | refine + write (s) | end to end (s) | peak RSS (MB) | "
+        "store widths K | rec. error (SVD init) | rec. error |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for name, r in rows.items():
+        widths = r["store_widths"]
+        w = f"{widths[0]}–{widths[-1]}" if len(widths) > 1 else str(widths[0])
+        md.append(
+            f"| {name} | {r['decompose_s']:.1f} | {r['search_s']:.1f} | {r['refine_write_s']:.1f} | "
+            f"{r['end_to_end_s']:.1f} | {r['peak_rss_mb']:.0f} | {w} | {r['rec_err_svd']:.5f} | "
+            f"{r['rec_err']:.5f} |"
+        )
+    if summary:
+        md += [
+            "",
+            "| budget | decomposition speed-up (full ÷ auto) | rec. error auto ÷ full |",
+            "|---|---:|---:|",
+        ]
+        md += [
+            f"| {b}× | {s['decompose_speedup']:.1f}× | {s['rec_err_ratio']:.4f} |" for b, s in summary.items()
+        ]
+    return summary, "\n".join(md) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    p.add_argument("--zoo", help="where the zoo, factor stores and outputs live (kept); default: a temp dir")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), help=f"rows to run (default: {' '.join(ROWS)})")
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--tasks", type=int, default=4)
+    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--_make", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_merge", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    small = (a.layers, a.hidden, a.vocab) != (16, 2048, 128256)
+    cfg = config(a.hidden, a.layers, a.vocab)
+    tmp = None
+    root = Path(a.zoo) if a.zoo else Path(tmp := tempfile.mkdtemp(prefix="llama1b-"))
+    try:
+        if a._make:
+            make(root / "zoo", cfg, a.tasks)
+            print(json.dumps({"ok": True}))
+            return
+        if a._merge:
+            print(json.dumps(merge(root, a._merge, a.tasks)))
+            return
+        shape_args = ["--zoo", str(root), "--layers", str(a.layers), "--hidden", str(a.hidden)]
+        shape_args += ["--vocab", str(a.vocab), "--tasks", str(a.tasks)]
+        if not (root / "zoo" / "zoo_done").exists():
+            t0 = time.perf_counter()
+            child([*shape_args, "--_make"])
+            print(f"zoo written in {time.perf_counter() - t0:.0f} s", flush=True)
+        (root / "rows").mkdir(exist_ok=True)
+        for row in a.rows:
+            f = root / "rows" / f"{row}.json"
+            if f.exists():
+                continue
+            r = child([*shape_args, "--_merge", row])
+            f.write_text(json.dumps(r, indent=1))
+            print(json.dumps(r), flush=True)
+        rows = {r: json.loads(f.read_text()) for r in ROWS if (f := root / "rows" / f"{r}.json").exists()}
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    info = {
+        "device": device_info(),
+        "commit": git_rev(),
+        "zoo": f"{a.layers} layers, hidden {a.hidden}, vocabulary {a.vocab}, {a.tasks} tasks, bf16, tied "
+        f"embeddings, {rows[next(iter(rows))]['base_params']:,} parameters",
+    }
+    summary, md = table(rows, info)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "llama1b_small" if small else "llama1b"
+    (out / f"{stem}.json").write_text(json.dumps({"info": info, "rows": rows, "summary": summary}, indent=1))
+    (out / f"{stem}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Union
@@ -598,15 +599,54 @@ def assign_shares(costs: list[float], world: int) -> list[list[int]]:
     return [sorted(s) for s in shares]
 
 
+def out_of_memory(
+    names: list[str],
+    shape: tuple[int, int],
+    device: torch.device,
+    cfg: DecomposeConfig,
+    streamed: bool = False,
+) -> DidiError:
+    """The error of a decomposition that ran out of device memory: which matrix, and the bound that helps."""
+    what = f"'{names[0]}'" + (f" (and {len(names) - 1} more of its shape, batched)" if len(names) > 1 else "")
+    m, n = shape
+    if streamed:
+        hint = "its row blocks and factors did not fit: lower --decompose.max_rank or use a larger device"
+    else:
+        hint = (
+            f"the T+1 copies of {'each' if len(names) > 1 else 'it'} did not fit: --decompose.stream_mb "
+            f"{max(1, (m * n * 4) >> 20)} row-streams matrices of this size (from the checkpoints, "
+            f"O((m + n)·K·T) memory)"
+            + ("; --decompose.batch_mb 0 stops batching same-shape matrices" if len(names) > 1 else "")
+        )
+    return DidiError(f"decompose: out of memory on {device} for matrix {what}, {m}×{n}; {hint}")
+
+
 class ShareWriter:
     """Decomposes the tensors it is given (by plan position) into a store layout, each into a file named by
     its position (`p000123.safetensors`), and records what it wrote: `assemble` turns the records of every
     share into the store's index. Same-shape matrices may wait for one batched SVD (`batch_mb`)."""
 
-    def __init__(self, zoo: Zoo, cfg: DecomposeConfig, out: Path) -> None:
+    def __init__(
+        self,
+        zoo: Zoo,
+        cfg: DecomposeConfig,
+        out: Path,
+        device: torch.device | None = None,
+        share: list[int] | None = None,
+        prefetch: bool | None = None,
+    ) -> None:
+        """`device`: where the SVDs run (default: cfg's; a sharded fit gives each rank its own GPU). `share`:
+        the positions this writer will be given, in order: with a GPU the next one's read (disk, the cast to
+        float) runs in a thread while the current one is decomposed, so disk and device overlap (`prefetch`:
+        None = with a GPU only; on the CPU both would compete for the same cores)."""
         cfg = unbudgeted(cfg)
         self.zoo, self.cfg, self.out = zoo, cfg, Path(out)
-        self.dtype, self.device = cfg.torch_dtype(), cfg.torch_device()
+        self.dtype, self.device = cfg.torch_dtype(), device or cfg.torch_device()
+        T = len(zoo.tasks)
+        self.order = [p for p in (share or []) if not streams(zoo.plan[p], T, cfg)]
+        prefetch = self.device.type == "cuda" if prefetch is None else prefetch
+        self.pool = ThreadPoolExecutor(1) if prefetch and self.order else None
+        self.prefetched: dict[int, Future] = {}
         self.merge = shared_merge_fn(cfg.shared_merge)
         self.reader = DeltaReader(zoo, self.dtype)
         self.pending: dict[tuple[int, int], list] = {}  # matrix shape -> [(pos, plan, taus)]
@@ -631,7 +671,7 @@ class ShareWriter:
         if streams(plan, T, self.cfg):
             self._add_streamed(pos, plan)
             return
-        d = self.reader.read(plan)
+        d = self._read(pos)
         if d is None:  # an integer tensor no task changed
             return
         if not d.is_matrix or d.zero:
@@ -644,6 +684,18 @@ class ShareWriter:
         while self.pending and self._held(self.pending) >= self.cap:
             self._flush(max(self.pending, key=lambda s: self._held({s: self.pending[s]})))
 
+    def _read(self, pos: int):
+        """The task vectors of tensor `pos` (prefetched with a GPU), and the next one's read started."""
+        if self.pool is None:
+            return self.reader.read(self.zoo.plan[pos])
+        fut = self.prefetched.pop(pos, None) or self.pool.submit(self.reader.read, self.zoo.plan[pos])
+        if pos in self.order:
+            i = self.order.index(pos) + 1
+            if i < len(self.order) and self.order[i] not in self.prefetched:
+                nxt = self.order[i]
+                self.prefetched[nxt] = self.pool.submit(self.reader.read, self.zoo.plan[nxt])
+        return fut.result()
+
     def _nonmatrix(self, pos: int, plan: TensorPlan, zero: bool, taus: torch.Tensor | None) -> None:
         self.nonmatrix[pos] = {"name": plan.name, "shape": list(plan.shape), "zero": zero}
         if not zero:
@@ -654,15 +706,18 @@ class ShareWriter:
 
     def _add_streamed(self, pos: int, plan: TensorPlan) -> None:
         m, n = plan.matrix_shape
-        factors, bound_s, bound_t, sha = decompose_streamed(
-            self.zoo,
-            plan,
-            width_of(m, n, self.cfg),
-            oversample=self.cfg.oversample,
-            power_iters=self.cfg.power_iters,
-            dtype=self.dtype,
-            device=self.device,
-        )
+        try:
+            factors, bound_s, bound_t, sha = decompose_streamed(
+                self.zoo,
+                plan,
+                width_of(m, n, self.cfg),
+                oversample=self.cfg.oversample,
+                power_iters=self.cfg.power_iters,
+                dtype=self.dtype,
+                device=self.device,
+            )
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory([plan.name], (m, n), self.device, self.cfg, streamed=True) from e
         for source, digest in sha.items():
             self.reader.sha256[source][plan.name] = digest
         if not bool((factors["tau_sq"] > 0).any()):
@@ -681,17 +736,20 @@ class ShareWriter:
         items, taus = [(pos, plan) for pos, plan, _ in batch], [t for _, _, t in batch]
         del batch
         # one matrix: its own buffer (no stacked copy), overwritten by its residuals
-        stacked = taus[0][None].to(self.device) if len(taus) == 1 else torch.stack(taus).to(self.device)
-        del taus
-        results = decompose_batch(
-            stacked,
-            self.merge,
-            self.cfg.max_rank,
-            consume=True,
-            svd_method=self.cfg.svd,
-            oversample=self.cfg.oversample,
-            power_iters=self.cfg.power_iters,
-        )
+        try:
+            stacked = taus[0][None].to(self.device) if len(taus) == 1 else torch.stack(taus).to(self.device)
+            del taus
+            results = decompose_batch(
+                stacked,
+                self.merge,
+                self.cfg.max_rank,
+                consume=True,
+                svd_method=self.cfg.svd,
+                oversample=self.cfg.oversample,
+                power_iters=self.cfg.power_iters,
+            )
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory([plan.name for _, plan in items], shape, self.device, self.cfg) from e
         del stacked
         for (pos, plan), (factors, bound_s, bound_t) in zip(items, results):
             self._entry(pos, plan, factors, bound_s, bound_t)
@@ -715,6 +773,8 @@ class ShareWriter:
         """Decompose what still waits and return this share's record (JSON-able)."""
         for shape in list(self.pending):
             self._flush(shape)
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
         return {
             "rank": rank,
             "matrices": {str(k): v for k, v in self.matrices.items()},

@@ -137,7 +137,11 @@ class DecomposeShards(L.LightningModule):
         for cb in self.trainer.callbacks:
             if isinstance(cb, StageProgressBar) and cb.stage == "decompose":
                 cb.batch_units = [1 if i < len(shares[rank]) else 0 for i in range(self.steps.n_steps)]
-        self.writer = ShareWriter(self.zoo, self.cfg, self.tmp)
+        # one device per rank: a GPU run decomposes on this rank's own GPU (`auto` would be cuda:0 for all)
+        device = self.cfg.torch_device()
+        if self.cfg.device == "auto" and self.trainer.strategy.root_device.type == "cuda":
+            device = self.trainer.strategy.root_device
+        self.writer = ShareWriter(self.zoo, self.cfg, self.tmp, device=device, share=shares[rank])
 
     def training_step(self, batch: list[int], batch_idx: int) -> None:
         for pos in batch:

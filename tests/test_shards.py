@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from didi.backbones import Zoo
 from didi.backbones.base import Adapter
@@ -106,3 +107,40 @@ def test_shares_assembled_in_any_order_give_the_same_index(tmp_path, tiny_zoo, f
         index.append((out / "index.json").read_bytes())
         assert json.loads(index[-1])["matrices"][0]["idx"] == 0
     assert index[0] == index[1]
+
+
+def test_prefetched_reads_write_the_same_share(tmp_path, tiny_zoo, fast):
+    """The GPU path's read-ahead thread (forced here on the CPU) changes no byte of the share."""
+    zoo = Zoo(Adapter(), *tiny_zoo)
+    cfg = fast[0]
+    records = []
+    for prefetch in (False, True):
+        out = tmp_path / f"p{prefetch}"
+        make_layout(out)
+        share = list(range(len(zoo.plan)))
+        w = ShareWriter(zoo, cfg, out, share=share, prefetch=prefetch)
+        assert (w.pool is not None) == prefetch
+        for pos in share:
+            w.add(pos)
+        records.append(w.finish(rank=0))
+        assemble(out, zoo, cfg, records[-1:])
+    assert records[0]["file_sha256"] == records[1]["file_sha256"]
+    assert records[0]["sha256"] == records[1]["sha256"]
+    assert (tmp_path / "pFalse" / "index.json").read_bytes() == (
+        tmp_path / "pTrue" / "index.json"
+    ).read_bytes()
+
+
+def test_out_of_device_memory_names_the_matrix_and_the_bound(tmp_path, tiny_zoo, fast, monkeypatch):
+    import didi.decompose as dec
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(dec, "decompose_batch", oom)
+    zoo = Zoo(Adapter(), *tiny_zoo)
+    with pytest.raises(
+        DidiError, match=r"out of memory on cpu for matrix '.+', \d+×\d+.*--decompose.stream_mb 1"
+    ):
+        decompose(zoo, fast[0], progress=False)
+    assert not list((tmp_path / "cache").glob("*/index.json"))  # nothing half-written

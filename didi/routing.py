@@ -21,9 +21,16 @@ The routing of a batch is not stored on modules: `RoutedModel.forward` sets it i
 duration of the call (`routing`, `current_routing`), so a forward is re-entrant across threads. Artifact terms
 are read by `didi.artifact`'s one decoder (`Artifact.expert_terms`).
 
+Soft routing and the shared model: `task_ids` may also be a `Mixture` (per example, the top-k tasks and their
+weights, as a learned router gives them): a routed layer then adds Σ_k w_k·expert_k(x) to the shared output
+of each row, still one forward for the whole batch (`didi.router` and docs/routing.md). The task id `SHARED`
+(-1), or a row whose weights are all zero, gets no expert: the shared model θ0 + fold + shared terms. A
+mixture whose rows each have one task of weight exactly 1 runs the hard path, bit for bit.
+
 Extending: `register_wrapper(module_type)(factory)`, factory(module, parent, params) → a `RoutedLayer` or
 None when it cannot wrap that module (e.g. nn.Linear inside an unwrapped nn.MultiheadAttention, whose
-forward reads `out_proj.weight` without calling `out_proj`).
+forward reads `out_proj.weight` without calling `out_proj`). A layer reads its rows with
+`groups.weighted(device)`: (task, rows, weights or None for weight 1).
 """
 
 from __future__ import annotations
@@ -46,10 +53,66 @@ from didi.artifact import LoRA, Term
 from didi.errors import DidiError
 from didi.registry import Registry
 
-
 # ------------------------------------------------------------------------------------------------ routers
+#: The task id of "no expert": the row runs through the shared model only (θ0 + fold + shared terms).
+SHARED = -1
+
+
+class Mixture:
+    """Soft routing of a batch: row i adds Σ_k weights[i, k] · expert(ids[i, k]) to the shared model.
+
+    `ids` (B×k, long): task indices in the artifact's order, `SHARED` (-1) for an unused slot; `weights` (B×k,
+    float, ≥ 0): a slot of weight 0 adds nothing, so a row of zeros is served by the shared model alone. A
+    task appears at most once per row (a router's top-k are distinct)."""
+
+    __slots__ = ("ids", "weights")
+
+    def __init__(self, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        ids, weights = torch.as_tensor(ids).long(), torch.as_tensor(weights)
+        if ids.dim() == 1:
+            ids, weights = ids[:, None], weights[:, None]
+        if ids.dim() != 2 or ids.shape != weights.shape:
+            raise DidiError(
+                f"mixture: ids {list(ids.shape)} and weights {list(weights.shape)} must both be B×k"
+            )
+        if not weights.dtype.is_floating_point:
+            weights = weights.float()
+        if weights.numel() and not (bool(torch.isfinite(weights).all()) and float(weights.min()) >= 0):
+            raise DidiError("mixture: weights must be finite and ≥ 0")
+        self.ids, self.weights = ids, weights
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def to(self, device: torch.device | str) -> "Mixture":
+        return Mixture(self.ids.to(device), self.weights.to(device))
+
+    def top1(self) -> torch.Tensor:
+        """The task of each row's largest weight, `SHARED` for a row without any weight."""
+        w, j = self.weights.max(1)
+        top = self.ids.gather(1, j[:, None]).squeeze(1)
+        return torch.where(w > 0, top, torch.full_like(top, SHARED))
+
+    def hard(self) -> torch.Tensor | None:
+        """Plain task ids when every row has at most one task and its weight is exactly 1 (None otherwise)."""
+        used = (self.weights > 0) & (self.ids != SHARED)
+        if bool((used.sum(1) > 1).any()) or bool((self.weights[used] != 1).any()):
+            return None
+        return self.top1()
+
+    def signatures(self) -> list[tuple[tuple[tuple[int, float], ...], torch.Tensor]]:
+        """[((task, weight) pairs of a row, the rows with exactly those pairs)]: the parameter sets a model
+        with per-task swapped parameters materialises."""
+        out: dict[tuple, list[int]] = {}
+        for i, (row_ids, row_w) in enumerate(zip(self.ids.cpu().tolist(), self.weights.cpu().tolist())):
+            key = tuple(sorted((t, w) for t, w in zip(row_ids, row_w) if w > 0 and t != SHARED))
+            out.setdefault(key, []).append(i)
+        return [(k, torch.tensor(v)) for k, v in out.items()]
+
+
 class Router(ABC):
-    """Maps a batch to one task index per example (0..T-1, in the artifact's task order)."""
+    """Maps a batch to one task index per example (0..T-1, in the artifact's task order; a learned router may
+    also answer `SHARED` or a `Mixture`)."""
 
     def __init__(self, tasks: Sequence[str]) -> None:
         self.tasks = list(tasks)
@@ -137,8 +200,9 @@ def artifact_terms(artifact) -> tuple[dict[str, torch.Tensor], list[dict[str, Ta
 # ------------------------------------------------------------------------------------------------ routing
 class Routing:
     """Which task each row of the batch in flight belongs to: `single` (every row, the materialised fast
-    path) or `groups` (a mixed batch). Set per forward call by `RoutedModel` in a ContextVar, so a forward is
-    re-entrant: two batches in flight in two threads (or async tasks) each see their own routing."""
+    path; `SHARED`: no expert) or `groups` (a mixed batch, weighted rows for soft routing). Set per forward
+    call by `RoutedModel` in a ContextVar, so a forward is re-entrant: two batches in flight in two threads
+    (or async tasks) each see their own routing."""
 
     __slots__ = ("single", "groups")
 
@@ -307,7 +371,7 @@ class RoutedLinear(RoutedLayer):
                 f"routed layer: input has {x.shape[bd]} rows along dim {bd}, the router gave "
                 f"{groups.rows} task ids"
             )
-        for t, rows in groups.on(x.device):
+        for t, rows, w in groups.weighted(x.device):
             if isinstance(rows, slice):  # rows of one task are contiguous: views, added in place
                 idx = (slice(None),) * bd + (rows,)
                 d = self.expert(x[idx], t)
@@ -316,29 +380,52 @@ class RoutedLinear(RoutedLayer):
                 continue
             d = self.expert(x.index_select(bd, rows), t)
             if d is not None:
+                if w is not None:  # soft routing: each row's weight for this task, along the batch dim
+                    d = d * w.to(d.dtype).view((1,) * bd + (-1,) + (1,) * (d.dim() - bd - 1))
                 y.index_add_(bd, rows, d.to(y.dtype))  # in place: an out-of-place add copies y per task
         return y
 
 
 class TaskGroups:
-    """The rows of each task in one batch, [(task, rows)]: a slice when the task's rows are contiguous (sorted
-    batches), else an index tensor. Built once per forward and shared by every routed layer; index tensors
-    are moved to a device once."""
+    """The rows of each task in one batch, [(task, rows, weights)]: rows a slice when the task's rows are
+    contiguous (sorted batches), else an index tensor; weights None (weight 1, hard routing) or the rows'
+    weights for that task (a `Mixture`). Rows routed to `SHARED` belong to no group. Built once per forward
+    and shared by every routed layer; index tensors are moved to a device once."""
 
-    def __init__(self, ids: torch.Tensor) -> None:
+    def __init__(self, ids: "torch.Tensor | Mixture") -> None:
+        self._on: dict[torch.device, list] = {}
+        if isinstance(ids, Mixture):
+            self.rows = len(ids)
+            used = (ids.weights > 0) & (ids.ids != SHARED)
+            self._cpu = []
+            for t in torch.unique(ids.ids[used]).tolist():
+                hit = used & (ids.ids == t)
+                rows = hit.any(1).nonzero().squeeze(1)
+                self._cpu.append((t, rows, (ids.weights * hit).sum(1)[rows]))
+            return
         self.rows = ids.numel()
         uniq, counts = torch.unique_consecutive(ids, return_counts=True)
         if uniq.numel() == torch.unique(ids).numel():  # every task appears in one run
             bounds = [0, *torch.cumsum(counts, 0).tolist()]
-            self._cpu = [(t, slice(bounds[i], bounds[i + 1])) for i, t in enumerate(uniq.tolist())]
+            groups = [(t, slice(bounds[i], bounds[i + 1])) for i, t in enumerate(uniq.tolist())]
         else:
-            self._cpu = [(t, (ids == t).nonzero().squeeze(1)) for t in torch.unique(ids).tolist()]
-        self._on: dict[torch.device, list] = {}
+            groups = [(t, (ids == t).nonzero().squeeze(1)) for t in torch.unique(ids).tolist()]
+        self._cpu = [(t, r, None) for t, r in groups if t != SHARED]
+
+    def weighted(self, device: torch.device) -> list[tuple[int, "slice | torch.Tensor", torch.Tensor | None]]:
+        """[(task, rows, weights or None)] with index tensors and weights on `device`."""
+        if device not in self._on:
+            self._on[device] = [
+                (t, r if isinstance(r, slice) else r.to(device), None if w is None else w.to(device))
+                for t, r, w in self._cpu
+            ]
+        return self._on[device]
 
     def on(self, device: torch.device) -> list[tuple[int, "slice | torch.Tensor"]]:
-        if device not in self._on:
-            self._on[device] = [(t, r if isinstance(r, slice) else r.to(device)) for t, r in self._cpu]
-        return self._on[device]
+        """[(task, rows)] of hard routing (a layer that cannot weight its experts calls this one)."""
+        if any(w is not None for _, _, w in self._cpu):
+            raise DidiError("routed layer: this layer type cannot mix experts (soft routing); use top_k 1")
+        return [(t, r) for t, r, _ in self.weighted(device)]
 
 
 WrapperFactory = Callable[[nn.Module, "nn.Module | None", set], "RoutedLayer | None"]
@@ -676,6 +763,8 @@ class RoutedModel(nn.Module):
         setattr(parent, attr, new)
 
     def _task_values(self, task: int) -> dict[str, torch.Tensor]:
+        if task == SHARED:
+            return self._base_values
         if task in self._cache:
             self._cache.move_to_end(task)
             return self._cache[task]
@@ -699,6 +788,18 @@ class RoutedModel(nn.Module):
             self._get(mod, pname).data = vals[name]
         self._current = task
 
+    def _set_mixed(self, pairs: tuple[tuple[int, float], ...]) -> None:
+        """Swapped parameters of soft-routed rows: base + Σ_k w_k·delta_k (not cached: rows rarely repeat)."""
+        for name, (mod, pname) in self.swapped.items():
+            base = self._base_values[name]
+            v = base.float()
+            for t, w in pairs:
+                tt = self._swap_terms[t].get(name)
+                if tt is not None:
+                    v = v + w * tt.delta(base.shape).to(base.device)
+            self._get(mod, pname).data = v.to(base.dtype)
+        self._current = None
+
     def _apply(
         self, fn, recurse=True
     ):  # the swap path's base values and per-task cache (experts are buffers)
@@ -717,17 +818,23 @@ class RoutedModel(nn.Module):
             raise DidiError("routed model: no router given")
         return self.router(batch)
 
-    def _check_ids(self, task_ids) -> torch.Tensor:
+    def _check_ids(self, task_ids) -> "torch.Tensor | Mixture":
+        """Task ids on the CPU (a tensor, or a Mixture whose rows are not all one task at weight 1)."""
         if isinstance(task_ids, str):
             if task_ids not in self.tasks:
                 raise DidiError(f"routed model: unknown task {task_ids!r}; tasks: {self.tasks}")
             task_ids = self.tasks.index(task_ids)
-        ids = torch.as_tensor(task_ids).long().reshape(-1).cpu()
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.tasks)):
+        mix = task_ids.to("cpu") if isinstance(task_ids, Mixture) else None
+        ids = mix.ids if mix is not None else torch.as_tensor(task_ids).long().reshape(-1).cpu()
+        if ids.numel() and (int(ids.min()) < SHARED or int(ids.max()) >= len(self.tasks)):
             bad = int(ids.max()) if int(ids.max()) >= len(self.tasks) else int(ids.min())
             raise DidiError(
-                f"routed model: task id {bad} is outside the {len(self.tasks)} tasks {self.tasks}"
+                f"routed model: task id {bad} is outside the {len(self.tasks)} tasks {self.tasks} "
+                f"({SHARED}: the shared model)"
             )
+        if mix is not None:
+            hard = mix.hard()
+            return hard if hard is not None else mix
         return ids
 
     def _run_single(self, task: int, args, kwargs) -> Any:
@@ -737,12 +844,15 @@ class RoutedModel(nn.Module):
 
     def forward(self, *args, task_ids, **kwargs) -> Any:
         """Run `model(*args, **kwargs)`; example i uses task `task_ids[i]` (a tensor, an int or a task name:
-        one task for the whole batch).
+        one task for the whole batch; `SHARED` = no expert), or the experts and weights of row i of a
+        `Mixture` (soft routing).
 
         The routing lives in a ContextVar for the duration of the call, so batches may be in flight in several
         threads at once. Parameters swapped per task (no wrapper) are model state: such models serialise their
         forwards on a lock instead."""
         ids = self._check_ids(task_ids)
+        if isinstance(ids, Mixture):
+            return self._forward_mixed(ids, args, kwargs)
         uniq = torch.unique(ids).tolist()
         if not uniq:
             raise DidiError("routed model: empty batch")
@@ -758,3 +868,22 @@ class RoutedModel(nn.Module):
                 rows = (ids == t).nonzero().squeeze(1)
                 parts.append((rows, self._run_single(t, _slice(args, rows, B), _slice(kwargs, rows, B))))
             return _gather(parts, B)
+
+    def _forward_mixed(self, mix: Mixture, args, kwargs) -> Any:
+        """Soft routing: one pass when every per-task term sits on a routed layer; else the rows are split by
+        their (task, weight) pairs, each part run with its mixed swapped parameters."""
+        if not len(mix):
+            raise DidiError("routed model: empty batch")
+        if not self.swapped:
+            with routing(Routing(groups=TaskGroups(mix))):
+                return self.model(*args, **kwargs)
+        B = len(mix)
+        parts = []
+        with _SWAP_LOCK:
+            for pairs, rows in mix.signatures():
+                self._set_mixed(pairs)
+                sub = Mixture(mix.ids[rows], mix.weights[rows])
+                with routing(Routing(groups=TaskGroups(sub))):
+                    parts.append((rows, self.model(*_slice(args, rows, B), **_slice(kwargs, rows, B))))
+            self._set_swapped(SHARED)  # the parameters hold the shared values again
+        return _gather(parts, B)

@@ -18,6 +18,7 @@ from didi.backbones import ADAPTERS, Adapter, Zoo
 from didi.errors import DidiError
 from didi.finetune import FinetuneConfig
 from didi.pipeline import MergeOptions
+from didi.router import RouterOptions
 from didi.trainer import TrainerConfig
 
 EXAMPLES = """
@@ -28,6 +29,7 @@ examples:
   didi merge ... --trainer.strategy ddp --trainer.devices 2 --trainer.accelerator cpu
   didi search ... ranks.json     then     didi refine BASE TASKS ranks.json merged/
   didi inspect merged/ --json
+  didi router train merged/ --data '{cars: data/cars, dtd: data/dtd}'   # a learned router for evaluation
   didi <subcommand> --help                   # every option of a subcommand, with examples
 """
 
@@ -445,8 +447,18 @@ def evaluate(
     max_length: int = 128,
     limit_per_task: Optional[int] = None,
     trainer: TrainerConfig = TrainerConfig(logger="none"),
+    router: str = "oracle",
+    top_k: Optional[int] = None,
+    threshold: Union[float, Literal["none"], None] = None,
+    compare_oracle: bool = True,
 ) -> None:
     """Per-task accuracy of an artifact (any method) with routed experts; writes report.json and report.md.
+
+    examples:
+      didi evaluate merged/ '{cars: data/cars, dtd: data/dtd}'
+      didi evaluate merged/ '{cars: data/cars, dtd: data/dtd}' --router learned   # after didi router train
+      didi evaluate merged/ ... --router learned --top_k 2 --threshold none   # mix 2 experts, no fallback
+      didi evaluate tall/ ... --router merged/router    # a router of the same tasks and θ0, trained elsewhere
 
     Args:
         artifact: artifact directory.
@@ -465,6 +477,14 @@ def evaluate(
         max_length: tokens per example.
         limit_per_task: evaluate only the first examples of each task.
         trainer: Lightning Trainer settings (devices, strategy, accelerator: DDP evaluation).
+        router: which experts an example gets: `oracle` (its own task's, from the data: the default),
+            `learned` (the router `didi router train` saved in <artifact>/router/), or a router directory
+            (trained for the same tasks and θ0). A learned router's report adds, per task, the share of
+            examples routed to their own task, the share served by the shared model, and the oracle accuracy.
+        top_k: with a learned router: experts mixed per example (default: the router's own).
+        threshold: with a learned router: the confidence below which an example gets the shared model only,
+            or `none` (default: the router's own).
+        compare_oracle: with a learned router, also evaluate with oracle routing (a second pass).
     """
     from didi.evaluate import evaluate_artifact, report_markdown
 
@@ -481,9 +501,75 @@ def evaluate(
         limit_per_task,
         trainer,
         out,
+        router,
+        top_k,
+        threshold,
+        compare_oracle,
     )
     print(report_markdown(rep, f"{rep.get('method')} artifact {artifact}"))
     print(f"report written to {out}/report.json")
+
+
+def router_train(
+    artifact: str,
+    data: Optional[dict[str, str]] = None,
+    output: Optional[str] = None,
+    router: RouterOptions = RouterOptions(),
+    split: str = "auto",
+    base: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    batch_size: int = 32,
+    max_length: int = 128,
+    limit_per_task: Optional[int] = None,
+    trainer: TrainerConfig = TrainerConfig(logger="none"),
+    overwrite: bool = False,
+) -> None:
+    """Train a learned router for an artifact on each task's unlabelled validation inputs; `didi evaluate
+    --router learned` then serves every example without its task id.
+
+    The router is a small network on θ0's features (a layer of your choice, pooled); the task an input came
+    from is its only label. Its temperature and fallback threshold are fitted on held-out inputs. It is saved
+    as <artifact>/router/ (router.safetensors + router.json) through a temporary directory.
+
+    examples:
+      didi router train merged/ --data '{cars: data/cars, dtd: data/dtd}'   # data/<task>/validation.jsonl
+      didi router train merged/ --data ... --router.layer embedding --router.hidden 64   # cheap, an MLP
+      didi router train merged/ --data ... --router.top_k 2 --router.threshold 0.6   # soft, your threshold
+      didi router train merged/ --data ... --overwrite true                 # replace the saved router
+
+    Args:
+        artifact: artifact directory (any dynamic method: DiDi, TALL-masks, Twin, EMR, TSV-C, FlexMerge).
+        data: {task: path}, every task of the artifact, as `didi evaluate` takes them; a directory is read at
+            validation.jsonl, val.jsonl or train.jsonl (images: its validation/, val/ or train/ folder), a
+            file as it is. Labels are not read, and the test split never is.
+        output: router directory (default: <artifact>/router).
+        router: the router's features, network, routing and fit (see the --router.* options).
+        split: `auto` (validation, then val, then train) or the split name to read in each directory.
+        base: θ0 path (default: the one recorded in the manifest).
+        tokenizer: tokenizer directory (default: θ0's).
+        batch_size: inputs per batch when computing θ0's features.
+        max_length: tokens per text.
+        limit_per_task: use only the first inputs of each task.
+        trainer: Lightning Trainer settings of the fit.
+        overwrite: replace a router already at `output`.
+    """
+    from didi.router import router_summary, train_router
+
+    path = train_router(
+        artifact,
+        data or {},
+        output,
+        router,
+        split,
+        base,
+        tokenizer,
+        batch_size,
+        max_length,
+        limit_per_task,
+        trainer,
+        overwrite,
+    )
+    print(router_summary(path))
 
 
 def finetune(
@@ -652,6 +738,7 @@ COMMANDS = {
     "finetune": finetune,
     "compare": compare,
     "export": export,
+    "router": {"train": router_train, "_help": "Learned routers: `didi router train ARTIFACT --data ...`."},
 }
 
 
@@ -680,12 +767,28 @@ def build_parser():
             formatter_class=HelpFormatter,
         )
     )
-    for name, sub in parser._subcommands_action._name_parser_map.items():
-        doc = _inspect.getdoc(COMMANDS[name]) or ""
-        if "examples:" in doc:
-            sub.epilog = "examples:" + doc.split("examples:", 1)[1].split("\n\nArgs:")[0]
-            sub.formatter_class = HelpFormatter
+
+    def epilogs(parser, commands: dict) -> None:
+        for name, sub in parser._subcommands_action._name_parser_map.items():
+            if isinstance(commands[name], dict):  # a group (`didi router train`)
+                epilogs(sub, commands[name])
+                continue
+            doc = _inspect.getdoc(commands[name]) or ""
+            if "examples:" in doc:
+                sub.epilog = "examples:" + doc.split("examples:", 1)[1].split("\n\nArgs:")[0]
+                sub.formatter_class = HelpFormatter
+
+    epilogs(parser, COMMANDS)
     return parser
+
+
+def _command(cfg, init, commands: dict = COMMANDS) -> tuple[Callable, dict]:
+    """The function a parsed command line names (following groups such as `router train`) and its kwargs."""
+    name = cfg.subcommand
+    fn, cfg, init = commands[name], cfg[name], init[name]
+    if isinstance(fn, dict):
+        return _command(cfg, init, fn)
+    return fn, {k: v for k, v in dict(init).items() if k != "config"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -695,10 +798,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         cfg = parser.parse_args(argv)
-        name = cfg.subcommand
-        init = parser.instantiate_classes(cfg)[name]
-        kwargs = {k: v for k, v in dict(init).items() if k != "config"}
-        COMMANDS[name](**kwargs)
+        fn, kwargs = _command(cfg, parser.instantiate_classes(cfg))
+        fn(**kwargs)
     except DidiError as e:
         print(f"didi: error: {e}", file=sys.stderr)
         return 2

@@ -98,10 +98,11 @@ def evaluate_images(
     limit_per_task: int | None,
     trainer,
     templates: Sequence[str] = DEFAULT_TEMPLATES,
+    router=None,
 ) -> dict[str, dict]:
     """Routed per-task accuracy of an open_clip artifact (what `didi evaluate` runs for image models): the
     given head file of a task, or else its zero-shot head from θ0's text tower and the folder's class
-    names."""
+    names. `router`: a learned router (`didi.router.LearnedRouter`); default the oracle."""
     src = base or art.manifest["sources"]["base"]["path"]
     base_sd = dict(
         adapter.open_source(src, art.manifest["sources"]["base"].get("allow_pickle", False)).items()
@@ -124,5 +125,5 @@ def evaluate_images(
     )
     dm.setup("test")  # bad data fails here, before any process is spawned
     return run_evaluation(
-        routed_image_features(adapter.build_model(base_sd), art, adapter), hds, art.tasks, dm, trainer
+        routed_image_features(adapter.build_model(base_sd), art, adapter), hds, art.tasks, dm, trainer, router
     )

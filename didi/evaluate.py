@@ -4,7 +4,8 @@ Python entry point (what `didi evaluate` and `didi compare` call):
 
     evaluate_artifact(artifact, data, heads=None, base=None, tokenizer=None, individual=None,
                       batch_size=32, max_length=128, limit_per_task=None, trainer=TrainerConfig(),
-                      output=None) -> dict
+                      output=None, router="oracle", top_k=None, threshold=None,
+                      compare_oracle=True) -> dict
 
     artifact    path of an artifact directory (DiDi or baseline; nothing is special-cased).
     data        {task: .jsonl file or directory with test.jsonl}; a subset of the artifact's tasks is fine.
@@ -13,6 +14,11 @@ Python entry point (what `didi evaluate` and `didi compare` call):
     individual  {task: accuracy} of the individual fine-tunes, or a report.json path: adds normalised
                 accuracy.
     output      directory for report.json and report.md (optional).
+    router      `oracle` (each example's own task id, the default), `learned` (the router saved in
+                `<artifact>/router/` by `didi router train`) or a router directory; top_k and threshold
+                override the saved router's. With a learned router every task also reports its routing
+                accuracy (top-1 = its own task), its fallback share (served by the shared model) and, with
+                compare_oracle, its accuracy under oracle routing.
 
 It returns the report: {"tasks": {name: {"accuracy", "n", ["normalized_accuracy"]}}, "average",
 ["average_normalized"], "storage_ratio", "method", "artifact"}. `evaluate_models({task: encoder path}, ...)`
@@ -47,6 +53,7 @@ from didi.evaluators import (
     load_head,
     run_evaluation,
 )
+from didi.router import ROUTER_DIR, LearnedRouter, load_router
 from didi.routing import RoutedModel
 from didi.sources import require_path
 from didi.trainer import TrainerConfig
@@ -84,27 +91,50 @@ def make_report(
     return rep
 
 
+#: the columns a learned router adds to a report (per-task key, header)
+ROUTER_COLUMNS = (
+    ("routing_accuracy", "routed to own task"),
+    ("fallback", "shared only"),
+    ("oracle_accuracy", "oracle accuracy"),
+)
+
+
 def report_markdown(rep: dict, title: str = "Evaluation") -> str:
     norm = "average_normalized" in rep
     ppl = any("perplexity" in v for v in rep["tasks"].values())  # causal LM: next-token accuracy + perplexity
-    lines = [
-        f"# {title}",
-        "",
-        f"storage ratio: {rep['storage_ratio']:.4g}×",
-        "",
-        "| task | n | accuracy |" + (" normalised |" if norm else "") + (" perplexity |" if ppl else ""),
-        "|---|---:|---:|" + ("---:|" if norm else "") + ("---:|" if ppl else ""),
+    cols = [(k, h) for k, h in ROUTER_COLUMNS if any(k in v for v in rep["tasks"].values())]
+    lines = [f"# {title}", "", f"storage ratio: {rep['storage_ratio']:.4g}×", ""]
+    if "router" in rep:
+        r = rep["router"]
+        lines += [
+            f"router: {r['kind']} ({r['path']}), top-{r['top_k']}, threshold {r['threshold']:.4g}; "
+            f"accuracy with the router, routing in % of each task's examples",
+            "",
+        ]
+    lines += [
+        "| task | n | accuracy |"
+        + (" normalised |" if norm else "")
+        + (" perplexity |" if ppl else "")
+        + "".join(f" {h} |" for _, h in cols),
+        "|---|---:|---:|" + ("---:|" if norm else "") + ("---:|" if ppl else "") + "---:|" * len(cols),
     ]
     for t, v in rep["tasks"].items():
         lines.append(
             f"| {t} | {v['n']} | {100 * v['accuracy']:.2f} |"
             + (f" {100 * v['normalized_accuracy']:.2f} |" if norm else "")
             + ((f" {v['perplexity']:.4g} |" if "perplexity" in v else " |") if ppl else "")
+            + "".join(f" {100 * v[k]:.2f} |" if k in v else " |" for k, _ in cols)
         )
+    averages = {
+        "routing_accuracy": "routing_accuracy",
+        "fallback": "fallback",
+        "oracle_accuracy": "average_oracle",
+    }
     lines.append(
         f"| **average** | {sum(v['n'] for v in rep['tasks'].values())} | {100 * rep['average']:.2f} |"
         + (f" {100 * rep['average_normalized']:.2f} |" if norm else "")
         + (" |" if ppl else "")
+        + "".join(f" {100 * rep[averages[k]]:.2f} |" if averages[k] in rep else " |" for k, _ in cols)
     )
     return "\n".join(lines) + "\n"
 
@@ -157,6 +187,27 @@ def _text_data(
     return dm
 
 
+def _learned_router(
+    art, router: str, adapter, base: str | None, top_k: int | None, threshold: float | str | None
+) -> LearnedRouter | None:
+    """None for the oracle; else the learned router (`learned`: the artifact's own, or a directory)."""
+    if router == "oracle":
+        if top_k is not None or threshold is not None:
+            raise DidiError("top_k / threshold: they set a learned router; the oracle router has neither")
+        return None
+    if adapter.registry_name == "hf_llama":
+        raise DidiError(
+            "router: learned routing of causal LMs is not available yet (evaluate them with --router oracle)"
+        )
+    path = art.path / ROUTER_DIR if router == "learned" else Path(router)
+    if router == "learned" and not path.exists():
+        raise DidiError(
+            f"router learned: {art.path} has no router ({path} is missing); train one with "
+            f"`didi router train {art.path} --data ...`, or pass --router oracle"
+        )
+    return load_router(path, art, base, top_k, threshold)
+
+
 def _check_text_adapter(adapter) -> None:
     from didi.backbones.hf_encoder import HFEncoderAdapter
 
@@ -179,8 +230,13 @@ def evaluate_artifact(
     limit_per_task: int | None = None,
     trainer: TrainerConfig = TrainerConfig(),
     output: str | Path | None = None,
+    router: str = "oracle",
+    top_k: int | None = None,
+    threshold: float | str | None = None,
+    compare_oracle: bool = True,
 ) -> dict:
-    """Per-task accuracy of an artifact served by routed experts (oracle router); see the module docstring."""
+    """Per-task accuracy of an artifact served by routed experts (oracle or learned router); see the module
+    docstring."""
     art = load_artifact(artifact)
     data = dict(data)
     unknown = [t for t in data if t not in art.tasks]
@@ -190,10 +246,16 @@ def evaluate_artifact(
         raise DidiError("data: no task data given")
     require_path(base or art.manifest["sources"]["base"]["path"], "base (θ0)")
     adapter = art.adapter()
+    learned = _learned_router(art, router, adapter, base, top_k, threshold)
+    oracle: dict[str, dict] | None = None
     if (
         adapter.registry_name == "open_clip"
     ):  # image classification: ImageFolder data, zero-shot or given heads
-        res = evaluate_images(art, adapter, data, heads, base, batch_size, limit_per_task, trainer)
+        res = evaluate_images(
+            art, adapter, data, heads, base, batch_size, limit_per_task, trainer, router=learned
+        )
+        if learned is not None and compare_oracle:
+            oracle = evaluate_images(art, adapter, data, heads, base, batch_size, limit_per_task, trainer)
     elif adapter.registry_name == "hf_llama":  # causal LM: perplexity (.txt) and multiple choice (.jsonl)
         res = evaluate_causal_lm(
             art, adapter, data, base, tokenizer, batch_size, max_length, limit_per_task, trainer
@@ -206,13 +268,32 @@ def evaluate_artifact(
         hds = _heads_for(list(data), heads, sources)
         dm = _text_data(data, tokenizer or str(src), art.tasks, hds, batch_size, max_length, limit_per_task)
         routed = RoutedModel(adapter.build_model(base_sd), art, adapter=adapter)
-        res = run_evaluation(RoutedTextFeatures(routed), hds, art.tasks, dm, trainer)
+        res = run_evaluation(RoutedTextFeatures(routed), hds, art.tasks, dm, trainer, router=learned)
+        if learned is not None and compare_oracle:
+            oracle = run_evaluation(RoutedTextFeatures(routed), hds, art.tasks, dm, trainer)
+    info: dict[str, Any] = {}
+    if learned is not None:
+        if oracle is not None:
+            for t, v in res.items():
+                v["oracle_accuracy"] = oracle[t]["accuracy"]
+        info["router"] = {
+            "kind": "learned",
+            "path": str(art.path / ROUTER_DIR if router == "learned" else Path(router)),
+            "top_k": learned.top_k,
+            "threshold": learned.threshold,
+            "temperature": learned.temperature,
+        }
+        info["routing_accuracy"] = sum(v["routing_accuracy"] for v in res.values()) / len(res)
+        info["fallback"] = sum(v["fallback"] for v in res.values()) / len(res)
+        if oracle is not None:
+            info["average_oracle"] = sum(v["accuracy"] for v in oracle.values()) / len(oracle)
     rep = make_report(
         res,
         art.storage_ratio,
         load_individual(individual),
         method=art.manifest.get("method", {}).get("name"),
         artifact=str(art.path),
+        **info,
     )
     if output is not None:
         write_report(rep, output, f"{rep['method']} artifact {art.path.name}")

@@ -15,7 +15,7 @@ from torch import nn
 from torchmetrics import SumMetric
 
 from didi.errors import DidiError
-from didi.routing import OracleRouter, RoutedModel, Router
+from didi.routing import SHARED, Mixture, OracleRouter, RoutedModel, Router
 from didi.trainer import TrainerConfig, Trainers
 
 
@@ -88,8 +88,12 @@ class PerTaskTextFeatures(nn.Module):
 class Evaluator(L.LightningModule):
     """Accuracy per task: features (routed or not) → the task's head → torchmetrics, synced across processes.
 
-    Logs "eval/<task>/acc", "eval/<task>/n" and "eval/<task>/correct"; `results` holds
-    {task: {"accuracy", "n"}} after a test run.
+    The task each example came from (its `task_id`) picks its head and labels; `router` (default: that same
+    task id, the oracle) picks the experts its features run through. With another router (a learned one)
+    the routing is counted too: examples sent to their own task (top-1) and to the shared model.
+
+    Logs "eval/<task>/acc", "eval/<task>/n" and "eval/<task>/correct" (and "eval/<task>/routed",
+    "eval/<task>/fallback" with a router); `results` holds {task: {"accuracy", "n"}} after a test run.
     """
 
     def __init__(
@@ -98,23 +102,34 @@ class Evaluator(L.LightningModule):
         super().__init__()
         self.features = features
         self.tasks = list(tasks)
-        self.router = router or OracleRouter(self.tasks)
+        self.oracle = OracleRouter(self.tasks)
+        self.router = router if router is not None else self.oracle
         self.heads = nn.ModuleDict(heads)
         # correct and total counts (torchmetrics sums them across processes); accuracy = correct / n in
         # float64
         self.correct = nn.ModuleDict({t: SumMetric() for t in heads})
         self.count = nn.ModuleDict({t: SumMetric() for t in heads})
+        self.learned = router is not None and not isinstance(router, OracleRouter)
+        if self.learned:
+            self.routed = nn.ModuleDict({t: SumMetric() for t in heads})
+            self.fallback = nn.ModuleDict({t: SumMetric() for t in heads})
         self.results: dict[str, dict] = {}
+
+    def _sums(self) -> list[SumMetric]:
+        extra = (*self.routed.values(), *self.fallback.values()) if self.learned else ()
+        return [*self.correct.values(), *self.count.values(), *extra]
 
     def on_test_epoch_start(self) -> None:
         # fresh, process-local states: ddp_spawn hands the module to its workers through shared memory, and
         # in-place updates of a shared state tensor would add every process's counts into one tensor
-        for m in (*self.correct.values(), *self.count.values()):
+        for m in self._sums():
             m.reset()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        ids = self.router(batch).to(self.device)
-        feats = self.features(batch, ids)
+        ids = self.oracle(batch).to(self.device)  # the task each example came from: its head and labels
+        route = ids if self.router is self.oracle else self.router(batch).to(self.device)
+        feats = self.features(batch, route)
+        chosen = (route.top1() if isinstance(route, Mixture) else route) if self.learned else None
         for t in torch.unique(ids).tolist():
             name = self.tasks[t]
             if name not in self.heads:
@@ -126,19 +141,29 @@ class Evaluator(L.LightningModule):
             self.count[name].update(
                 torch.tensor(float(rows.numel()), dtype=torch.float64, device=self.device)
             )
+            if chosen is not None:
+                self.routed[name].update((chosen[rows] == t).sum().double())
+                self.fallback[name].update((chosen[rows] == SHARED).sum().double())
 
     def on_test_epoch_end(self) -> None:
         res = {}
         for name in self.heads:
             n, c = int(self.count[name].compute().round()), int(self.correct[name].compute().round())
             res[name] = {"accuracy": c / n if n else float("nan"), "n": n, "correct": c}
-            self.correct[name].reset()
-            self.count[name].reset()
+            if self.learned:
+                res[name]["routed"] = int(self.routed[name].compute().round())
+                res[name]["fallback"] = int(self.fallback[name].compute().round())
+        for m in self._sums():
+            m.reset()
         self.results = res
+        extra = {}
+        if self.learned:
+            extra = {f"eval/{t}/{k}": float(v[k]) for t, v in res.items() for k in ("routed", "fallback")}
         self.log_dict(
             {f"eval/{t}/acc": v["accuracy"] for t, v in res.items()}
             | {f"eval/{t}/n": float(v["n"]) for t, v in res.items()}
-            | {f"eval/{t}/correct": float(v["correct"]) for t, v in res.items()},
+            | {f"eval/{t}/correct": float(v["correct"]) for t, v in res.items()}
+            | extra,
             rank_zero_only=True,
         )
 
@@ -149,10 +174,13 @@ def run_evaluation(
     tasks: list[str],
     dm,
     trainer: TrainerConfig = TrainerConfig(),
+    router: Router | None = None,
 ) -> dict[str, dict]:
-    """Run the Evaluator under a Trainer; returns {task: {"accuracy", "n"}} and checks the counts."""
+    """Run the Evaluator under a Trainer; returns {task: {"accuracy", "n"}} and checks the counts. With a
+    `router` (not the oracle) each task also gets "routing_accuracy" (share of its examples whose top-1 task
+    is their own) and "fallback" (share served by the shared model alone)."""
     expected = dm.counts()
-    model = Evaluator(features, heads, tasks)
+    model = Evaluator(features, heads, tasks, router)
     tr = Trainers(trainer).test()
     out = tr.test(model, datamodule=dm, verbose=False)
     metrics = out[0] if out else {}
@@ -162,6 +190,10 @@ def run_evaluation(
             raise DidiError(f"evaluation: no result for task {t!r}")
         n, c = int(round(float(metrics[f"eval/{t}/n"]))), int(round(float(metrics[f"eval/{t}/correct"])))
         res[t] = {"accuracy": c / n if n else float("nan"), "n": n}
+        if model.learned:
+            for key, out in (("routed", "routing_accuracy"), ("fallback", "fallback")):
+                k = int(round(float(metrics[f"eval/{t}/{key}"])))
+                res[t][out] = k / n if n else float("nan")
         if res[t]["n"] != expected[t]:
             raise DidiError(
                 f"evaluation: task {t!r} counted {res[t]['n']} examples, the data has {expected[t]} "

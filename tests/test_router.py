@@ -1,0 +1,498 @@
+"""The learned router (didi/router.py) and soft routing (didi/routing.py's Mixture).
+
+- The fit: 100 % routing on separable toy features, better than chance (and below 100 %) on overlapping ones.
+- Soft routing against an independent dense computation: per example, θ0 + common + Σ_k w_k·delta_k
+  materialised from the artifact (`Artifact.common_deltas` / `task_deltas`, not routing.py) and run alone;
+  top-1 at weight 1 is the hard path bit for bit; a fallback row is the shared model θ0 + common.
+- End to end on a tiny BERT zoo: a router trained on one task's vocabulary per task routes perfectly, and the
+  learned-router evaluation then equals the oracle one, on DiDi and on baseline artifacts (TALL-masks, Twin)
+  with the same saved router; a router that always falls back scores exactly the shared model.
+- Bad inputs: clear DidiErrors naming the option or file, exit status 2 on the CLI, nothing half-written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from didi.artifact import load_artifact, write_artifact
+from didi.backbones import Adapter, Zoo, build_adapter
+from didi.datamodules.text import write_jsonl
+from didi.errors import DidiError
+from didi.evaluate import evaluate_artifact
+from didi.evaluators import load_head, mean_pool
+from didi.router import (
+    LearnedRouter,
+    RouterNet,
+    RouterOptions,
+    choose_threshold,
+    fit_router,
+    load_router,
+    train_router,
+)
+from didi.routing import SHARED, Mixture, RoutedModel
+from didi.trainer import TrainerConfig
+from helpers import WORDS, add_vocab, make_bert_zoo, tiny_merge
+
+CPU = TrainerConfig(accelerator="cpu", devices=1, logger="none", progress_bar=False)
+FAST = RouterOptions(steps=60, lr=0.05)
+
+
+# ------------------------------------------------------------------------------------------- the fit
+def toy_features(T: int, n: int, gap: float, seed: int = 0, d: int = 8) -> dict[str, torch.Tensor]:
+    """n Gaussian feature vectors per task around task means `gap` apart (unit noise)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = gap * torch.eye(T, d)
+    return {f"t{j}": centres[j] + torch.randn(n, d, generator=g) for j in range(T)}
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_router_separates_separable_tasks(hidden):
+    fitted = fit_router(toy_features(3, 40, gap=12.0), RouterOptions(hidden=hidden, steps=60, lr=0.05), CPU)
+    r = fitted.record
+    assert r["train_accuracy"] == 1.0 and r["routing_accuracy"] == 1.0
+    assert fitted.threshold == 0.0 and r["fallback"] == 0.0  # nothing to gain from the shared model
+    assert all(v["held_out"] == 8 for v in r["tasks"].values())
+    assert fitted.net.hidden == hidden
+
+
+def test_router_beats_chance_on_overlapping_tasks():
+    T = 4
+    fitted = fit_router(
+        toy_features(T, 80, gap=1.5, seed=1), RouterOptions(threshold="none", steps=60, lr=0.05), CPU
+    )
+    acc = fitted.record["routing_accuracy"]
+    assert 1.0 / T + 0.15 < acc < 1.0, acc
+    # the shared model worth as much as a right expert: only the surest inputs are routed; worth nothing:
+    # every input is
+    worth_all = fit_router(
+        toy_features(T, 80, 1.5, 1), RouterOptions(fallback_value=1.0, steps=60, lr=0.05), CPU
+    )
+    assert worth_all.threshold > 0.5 and worth_all.record["fallback"] > 0.5
+    worth_none = fit_router(
+        toy_features(T, 80, 1.5, 1), RouterOptions(fallback_value=0.0, steps=60, lr=0.05), CPU
+    )
+    assert worth_none.threshold == 0.0 and worth_none.record["fallback"] == 0.0
+
+
+def test_threshold_maximises_the_held_out_utility():
+    conf = torch.tensor([0.9, 0.8, 0.6, 0.5, 0.4])
+    correct = torch.tensor([True, True, False, True, False])
+    w = torch.full((5,), 0.2)
+    # utility = right experts + value × fallbacks; thresholds 0 / 0.5 / 0.8 give, for value v:
+    # 3 + 0 / 3 + v / 2 + 3v (0.6 routes the wrong 0.6 again)
+    assert choose_threshold(conf, correct, w, 0.6) == pytest.approx(0.8)  # 3.8 > 3.6 > 3
+    assert choose_threshold(conf, correct, w, 0.3) == pytest.approx(0.5)  # 3.3 > 3 > 2.9
+    assert choose_threshold(conf, correct, w, 0.0) == 0.0  # the shared model is worth nothing: route all
+    assert choose_threshold(conf, correct, w, 0.5) == pytest.approx(0.5)  # a tie (3.5): the smaller one
+
+
+def test_decisions_top_k_threshold_and_task_order():
+    """LearnedRouter: SHARED below the threshold, top-k renormalised, columns in the artifact's order."""
+
+    class Identity(nn.Module):
+        def forward(self, batch):
+            return batch["x"]
+
+    net = RouterNet(3, 3)
+    with torch.no_grad():
+        net.net.weight.copy_(torch.eye(3))
+        net.net.bias.zero_()
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25], [0.1, 0.1, 0.8]]))
+    r = LearnedRouter(["a", "b", "c"], net, Identity(), threshold=0.5, top_k=1)
+    assert r({"x": logits}).tolist() == [0, SHARED, 2]
+    r2 = LearnedRouter(["a", "b", "c"], net, Identity(), threshold=0.5, top_k=2)
+    mix = r2({"x": logits})
+    assert mix.ids[0].tolist() == [0, 1] and mix.ids[1].tolist() == [SHARED, SHARED]
+    torch.testing.assert_close(mix.weights[0], torch.tensor([0.7, 0.2]) / 0.9)
+    assert mix.weights[1].tolist() == [0.0, 0.0] and mix.top1().tolist() == [0, SHARED, 2]
+    # the artifact lists the tasks as c, a, b: ids index that order
+    r3 = LearnedRouter(["a", "b", "c"], net, Identity(), top_k=1, order=["c", "a", "b"])
+    assert r3({"x": logits}).tolist() == [1, 1, 0]
+    with pytest.raises(DidiError, match="trained for tasks"):
+        LearnedRouter(["a", "b", "c"], net, Identity(), order=["a", "b", "d"])
+    with pytest.raises(DidiError, match="router.top_k"):
+        LearnedRouter(["a", "b", "c"], net, Identity(), top_k=4)
+
+
+# ------------------------------------------------------------------------------------- soft routing
+class TinyNet(nn.Module):
+    """Linear → LayerNorm → Linear, plus a free parameter (not inside a wrappable module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 4)
+        self.offset = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.norm(self.fc1(x)))) + self.offset
+
+
+def _lowrank(g, name, m, n, r, scale=0.3):
+    return {
+        f"{name}::lora_A": scale * torch.randn(m, r, generator=g),
+        f"{name}::lora_B": torch.randn(r, n, generator=g),
+    }
+
+
+def tiny_artifact(path, base_sd, swapped: bool, g):
+    """3 tasks: low-rank experts on fc1/fc2 and a dense bias delta; with `swapped`, also per-task terms on
+    parameters no wrapper handles (LayerNorm weight: dense; `offset`: mask·scale·ref)."""
+    tasks = {}
+    for j in range(3):
+        t = {**_lowrank(g, "fc1.weight", 16, 8, 2), **_lowrank(g, "fc2.weight", 4, 16, 1)}
+        t["fc1.bias::dense"] = 0.2 * torch.randn(16, generator=g)
+        if swapped:
+            t["norm.weight::dense"] = 0.3 * torch.randn(16, generator=g)
+            t["offset::mask"] = (torch.rand(4, generator=g) > 0.3).float()
+            t["offset::scale"] = torch.tensor(1.0 + j)
+        tasks[f"t{j}"] = t
+    shared = {**_lowrank(g, "fc1.weight", 16, 8, 1), "norm.bias::dense": 0.1 * torch.randn(16, generator=g)}
+    if swapped:
+        shared["offset::ref"] = torch.randn(4, generator=g)
+    fold = {"fc2.bias": 0.1 * torch.randn(4, generator=g)}
+    manifest = {
+        "method": {"name": "test"},
+        "adapter": {"name": "state_dict", "settings": {}},
+        "sources": {"base": {"path": "unused"}},
+        "tasks": list(tasks),
+        "base_params": sum(v.numel() for v in base_sd.values()),
+        "tensors": {
+            n: {"shape": list(v.shape), "dtype": "float32", "matrix_shape": None} for n, v in base_sd.items()
+        },
+    }
+    write_artifact(path, manifest, fold, shared, tasks)
+    return load_artifact(path)
+
+
+def dense_reference(model, art, base_sd, x, mix: Mixture) -> torch.Tensor:
+    """Per example: θ0 + common + Σ_k w_k·(task delta_k − common), materialised and run alone."""
+    common = art.common_deltas()
+    own = {t: {k: v - common.get(k, 0) for k, v in art.task_deltas(t).items()} for t in art.tasks}
+    outs = []
+    for i in range(x.shape[0]):
+        sd = {k: v.float() + common.get(k, 0) for k, v in base_sd.items()}
+        for t, w in zip(mix.ids[i].tolist(), mix.weights[i].tolist()):
+            if t != SHARED and w > 0:
+                for k, d in own[art.tasks[t]].items():
+                    sd[k] = sd[k] + w * d
+        ref = copy.deepcopy(model)
+        ref.load_state_dict(sd)
+        with torch.no_grad():
+            outs.append(ref(x[i : i + 1]))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("swapped", [False, True], ids=["one_pass", "swapped_params"])
+def test_soft_routing_equals_dense_mixture_and_top1_equals_hard(tmp_path, swapped):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = TinyNet().eval()
+    base_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    art = tiny_artifact(tmp_path / "a", base_sd, swapped, g)
+    routed = RoutedModel(copy.deepcopy(model), art, adapter=Adapter())
+    assert bool(routed.swapped) == swapped
+    B = 10
+    x = torch.randn(B, 8, generator=g)
+    # top-2 of random probabilities, renormalised; rows 3 and 7 fall back (no expert)
+    probs = torch.softmax(torch.randn(B, 3, generator=g), -1)
+    p, ids = probs.topk(2, -1)
+    w = p / p.sum(-1, keepdim=True)
+    w[[3, 7]] = 0.0
+    ids[[3, 7]] = SHARED
+    mix = Mixture(ids, w)
+    with torch.no_grad():
+        got = routed(x, task_ids=mix)
+    torch.testing.assert_close(got, dense_reference(model, art, base_sd, x, mix), atol=1e-5, rtol=1e-5)
+
+    # top-1 at weight 1 is the hard path, bit for bit (SHARED rows included)
+    hard = torch.tensor([0, 2, 1, SHARED, 1, 0, 2, SHARED, 0, 1])
+    one = Mixture(hard[:, None], (hard != SHARED).float()[:, None])
+    two = Mixture(
+        torch.stack([hard, (hard + 1) % 3], 1), torch.stack([(hard != SHARED).float(), torch.zeros(B)], 1)
+    )
+    with torch.no_grad():
+        want = routed(x, task_ids=hard)
+        assert torch.equal(routed(x, task_ids=one), want)
+        assert torch.equal(routed(x, task_ids=two), want)  # a second slot of weight 0 adds nothing
+    torch.testing.assert_close(want, dense_reference(model, art, base_sd, x, one), atol=1e-5, rtol=1e-5)
+
+    # the fallback is exactly the shared model: θ0 + common, whatever the other rows do
+    shared_model = copy.deepcopy(model)
+    common = art.common_deltas()
+    shared_model.load_state_dict({k: v + common[k] if k in common else v for k, v in base_sd.items()})
+    with torch.no_grad():
+        ref = shared_model(x)
+        assert torch.equal(routed(x, task_ids=torch.full((B,), SHARED)), ref)  # one-task fast path
+        routed.fast_path = False
+        assert torch.equal(routed(x, task_ids=torch.full((B,), SHARED)), ref)  # grouped path
+        routed.fast_path = True
+        torch.testing.assert_close(routed(x, task_ids=mix)[[3, 7]], ref[[3, 7]], atol=1e-6, rtol=0)
+    with pytest.raises(DidiError, match="weights must be finite and ≥ 0"):
+        Mixture(ids, -w)
+    with pytest.raises(DidiError, match="task id 3 is outside"):
+        routed(x, task_ids=Mixture(torch.full((B, 1), 3), torch.ones(B, 1)))
+
+
+# ------------------------------------------------------------------------------------ tiny BERT zoo
+def _texts(g, vocab: list[str], n: int) -> list[dict]:
+    return [
+        {
+            "text": " ".join(vocab[int(i)] for i in torch.randint(0, len(vocab), (6,), generator=g)),
+            "label": int(torch.randint(0, 2, (1,), generator=g)),
+        }
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    """A 3-task tiny-BERT zoo whose tasks use disjoint vocabularies (trivially separable inputs), heads beside
+    each fine-tune, train.jsonl (the router's inputs) and test.jsonl per task, a DiDi artifact and baseline
+    artifacts (TALL-masks, Twin), and one router trained for the DiDi artifact."""
+    from didi.methods import apply_method
+
+    root = tmp_path_factory.mktemp("router")
+    base, tasks = make_bert_zoo(root / "zoo")
+    add_vocab(root / "zoo" / "base" / "0_Transformer")
+    g = torch.Generator().manual_seed(5)
+    data = {}
+    for j, t in enumerate(tasks):
+        save_file(
+            {"weight": torch.randn(2, 32, generator=g), "bias": torch.randn(2, generator=g)},
+            os.path.join(tasks[t], "head.safetensors"),
+        )
+        vocab = WORDS[15 * j : 15 * (j + 1)]
+        write_jsonl(root / "data" / t / "train.jsonl", _texts(g, vocab, 40))
+        write_jsonl(root / "data" / t / "test.jsonl", _texts(g, vocab, 10))
+        data[t] = str(root / "data" / t)
+    zoo = Zoo(build_adapter("hf_encoder"), base, tasks)
+    didi = tiny_merge(zoo, root / "didi")
+    arts = {"didi": didi}
+    for m in ("tall_masks", "twin"):
+        arts[m] = apply_method(m, zoo, root / m)
+    router = train_router(didi, data, options=RouterOptions(layer="embedding", steps=100), trainer=CPU)
+    return {
+        "root": root,
+        "base": base,
+        "tasks": tasks,
+        "zoo": zoo,
+        "data": data,
+        "arts": arts,
+        "router": router,
+    }
+
+
+def shared_accuracy(s, art) -> dict[str, float]:
+    """Per task: accuracy of θ0 + common (fold + shared terms) with the task's head, one text at a time."""
+    from transformers import AutoTokenizer
+
+    adapter = art.adapter()
+    base_sd = dict(adapter.open_source(s["base"]).items())
+    common = art.common_deltas()
+    model = adapter.build_model(
+        {k: (v.float() + common[k]).to(v.dtype) if k in common else v for k, v in base_sd.items()}
+    )
+    tok = AutoTokenizer.from_pretrained(os.path.join(s["base"], "0_Transformer"), local_files_only=True)
+    out = {}
+    with torch.no_grad():
+        for t, d in s["data"].items():
+            head = load_head(os.path.join(s["tasks"][t], "head.safetensors"))
+            exs = [json.loads(x) for x in open(os.path.join(d, "test.jsonl"))]
+            hits = 0
+            for e in exs:
+                enc = tok([e["text"]], return_tensors="pt")
+                h = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+                hits += int(head(mean_pool(h, enc["attention_mask"])).argmax(-1).item() == e["label"])
+            out[t] = hits / len(exs)
+    return out
+
+
+def test_saved_router_records_what_it_is(bert):
+    path = bert["router"]
+    assert path == bert["arts"]["didi"] / "router"
+    assert sorted(p.name for p in path.iterdir()) == ["router.json", "router.safetensors"]
+    cfg = json.loads((path / "router.json").read_text())
+    assert cfg["tasks"] == ["task0", "task1", "task2"] and cfg["adapter"]["name"] == "hf_encoder"
+    assert cfg["features"] == {"layer": "embedding", "pooling": "auto", "kind": "text"}
+    assert cfg["network"] == {"kind": "linear", "dim": 32, "hidden": 0}
+    assert cfg["training"]["routing_accuracy"] == 1.0 and cfg["threshold"] == 0.0
+    assert cfg["training"]["data"]["task0"].endswith("train.jsonl")  # train split, the test one never
+    assert not any(p.name.startswith(".") for p in path.parent.iterdir())  # no temporary left
+
+
+@pytest.mark.parametrize("method", ["didi", "tall_masks", "twin"])
+def test_learned_evaluation_equals_oracle_when_routing_is_perfect(bert, method, tmp_path):
+    art = bert["arts"][method]
+    # DiDi's own router; the baselines read the same router (same tasks and θ0) from the DiDi artifact
+    router = "learned" if method == "didi" else str(bert["router"])
+    rep = evaluate_artifact(art, bert["data"], batch_size=4, trainer=CPU, router=router, output=tmp_path)
+    oracle = evaluate_artifact(art, bert["data"], batch_size=4, trainer=CPU)
+    for t, v in rep["tasks"].items():
+        assert v["routing_accuracy"] == 1.0 and v["fallback"] == 0.0
+        assert v["accuracy"] == oracle["tasks"][t]["accuracy"] == v["oracle_accuracy"]
+    assert rep["routing_accuracy"] == 1.0 and rep["average_oracle"] == oracle["average"]
+    assert rep["router"]["kind"] == "learned" and rep["router"]["top_k"] == 1
+    md = (tmp_path / "report.md").read_text()
+    assert "routed to own task" in md and "oracle accuracy" in md
+
+
+def test_fallback_serves_the_shared_model_and_soft_routing_runs(bert):
+    for method in ("didi", "twin"):
+        art = load_artifact(bert["arts"][method])
+        rep = evaluate_artifact(
+            art.path,
+            bert["data"],
+            batch_size=4,
+            trainer=CPU,
+            router=str(bert["router"]),
+            threshold=1.0,
+            compare_oracle=False,
+        )
+        want = shared_accuracy(bert, art)
+        for t, v in rep["tasks"].items():
+            assert v["fallback"] == 1.0 and v["routing_accuracy"] == 0.0
+            assert v["accuracy"] == pytest.approx(want[t], abs=1e-12), (method, t)
+    # top-2 mixing through a model with per-task swapped parameters (TALL masks LayerNorms): it runs, and
+    # routes every example to its own task first
+    rep = evaluate_artifact(
+        bert["arts"]["tall_masks"],
+        bert["data"],
+        batch_size=4,
+        limit_per_task=4,
+        trainer=CPU,
+        router=str(bert["router"]),
+        top_k=2,
+        compare_oracle=False,
+    )
+    assert rep["router"]["top_k"] == 2 and all(v["routing_accuracy"] == 1.0 for v in rep["tasks"].values())
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def test_bad_validation_data(bert, tmp_path):
+    art, data = bert["arts"]["tall_masks"], bert["data"]
+
+    def train(d, **kw):
+        return train_router(art, d, output=tmp_path / "r", options=FAST, trainer=CPU, **kw)
+
+    with pytest.raises(DidiError, match="no validation data given"):
+        train({})
+    with pytest.raises(DidiError, match="no validation data for task 'task2'"):
+        train({t: data[t] for t in ("task0", "task1")})
+    with pytest.raises(DidiError, match="task 'nope' is not in the artifact"):
+        train({**data, "nope": data["task0"]})
+    only_test = tmp_path / "only_test"
+    write_jsonl(only_test / "test.jsonl", [{"text": "w1", "label": 0}])
+    with pytest.raises(
+        DidiError, match="has no validation.jsonl, val.jsonl, train.jsonl .*never trains on test"
+    ):
+        train({**data, "task1": str(only_test)})
+    with pytest.raises(DidiError, match="is a test split"):
+        train({**data, "task1": str(only_test / "test.jsonl")})
+    with pytest.raises(DidiError, match="split: the router never trains on the test split"):
+        train(data, split="test")
+    empty = tmp_path / "empty"
+    write_jsonl(empty / "validation.jsonl", [])
+    with pytest.raises(DidiError, match="task 'task0': no validation inputs in .*validation.jsonl"):
+        train({**data, "task0": str(empty)})
+    (tmp_path / "junk.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(DidiError, match=r"junk.jsonl:1: expected a JSON object with 'text'"):
+        train({**data, "task0": str(tmp_path / "junk.jsonl")})
+    with pytest.raises(DidiError, match="router.top_k: expected 1..3"):
+        train_router(art, data, output=tmp_path / "r", options=RouterOptions(top_k=4), trainer=CPU)
+    with pytest.raises(DidiError, match="router.layer: block 7 is outside the model's 2 blocks"):
+        train_router(art, data, output=tmp_path / "r", options=RouterOptions(layer="7"), trainer=CPU)
+    with pytest.raises(DidiError, match="router.threshold: expected auto, none or a confidence"):
+        train_router(art, data, output=tmp_path / "r", options=RouterOptions(threshold=1.5), trainer=CPU)
+    assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r*"))  # nothing half-written
+    with pytest.raises(DidiError, match="a router is already there; pass --overwrite true"):
+        train_router(bert["arts"]["didi"], data, options=FAST, trainer=CPU)
+
+
+def test_router_for_other_tasks_or_backbone_is_refused(bert, tmp_path):
+    from didi.methods import apply_method
+
+    data, router = bert["data"], bert["router"]
+    # an artifact of two of the three tasks: the three-task router does not fit it, nor its router the others
+    two = Zoo(build_adapter("hf_encoder"), bert["base"], {t: bert["tasks"][t] for t in ("task0", "task1")})
+    art2 = apply_method("tall_masks", two, tmp_path / "two")
+    with pytest.raises(
+        DidiError, match=r"router trained for tasks \['task0', 'task1', 'task2'\].*artifact has no"
+    ):
+        load_router(router, art2)
+    r2 = train_router(art2, {t: data[t] for t in ("task0", "task1")}, options=FAST, trainer=CPU)
+    with pytest.raises(DidiError, match=r"router trained for tasks.*does not know \['task2'\]"):
+        evaluate_artifact(bert["arts"]["didi"], data, trainer=CPU, router=str(r2))
+    # the same tasks merged from another θ0
+    base_b, tasks_b = make_bert_zoo(tmp_path / "zoo_b", seed=3)
+    other = apply_method("tall_masks", Zoo(build_adapter("hf_encoder"), base_b, tasks_b), tmp_path / "b")
+    with pytest.raises(DidiError, match="router trained on another θ0"):
+        load_router(router, other)
+    # another adapter (settings differ): a backbone the router was not trained on
+    cfg = json.loads((router / "router.json").read_text())
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    (forged / "router.safetensors").write_bytes((router / "router.safetensors").read_bytes())
+    (forged / "router.json").write_text(json.dumps({**cfg, "adapter": {"name": "open_clip", "settings": {}}}))
+    with pytest.raises(DidiError, match="router trained on another backbone"):
+        load_router(forged, bert["arts"]["didi"])
+    # a modified weights file, a missing router, a learned router asked for on an artifact without one
+    (forged / "router.json").write_text(json.dumps(cfg))
+    (forged / "router.safetensors").write_bytes(b"x" + (router / "router.safetensors").read_bytes()[1:])
+    with pytest.raises(DidiError, match="sha256 does not match router.json"):
+        load_router(forged, bert["arts"]["didi"])
+    with pytest.raises(DidiError, match="no router there"):
+        load_router(tmp_path / "nowhere", bert["arts"]["didi"])
+    with pytest.raises(DidiError, match="has no router .*didi router train"):
+        evaluate_artifact(bert["arts"]["twin"], data, trainer=CPU, router="learned")
+    with pytest.raises(DidiError, match="top_k / threshold: they set a learned router"):
+        evaluate_artifact(bert["arts"]["twin"], data, trainer=CPU, top_k=2)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def test_cli_router_train_and_evaluate(bert, tmp_path, capsys):
+    from didi.cli import build_parser, main
+
+    data = json.dumps(bert["data"])
+    quiet = ["--trainer.accelerator", "cpu", "--trainer.progress_bar", "false"]
+    out = tmp_path / "router"
+    argv = ["router", "train", str(bert["arts"]["twin"]), "--data", data, "--output", str(out)]
+    assert (
+        main([*argv, "--router.steps", "100", "--router.top_k", "2", "--limit_per_task", "30", *quiet]) == 0
+    )
+    assert "routing accuracy on held-out inputs: 100.0 %" in capsys.readouterr().out
+    assert json.loads((out / "router.json").read_text())["top_k"] == 2
+    assert main([*argv, *quiet]) == 2  # exists, no --overwrite
+    assert "a router is already there" in capsys.readouterr().err
+    rep_dir = tmp_path / "rep"
+    ev = ["evaluate", str(bert["arts"]["twin"]), data, "--router", str(out), "--output", str(rep_dir)]
+    assert main([*ev, "--batch_size", "8", "--limit_per_task", "3", "--compare_oracle", "false", *quiet]) == 0
+    assert "routed to own task" in capsys.readouterr().out
+    rep = json.loads((rep_dir / "report.json").read_text())
+    assert rep["routing_accuracy"] == 1.0 and rep["router"]["top_k"] == 2
+    bad = [
+        "router",
+        "train",
+        str(bert["arts"]["twin"]),
+        "--data",
+        json.dumps({"task0": bert["data"]["task0"]}),
+    ]
+    assert main([*bad, "--output", str(tmp_path / "r2"), *quiet]) == 2
+    assert "no validation data for task 'task1'" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
+    # help: the group, the subcommand's examples and options, evaluate's router flags
+    parser = build_parser()
+    group = parser._subcommands_action._name_parser_map["router"]
+    text = group._subcommands_action._name_parser_map["train"].format_help()
+    assert "examples:" in text and "didi router train merged/" in text and "--router.layer" in text
+    assert "Args:" not in text
+    ev_help = " ".join(parser._subcommands_action._name_parser_map["evaluate"].format_help().split())
+    assert "--router ROUTER" in ev_help and "--router learned" in ev_help and "--threshold" in ev_help

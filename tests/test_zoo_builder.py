@@ -209,3 +209,161 @@ def test_every_task_names_a_pinned_archive():
         assert t.archive in src.ARCHIVES and len(t.labels) >= 2
     for a, b in src.ALIKE:
         assert a in src.TASKS and b in src.TASKS
+
+
+# ---------------------------------------------------------------------------------------------- builder
+@pytest.fixture
+def fake_tasks(tmp_path, monkeypatch):
+    """Two tasks drawn from one tiny fake archive (documents of 10 sentences), registered in place of the
+    real ones; the archive sits in a sources directory, so nothing is downloaded."""
+    from benchmarks.zoo import build as zb
+
+    lines = [
+        f"doc:{d}\t{(d + i) % 2}\tdocument {d} sentence {i} is {'good' if (d + i) % 2 else 'bad'} {d * i}"
+        for d in range(80)
+        for i in range(10)
+    ]
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    path = _tar(sources / "fake-1.0.tar.gz", {"data.tsv": "\n".join(lines).encode()})
+    archive = src.Archive("fake", "1.0", "fake-1.0.tar.gz", src.sha256_of(path), "CC0")
+
+    def load(r):
+        rows = [ln.split("\t") for ln in r.text("data.tsv").splitlines()]
+        return [Example(t, int(y), g) for g, y, t in rows]
+
+    def load_parity(r):
+        return [Example(e.text, int(e.group[4:]) % 2, e.group) for e in load(r)]
+
+    plan = SplitPlan(test_fraction=0.25, val_fraction=0.15, key="fake")
+    tasks = {
+        "fake_polarity": src.TaskSource(
+            "fake_polarity", "fake", "data.tsv", load, ("bad", "good"), "x", plan
+        ),
+        "fake_parity": src.TaskSource(
+            "fake_parity", "fake", "data.tsv", load_parity, ("even", "odd"), "y", plan
+        ),
+    }
+    monkeypatch.setattr(zb, "TASKS", tasks)
+    monkeypatch.setitem(zb.ARCHIVES, "fake", archive)
+    return zb, sources
+
+
+def test_build_data_layout_sizes_and_cache(fake_tasks, tmp_path):
+    zb, sources = fake_tasks
+    cfg = zb.BuildConfig(
+        out=str(tmp_path / "out"),
+        tasks=["fake_polarity", "fake_parity"],
+        sources=str(sources),
+        offline=True,
+        n_train=200,
+        n_val=60,
+        n_test=150,
+        min_test=100,
+        min_val=50,
+    )
+    cfg.validate()
+    man = zb.build_data(cfg)
+    assert man["cached"] is False
+    for t in cfg.tasks:
+        assert man["tasks"][t]["sizes"] == {"train": 200, "val": 60, "test": 150}
+        assert man["tasks"][t]["package"] == "fake" and man["tasks"][t]["split_by"] == ["doc"]
+        splits = {s: zb._read_examples(tmp_path / "out" / "data" / t / f"{s}.jsonl") for s in zb.SPLITS}
+        check_splits({t: splits}, min_test=100, min_val=50)
+        # the same documents are in the same split for both tasks (one corpus key)
+        test_docs = {e.group for e in splits["test"]}
+        assert test_docs.isdisjoint({e.group for e in splits["train"]})
+    docs = {
+        t: {e.group for e in zb._read_examples(tmp_path / "out" / "data" / t / "test.jsonl")}
+        for t in cfg.tasks
+    }
+    assert docs["fake_polarity"] <= {f"doc:{d}" for d in range(80)}
+    assert zb.build_data(cfg)["cached"] is True
+    # didi's own reader takes the files
+    from didi.datamodules.text import read_jsonl
+
+    assert len(read_jsonl(tmp_path / "out" / "data" / "fake_parity", "test")) == 150
+
+
+def test_build_refuses_a_too_small_test_split(fake_tasks, tmp_path):
+    zb, sources = fake_tasks
+    cfg = zb.BuildConfig(
+        out=str(tmp_path / "out"), tasks=["fake_polarity", "fake_parity"], sources=str(sources), offline=True
+    )
+    with pytest.raises(ZooDataError, match="task 'fake_polarity': its test split has .* fewer than the 400"):
+        zb.build_data(cfg)
+
+
+def test_build_refuses_other_settings_in_the_same_output(fake_tasks, tmp_path):
+    zb, sources = fake_tasks
+    out = str(tmp_path / "out")
+    zb._check_identity(zb.BuildConfig(out=out, tasks=["fake_polarity", "fake_parity"]))
+    zb._check_identity(zb.BuildConfig(out=out, tasks=["fake_polarity", "fake_parity"], results=None))
+    with pytest.raises(ZooDataError, match=r"other settings \(n_train: 600 there, 50 asked\).*--rebuild"):
+        zb._check_identity(zb.BuildConfig(out=out, tasks=["fake_polarity", "fake_parity"], n_train=50))
+    zb.rebuild(out)
+    zb._check_identity(zb.BuildConfig(out=out, tasks=["fake_polarity", "fake_parity"], n_train=50))
+
+
+def test_config_validation_names_the_option():
+    from benchmarks.zoo.build import BuildConfig
+
+    with pytest.raises(ZooDataError, match="unknown task 'nope'"):
+        BuildConfig(out="x", tasks=["nope", "tweet_sentiment"]).validate()
+    with pytest.raises(ZooDataError, match="max_epochs: must be at least 1"):
+        BuildConfig(out="x", max_epochs=0).validate()
+
+
+def test_bucket_batches_cover_every_example_once_per_epoch():
+    from benchmarks.zoo.build import BucketBatchSampler
+
+    lengths = [(i * 37) % 50 + 1 for i in range(300)]
+    s = BucketBatchSampler(lengths, batch_size=16, seed=0, bucket_batches=4)
+    e0, e1 = list(iter(s)), list(iter(s))
+    for batches in (e0, e1):
+        assert sorted(i for b in batches for i in b) == list(range(300))
+        assert len(batches) == len(s) and max(len(b) for b in batches) == 16
+    assert e0 != e1  # a new order every epoch
+    # similar lengths in a batch: far less spread than random batches
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in e0) / len(e0)
+    assert spread < 15
+
+
+def test_env_lines_and_standard_error(tmp_path):
+    from benchmarks.zoo.build import env_lines, standard_error
+
+    with pytest.raises(ZooDataError, match="no built zoo here"):
+        env_lines(tmp_path)
+    (tmp_path / "zoo.json").write_text(
+        json.dumps(
+            {
+                "base": "/m",
+                "tasks": {"a": "/z/a"},
+                "data": {"a": "/d/a"},
+                "individual": "/r.json",
+                "max_length": 64,
+            }
+        )
+    )
+    assert env_lines(tmp_path).splitlines() == [
+        "BASE='/m'",
+        "TASKS='{a: /z/a}'",
+        "DATA='{a: /d/a}'",
+        "INDIVIDUAL='/r.json'",
+        "MAXLEN=64",
+    ]
+    rep = {"tasks": {"a": {"accuracy": 0.5, "n": 400}, "b": {"accuracy": 0.9, "n": 900}}}
+    assert standard_error(rep) == pytest.approx((0.25 / 400 + 0.09 / 900) ** 0.5 / 2)
+
+
+def test_cli_help_and_errors(capsys, tmp_path):
+    from benchmarks.zoo.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["build", "--help"])
+    out = capsys.readouterr().out
+    assert "--out" in out and "examples:" in out and "python -m benchmarks.zoo build --out zoo_real" in out
+    assert main(["env", "--out", str(tmp_path)]) == 2
+    assert "zoo: error:" in capsys.readouterr().err
+    assert main(["sources"]) == 0
+    assert "vaderSentiment==3.3.2" in capsys.readouterr().out

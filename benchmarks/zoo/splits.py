@@ -53,7 +53,7 @@ def normalise(text: str) -> str:
 
 def grouped(examples: Iterable[Example]) -> list[Example]:
     """Examples without a group get their normalised text as group (a source with no documents)."""
-    return [e if e.group else Example(e.text, e.label, "t:" + normalise(e.text)) for e in examples]
+    return [e if e.group else Example(e.text, e.label, "text:" + normalise(e.text)) for e in examples]
 
 
 def dedupe(examples: Sequence[Example]) -> tuple[list[Example], int]:

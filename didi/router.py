@@ -68,7 +68,8 @@ class RouterOptions:
             CLIP), `embedding` (the embedding layer's output: the cheapest), or a block index `i` (the output
             of block i, 0-based; negative counts from the end). The forward of θ0 stops at that layer.
         pooling: tokens to one vector: `mean` (over the attention mask), `cls` (the first token), or `auto`
-            (text: mean; images: the image embedding at `final`, the class token elsewhere).
+            (text: mean; images: the image embedding at `final`, the mean at `embedding` — the class token
+            is the same for every image there —, the class token after a block).
         hidden: 0 for a linear router, else the width of a 2-layer MLP (GELU).
         top_k: experts mixed per input, weights renormalised over them (1: hard routing).
         threshold: `auto` (chosen on the held-out inputs, see fallback_value), `none` (never fall back), or a
@@ -266,7 +267,8 @@ def base_features(adapter, model: nn.Module, layer: str = "final", pooling: str 
         else:
             module = _block("-1" if layer == "final" else layer, "visual.transformer.resblocks", len(blocks))
             seq_first = not getattr(visual.transformer, "batch_first", True)
-        return BaseImageFeatures(model, module, "cls" if pooling == "auto" else pooling, seq_first)
+        auto = "mean" if layer == "embedding" else "cls"  # before any block the class token is a constant
+        return BaseImageFeatures(model, module, auto if pooling == "auto" else pooling, seq_first)
     raise DidiError(
         f"router: adapter '{name}' has no input features for a router yet (text classification needs "
         f"'hf_encoder', images 'open_clip')"
@@ -311,6 +313,13 @@ def _split(n: int, fraction: float, g: torch.Generator) -> tuple[torch.Tensor, t
     perm = torch.randperm(n, generator=g)
     k = min(int(round(n * fraction)), n - 1)
     return perm[k:], perm[:k]
+
+
+def _share(hit: torch.Tensor, y: torch.Tensor, T: int, balanced: bool) -> float:
+    """The share of inputs where `hit` holds: the mean of the per-task shares, or over all inputs."""
+    if not balanced:
+        return float(hit.double().mean())
+    return sum(float(hit[y == j].double().mean()) for j in range(T)) / T
 
 
 def fit_temperature(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> float:
@@ -411,8 +420,9 @@ def fit_router(
         "options": asdict(opts),
         "calibrated_on": "held-out inputs" if held_out else "training inputs (too few to hold out)",
         "train_accuracy": float((logits_tr.argmax(-1) == xy).float().mean()),
-        "routing_accuracy": float((w_ca * correct.float()).sum()),
-        "fallback": float((w_ca * (~routed).float()).sum()),
+        # balanced: the mean over the tasks of each task's share (exactly 1.0 when every input is right)
+        "routing_accuracy": _share(correct, cy, len(tasks), opts.balanced),
+        "fallback": _share(~routed, cy, len(tasks), opts.balanced),
         "tasks": per_task,
     }
     return FittedRouter(tasks, net, temperature, threshold, opts.top_k, record)

@@ -496,3 +496,62 @@ def test_cli_router_train_and_evaluate(bert, tmp_path, capsys):
     assert "Args:" not in text
     ev_help = " ".join(parser._subcommands_action._name_parser_map["evaluate"].format_help().split())
     assert "--router ROUTER" in ev_help and "--router learned" in ev_help and "--threshold" in ev_help
+
+
+# ------------------------------------------------------------------------------------------------ images
+def _png(path, g, low: int, high: int) -> None:
+    from PIL import Image
+
+    arr = (low + torch.rand(20, 24, 3, generator=g) * (high - low)).to(torch.uint8).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+@pytest.mark.parametrize(
+    "layer,pooling", [("final", "auto"), ("embedding", "auto"), ("0", "mean"), ("final", "cls")]
+)
+def test_image_router_on_open_clip(tmp_path, layer, pooling):
+    """A tiny open_clip artifact; dark images for one task, bright for the other (validation/ and test/
+    folders): every layer choice routes them apart, and the learned evaluation equals the oracle one."""
+    from didi.backbones.open_clip import OpenClipAdapter
+    from helpers import OPEN_CLIP_TINY
+
+    adapter = OpenClipAdapter(model_config=OPEN_CLIP_TINY)
+    torch.manual_seed(0)
+    base_sd = {k: v.detach().clone() for k, v in adapter.create("cpu").state_dict().items()}
+    save_file(base_sd, str(tmp_path / "base.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    data, heads = {}, {}
+    for t, (low, high) in {"dark": (0, 90), "bright": (165, 255)}.items():
+        for split, n in (("validation", 12), ("test", 4)):
+            for c in ("a", "b"):
+                for i in range(n):
+                    _png(tmp_path / "data" / t / split / c / f"{i}.png", g, low, high)
+        data[t] = str(tmp_path / "data" / t)
+        heads[t] = str(tmp_path / f"{t}.head.safetensors")
+        save_file({"weight": torch.randn(2, 16, generator=g)}, heads[t])
+    fc = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    tensors = {
+        k: {"shape": list(v.shape), "dtype": "float32", "matrix_shape": None}
+        for k, v in base_sd.items()
+        if adapter.in_scope(k)
+    }
+    tasks = {t: _lowrank(g, fc, 128, 32, 2, 1.0) for t in data}
+    manifest = {
+        "method": {"name": "handmade"},
+        "adapter": {"name": "open_clip", "settings": adapter.settings()},
+        "sources": {"base": {"path": str(tmp_path / "base.safetensors")}},
+        "tasks": list(tasks),
+        "base_params": sum(base_sd[k].numel() for k in tensors),
+        "tensors": tensors,
+    }
+    art = write_artifact(tmp_path / "art", manifest, {}, {}, tasks)
+    opts = RouterOptions(layer=layer, pooling=pooling, steps=60, lr=0.05)
+    path = train_router(art, data, options=opts, batch_size=8, trainer=CPU)
+    cfg = json.loads((path / "router.json").read_text())
+    assert cfg["features"]["kind"] == "image" and cfg["training"]["routing_accuracy"] == 1.0
+    assert cfg["network"]["dim"] == (16 if (layer, pooling) == ("final", "auto") else 32)
+    assert all(p.endswith("validation") for p in cfg["training"]["data"].values())
+    rep = evaluate_artifact(art, data, heads=heads, batch_size=4, trainer=CPU, router="learned")
+    for v in rep["tasks"].values():
+        assert v["routing_accuracy"] == 1.0 and v["accuracy"] == v["oracle_accuracy"]

@@ -226,9 +226,52 @@ def merge(root: Path, row: str, T: int) -> dict:
         "rec_err_svd": ref["rec_err_before"],
         "rec_err": ref["rec_err_after"],
         "store_widths": widths,
+        "at_width": ranks.info.get("at_width"),
+        "shares": store.shares,
         "storage_ratio": manifest.get("storage", {}).get("ratio"),
         "base_params": zoo.base_params,
     }
+
+
+def time_shapes(root: Path, T: int, budgets: list[float]) -> dict:
+    """Seconds to decompose one of each matrix shape (layer 0's seven projections and the embedding) with
+    full SVDs at full width and with the defaults at each budget's width; the whole model's decomposition is
+    then t(embedding) + layers · t(layer 0), its layers being identical in shape. The reads are timed with it
+    (a warm page cache: the zoo was just read)."""
+    from didi.allocation import resolve_width
+    from didi.backbones import Zoo
+    from didi.backbones.hf_llama import HFLlamaAdapter
+    from didi.decompose import DecomposeConfig, ShareWriter, make_layout
+
+    zoo = Zoo(
+        HFLlamaAdapter(),
+        str(root / "zoo" / "base"),
+        {f"task{t}": str(root / "zoo" / f"task{t}") for t in range(T)},
+    )
+    layers = 1 + max(p.layer for p in zoo.plan if p.layer >= 0)
+    pos = {
+        "embedding": [i for i, p in enumerate(zoo.plan) if p.name == "model.embed_tokens.weight"],
+        "layer": [i for i, p in enumerate(zoo.plan) if p.layer == 0 and p.matrix_shape is not None],
+    }
+    variants = {"full": DecomposeConfig(max_rank=None, svd="full", device="cpu")}
+    for b in budgets:
+        variants[f"auto@{b:g}"] = resolve_width(zoo, DecomposeConfig(device="cpu"), b)
+    out = {"layers": layers}
+    for name, cfg in variants.items():
+        row = {"max_rank": cfg.max_rank}
+        for part, positions in pos.items():
+            with tempfile.TemporaryDirectory(dir=root) as d:
+                make_layout(Path(d))
+                w = ShareWriter(zoo, cfg, Path(d))
+                t0 = time.perf_counter()
+                for i in positions:
+                    w.add(i)
+                w.finish(0)
+                row[f"{part}_s"] = time.perf_counter() - t0
+        row["model_s"] = row["embedding_s"] + layers * row["layer_s"]
+        out[name] = row
+        print(json.dumps({name: row}), file=sys.stderr, flush=True)
+    return out
 
 
 def child(args: list[str]) -> dict:
@@ -240,7 +283,7 @@ def child(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def table(rows: dict[str, dict], info: dict) -> tuple[dict, str]:
+def table(rows: dict[str, dict], info: dict, shapes: dict | None) -> tuple[dict, str]:
     """The summary (speed-ups and error ratios against the full-SVD rows) and its markdown."""
     summary = {}
     for b in ("1.24", "1.05"):
@@ -276,6 +319,25 @@ def table(rows: dict[str, dict], info: dict) -> tuple[dict, str]:
         md += [
             f"| {b}× | {s['decompose_speedup']:.1f}× | {s['rec_err_ratio']:.4f} |" for b, s in summary.items()
         ]
+    if shapes:
+        full = shapes["full"]
+        md += [
+            "",
+            "Decomposition per shape (one of each: the embedding, and layer 0's seven projections; the "
+            f"model's = embedding + {shapes['layers']} × layer):",
+            "",
+            "| SVD | width K | embedding (s) | one layer (s) | model (s) | speed-up vs full |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for name, r in shapes.items():
+            if name == "layers":
+                continue
+            k = "all" if r["max_rank"] is None else r["max_rank"]
+            md.append(
+                f"| {name} | {k} | {r['embedding_s']:.1f} | {r['layer_s']:.1f} | {r['model_s']:.1f} | "
+                f"{full['model_s'] / r['model_s']:.1f}× |"
+            )
+            summary.setdefault("shapes_speedup", {})[name] = full["model_s"] / r["model_s"]
     return summary, "\n".join(md) + "\n"
 
 
@@ -292,13 +354,22 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--tasks", type=int, default=4)
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument(
+        "--time_shapes",
+        action="store_true",
+        help="time the decomposition of one of each shape, full SVD vs the defaults at 1.24 and 1.05",
+    )
     p.add_argument("--_make", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_shapes", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_merge", help=argparse.SUPPRESS)
     a = p.parse_args()
     small = (a.layers, a.hidden, a.vocab) != (16, 2048, 128256)
     cfg = config(a.hidden, a.layers, a.vocab)
     tmp = None
-    root = Path(a.zoo) if a.zoo else Path(tmp := tempfile.mkdtemp(prefix="llama1b-"))
+    top = Path(a.zoo) if a.zoo else Path(tmp := tempfile.mkdtemp(prefix="llama1b-"))
+    stem = "llama1b" if not small else f"llama1b_L{a.layers}_h{a.hidden}_v{a.vocab}"
+    root = top / stem  # one folder per zoo shape: its zoo, rows, factor stores and outputs
+    root.mkdir(parents=True, exist_ok=True)
     try:
         if a._make:
             make(root / "zoo", cfg, a.tasks)
@@ -307,13 +378,20 @@ def main() -> None:
         if a._merge:
             print(json.dumps(merge(root, a._merge, a.tasks)))
             return
-        shape_args = ["--zoo", str(root), "--layers", str(a.layers), "--hidden", str(a.hidden)]
+        if a._shapes:
+            print(json.dumps(time_shapes(root, a.tasks, [1.24, 1.05])))
+            return
+        shape_args = ["--zoo", str(top), "--layers", str(a.layers), "--hidden", str(a.hidden)]
         shape_args += ["--vocab", str(a.vocab), "--tasks", str(a.tasks)]
         if not (root / "zoo" / "zoo_done").exists():
             t0 = time.perf_counter()
             child([*shape_args, "--_make"])
             print(f"zoo written in {time.perf_counter() - t0:.0f} s", flush=True)
         (root / "rows").mkdir(exist_ok=True)
+        if a.time_shapes and not (root / "rows" / "shapes.json").exists():
+            (root / "rows" / "shapes.json").write_text(
+                json.dumps(child([*shape_args, "--_shapes"]), indent=1)
+            )
         for row in a.rows:
             f = root / "rows" / f"{row}.json"
             if f.exists():
@@ -322,6 +400,7 @@ def main() -> None:
             f.write_text(json.dumps(r, indent=1))
             print(json.dumps(r), flush=True)
         rows = {r: json.loads(f.read_text()) for r in ROWS if (f := root / "rows" / f"{r}.json").exists()}
+        shapes = json.loads(f.read_text()) if (f := root / "rows" / "shapes.json").exists() else None
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -331,11 +410,11 @@ def main() -> None:
         "zoo": f"{a.layers} layers, hidden {a.hidden}, vocabulary {a.vocab}, {a.tasks} tasks, bf16, tied "
         f"embeddings, {rows[next(iter(rows))]['base_params']:,} parameters",
     }
-    summary, md = table(rows, info)
+    summary, md = table(rows, info, shapes)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "llama1b_small" if small else "llama1b"
-    (out / f"{stem}.json").write_text(json.dumps({"info": info, "rows": rows, "summary": summary}, indent=1))
+    result = {"info": info, "rows": rows, "summary": summary, "shapes": shapes}
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(md)
     print(md)
 

@@ -554,6 +554,7 @@ def router_train(
         overwrite: replace a router already at `output`.
     """
     from didi.router import router_summary, train_router
+    from didi.trainer import is_global_zero
 
     path = train_router(
         artifact,
@@ -569,7 +570,8 @@ def router_train(
         trainer,
         overwrite,
     )
-    print(router_summary(path))
+    if is_global_zero():  # the other processes of a launch did not write it
+        print(router_summary(path))
 
 
 def finetune(

@@ -452,7 +452,7 @@ class LearnedRouter(nn.Module, Router):
         if not 1 <= top_k <= len(self.tasks):
             raise DidiError(f"router.top_k: expected 1..{len(self.tasks)} (the tasks), found {top_k}")
         check_threshold(threshold, "router.threshold")
-        self.net, self.features = net, features
+        self.net, self.features = net.requires_grad_(False), features  # served, never trained here (DDP)
         self.temperature, self.threshold, self.top_k = float(temperature), float(threshold), int(top_k)
         self.register_buffer(
             "perm", torch.tensor([list(tasks).index(t) for t in self.tasks]), persistent=False

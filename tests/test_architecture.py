@@ -123,6 +123,7 @@ GROUND = {
     "didi.accounting",
     "didi.closed_form",
     "didi.linalg",
+    "didi.streamed",
     "didi.sources",
     "didi.tensorfile",
     "didi.merges",

@@ -69,6 +69,8 @@ _COMMON_ARGS = """
     "output",
     "backbone",
     "allow_pickle",
+    "method",
+    "method_options",
     options=("budget", "allocation", "shared", "decompose", "search", "refine", "trainer", "resume"),
 )
 def merge(
@@ -77,6 +79,8 @@ def merge(
     output: str,
     backbone: Optional[Adapter] = None,
     allow_pickle: bool = False,
+    method: str = "didi",
+    method_options: Optional[dict] = None,
     **options,
 ) -> None:
     """Merge T fine-tunes of one backbone into θ0 + a shared low-rank module + one low-rank expert per task.
@@ -89,13 +93,76 @@ def merge(
       didi merge --config configs/merge_synthetic.yaml --search.steps 400    # YAML, then overrides
       didi merge ... --trainer.strategy ddp --trainer.devices 4 --trainer.accelerator gpu
       didi merge ... --shared folded        # shared part in the stored base: every budget unit to the experts
+      didi merge base/ '{a: a/, b: b/}' lib/ --method merge --method_options '{validation: {a: va/, b: vb/}}'
     {common}
-        output: artifact directory to create (written to a temporary path and renamed at the end)."""
+        output: artifact directory to create (written to a temporary path and renamed at the end).
+        method: `didi` (this command's own options below), a DiDi variant (didi_folded, didi_greedy, ...:
+            the same options), or any registered method (see `didi methods`), e.g. `merge`, which writes
+            a MERGE library + front; its options then come from `--method_options` (--trainer and --resume
+            are passed on to a method that has them).
+        method_options: the options of such a method, as a mapping (see `didi methods`), e.g.
+            '{validation: {a: va/, b: vb/}, evaluations: 60}' for `merge`."""
+    if method not in ("didi",):
+        return _merge_with_method(
+            _zoo(base, tasks, backbone, allow_pickle), output, method, method_options, options
+        )
+    if method_options:
+        raise DidiError("method_options: only for --method other than didi (DiDi's options are the flags)")
     from didi.pipeline import run_merge
 
     path = run_merge(_zoo(base, tasks, backbone, allow_pickle), output, _options(options))
     if path is not None:
         _summary(path)
+
+
+def _merge_with_method(zoo, output: str, method: str, method_options: Optional[dict], options: dict) -> None:
+    """`didi merge --method NAME`: a DiDi variant takes the merge flags as its options; any other method its
+    `--method_options` (plus --trainer / --resume where its options have them), and a DiDi flag set for it is
+    an error naming the flag."""
+    import dataclasses
+
+    from didi.methods import apply_method, get_method
+
+    spec = get_method(method)
+    if spec.options is MergeOptions:
+        if method_options:
+            raise DidiError(f"method_options: --method {method} takes the merge flags (--budget, ...)")
+        opts = _options(options)
+    else:
+        defaults = MergeOptions()
+        names = {f.name for f in dataclasses.fields(spec.options)}
+        opts = dict(method_options or {})
+        for k, v in options.items():
+            if v == getattr(defaults, k):
+                continue
+            if k in ("trainer", "resume") and k in names:
+                opts.setdefault(k, dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
+            else:
+                raise DidiError(
+                    f"{k}: a DiDi option; --method {method} takes its options from --method_options "
+                    f"(see `didi methods`)"
+                )
+    path = apply_method(method, zoo, output, opts)
+    if path is not None:
+        _print_result(path, method)
+
+
+def _print_result(path, method: str) -> None:
+    """What `didi apply` / `didi merge --method` print: a library's front, or an artifact's ratio."""
+    from didi.methods.merge_library import is_library
+
+    if is_library(path):
+        from didi.methods.merge import library_summary
+
+        print(library_summary(path))
+        return
+    from didi.artifact import load_artifact
+
+    a = load_artifact(path, verify=False)
+    print(
+        f"artifact: {path}\n  method: {method}\n  tasks: {', '.join(a.tasks)}\n"
+        f"  storage ratio: {a.storage_ratio:.6g}"
+    )
 
 
 @_merge_signature(
@@ -185,6 +252,19 @@ def inspect(path: str, json_output: bool = False, verify: bool = False) -> None:
       didi inspect merged/ --json | jq .storage_ratio
       didi inspect merged/ --verify true
     """
+    from didi.methods.merge_library import is_library, read_library
+
+    if is_library(path):  # a MERGE library: its front and modules
+        manifest, front = read_library(path, verify=verify)
+        if verify:
+            print(f"{path}: all {len(manifest['files'])} files match their sha256 in the manifest")
+        elif json_output:
+            print(json.dumps({"manifest": manifest, "front": front}, indent=1))
+        else:
+            from didi.methods.merge import library_summary
+
+            print(library_summary(path))
+        return
     if verify:
         from didi.artifact import load_artifact
 
@@ -423,16 +503,11 @@ def apply(
         backbone: adapter (class name or path, e.g. `Adapter`; see `didi backbones`).
         allow_pickle: accept pickle checkpoints (loaded with torch.load(weights_only=True)).
     """
-    from didi.artifact import load_artifact
     from didi.methods import apply_method
 
     path = apply_method(method, _zoo(base, tasks, backbone, allow_pickle), output, options)
     if path is not None:
-        a = load_artifact(path, verify=False)
-        print(
-            f"artifact: {path}\n  method: {method}\n  tasks: {', '.join(a.tasks)}\n"
-            f"  storage ratio: {a.storage_ratio:.6g}"
-        )
+        _print_result(path, method)
 
 
 def evaluate(
@@ -602,29 +677,50 @@ def finetune(
 def export(
     artifact: str,
     output: str,
-    format: Literal["checkpoint", "peft"] = "checkpoint",
+    format: Literal["checkpoint", "peft", "artifact"] = "checkpoint",
     tasks: Optional[list[str]] = None,
     base: Optional[str] = None,
+    point: Optional[int] = None,
+    budget: Optional[float] = None,
 ) -> None:
-    """Export an artifact for tools without didi: full task checkpoints, or a base + PEFT LoRA adapters.
+    """Export an artifact for tools without didi: full task checkpoints, or a base + PEFT LoRA adapters; or
+    extract one front point of a MERGE library (`didi merge --method merge`).
 
     examples:
       didi export merged/ exported/                    # exported/<task>/ in the base's own layout
       didi export merged/ exported/ --format peft      # exported/base/ + exported/adapters/<task>/
       didi export merged/ exported/ --tasks '[cars, dtd]'
+      didi export library/ point/ --format artifact --point 2      # front point 2 as a routed artifact
+      didi export library/ point/ --format artifact --budget 1.5   # the most accurate point within 1.5x
+      didi export library/ exported/ --budget 1.5                  # ... as full task checkpoints
 
     Args:
-        artifact: artifact directory.
+        artifact: artifact directory, or a MERGE library.
         output: directory to create (written to a temporary path and renamed at the end).
         format: `checkpoint`: each task's full weights (θ0 + shared + expert) as safetensors in θ0's layout
             (shards, index and config.json included); `peft`: θ0 with the shared part folded in, plus one PEFT
-            LoRA adapter per task (Hugging Face models; low-rank experts only).
+            LoRA adapter per task (Hugging Face models; low-rank experts only); `artifact` (a MERGE library
+            only): the front point as a routed didi artifact.
         tasks: export only these tasks (default: all).
         base: θ0 path (default: the one recorded in the manifest).
+        point: a MERGE library's front point, by its index in front.json.
+        budget: a MERGE library's front point: the most accurate one whose storage ratio is at most this.
     """
-    from didi.export import export_artifact
+    from didi.export import export_artifact, export_library_point
+    from didi.methods.merge_library import is_library
 
-    path = export_artifact(artifact, output, format, tasks, base)
+    if is_library(artifact):
+        path = export_library_point(artifact, output, format, point, budget, tasks, base)
+        if format == "artifact":
+            _print_result(path, "merge")
+            return
+    elif format == "artifact" or point is not None or budget is not None:
+        raise DidiError(
+            f"format artifact / point / budget: they extract a front point of a MERGE library (`didi merge "
+            f"--method merge`); {artifact} is not one"
+        )
+    else:
+        path = export_artifact(artifact, output, format, tasks, base)
     info = json.loads((Path(path) / "export.json").read_text())
     for t, rel in info["tasks"].items():
         where = Path(path) / rel if rel else "no expert: the exported base as it is"

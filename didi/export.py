@@ -407,3 +407,37 @@ def export_artifact(
     if format == "checkpoint":
         return export_checkpoints(artifact, output, tasks, base)
     raise DidiError(f"export format: expected 'checkpoint' or 'peft', found {format!r}")
+
+
+def export_library_point(
+    library: str | Path,
+    output: str | Path,
+    format: str = "artifact",
+    point: int | None = None,
+    budget: float | None = None,
+    tasks: Iterable[str] | None = None,
+    base: str | None = None,
+) -> Path:
+    """One front point of a MERGE library (`point`: its index in front.json, or the most accurate point within
+    storage ratio `budget`): as a routed artifact (`format` artifact), or extracted to a temporary artifact
+    and exported as `checkpoint` / `peft`."""
+    import tempfile
+
+    from didi.methods.merge_library import extract_point
+
+    if format == "artifact":
+        if tasks is not None or base is not None:
+            raise DidiError("tasks / base: not used with --format artifact (the artifact holds every task)")
+        return extract_point(library, output, point, budget)
+    out = Path(output)
+    if out.exists():
+        raise DidiError(f"{out}: output directory already exists; choose another path or delete it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.point-", dir=out.parent) as tmp:
+        art = extract_point(library, Path(tmp) / "artifact", point, budget)
+        chosen = load_artifact(art, verify=False).manifest["metrics"]["merge"]["point"]
+        path = export_artifact(art, output, format, tasks, base)  # type: ignore[arg-type]
+    info = json.loads((path / "export.json").read_text())  # name the library, not the deleted extraction
+    info["artifact"] = {"library": str(Path(library).resolve()), "point": chosen}
+    (path / "export.json").write_text(jsonio.dumps(info, indent=1))
+    return path

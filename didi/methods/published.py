@@ -52,6 +52,11 @@ REASONS: dict[str, tuple[str | None, str]] = {
         "our ratio equals FlexMerge's size (Σ clusters × block numel) when its blocks cover "
         "the model; blocks no task changed cost nothing here",
     ),
+    "merge": (
+        None,
+        "a MERGE front point stores 1 + Σ_c (groups_c − 1)·numel_c / |θ0| (each component's largest group "
+        "folded, as FlexMerge); the library of a search holds several points",
+    ),
     "didi": ("DiDi", "same accounting as the paper (ranks r(m+n), non-matrix deltas folded)"),
     "didi_uniform": ("DiDi", "same accounting as the paper (ranks r(m+n), non-matrix deltas folded)"),
     "didi_greedy": ("DiDi", "same accounting as the paper (ranks r(m+n), non-matrix deltas folded)"),

@@ -64,6 +64,7 @@ METHODS: Registry[MethodSpec] = Registry(
         "didi.methods.static",
         "didi.methods.dynamic",
         "didi.methods.flexmerge",
+        "didi.methods.merge",
         "didi.methods.didi_variants",
     ),
 )

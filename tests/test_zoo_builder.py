@@ -367,3 +367,18 @@ def test_cli_help_and_errors(capsys, tmp_path):
     assert "zoo: error:" in capsys.readouterr().err
     assert main(["sources"]) == 0
     assert "vaderSentiment==3.3.2" in capsys.readouterr().out
+
+
+def test_changing_the_task_set_keeps_unchanged_tasks_fingerprints(fake_tasks, tmp_path):
+    zb, sources = fake_tasks
+    kw = dict(
+        out=str(tmp_path / "out"), sources=str(sources), offline=True, n_train=200, n_val=60, n_test=150
+    )
+    kw.update(min_test=100, min_val=50)
+    zb.build_data(zb.BuildConfig(tasks=["fake_polarity", "fake_parity"], **kw))
+    fp = zb.data_fingerprint(tmp_path / "out" / "data" / "fake_polarity")
+    zb._check_identity(zb.BuildConfig(tasks=["fake_polarity", "fake_parity"], **kw))
+    zb._check_identity(zb.BuildConfig(tasks=["fake_polarity"], **kw))  # the task set is not an identity
+    man = zb.build_data(zb.BuildConfig(tasks=["fake_polarity"], **kw))
+    assert man["cached"] is False and list(man["tasks"]) == ["fake_polarity"]
+    assert zb.data_fingerprint(tmp_path / "out" / "data" / "fake_polarity") == fp

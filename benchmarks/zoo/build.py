@@ -42,8 +42,10 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 @dataclass
 class BuildConfig:
-    """What a build makes; every field but `out`, `sources`, `offline`, `results` and `progress` is part of
-    the zoo's identity (build.json)."""
+    """What a build makes. The settings (every field but `out`, `tasks`, `sources`, `offline`, `results` and
+    `progress`) are the zoo's identity (build.json): another run in the same output must use the same. The
+    task set may change from run to run: a task's fine-tune is reused while its train and val files are the
+    same bytes (their sha256 is recorded beside it), and the reports while every task's fine-tune is."""
 
     out: str
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
@@ -67,7 +69,7 @@ class BuildConfig:
     results: str | None = str(RESULTS / "zoo_build.json")
     progress: bool = True
 
-    IDENTITY_EXCLUDE = ("out", "sources", "offline", "results", "progress")
+    IDENTITY_EXCLUDE = ("out", "tasks", "sources", "offline", "results", "progress")
 
     def identity(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.IDENTITY_EXCLUDE}
@@ -131,7 +133,8 @@ def build_data(cfg: BuildConfig) -> dict:
     manifest_path = out / "data" / "manifest.json"
     if manifest_path.exists():
         man = json.loads(manifest_path.read_text())
-        if all((out / "data" / t / f"{s}.jsonl").exists() for t in cfg.tasks for s in SPLITS):
+        same_tasks = list(man.get("tasks", {})) == list(cfg.tasks)
+        if same_tasks and all((out / "data" / t / f"{s}.jsonl").exists() for t in cfg.tasks for s in SPLITS):
             man["cached"] = True
             return man
     t0, c0 = time.time(), time.process_time()
@@ -188,6 +191,13 @@ def build_data(cfg: BuildConfig) -> dict:
     _write_json(manifest_path, man)
     man["cached"] = False
     return man
+
+
+def data_fingerprint(data_dir: Path) -> str:
+    """sha256 of a task's train and val files: what its fine-tune depends on besides the settings."""
+    from .sources import sha256_of
+
+    return "/".join(sha256_of(data_dir / f"{s}.jsonl") for s in ("train", "val"))
 
 
 # -------------------------------------------------------------------------------------------- fine-tuning
@@ -360,6 +370,7 @@ def finetune_with_validation(
         "settings": {
             k: getattr(cfg, k) for k in ("lr", "head_lr", "batch_size", "max_length", "warmup_steps")
         },
+        "data_sha256": data_fingerprint(data_dir),
         "time_s": time.time() - t0,
         "cpu_s": time.process_time() - c0,
     }
@@ -419,18 +430,27 @@ def evaluate_zoo(cfg: BuildConfig, base: str, zoo: dict[str, str], data: dict[st
     heads = {t: str(Path(p) / "head.safetensors") for t, p in zoo.items()}
     ev = dict(heads=heads, batch_size=cfg.eval_batch_size, max_length=cfg.max_length, trainer=tcfg)
     reports: dict[str, dict] = {}
+    from .sources import sha256_of
+
+    # what the reports depend on: each task's head (a new fine-tune has another) and its test file
+    fingerprint = {
+        t: sha256_of(Path(zoo[t]) / "head.safetensors") + "/" + sha256_of(Path(data[t]) / "test.jsonl")
+        for t in zoo
+    }
 
     def cached(row: str, make) -> dict:
         path = out / "reports" / row / "report.json"
         if path.exists():
             rep = json.loads(path.read_text())
-            rep.setdefault("time_s", 0.0)
-            rep.setdefault("cpu_s", 0.0)
-            rep["cached"] = True
-            return rep
+            if rep.get("zoo_fingerprint") == fingerprint:
+                rep.setdefault("time_s", 0.0)
+                rep.setdefault("cpu_s", 0.0)
+                rep["cached"] = True
+                return rep
         t0, c0 = time.time(), time.process_time()
         rep = make()
         rep["time_s"], rep["cpu_s"] = time.time() - t0, time.process_time() - c0
+        rep["zoo_fingerprint"] = fingerprint
         write_report(rep, out / "reports" / row, row.replace("_", " "))
         rep["cached"] = False
         return rep
@@ -512,8 +532,8 @@ def build(cfg: BuildConfig, data_only: bool = False) -> dict:
     zoo, records = {}, {}
     for t in cfg.tasks:
         d = out / "zoo" / t
-        if (d / "head.safetensors").exists() and (d / "finetune.json").exists():
-            rec = json.loads((d / "finetune.json").read_text())
+        rec = json.loads((d / "finetune.json").read_text()) if (d / "finetune.json").exists() else {}
+        if (d / "head.safetensors").exists() and rec.get("data_sha256") == data_fingerprint(out / "data" / t):
             rec["cached"] = True
             _log(f"    {t}: cached (best epoch {rec['best_epoch']}, val {100 * rec['val_accuracy']:.1f}%)")
         else:

@@ -269,6 +269,25 @@ def test_extracted_point_equals_the_directly_built_configuration(bert, tmp_path)
         choose_point(front)
 
 
+def test_in_memory_evaluation_equals_the_written_artifact_evaluation(bert):
+    """The search scores text configurations from memory; other adapters write a temporary artifact and run
+    `evaluate_artifact`. Both give the same numbers."""
+    from didi.artifact import zoo_manifest
+    from didi.methods.merge import ValidationEvaluator, validation_files
+
+    zoo = bert["zoo"]
+    reader = DeltaReader(zoo)
+    space = MergeSpace.from_zoo(zoo, reader=reader)
+    opts = get_method("merge").make_options(bert["opts"])
+    files = validation_files(opts.validation, zoo.task_names, "text", "auto")
+    manifest = {"method": {"name": "merge", "hyper_parameters": {}}, **zoo_manifest(zoo, reader.sha256)}
+    mem = ValidationEvaluator(zoo, space, manifest, files, opts, in_memory=True)
+    disk = ValidationEvaluator(zoo, space, manifest, files, opts, in_memory=False)
+    C = len(space.components)
+    for g in [(3,) * C, (1,) * C, tuple(1 + i % 3 for i in range(C))]:
+        assert mem(g) == disk(g)
+
+
 def _cpu():
     from didi.trainer import TrainerConfig
 

@@ -431,7 +431,8 @@ def merge(zoo: Zoo, opts: MergeSearchOptions, output: Path, in_memory: bool | No
         T, C = len(space.tasks), len(space.components)
         exact, static = (T,) * C, (1,) * C
         ref = cache.get(exact)
-        if ref is None:  # the fine-tunes' validation accuracy: the reference of every normalised score
+        ref_fresh = ref is None
+        if ref_fresh:  # the fine-tunes' validation accuracy: the reference of every normalised score
             t0 = time.perf_counter()
             ref = evaluator(exact)
             cache.put(exact, ref, time.perf_counter() - t0)
@@ -463,8 +464,8 @@ def merge(zoo: Zoo, opts: MergeSearchOptions, output: Path, in_memory: bool | No
         search = {
             "settings": dataclasses.asdict(settings),
             "evaluations": len(res.points),
-            "evaluated_by_this_run": res.fresh,
-            "from_cache": res.cached,
+            "evaluated_by_this_run": res.fresh + ref_fresh,
+            "from_cache": res.cached - ref_fresh,
             "generations": len(res.fronts),
             "stopped": res.stopped,
             "wall_s": res.wall_s,

@@ -399,6 +399,7 @@ def front_figure(res: SearchResult, title: str = "", ylabel: str = "mean normali
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
     ax.scatter(
@@ -406,22 +407,17 @@ def front_figure(res: SearchResult, title: str = "", ylabel: str = "mean normali
     )
     n = len(res.fronts)
     cmap = plt.get_cmap("viridis")
-    for g, front in enumerate(res.fronts):
+    for g, front in enumerate(res.fronts):  # later generations on top; each front a staircase
         xs = [res.points[i].storage for i in front]
         ys = [res.points[i].score for i in front]
         last = g == n - 1
-        ax.plot(
-            xs,
-            ys,
-            "-o" if last else "o",
-            color=cmap(g / max(1, n - 1)),
-            ms=6 if last else 4,
-            lw=1.2,
-            zorder=3 if last else 2,
-            label="final front" if last else None,
-        )
+        ax.step(xs, ys, where="post", color=cmap(g / max(1, n - 1)), lw=2.0 if last else 1.0, zorder=2 + g)
+        ax.scatter(xs, ys, color=cmap(g / max(1, n - 1)), s=36 if last else 14, zorder=2 + g,
+                   label="front after the last generation" if last else None)  # fmt: skip
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(1, max(2, n)))
     cb = fig.colorbar(sm, ax=ax)
+    cb.locator = MaxNLocator(integer=True)
+    cb.update_ticks()
     cb.set_label("generation")
     ax.set_xlabel("storage ratio (× |θ0|)")
     ax.set_ylabel(ylabel)

@@ -124,10 +124,10 @@ def _merge_with_method(zoo, output: str, method: str, method_options: Optional[d
     from didi.methods import apply_method, get_method
 
     spec = get_method(method)
-    if spec.options is MergeOptions:
+    if issubclass(spec.options, MergeOptions):  # DiDi and its variants: the merge flags are their options
         if method_options:
             raise DidiError(f"method_options: --method {method} takes the merge flags (--budget, ...)")
-        opts = _options(options)
+        opts = spec.options(**options)
     else:
         defaults = MergeOptions()
         names = {f.name for f in dataclasses.fields(spec.options)}

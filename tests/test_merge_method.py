@@ -372,3 +372,18 @@ def test_front_or_cache_of_another_zoo_is_refused(bert, tmp_path):
     with pytest.raises(DidiError, match="resume: .*evaluations.jsonl holds evaluations of another zoo"):
         apply_method("merge", zoo2, tmp_path / "out", {**bert["opts"], "resume": True})
     assert not (tmp_path / "out").exists() and (work / "evaluations.jsonl").exists()
+
+
+def test_cli_merge_method_runs_didi_variants_with_the_merge_flags(tmp_path, capsys):
+    from didi.cli import main
+
+    base, tasks = make_zoo(tmp_path / "zoo", T=3, width=8, layers=1)
+    spec = "[" + ", ".join(str(p) for p in tasks.values()) + "]"
+    quiet = ["--trainer.logger", "none", "--trainer.progress_bar", "false", "--search.steps", "10"]
+    out = tmp_path / "g"
+    argv = ["merge", str(base), spec, str(out), "--method", "didi_greedy", "--budget", "1.1", *quiet]
+    assert main(argv) == 0
+    m = load_artifact(out).manifest
+    assert m["method"]["hyper_parameters"]["allocation"] == "greedy" and m["storage"]["ratio"] <= 1.1
+    bad = ["merge", str(base), spec, str(tmp_path / "x"), "--method_options", "{k: 1}"]
+    assert main(bad) == 2 and "method_options: only for --method" in capsys.readouterr().err

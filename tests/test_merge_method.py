@@ -387,3 +387,33 @@ def test_cli_merge_method_runs_didi_variants_with_the_merge_flags(tmp_path, caps
     assert m["method"]["hyper_parameters"]["allocation"] == "greedy" and m["storage"]["ratio"] <= 1.1
     bad = ["merge", str(base), spec, str(tmp_path / "x"), "--method_options", "{k: 1}"]
     assert main(bad) == 2 and "method_options: only for --method" in capsys.readouterr().err
+
+
+def test_killed_merge_resumes_to_the_same_front(bert, tmp_path, monkeypatch):
+    """A search killed after 5 real evaluations keeps its work directory; `resume: true` evaluates only the
+    5 it lacks and writes the front of the uninterrupted run (the fixture's library, same options)."""
+    from didi.methods import merge as M
+
+    real, calls = M.ValidationEvaluator.__call__, []
+
+    def killed_after_five(self, genome):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(genome)
+        return real(self, genome)
+
+    monkeypatch.setattr(M.ValidationEvaluator, "__call__", killed_after_five)
+    out = tmp_path / "lib"
+    with pytest.raises(KeyboardInterrupt):
+        apply_method("merge", bert["zoo"], out, bert["opts"])
+    work = tmp_path / ".lib.work"
+    assert not out.exists() and len((work / "evaluations.jsonl").read_text().splitlines()) == 1 + 5
+    calls.clear()
+    monkeypatch.setattr(M.ValidationEvaluator, "__call__", lambda self, g: calls.append(g) or real(self, g))
+    apply_method("merge", bert["zoo"], out, {**bert["opts"], "resume": True})
+    assert len(calls) == 10 - 5 and not work.exists()
+
+    def key(lib):
+        return [(p["genome"], p["storage_ratio"], p["accuracy"]) for p in read_library(lib)[1]["points"]]
+
+    assert key(out) == key(bert["lib"])

@@ -180,10 +180,12 @@ def make(root: Path, cfg: dict, T: int, shard_gb: float = 1.0) -> None:
 
 def merge(root: Path, row: str, T: int) -> dict:
     """One merge (`kind@budget`) in this process; returns seconds per stage, peak RSS and errors."""
+    from didi.allocation import resolve_width
     from didi.backbones import Zoo
     from didi.backbones.hf_llama import HFLlamaAdapter
-    from didi.decompose import DecomposeConfig, decompose
+    from didi.decompose import DecomposeConfig
     from didi.pipeline import MergeOptions, run_refine, run_search
+    from didi.shards import factor_store
     from didi.trainer import TrainerConfig, Trainers
 
     kind, budget = row.split("@")
@@ -206,9 +208,12 @@ def merge(root: Path, row: str, T: int) -> dict:
     shutil.rmtree(out.with_name(f".{out.name}.work"), ignore_errors=True)
     trainers = Trainers(opts.trainer)
     times = {}
+    c0 = time.process_time()
     t0 = time.perf_counter()
-    store = decompose(zoo, opts.decompose, progress=True)
+    # the width run_search will use (max_rank auto: from the budget), decomposed here to time it alone
+    store = factor_store(zoo, resolve_width(zoo, opts.decompose, float(budget)), trainers, progress=True)
     times["decompose_s"] = time.perf_counter() - t0
+    times["decompose_cpu_s"] = time.process_time() - c0
     t1 = time.perf_counter()
     ranks, store = run_search(zoo, out, opts, progress=True, trainers=trainers)  # the store: a cache lookup
     times["search_s"] = time.perf_counter() - t1
@@ -216,6 +221,7 @@ def merge(root: Path, row: str, T: int) -> dict:
     path = run_refine(zoo, out, ranks, opts, progress=True, trainers=trainers, store=store)
     times["refine_write_s"] = time.perf_counter() - t2
     times["end_to_end_s"] = time.perf_counter() - t0
+    times["end_to_end_cpu_s"] = time.process_time() - c0  # this process's threads (all stages run in it)
     manifest = json.loads((path / "manifest.json").read_text())
     ref = manifest["metrics"]["refine"]
     widths = sorted({e.K for e in store.matrices})
@@ -264,12 +270,14 @@ def time_shapes(root: Path, T: int, budgets: list[float]) -> dict:
             with tempfile.TemporaryDirectory(dir=root) as d:
                 make_layout(Path(d))
                 w = ShareWriter(zoo, cfg, Path(d))
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for i in positions:
                     w.add(i)
                 w.finish(0)
                 row[f"{part}_s"] = time.perf_counter() - t0
+                row[f"{part}_cpu_s"] = time.process_time() - c0  # all threads: robust to a shared machine
         row["model_s"] = row["embedding_s"] + layers * row["layer_s"]
+        row["model_cpu_s"] = row["embedding_cpu_s"] + layers * row["layer_cpu_s"]
         out[name] = row
         print(json.dumps({name: row}), file=sys.stderr, flush=True)
     return out

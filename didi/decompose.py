@@ -654,7 +654,7 @@ class ShareWriter:
         self.nonmatrix: dict[int, dict] = {}
         self.sha: dict[str, str] = {}  # file name -> sha256, hashed right after it is written
         self.flops = 0.0
-        self.t0 = time.perf_counter()
+        self.busy = 0.0  # seconds spent in `add` and `finish`: this share's own work
         gpu = self.device.type == "cuda"
         self.cap = (cfg.batch_mb if cfg.batch_mb is not None else 64 if gpu else 0) * 2**20
 
@@ -665,6 +665,13 @@ class ShareWriter:
         self.sha[f"{sub}/{name}"] = file_sha256(path)
 
     def add(self, pos: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._add(pos)
+        finally:
+            self.busy += time.perf_counter() - t0
+
+    def _add(self, pos: int) -> None:
         plan = self.zoo.plan[pos]
         T = len(self.zoo.tasks)
         self.flops += tensor_cost(plan, T, self.cfg)
@@ -771,8 +778,10 @@ class ShareWriter:
 
     def finish(self, rank: int) -> dict:
         """Decompose what still waits and return this share's record (JSON-able)."""
+        t0 = time.perf_counter()
         for shape in list(self.pending):
             self._flush(shape)
+        self.busy += time.perf_counter() - t0
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
         return {
@@ -783,7 +792,7 @@ class ShareWriter:
             "file_sha256": self.sha,
             "tensors": len(self.matrices) + len(self.nonmatrix),
             "flops_est": self.flops,
-            "seconds": time.perf_counter() - self.t0,
+            "seconds": self.busy,
         }
 
 

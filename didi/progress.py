@@ -106,6 +106,11 @@ class StageProgressBar(ProgressBar):
         self._bar.set_postfix_str(self._postfix(trainer, pl_module), refresh=False)
         self._bar.update(self._done(trainer, batch_idx) - self._bar.n)
 
+    def advance(self, n: int = 1) -> None:
+        """Count `n` units done inside a training step (a stage whose one step does many units)."""
+        if self._bar is not None:
+            self._bar.update(n)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._bar is None:
             return

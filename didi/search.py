@@ -110,7 +110,13 @@ class RankSearch(L.LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         ratio = self.ratio()
         penalty = self.gamma * (ratio - self.target_ratio).abs()
-        loss = rec_rel * (self.n_batches * world) + penalty.float()
+        # Under DDP the gradients are averaged over the processes. Each rank's reconstruction term touches
+        # only its own matrices' ranks (zero elsewhere), and only rank 0 adds the penalty, both scaled by the
+        # world size: the average is then each rank's exact contribution, and with a power-of-two world size
+        # the gradient (so every rank and the artifact) is bit for bit the one-process gradient. Every rank
+        # adding the penalty gave (2a + p + p)/2 ≠ a + p in float32, and Adam grew that last bit into ranks.
+        own = world if self.global_rank == 0 else 0
+        loss = rec_rel * (self.n_batches * world) + penalty.float() * own
         self.log(
             "search/rec_err",
             rec_rel.detach() * self.n_batches,

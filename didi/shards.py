@@ -71,19 +71,17 @@ def factor_store(
 
 
 class _Steps(IterableDataset):
-    """This process's share, one plan position per step; padded with empty steps to the longest share, so
-    every process runs the same number of steps."""
+    """This process's whole share as one step: Lightning syncs the processes at every step (its SIGTERM
+    broadcast), so one tensor per step would make every rank wait for the slowest at each tensor."""
 
     def __init__(self) -> None:
         self.share: list[int] = []
-        self.n_steps = 0
 
     def __len__(self) -> int:
-        return self.n_steps
+        return 1
 
     def __iter__(self):
-        for i in range(self.n_steps):
-            yield self.share[i : i + 1]
+        yield list(self.share)
 
 
 class DecomposeShards(L.LightningModule):
@@ -123,7 +121,7 @@ class DecomposeShards(L.LightningModule):
         T = len(self.zoo.tasks)
         costs = [tensor_cost(p, T, self.cfg) for p in self.zoo.plan]
         shares = assign_shares(costs, world)
-        self.steps.share, self.steps.n_steps = shares[rank], max(len(s) for s in shares)
+        self.steps.share = shares[rank]
         total = sum(costs) or 1.0
         mats = sum(1 for p in shares[rank] if self.zoo.plan[p].matrix_shape is not None)
         flops = sum(costs[p] for p in shares[rank])
@@ -134,9 +132,10 @@ class DecomposeShards(L.LightningModule):
                 file=sys.stderr,
                 flush=True,
             )
+        self.bar = None
         for cb in self.trainer.callbacks:
             if isinstance(cb, StageProgressBar) and cb.stage == "decompose":
-                cb.batch_units = [1 if i < len(shares[rank]) else 0 for i in range(self.steps.n_steps)]
+                cb.batch_units, self.bar = [len(shares[rank])], cb  # counted per tensor by `advance`
         # one device per rank: a GPU run decomposes on this rank's own GPU (`auto` would be cuda:0 for all)
         device = self.cfg.torch_device()
         if self.cfg.device == "auto" and self.trainer.strategy.root_device.type == "cuda":
@@ -146,6 +145,8 @@ class DecomposeShards(L.LightningModule):
     def training_step(self, batch: list[int], batch_idx: int) -> None:
         for pos in batch:
             self.writer.add(int(pos))
+            if self.bar is not None:
+                self.bar.advance()
 
     def on_train_epoch_end(self) -> None:
         strategy, world, rank = self.trainer.strategy, self.trainer.world_size, self.trainer.global_rank

@@ -20,7 +20,7 @@ EXAMPLES = """examples:
 
 def main(argv: list[str] | None = None) -> int:
     from .build import BuildConfig
-    from .sources import TASKS
+    from .sources import DEFAULT_TASKS, TASKS
 
     d = BuildConfig(out="")
     ap = argparse.ArgumentParser(
@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     b.add_argument("--out", required=True, help="output directory (data, fine-tunes, reports, sources)")
-    b.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default: all 8)")
+    b.add_argument(
+        "--tasks",
+        default=",".join(DEFAULT_TASKS),
+        help=f"comma-separated tasks (default: the 8 of the zoo; known: {', '.join(TASKS)})",
+    )
     b.add_argument("--sources", default=None, help="directory of the source archives (default OUT/sources)")
     b.add_argument("--offline", action="store_true", help="never download: the archives must be in --sources")
     b.add_argument("--seed", type=int, default=d.seed, help="split and fine-tuning seed")
@@ -87,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
             for t in TASKS.values():
                 a = ARCHIVES[t.archive]
-                print(f"{t.name:24s} {a.requirement:30s} {t.member}\n{'':24s} labels: {', '.join(t.labels)}")
+                extra = "" if t.name in DEFAULT_TASKS else "  (not in the default zoo)"
+                print(f"{t.name:24s} {a.requirement:30s} {t.member}{extra}")
+                print(f"{'':24s} labels: {', '.join(t.labels)}")
         else:
             from .build import build, rebuild
 

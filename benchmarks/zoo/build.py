@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from didi.datamodules.text import TextClassificationDataModule, TextCollate
 
-from .sources import ARCHIVES, TASKS, ArchiveReader, fetch_archive
+from .sources import ARCHIVES, DEFAULT_TASKS, TASKS, ArchiveReader, fetch_archive
 from .splits import SPLITS, Example, ZooDataError, check_splits, decontaminate, dedupe, grouped, split_task
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -48,7 +48,7 @@ class BuildConfig:
     same bytes (their sha256 is recorded beside it), and the reports while every task's fine-tune is."""
 
     out: str
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     sources: str | None = None
     offline: bool = False
     seed: int = 0
@@ -157,15 +157,17 @@ def build_data(cfg: BuildConfig) -> dict:
         }
     removed = decontaminate(splits)
     check_splits(splits, cfg.min_test, cfg.min_val)
+    for name in cfg.tasks:
+        labels = TASKS[name].labels
+        missing = [c for c in range(len(labels)) if not any(e.label == c for e in splits[name]["train"])]
+        if missing:
+            raise ZooDataError(
+                f"task {name!r}: its train split has no example of class {labels[missing[0]]!r}"
+            )
     tasks = {}
     for name in cfg.tasks:
         task, a = TASKS[name], ARCHIVES[TASKS[name].archive]
         for s in SPLITS:
-            counts = [sum(e.label == c for e in splits[name][s]) for c in range(len(task.labels))]
-            if s == "train" and min(counts) == 0:
-                raise ZooDataError(
-                    f"task {name!r}: its train split has no example of class {counts.index(0)}"
-                )
             _write_examples(out / "data" / name / f"{s}.jsonl", splits[name][s])
         tasks[name] = {
             "package": a.package,

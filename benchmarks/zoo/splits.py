@@ -8,10 +8,11 @@ spacing folded), so a re-punctuated copy counts as the same text.
 The rules, in order:
   1. `dedupe`: a text that occurs in two groups, or with two labels, is dropped everywhere; copies inside one
      group keep the first.
-  2. `assign_groups`: the sorted groups are shuffled by (corpus key, seed) and cut by the fractions; two tasks
-     drawn from one corpus use the same key, so a document is in the same split for both.
-  3. `balanced_sample`: per split, the same number of examples per class (as far as each class allows), up
-     to the split's cap.
+  2. `assign_groups`: each group goes to test, val or train by a hash of (corpus key, seed, group) against
+     the fractions; two tasks drawn from one corpus use the same key, so a text or document is in the same
+     split for both, whatever else each keeps.
+  3. `balanced_sample`: per split, up to the split's cap, the same number of examples of every class in the
+     test and val splits (chance is 1 / classes), as many as each class allows in train.
   4. `decontaminate`: texts of one task's test split are removed from every other task's train and val.
   5. `check_splits`: refuses (ZooDataError naming the task, the splits and an example) any text shared by two
      splits of a task or by one task's test split and another task's train or val split, and any test or val
@@ -20,6 +21,7 @@ The rules, in order:
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 import unicodedata
@@ -79,28 +81,35 @@ def dedupe(examples: Sequence[Example]) -> tuple[list[Example], int]:
 def assign_groups(
     groups: Iterable[str], test_fraction: float, val_fraction: float, seed: int, key: str
 ) -> dict[str, str]:
-    """{group: split}: the sorted distinct groups shuffled by (key, seed), the first `test_fraction` of them
-    test, the next `val_fraction` val, the rest train. The same key, seed and groups give the same
-    assignment whatever else differs, so tasks drawn from one corpus share it."""
+    """{group: split}: each group's place is a hash of (key, seed, group) read as a number u in [0, 1): test
+    if u < test_fraction, val if u < test_fraction + val_fraction, else train. A group's split depends on
+    nothing else, so tasks drawn from one corpus under one key put a shared text or document in the same
+    split whatever each task keeps; the fractions hold in expectation."""
     if not (0 < test_fraction < 1 and 0 < val_fraction < 1 and test_fraction + val_fraction < 1):
         raise ZooDataError(
             f"split fractions: test {test_fraction} and val {val_fraction} must be in (0, 1) and sum below 1"
         )
-    gs = sorted(set(groups))
-    random.Random(f"{key}/{seed}").shuffle(gs)
-    n_test = round(test_fraction * len(gs))
-    n_val = round(val_fraction * len(gs))
-    return {g: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, g in enumerate(gs)}
+    out = {}
+    for g in set(groups):
+        u = int.from_bytes(hashlib.sha256(f"{key}/{seed}/{g}".encode()).digest()[:8], "big") / 2.0**64
+        out[g] = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+    return out
 
 
-def balanced_sample(examples: Sequence[Example], cap: int, num_classes: int, seed: int) -> list[Example]:
-    """Up to cap // num_classes examples of each class (fewer where a class has fewer), seeded, shuffled."""
+def balanced_sample(
+    examples: Sequence[Example], cap: int, num_classes: int, seed: int, exact: bool = False
+) -> list[Example]:
+    """Up to cap // num_classes examples of each class, seeded, shuffled. `exact`: the same number of every
+    class (the smallest class's count where one has fewer), so that chance is 1 / num_classes; otherwise a
+    short class just gives fewer."""
     rng = random.Random(seed)
     by_class: dict[int, list[Example]] = {c: [] for c in range(num_classes)}
     for e in examples:
         by_class[e.label].append(e)
-    out = []
     per_class = cap // num_classes
+    if exact:
+        per_class = min(per_class, *(len(v) for v in by_class.values()))
+    out = []
     for c in range(num_classes):
         xs = list(by_class[c])
         rng.shuffle(xs)
@@ -137,7 +146,8 @@ def split_task(
     caps = {"train": plan.n_train, "val": plan.n_val, "test": plan.n_test}
     out = {}
     for i, s in enumerate(SPLITS):
-        out[s] = balanced_sample([e for e in exs if where[e.group] == s], caps[s], num_classes, seed + i)
+        chosen = [e for e in exs if where[e.group] == s]
+        out[s] = balanced_sample(chosen, caps[s], num_classes, seed + i, exact=s != "train")
     return out
 
 

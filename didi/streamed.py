@@ -32,8 +32,10 @@ from didi.merges import mean_merge
 #: shared merges whose rows depend only on the same rows of the task vectors
 STREAMABLE_MERGES = frozenset({"mean"})
 
-#: the default size of one block of the T+1 (or T) row-sliced tensors
-BLOCK_BYTES = 64 * 2**20
+#: the default size of one block of the T+1 (or T) row-sliced tensors: each block read opens and maps the
+#: checkpoint shards again, and on Llama's 128256×2048 embedding one pass took 19 s in 64 MB blocks against
+#: 9.7 s in 256 MB ones (this CPU, a shared machine); a block stays small beside such a matrix's factors
+BLOCK_BYTES = 256 * 2**20
 
 #: (start, stop) -> task-vector rows [T, stop − start, n]
 RowReader = Callable[[int, int], torch.Tensor]
@@ -199,7 +201,7 @@ def decompose_streamed(
 
     Only the `mean` shared merge is row-separable; the caller decides when to stream. Memory is
     O((m + n)·(K + oversample)·(T+1)) (the projections hold (3T+1)·(K + oversample)·n) plus one row block
-    (`row_block` rows; default: about 64 MB for the T+1 tensors). With K + oversample ≥ min(m, n) the range
+    (`row_block` rows; default: about 256 MB for the T+1 tensors). With K + oversample ≥ min(m, n) the range
     finder spans the whole range (a full SVD up to rounding) and the saving is gone: stream only K ≪ min(m,n).
     NaN/Inf in any block is a DidiError naming the source and tensor (`Zoo.read_rows`). A tensor whose task
     vectors are all zero comes back with tau_sq all 0 (the caller may treat it as a zero delta).
@@ -365,7 +367,7 @@ def refine_als_streamed(
 
     Factors are low-rank only: a folded shared part (B_s None, a dense m×n M_s) is not streamed, since it is
     the very m×n matrix streaming avoids holding. Compute dtype and device are A_s's. `row_block` default:
-    about 64 MB for the T task-vector rows.
+    about 256 MB for the T task-vector rows.
     """
     if B_s is None:
         raise DidiError(

@@ -52,12 +52,12 @@ class BuildConfig:
     sources: str | None = None
     offline: bool = False
     seed: int = 0
-    n_train: int = 600
+    n_train: int = 500
     n_val: int = 250
     n_test: int = 600
     min_test: int = 400
     min_val: int = 200
-    max_length: int = 64
+    max_length: int = 48
     max_epochs: int = 3
     patience: int = 1
     batch_size: int = 32

@@ -228,9 +228,9 @@ def tail_words(text: str, max_words: int) -> str:
 
 def load_movie_reviews(r: ArchiveReader) -> list[Example]:
     """Pang & Lee's polarity dataset v2.0 (IMDb reviews): each review's closing sentences (its verdict), up
-    to 60 words; one example per review."""
+    to 36 words (so that they fit in 48 tokens); one example per review."""
     rows = _pattern_csv(r, "polarity-en-pang&lee1.csv")
-    return [Example(tail_words(t, 60), int(y == "1"), f"review:{i}") for i, (y, t) in enumerate(rows)]
+    return [Example(tail_words(t, 36), int(y == "1"), f"review:{i}") for i, (y, t) in enumerate(rows)]
 
 
 def load_dutch_reviews(r: ArchiveReader) -> list[Example]:
@@ -459,7 +459,7 @@ TASKS: dict[str, TaskSource] = {
             "test/corpora/polarity-en-pang&lee1.csv",
             load_movie_reviews,
             ("negative", "positive"),
-            "Pang & Lee polarity v2.0 (IMDb reviews): the closing sentences of each review, up to 60 words",
+            "Pang & Lee polarity v2.0 (IMDb reviews): the closing sentences of each review, up to 36 words",
             SplitPlan(test_fraction=0.36, val_fraction=0.17),
         ),
         TaskSource(

@@ -313,34 +313,30 @@ def width(budget: float, params: int, shapes: list[tuple[int, int]], T: int) -> 
     return min(K, max(min(s) for s in shapes))
 
 
-def projection_8b(rows: dict, shapes: dict, cfg: dict, T: int) -> tuple[dict, str]:
-    """Llama-3.1-8B (T tasks) from the measured rates of the 1B-shaped rows, by cost models:
-    decomposition ∝ Σ (T+1)·m·n·l per module family (l = K + oversample; the projections from the in-memory
-    rate of one layer, the embeddings from the streamed rate of the 1B embedding), search ∝ matrices·T·K²
-    (the closed-form terms C_t), refinement ∝ Σ m·n·K. Host memory is the measured 1B peak with its largest
-    in-memory matrix's (T+1) fp32 copies scaled to the 8B's (14336×4096 vs 8192×2048), k = 4.26 copies of
-    working set per copy (benchmarks/llama_streaming.py's calibration)."""
+def projection_8b(rows: dict, cfg: dict, T: int) -> tuple[dict, str]:
+    """Llama-3.1-8B (T tasks) from the measured rates of the 1B-shaped rows, by cost models: decomposition
+    ∝ Σ (T+1)·m·n·l (l = K + oversample, the range finder's width), search ∝ matrices·K² (the closed-form
+    terms C_t), refinement ∝ Σ m·n·K. Host memory is the measured 1B peak with its largest in-memory
+    matrix's (T+1) fp32 copies scaled to the 8B's (14336×4096 vs 8192×2048), k = 4.26 copies of working set
+    per copy (benchmarks/llama_streaming.py's calibration)."""
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     kv = cfg["num_key_value_heads"] * cfg["head_dim"]
     lay1 = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
-    n1 = len(lay1) * cfg["num_hidden_layers"] + 1
+    all1 = lay1 * cfg["num_hidden_layers"] + [(v, h)]
     all8 = L8B["layer"] * L8B["layers"] + L8B["embeddings"]
     out = {}
     for b in ("1.24", "1.05"):
-        r, sh = rows.get(f"auto@{b}"), shapes.get(f"auto@{float(b):g}")
-        if not r or not sh:
+        r = rows.get(f"auto@{b}")
+        if not r:
             continue
-        K1, K8 = sh["max_rank"], width(float(b), L8B["params"], all8, T)
+        K1, K8 = r["store_widths"][-1], width(float(b), L8B["params"], all8, T)
 
-        def mnl(shapes_, K):
-            return sum(m * n * min(K + OVERSAMPLE, m, n) for m, n in shapes_)
+        def mnl(shapes_, l_):
+            return sum(m * n * min(l_, m, n) for m, n in shapes_)
 
-        c_layer = sh["layer_s"] / mnl(lay1, K1)
-        c_emb = sh["embedding_s"] / mnl([(v, h)], K1)
-        dec = c_layer * L8B["layers"] * mnl(L8B["layer"], K8) + c_emb * mnl(L8B["embeddings"], K8)
-        search = r["search_s"] * (len(all8) * K8**2) / (n1 * K1**2)
-        mn_k1 = sum(m * n * min(K1, m, n) for m, n in lay1) * cfg["num_hidden_layers"] + v * h * min(K1, h)
-        refine = r["refine_write_s"] * sum(m * n * min(K8, m, n) for m, n in all8) / mn_k1
+        dec = r["decompose_s"] * mnl(all8, K8 + OVERSAMPLE) / mnl(all1, K1 + OVERSAMPLE)
+        search = r["search_s"] * (len(all8) * K8**2) / (len(all1) * K1**2)
+        refine = r["refine_write_s"] * mnl(all8, K8) / mnl(all1, K1)
         big1, big8 = max(m * n for m, n in lay1), max(m * n for m, n in L8B["layer"])
         mem = r["peak_rss_mb"] / 1024 + 4.26 * (T + 1) * (big8 - big1) * 4 / 2**30
         out[b] = {
@@ -352,10 +348,10 @@ def projection_8b(rows: dict, shapes: dict, cfg: dict, T: int) -> tuple[dict, st
             "peak_host_gib": mem,
         }
     text = (
-        "Llama-3.1-8B, T = 4, on this CPU (2 threads), from the measured 1B-shaped rates: decomposition "
-        "∝ Σ (T+1)·m·n·(K + oversample) (projections at the in-memory rate of one measured layer, "
-        "embeddings at the measured streamed rate), search ∝ matrices·K², refinement ∝ Σ m·n·K; host memory "
-        "= the measured 1B peak + 4.26·(T+1)·4 B·(14336·4096 − 8192·2048) for the larger in-memory matrix."
+        "Llama-3.1-8B, T = 4, on this CPU (2 threads), from the measured 1B-shaped row(s): decomposition "
+        "∝ Σ (T+1)·m·n·(K + oversample), search ∝ matrices·K², refinement ∝ Σ m·n·K (K from the budget for "
+        "each model); host memory = the measured 1B peak + 4.26·(T+1)·4 B·(14336·4096 − 8192·2048) for the "
+        "larger in-memory matrix."
     )
     return out, text
 
@@ -488,8 +484,8 @@ def main() -> None:
         f"embeddings, {rows[next(iter(rows))]['base_params']:,} parameters",
     }
     summary, md = table(rows, info, shapes)
-    if shapes and not small:
-        proj, text = projection_8b(rows, shapes, cfg, a.tasks)
+    if not small:
+        proj, text = projection_8b(rows, cfg, a.tasks)
         summary["projection_llama_3_1_8b"] = proj
         md += (
             "\n"

@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import device_info, git_rev  # noqa: E402
+from llama_streaming import L8B_EMB, L8B_LAYER, L8B_LAYERS  # noqa: E402
 
 ROWS = ("full@1.24", "full@1.05", "auto@1.24", "auto@1.05")
 RANK, ALPHA, TAIL = 48, 0.7, 0.25  # rank and decay of each low-rank part; energy share of the dense tail
@@ -292,17 +293,8 @@ def child(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-#: Llama-3.1-8B: one decoder layer's projections (m, n), 32 layers, and its two untied 128256×4096 embeddings
-L8B_LAYER = [
-    (4096, 4096),
-    (1024, 4096),
-    (1024, 4096),
-    (4096, 4096),
-    (14336, 4096),
-    (14336, 4096),
-    (4096, 14336),
-]
-L8B = {"layer": L8B_LAYER, "layers": 32, "embeddings": [(128256, 4096)] * 2, "params": 8_030_261_248}
+#: Llama-3.1-8B: one decoder layer's projections, 32 layers, its two untied 128256×4096 embeddings
+L8B = {"layer": L8B_LAYER, "layers": L8B_LAYERS, "embeddings": L8B_EMB, "params": 8_030_261_248}
 OVERSAMPLE, POWER_ITERS = 32, 4  # DecomposeConfig's defaults, which the measured rows ran with
 
 

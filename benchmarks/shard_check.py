@@ -44,18 +44,12 @@ Compared, the 2-process run against each 1-process run:
 Found with the defaults on this project's 2-core CPU (benchmarks/results/shard_check.md):
 - the store is byte-identical to the 1-process run at 1 thread and differs from the one at 2 threads (sign
   flips of singular vectors, last-bit differences): the sharding changes no byte, the thread count does;
-- the artifacts differ even from the same store: the integer ranks differ in 7 of 145 modules by 1-2 units,
-  with exact errors equal to 6 digits. The 2-process search has the one-process objective (each process's
-  half of the reconstruction term ×2, gradients averaged) with its float32 sums rounded in another order,
-  and Adam, which normalises each parameter's step, amplifies that near the optimum, where the
-  reconstruction and budget gradients cancel. Measured on the same store, 1 against 2 processes (search
-  steps: largest continuous-rank difference): 1: 1.9e-6 (one float32 ulp, 1 of 145 ranks); 10: 5.7e-6; 50:
-  6.2e-4; 200 (the default): 3.0. The 1-process search is bitwise the same at 1 and 2 threads;
-- the 2 ranks decompose in lockstep (Lightning broadcasts a SIGTERM flag from rank 0 before every training
-  step, and `DecomposeShards` takes one tensor per step), so the sharded fit took 20.0 s for 13.6 s and
-  8.9 s of work, more than the 1-process run at 1 thread (16.9 s); shares.json's seconds are that common
-  wall time (20.0 s for both ranks), not each rank's work, and the row-streamed embedding (9.5 s of rank
-  0's 13.6 s) costs more than its estimated flops say (rank 0: 49.9 % of the flops, 60 % of the time).
+- at equal threads the artifact is byte-identical too (tensor files, ranks, manifest apart from `created`
+  and the shares). Before commit daafa8f it was not: every process added the budget penalty, so the
+  averaged search gradient rounded differently, and Adam grew that into 7 of 145 integer ranks; now each
+  process's term is scaled by the world size and only rank 0 adds the penalty (didi/search.py);
+- each rank decomposes its whole share in one step (before, one tensor per step ran the ranks in lockstep:
+  Lightning syncs them at every step), and shares.json's seconds are each share's own busy time.
 
     python benchmarks/shard_check.py                        # the defaults (about 9 min here, shared CPU)
     python benchmarks/shard_check.py --root /tmp/sc --reuse # compare again the runs kept in /tmp/sc

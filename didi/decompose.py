@@ -549,14 +549,20 @@ def width_of(m: int, n: int, cfg: DecomposeConfig) -> int:
     return min(m, n) if cfg.max_rank is None else min(m, n, int(cfg.max_rank))
 
 
+def too_big_for_memory(m: int, n: int, T: int, stream_mb: int | None, itemsize: int = 4) -> bool:
+    """Whether an m×n matrix's T+1 copies pass `stream_mb` (None: nothing is streamed): the one bound that
+    sends a matrix to the row-streamed decomposition and refinement."""
+    return stream_mb is not None and (T + 1) * m * n * itemsize > stream_mb * 2**20
+
+
 def streams(plan: TensorPlan, T: int, cfg: DecomposeConfig) -> bool:
     """Whether this matrix is decomposed from row blocks read straight from the checkpoints
     (`didi.streamed`): its T+1 float copies would pass `cfg.stream_mb`, it gets the randomized SVD (only
     products with row blocks are needed), and the shared merge is row-separable."""
-    if plan.matrix_shape is None or cfg.stream_mb is None:
+    if plan.matrix_shape is None:
         return False
     m, n = plan.matrix_shape
-    if (T + 1) * m * n * torch.finfo(cfg.torch_dtype()).bits // 8 <= cfg.stream_mb * 2**20:
+    if not too_big_for_memory(m, n, T, cfg.stream_mb, torch.finfo(cfg.torch_dtype()).bits // 8):
         return False
     return cfg.shared_merge in STREAMABLE_MERGES and uses_randomized(
         m, n, width_of(m, n, cfg), cfg.svd, cfg.oversample
@@ -643,9 +649,10 @@ class ShareWriter:
         self.zoo, self.cfg, self.out = zoo, cfg, Path(out)
         self.dtype, self.device = cfg.torch_dtype(), device or cfg.torch_device()
         T = len(zoo.tasks)
-        self.order = [p for p in (share or []) if not streams(zoo.plan[p], T, cfg)]
+        order = [p for p in (share or []) if not streams(zoo.plan[p], T, cfg)]
+        self.next_read = dict(zip(order, order[1:]))  # position -> the next in-memory read of the share
         prefetch = self.device.type == "cuda" if prefetch is None else prefetch
-        self.pool = ThreadPoolExecutor(1) if prefetch and self.order else None
+        self.pool = ThreadPoolExecutor(1) if prefetch and order else None
         self.prefetched: dict[int, Future] = {}
         self.merge = shared_merge_fn(cfg.shared_merge)
         self.reader = DeltaReader(zoo, self.dtype)
@@ -696,11 +703,9 @@ class ShareWriter:
         if self.pool is None:
             return self.reader.read(self.zoo.plan[pos])
         fut = self.prefetched.pop(pos, None) or self.pool.submit(self.reader.read, self.zoo.plan[pos])
-        if pos in self.order:
-            i = self.order.index(pos) + 1
-            if i < len(self.order) and self.order[i] not in self.prefetched:
-                nxt = self.order[i]
-                self.prefetched[nxt] = self.pool.submit(self.reader.read, self.zoo.plan[nxt])
+        nxt = self.next_read.get(pos)
+        if nxt is not None and nxt not in self.prefetched:
+            self.prefetched[nxt] = self.pool.submit(self.reader.read, self.zoo.plan[nxt])
         return fut.result()
 
     def _nonmatrix(self, pos: int, plan: TensorPlan, zero: bool, taus: torch.Tensor | None) -> None:

@@ -31,7 +31,7 @@ from torch import nn
 from didi.allocation import Ranks
 from didi.backbones.base import Zoo
 from didi.datamodules.layers import LayerBatchDataModule
-from didi.decompose import FactorStore
+from didi.decompose import FactorStore, too_big_for_memory
 from didi.linalg import orthonormal
 from didi.progress import StageProgressBar
 from didi.streamed import refine_als_streamed
@@ -262,10 +262,8 @@ class RefineJobs:
         needs products, not dense residuals) and the shared part is low-rank (a folded one is the dense m×n
         matrix streaming avoids)."""
         e, stream_mb = self.store.matrices[i], self.store.meta["config"].get("stream_mb")
-        T = len(self.store.tasks)
         return (
-            stream_mb is not None
-            and (T + 1) * e.m * e.n * 4 > stream_mb * 2**20
+            too_big_for_memory(e.m, e.n, len(self.store.tasks), stream_mb)
             and self.optimizer == "als"
             and self.ranks.info.get("shared") != "folded"
         )

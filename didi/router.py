@@ -623,7 +623,7 @@ def load_router(
 
 
 # ------------------------------------------------------------------------------------ validation inputs
-def _task_source(task: str, path: str | Path, kind: str, split: str) -> Path:
+def task_source(task: str, path: str | Path, kind: str, split: str) -> Path:
     """The file (text) or folder (images) of one task's validation inputs; never a test split."""
     p = Path(path)
     names = VALIDATION_SPLITS if split == "auto" else (split,)
@@ -698,7 +698,7 @@ def validation_inputs(
         )
     out = {}
     for t in tasks:
-        where = _task_source(t, data[t], kind, split)
+        where = task_source(t, data[t], kind, split)
         out[t] = (where, read_inputs(t, where, kind, limit))
     return out
 

@@ -144,7 +144,7 @@ class MergeSearchOptions:
 def validation_files(validation: dict[str, str] | None, tasks: list[str], kind: str, split: str) -> dict:
     """{task: the file (text) or folder (images) of its validation data}, every task of the zoo; refuses no
     data, a task without data, a task the zoo does not have and any test split (`didi.router`'s rule)."""
-    from didi.router import _task_source
+    from didi.router import task_source
 
     if not validation:
         raise DidiError(
@@ -166,7 +166,7 @@ def validation_files(validation: dict[str, str] | None, tasks: list[str], kind: 
     out = {}
     for t in tasks:
         try:
-            out[t] = _task_source(t, validation[t], kind, split)
+            out[t] = task_source(t, validation[t], kind, split)
         except DidiError as e:
             raise DidiError(f"validation: {e}") from None
         if out[t].name in ("train.jsonl", "train"):

@@ -58,7 +58,7 @@ class BuildConfig:
     min_test: int = 400
     min_val: int = 200
     max_length: int = 48
-    max_epochs: int = 3
+    max_epochs: int = 6
     patience: int = 1
     batch_size: int = 32
     eval_batch_size: int = 64

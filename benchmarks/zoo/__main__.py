@@ -7,7 +7,7 @@ import argparse
 import sys
 
 EXAMPLES = """examples:
-  python -m benchmarks.zoo build --out zoo_real            # everything (estimated 18-23 min, 2 idle cores)
+  python -m benchmarks.zoo build --out zoo_real            # everything (410 s measured, 2 idle cores)
   python -m benchmarks.zoo build --out zoo_real            # again: reuses the data, fine-tunes and reports
   python -m benchmarks.zoo build --out zoo_real --data-only   # only download the sources and write the splits
   python -m benchmarks.zoo build --out zoo_small --tasks tweet_sentiment,bible_division --n-train 200 \\

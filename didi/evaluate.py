@@ -21,8 +21,14 @@ Python entry point (what `didi evaluate` and `didi compare` call):
                 compare_oracle, its accuracy under oracle routing.
 
 It returns the report: {"tasks": {name: {"accuracy", "n", ["normalized_accuracy"]}}, "average",
-["average_normalized"], "storage_ratio", "method", "artifact"}. `evaluate_models({task: encoder path}, ...)`
-does the same for unmerged models (the individual fine-tunes, or θ0 for every task).
+["average_normalized"], "storage_ratio", "method", "artifact", ["examples"]}. `evaluate_models({task: encoder
+path}, ...)` does the same for unmerged models (the individual fine-tunes, or θ0 for every task).
+
+"examples" (classification: text and images) keeps whether each test example was right, so that two reports
+of the same data pair up example by example (`didi compare --reference`, a McNemar test):
+{"encoding": EXAMPLES_ENCODING, "tasks": {name: {"n", "sha256", "correct"}}}, where "correct" is
+`didi.evaluators.pack_correct` of the task's examples in the data's order (4 a hex digit) and "sha256"
+identifies the data (`data_digest`: the .jsonl file read; for an image folder, its files' names and bytes).
 
 Heads (and the text tower of CLIP-style models) sit outside the storage budget, as in the paper. Under DDP
 each process evaluates a disjoint share (datamodules.text.ShardSampler, no padding); torchmetrics sums the
@@ -55,7 +61,7 @@ from didi.evaluators import (
 )
 from didi.router import ROUTER_DIR, LearnedRouter, load_router
 from didi.routing import RoutedModel
-from didi.sources import require_path
+from didi.sources import file_sha256, require_path
 from didi.trainer import TrainerConfig
 
 
@@ -89,6 +95,35 @@ def make_report(
         rep["average_normalized"] = sum(v["normalized_accuracy"] for v in tasks.values()) / len(tasks)
     rep.update(info)
     return rep
+
+
+#: how "examples" encodes per-example correctness (`didi.evaluators.pack_correct`)
+EXAMPLES_ENCODING = "hex, 4 examples a digit, first example = highest bit"
+
+
+def data_digest(path: str | Path, kind: str = "text") -> str:
+    """sha256 identifying one task's test data: the .jsonl file read (a directory's test.jsonl), or, for an
+    image folder (its test/ sub-folder if any), every file's relative name and sha256 in sorted order."""
+    p = Path(path)
+    if kind == "text":
+        return file_sha256(p / "test.jsonl" if p.is_dir() else p)
+    import hashlib
+
+    from didi.datamodules.image import task_folder
+
+    root, h = task_folder(p, "test"), hashlib.sha256()
+    for f in sorted(x for x in root.rglob("*") if x.is_file()):
+        h.update(f"{f.relative_to(root).as_posix()}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def split_examples(res: dict[str, dict], data: dict[str, str], kind: str) -> dict:
+    """Move each task's packed "correct" out of the per-task results into the report's "examples" section,
+    with the count and the digest of the data it refers to."""
+    tasks = {}
+    for t, v in res.items():
+        tasks[t] = {"n": v["n"], "sha256": data_digest(data[t], kind), "correct": v.pop("correct")}
+    return {"encoding": EXAMPLES_ENCODING, "tasks": tasks}
 
 
 #: the columns a learned router adds to a report (per-task key, header)
@@ -248,6 +283,7 @@ def evaluate_artifact(
     adapter = art.adapter()
     learned = _learned_router(art, router, adapter, base, top_k, threshold)
     oracle: dict[str, dict] | None = None
+    kind = None  # classification data whose examples the report keeps ("text" or "image")
     if (
         adapter.registry_name == "open_clip"
     ):  # image classification: ImageFolder data, zero-shot or given heads
@@ -256,6 +292,7 @@ def evaluate_artifact(
         )
         if learned is not None and compare_oracle:
             oracle = evaluate_images(art, adapter, data, heads, base, batch_size, limit_per_task, trainer)
+        kind = "image"
     elif adapter.registry_name == "hf_llama":  # causal LM: perplexity (.txt) and multiple choice (.jsonl)
         res = evaluate_causal_lm(
             art, adapter, data, base, tokenizer, batch_size, max_length, limit_per_task, trainer
@@ -271,7 +308,10 @@ def evaluate_artifact(
         res = run_evaluation(RoutedTextFeatures(routed), hds, art.tasks, dm, trainer, router=learned)
         if learned is not None and compare_oracle:
             oracle = run_evaluation(RoutedTextFeatures(routed), hds, art.tasks, dm, trainer)
+        kind = "text"
     info: dict[str, Any] = {}
+    if kind is not None:
+        info["examples"] = split_examples(res, data, kind)
     if learned is not None:
         if oracle is not None:
             for t, v in res.items():
@@ -333,11 +373,13 @@ def evaluate_models(
         data, tokenizer or next(iter(models.values())), tasks, hds, batch_size, max_length, limit_per_task
     )
     res = run_evaluation(PerTaskTextFeatures(encoders, tasks), hds, tasks, dm, trainer)
+    examples = split_examples(res, data, "text")
     rep = make_report(
         res,
         storage_ratio if storage_ratio is not None else float(len(by_path)),
         load_individual(individual),
         method="unmerged",
+        examples=examples,
     )
     if output is not None:
         write_report(rep, output, "unmerged models")

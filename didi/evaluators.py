@@ -1,18 +1,20 @@
 """The evaluators every evaluation runs: classification heads, sentence features (routed or per-task
 encoders), and the Lightning module that counts correct predictions per task with torchmetrics, so that DDP
-(disjoint shares per process) gives exactly the one-process numbers.
+(disjoint shares per process) gives exactly the one-process numbers. It also keeps whether each example was
+right, by its index in the data (`ExampleOutcomes`), so that two evaluations of the same data can be paired
+(`didi compare --reference`: a McNemar test on the examples where they differ).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import lightning as L
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torchmetrics import SumMetric
+from torchmetrics import Metric, SumMetric
 
 from didi.errors import DidiError
 from didi.routing import SHARED, Mixture, OracleRouter, RoutedModel, Router
@@ -84,6 +86,45 @@ class PerTaskTextFeatures(nn.Module):
         return out
 
 
+# ------------------------------------------------------------------------------------- per-example outcomes
+class ExampleOutcomes(Metric):
+    """Per example of the data (by its global index, `batch["index"]`): times counted, times right, and its
+    task id + 1, summed across processes. Each example is seen once in a complete evaluation (DDP shares are
+    disjoint), so after the sync `right` is 0/1 and `task` - 1 is the example's task id."""
+
+    full_state_update = False
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        for name in ("seen", "right", "task"):
+            self.add_state(name, torch.zeros(n, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, index: torch.Tensor, right: torch.Tensor, task: torch.Tensor) -> None:
+        index = index.to(self.seen.device)
+        self.seen.index_add_(0, index, torch.ones_like(index))
+        self.right.index_add_(0, index, right.to(index.device, torch.int64))
+        self.task.index_add_(0, index, task.to(index.device, torch.int64) + 1)
+
+    def compute(self) -> torch.Tensor:
+        return torch.stack([self.seen, self.right, self.task])
+
+
+def pack_correct(right: Sequence[bool] | torch.Tensor) -> str:
+    """Per-example correctness as hex, 4 examples a digit, the first example the highest bit of the first
+    digit (zero bits pad the last digit): "1011 0100" -> "b4". `unpack_correct` reverses it."""
+    bits = "".join("1" if bool(b) else "0" for b in (right.tolist() if torch.is_tensor(right) else right))
+    bits += "0" * (-len(bits) % 4)
+    return "".join(f"{int(bits[i : i + 4], 2):x}" for i in range(0, len(bits), 4))
+
+
+def unpack_correct(packed: str, n: int) -> list[bool]:
+    """The n booleans `pack_correct` wrote."""
+    if len(packed) != (n + 3) // 4:
+        raise DidiError(f"per-example correctness: {len(packed)} hex digits cannot hold {n} examples")
+    bits = "".join(f"{int(c, 16):04b}" for c in packed)
+    return [b == "1" for b in bits[:n]]
+
+
 # ---------------------------------------------------------------------------------------------- evaluator
 class Evaluator(L.LightningModule):
     """Accuracy per task: features (routed or not) → the task's head → torchmetrics, synced across processes.
@@ -93,11 +134,19 @@ class Evaluator(L.LightningModule):
     the routing is counted too: examples sent to their own task (top-1) and to the shared model.
 
     Logs "eval/<task>/acc", "eval/<task>/n" and "eval/<task>/correct" (and "eval/<task>/routed",
-    "eval/<task>/fallback" with a router); `results` holds {task: {"accuracy", "n"}} after a test run.
+    "eval/<task>/fallback" with a router); `results` holds {task: {"accuracy", "n"}} after a test run. With
+    `n_examples` (the data's size) it also keeps each example's outcome (`ExampleOutcomes`) and leaves the
+    synced 3 × n tensor in `trainer.callback_metrics[EXAMPLES_KEY]`: logged values are scalars, and the
+    callback metrics are what Lightning hands back to the main process from spawned workers (ddp_spawn).
     """
 
     def __init__(
-        self, features: nn.Module, heads: dict[str, nn.Linear], tasks: list[str], router: Router | None = None
+        self,
+        features: nn.Module,
+        heads: dict[str, nn.Linear],
+        tasks: list[str],
+        router: Router | None = None,
+        n_examples: int | None = None,
     ) -> None:
         super().__init__()
         self.features = features
@@ -113,11 +162,13 @@ class Evaluator(L.LightningModule):
         if self.learned:
             self.routed = nn.ModuleDict({t: SumMetric() for t in heads})
             self.fallback = nn.ModuleDict({t: SumMetric() for t in heads})
+        self.outcomes = ExampleOutcomes(n_examples) if n_examples is not None else None
         self.results: dict[str, dict] = {}
 
-    def _sums(self) -> list[SumMetric]:
+    def _sums(self) -> list[Metric]:
         extra = (*self.routed.values(), *self.fallback.values()) if self.learned else ()
-        return [*self.correct.values(), *self.count.values(), *extra]
+        outcomes = (self.outcomes,) if self.outcomes is not None else ()
+        return [*self.correct.values(), *self.count.values(), *extra, *outcomes]
 
     def on_test_epoch_start(self) -> None:
         # fresh, process-local states: ddp_spawn hands the module to its workers through shared memory, and
@@ -137,7 +188,10 @@ class Evaluator(L.LightningModule):
             rows = (ids == t).nonzero().squeeze(1)
             logits = self.heads[name](feats[rows])
             labels = batch["labels"][rows]
-            self.correct[name].update((logits.argmax(-1) == labels).sum().double())
+            right = logits.argmax(-1) == labels
+            self.correct[name].update(right.sum().double())
+            if self.outcomes is not None:
+                self.outcomes.update(batch["index"][rows], right, ids[rows])
             self.count[name].update(
                 torch.tensor(float(rows.numel()), dtype=torch.float64, device=self.device)
             )
@@ -153,6 +207,8 @@ class Evaluator(L.LightningModule):
             if self.learned:
                 res[name]["routed"] = int(self.routed[name].compute().round())
                 res[name]["fallback"] = int(self.fallback[name].compute().round())
+        if self.outcomes is not None:
+            self.trainer.callback_metrics[EXAMPLES_KEY] = self.outcomes.compute().cpu()
         for m in self._sums():
             m.reset()
         self.results = res
@@ -168,6 +224,10 @@ class Evaluator(L.LightningModule):
         )
 
 
+#: where the Evaluator leaves the per-example outcomes among the trainer's callback metrics
+EXAMPLES_KEY = "eval/examples"
+
+
 def run_evaluation(
     features: nn.Module,
     heads: dict[str, nn.Linear],
@@ -176,20 +236,37 @@ def run_evaluation(
     trainer: TrainerConfig = TrainerConfig(),
     router: Router | None = None,
 ) -> dict[str, dict]:
-    """Run the Evaluator under a Trainer; returns {task: {"accuracy", "n"}} and checks the counts. With a
+    """Run the Evaluator under a Trainer; returns {task: {"accuracy", "n", "correct"}} and checks the counts:
+    "correct" is each example's correctness in the task's data order, packed by `pack_correct`. With a
     `router` (not the oracle) each task also gets "routing_accuracy" (share of its examples whose top-1 task
     is their own) and "fallback" (share served by the shared model alone)."""
     expected = dm.counts()
-    model = Evaluator(features, heads, tasks, router)
+    model = Evaluator(features, heads, tasks, router, n_examples=sum(expected.values()))
     tr = Trainers(trainer).test()
     out = tr.test(model, datamodule=dm, verbose=False)
     metrics = out[0] if out else {}
+    outcomes = tr.callback_metrics.get(EXAMPLES_KEY)
+    if outcomes is None:
+        raise DidiError("evaluation: the per-example outcomes did not come back from the evaluation")
+    seen, right, task = torch.as_tensor(outcomes).long()
+    if not bool((seen == 1).all()):
+        raise DidiError(
+            f"evaluation: {int((seen == 0).sum())} examples not evaluated and {int((seen > 1).sum())} "
+            f"evaluated more than once"
+        )
     res = {}
     for t in heads:
         if f"eval/{t}/n" not in metrics:
             raise DidiError(f"evaluation: no result for task {t!r}")
         n, c = int(round(float(metrics[f"eval/{t}/n"]))), int(round(float(metrics[f"eval/{t}/correct"])))
         res[t] = {"accuracy": c / n if n else float("nan"), "n": n}
+        mine = right[task == tasks.index(t) + 1]  # in index order: the task's data order
+        if mine.numel() != n or int(mine.sum()) != c:
+            raise DidiError(
+                f"evaluation: task {t!r}: the per-example outcomes ({int(mine.sum())}/{mine.numel()}) "
+                f"disagree with the counts ({c}/{n})"
+            )
+        res[t]["correct"] = pack_correct(mine.bool())
         if model.learned:
             for key, out in (("routed", "routing_accuracy"), ("fallback", "fallback")):
                 k = int(round(float(metrics[f"eval/{t}/{key}"])))

@@ -755,6 +755,10 @@ def compare(
     batch_size: int = 32,
     max_length: int = 128,
     limit_per_task: Optional[int] = None,
+    reference: Union[list[str], str, None] = None,
+    routers: list[Literal["oracle", "learned"]] = ["oracle"],
+    validation: Optional[dict[str, str]] = None,
+    router: RouterOptions = RouterOptions(),
     trainer: TrainerConfig = TrainerConfig(logger="none", progress_bar=False),
     backbone: Optional[Adapter] = None,
     allow_pickle: bool = False,
@@ -762,13 +766,27 @@ def compare(
 ) -> None:
     """Run methods × budgets on one zoo, score each artifact, write a table (results.md/json) and pareto.png.
 
+    examples:
+      didi compare BASE TASKS cmp/ --methods '[ties, flexmerge, didi]' --budgets '[1.05, 1.24]'   # data-free
+      didi compare BASE TASKS cmp/ --metric accuracy --data '{a: data/a, b: data/b}' \
+          --individual fine_tunes/report.json --reference didi@1.24      # + paired table (McNemar)
+      didi compare ... --methods '[didi, flexmerge, merge]' --budgets '[1.05, 1.24]' \
+          --validation '{a: data/a, b: data/b}'     # MERGE: one search, the front point within each budget
+      didi compare ... --routers '[oracle, learned]' --validation '{a: data/a, b: data/b}' \
+          --router.layer embedding --router.top_k 2 --router.threshold none   # + <row>+learned rows
+      didi compare ... --reference '[didi@1.05, flexmerge@1.05]'       # every row against each reference
+
     Args:
         base: θ0: a .safetensors file or a directory (sharded index supported).
         tasks: {name: path} or a list of name=path / paths; at least two.
         output: directory for artifacts/<label>/, results.json, results.md, pareto.png (reused by later runs).
-        methods: registered methods (see `didi methods`).
-        budgets: storage ratios for methods with a size option (DiDi's budget, FlexMerge's target).
-        options: per-method options, e.g. '{ties: {k: 10}, didi: {search: {steps: 100}}}'.
+        methods: registered methods (see `didi methods`). `merge` (MERGE) searches once into
+            <output>/libraries/merge/ and gives one row per budget: the front point `didi export --budget`
+            extracts (the most accurate within the budget), labelled merge@<budget>, at its own ratio.
+        budgets: storage ratios for methods with a size option (DiDi's budget, FlexMerge's target, MERGE's
+            front point).
+        options: per-method options, e.g. '{ties: {k: 10}, didi: {search: {steps: 100}}, merge: {evaluations:
+            60}}'.
         metric: `reconstruction` (data-free relative error of each task's weights) or `accuracy` (needs data).
         data: {task: test .jsonl or directory} for metric accuracy.
         heads: {task: head .safetensors}; default: head.safetensors beside each fine-tune.
@@ -776,26 +794,36 @@ def compare(
         batch_size: evaluation batch size.
         max_length: tokens per example (text).
         limit_per_task: evaluate at most this many examples per task.
-        trainer: Lightning Trainer settings of the evaluation.
+        reference: with metric accuracy: a row label (`didi@1.05`, `merge@1.24`, `didi@1.24+learned`) or a
+            list of them; every other row is compared with each reference on the same test examples (the
+            difference of average accuracy, the examples only one of them gets right, an exact McNemar
+            test; per task in results.json), in a second table of results.md. Each `+learned` row is also
+            compared with its oracle row.
+        routers: with metric accuracy: `oracle` (each example's own task) and/or `learned`: one router
+            (`didi router train`, on `validation`) saved as <output>/router/ and used for every dynamic row,
+            each then also scored as <label>+learned with its routing accuracy (static merges have nothing
+            to route).
+        validation: {task: validation .jsonl or a directory with validation.jsonl (or val, or train)}: what
+            the learned router trains on and what MERGE's search scores on (unless its options give
+            `validation`); never test data.
+        router: the learned router's features, network, fit and routing (`--router.layer`, `--router.hidden`,
+            `--router.top_k`, `--router.threshold`, ...; see `didi router train --help`).
+        trainer: Lightning Trainer settings of the evaluation (and of MERGE's search and the router's fit).
         backbone: adapter (see `didi backbones`).
         allow_pickle: accept pickle checkpoints (loaded with torch.load(weights_only=True)).
         wandb: also log the table and the plot to W&B (honours WANDB_MODE).
     """
     from didi.compare import run_compare
 
-    evaluation = (
-        {
-            "data": data,
-            "heads": heads,
-            "individual": individual,
-            "batch_size": batch_size,
-            "max_length": max_length,
-            "limit_per_task": limit_per_task,
-            "trainer": trainer,
-        }
-        if metric == "accuracy"
-        else None
-    )
+    evaluation = {  # scores with metric accuracy; MERGE's search and the router take their settings too
+        "data": data,
+        "heads": heads,
+        "individual": individual,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "limit_per_task": limit_per_task,
+        "trainer": trainer,
+    }
     res = run_compare(
         _zoo(base, tasks, backbone, allow_pickle),
         output,
@@ -805,6 +833,10 @@ def compare(
         metric,
         evaluation,
         wandb,
+        reference,
+        list(routers),
+        validation,
+        router,
     )
     print((Path(output) / "results.md").read_text())
     print(f"Pareto front: {', '.join(res['pareto_front'])}\nplot: {Path(output) / 'pareto.png'}")

@@ -6,6 +6,12 @@ FlexMerge) run once per budget; the others run once. Artifacts go to `<output>/a
 reused when a later run asks for the same label with the same hyper-parameters (DiDi's factor cache is shared
 through `decompose.cache_dir` as usual), so adding a method or a budget only computes what is new.
 
+MERGE (`merge`, docs/merge.md) writes a library + front rather than one artifact: its search runs once, to
+`<output>/libraries/merge/` (its wall time is every MERGE row's), and for each budget the front point
+`didi export --budget` picks (the most accurate within the budget; on a front, the largest ratio not above
+it) is extracted to `<output>/artifacts/merge@<budget>/` and scored like any artifact, at its own ratio.
+Its validation data is compare's `validation` unless its options give one.
+
 Metrics:
     accuracy        per-task accuracy from `didi.evaluate.evaluate_artifact` (routed experts, oracle
                     router; needs `data`, and heads beside the fine-tunes or `heads`); with `individual`
@@ -13,6 +19,16 @@ Metrics:
     reconstruction  data-free: per task, ‖θ̂_t − θ_t‖² / ‖θ_t − θ0‖² over every tensor, where θ̂_t is what
                     the artifact serves for task t (`Artifact.task_deltas`): the relative error of its
                     task vector.
+
+Routers (metric accuracy): `oracle` rows route each example to its own task; `learned` adds, for every
+dynamic row (static merges serve one model, nothing to route), a `<label>+learned` row served by ONE router
+trained on `validation` under `<output>/router/` (`didi.router.train_router`: it reads θ0 only, so it serves
+every artifact of the zoo; reused by later runs when its settings are the same), with its routing accuracy.
+
+Paired differences (metric accuracy): each row's report keeps every test example's correctness
+(`didi.evaluate`), so a row and a reference row (`reference`; and each `+learned` row and its oracle row)
+are compared on the same examples: b = examples the row gets right and the reference wrong, c = the reverse,
+and the exact McNemar p-value of b vs c (`mcnemar_exact`), pooled over tasks and per task.
 """
 
 from __future__ import annotations
@@ -20,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -38,6 +55,13 @@ if TYPE_CHECKING:
     from matplotlib.transforms import Bbox
 
 Metric = Literal["reconstruction", "accuracy"]
+Routing = Literal["oracle", "learned"]
+
+#: methods that write a library + front (`didi.methods.merge_library`), not one artifact: searched once,
+#: one row per budget (the front point `didi export --budget` extracts)
+FRONT_METHODS = ("merge",)
+#: suffix of a row served by the learned router
+LEARNED = "+learned"
 
 
 def size_option(method: str) -> str | None:
@@ -62,6 +86,20 @@ def plan_runs(methods: list[str], budgets: list[float], options: dict[str, dict]
     for m in methods:
         get_method(m)  # clear error for an unknown name before anything runs
         opt = size_option(m)
+        if m in FRONT_METHODS:  # one search, one front point per budget
+            if not budgets:
+                raise DidiError(f"budgets: method {m!r} needs at least one budget (a front point per budget)")
+            for b in budgets:
+                runs.append(
+                    {
+                        "label": f"{m}@{b:g}",
+                        "method": m,
+                        "budget": float(b),
+                        "options": dict(options.get(m, {})),
+                        "front": True,
+                    }
+                )
+            continue
         if opt is None:
             runs.append({"label": m, "method": m, "budget": None, "options": dict(options.get(m, {}))})
             continue
@@ -330,7 +368,8 @@ def markdown_table(rows: list[dict], tasks: list[str], metric: Metric) -> str:
     key = "accuracy" if metric == "accuracy" else "rel_err"
     scale, fmt = (100.0, "{:.2f}") if metric == "accuracy" else (1.0, "{:.4g}")
     norm = any("average_normalized" in r for r in rows)
-    extra = ["normalised"] if norm else []
+    routed = any("routing_accuracy" in r for r in rows)
+    extra = (["normalised"] if norm else []) + (["routed right"] if routed else [])
     head = ["method", "budget", "storage ratio", *tasks, "average", *extra, "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in rows:
@@ -343,17 +382,274 @@ def markdown_table(rows: list[dict], tasks: list[str], metric: Metric) -> str:
         ]
         if norm:
             cells.append(fmt.format(scale * r["average_normalized"]) if "average_normalized" in r else "")
+        if routed:
+            cells.append(f"{100 * r['routing_accuracy']:.2f}" if "routing_accuracy" in r else "")
         cells.append(f"{r['wall_time_s']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     what = (
-        "accuracy (%) per task, routed with the oracle router"
+        "accuracy (%) per task, routed with the oracle router (`+learned` rows: with the learned router; "
+        "routed right: % of examples whose top-1 task is their own)"
         if metric == "accuracy"
         else "relative reconstruction error ‖θ̂_t − θ_t‖² / ‖τ_t‖² per task (lower is better)"
     )
     note = f"Metric: {what}. Wall time: the method's run (merge), not the evaluation."
+    if any(r.get("front") for r in rows):
+        note += " MERGE rows: front points of one search; its wall time is every one's."
     return note + "\n\n" + "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------------- paired differences
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value of b vs c discordant pairs: under "both rows are equally accurate"
+    the b + c discordant examples split as Binomial(b + c, 1/2), so p = min(1, 2·P(X ≤ min(b, c))),
+    computed in exact integers (1 when there is no discordant pair)."""
+    if b < 0 or c < 0:
+        raise DidiError(f"McNemar: discordant counts must be non-negative, found b={b}, c={c}")
+    n, k = b + c, min(b, c)
+    term = total = 1  # C(n, 0)
+    for i in range(k):
+        term = term * (n - i) // (i + 1)  # C(n, i + 1)
+        total += term
+    return min(1.0, 2 * total / 2**n)
+
+
+def _outcomes(row: dict, task: str) -> tuple[list[bool], dict]:
+    from didi.evaluate import EXAMPLES_ENCODING
+    from didi.evaluators import unpack_correct
+
+    ex = row.get("examples") or {}
+    if task not in ex.get("tasks", {}):
+        raise DidiError(
+            f"reference: row {row['label']!r} has no per-example outcomes for task {task!r} (only "
+            f"classification reports keep them), so it cannot be paired"
+        )
+    if ex.get("encoding") != EXAMPLES_ENCODING:
+        raise DidiError(
+            f"row {row['label']!r}: per-example outcomes in an unknown encoding {ex.get('encoding')!r}"
+        )
+    v = ex["tasks"][task]
+    return unpack_correct(v["correct"], v["n"]), v
+
+
+def paired_difference(row: dict, ref: dict) -> dict:
+    """`row` against `ref` on the same test examples: per task and pooled over tasks, b (row right,
+    reference wrong), c (the reverse), n, the accuracy difference (points) and the exact McNemar p-value.
+    Refuses rows whose tasks, example counts or data digests differ (not the same examples)."""
+    if list(row["tasks"]) != list(ref["tasks"]):
+        raise DidiError(
+            f"reference: rows {row['label']!r} and {ref['label']!r} were scored on other tasks "
+            f"({list(row['tasks'])} vs {list(ref['tasks'])})"
+        )
+    tasks, B, C, N = {}, 0, 0, 0
+    for t in row["tasks"]:
+        a, va = _outcomes(row, t)
+        r, vr = _outcomes(ref, t)
+        if va["sha256"] != vr["sha256"] or va["n"] != vr["n"]:
+            raise DidiError(
+                f"reference: rows {row['label']!r} and {ref['label']!r} were scored on different data for "
+                f"task {t!r} (sha256 {va['sha256'][:12]}… on {va['n']} examples vs {vr['sha256'][:12]}… on "
+                f"{vr['n']}); a paired test needs the same examples"
+            )
+        b = sum(x and not y for x, y in zip(a, r))
+        c = sum(y and not x for x, y in zip(a, r))
+        n = len(a)
+        tasks[t] = {"b": b, "c": c, "n": n, "difference": 100 * (b - c) / n, "p_value": mcnemar_exact(b, c)}
+        B, C, N = B + b, C + c, N + n
+    out = {
+        "row": row["label"],
+        "reference": ref["label"],
+        # the mean over tasks of each task's difference: the difference of the rows' average accuracies
+        "difference": sum(v["difference"] for v in tasks.values()) / len(tasks),
+        "b": B,
+        "c": C,
+        "n": N,
+        "p_value": mcnemar_exact(B, C),
+        "tasks": tasks,
+    }
+    if "average_normalized" in row and "average_normalized" in ref:
+        out["difference_normalized"] = 100 * (row["average_normalized"] - ref["average_normalized"])
+    return out
+
+
+def reference_pairs(rows: list[dict], reference: str | list[str] | None) -> list[tuple[dict, dict]]:
+    """(row, reference row) pairs: every other row against each reference, then each `+learned` row against
+    its oracle row (when both are in the table); each pair once."""
+    by_label = {r["label"]: r for r in rows}
+    refs = [reference] if isinstance(reference, str) else list(reference or [])
+    unknown = [x for x in refs if x not in by_label]
+    if unknown:
+        raise DidiError(f"reference: {unknown[0]!r} is not a row of this comparison (rows: {list(by_label)})")
+    pairs = [(r, by_label[x]) for x in dict.fromkeys(refs) for r in rows if r["label"] != x]
+    for r in rows:
+        base = r["label"][: -len(LEARNED)] if r["label"].endswith(LEARNED) else None
+        if base in by_label and not any(p[0] is r and p[1]["label"] == base for p in pairs):
+            pairs.append((r, by_label[base]))
+    return pairs
+
+
+def paired_markdown(paired: list[dict]) -> str:
+    norm = any("difference_normalized" in p for p in paired)
+    head = ["row", "reference", "Δ average (points)", *(["Δ normalised (points)"] if norm else [])]
+    head += ["b: row right only", "c: reference right only", "n", "McNemar p"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for p in paired:
+        cells = [p["row"], p["reference"], f"{p['difference']:+.2f}"]
+        if norm:
+            cells.append(f"{p['difference_normalized']:+.2f}" if "difference_normalized" in p else "")
+        cells += [str(p["b"]), str(p["c"]), str(p["n"]), f"{p['p_value']:.3g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (
+        "Paired differences on the same test examples (row − reference). Δ average: the difference of the "
+        "rows' average accuracies; b, c: examples, pooled over the tasks, that only the row / only the "
+        "reference gets right; McNemar p: exact two-sided binomial test of b against c (per task in "
+        "results.json)."
+    )
+    return note + "\n\n" + "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------- MERGE rows
+def _merge_options(opts: dict, validation: dict | None, evaluation: dict) -> dict:
+    """MERGE's options for a compare run: compare's validation data, heads, tokenizer, batch size, token
+    length and trainer unless the method's own options set them; resume an interrupted search."""
+    opts = dict(opts)
+    if opts.get("validation") is None:
+        if not validation:
+            raise DidiError(
+                "validation: method merge scores its configurations on each task's validation split; give "
+                "--validation '{task: data dir or validation .jsonl}' (never test data), or options "
+                "{merge: {validation: ...}}"
+            )
+        opts["validation"] = dict(validation)
+    for key in ("heads", "tokenizer", "batch_size", "max_length"):
+        if key not in opts and evaluation.get(key) is not None:
+            opts[key] = evaluation[key]
+    if "trainer" not in opts and evaluation.get("trainer") is not None:
+        opts["trainer"] = evaluation["trainer"]
+    return opts
+
+
+def _library(zoo: Zoo, out: Path, method: str, opts: dict, timings: dict) -> tuple[Path, float, bool]:
+    """The method's library under `<out>/libraries/` (searched now, or reused when its settings are the
+    same); returns (path, search wall time, reused)."""
+    from didi.methods import apply_method, get_method
+    from didi.methods.merge import work_dir_for
+    from didi.methods.merge_library import read_library
+
+    spec = get_method(method)
+    lib = out / "libraries" / method
+    if lib.exists():
+        manifest, _ = read_library(lib, verify=False)
+        want = spec.make_options(opts).hyper_parameters()
+        if _jsonable(manifest["method"].get("hyper_parameters")) != _jsonable(want):
+            raise DidiError(
+                f"{lib}: a library of other settings is already there; delete it or choose another output"
+            )
+        wall = float(timings.get(f"{method}:search", manifest.get("search", {}).get("wall_s", math.nan)))
+        return lib, wall, True
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    if "resume" not in opts and work_dir_for(lib).exists():  # an interrupted search of this output
+        opts = {**opts, "resume": True}
+    t0 = time.perf_counter()
+    apply_method(method, zoo, lib, opts)
+    wall = time.perf_counter() - t0
+    timings[f"{method}:search"] = wall
+    return lib, wall, False
+
+
+def _front_artifact(lib: Path, path: Path, budget: float) -> bool:
+    """Extract the front point of `lib` within `budget` to `path` (`didi export --format artifact --budget`),
+    or check that the artifact there is that point of that library; returns whether it was reused."""
+    from didi.artifact import load_artifact
+    from didi.export import export_library_point
+    from didi.methods.merge_library import choose_point, read_library
+
+    if not path.exists():
+        export_library_point(lib, path, "artifact", None, budget)
+        return False
+    _, front = read_library(lib, verify=False)
+    want = choose_point(front, budget=budget)
+    got = load_artifact(path, verify=False).manifest.get("metrics", {}).get("merge", {})
+    if (got.get("library"), got.get("point"), got.get("genome")) != (
+        str(lib.resolve()),
+        want["index"],
+        want["genome"],
+    ):
+        raise DidiError(
+            f"{path}: an artifact of other settings is already there (not front point {want['index']} of "
+            f"{lib}); delete it or choose another output"
+        )
+    return True
+
+
+# ------------------------------------------------------------------------------------------- the router
+def _router_kind(zoo: Zoo) -> str:
+    return "image" if zoo.adapter.registry_name == "open_clip" else "text"
+
+
+def _router(
+    zoo: Zoo, out: Path, artifact: Path, validation: dict, opts, evaluation: dict
+) -> tuple[Path, dict]:
+    """ONE learned router for the zoo at `<out>/router/` (trained with `artifact`, whose θ0 and tasks every
+    artifact of the zoo shares), or the one already there when it was trained with the same options, data
+    and token length; returns (path, a record for results.json)."""
+    from didi.router import read_router_config, task_source, train_router
+
+    path = out / "router"
+    missing = [t for t in zoo.task_names if t not in validation]
+    unknown = [t for t in validation if t not in zoo.task_names]
+    if missing or unknown:
+        raise DidiError(
+            f"validation: the learned router needs validation inputs of every task of the zoo "
+            f"{zoo.task_names}: "
+            + (f"no data for task {missing[0]!r}" if missing else f"task {unknown[0]!r} is not in the zoo")
+        )
+    data = {t: str(task_source(t, validation[t], _router_kind(zoo), "auto")) for t in zoo.task_names}
+    max_length = evaluation.get("max_length", 128) if _router_kind(zoo) == "text" else None
+    if path.exists():
+        cfg = read_router_config(path)
+        tr = cfg.get("training", {})
+        have = {k: v for k, v in tr.get("options", {}).items() if k not in ("top_k", "threshold")}
+        want = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("top_k", "threshold")}
+        same = (
+            _jsonable(have) == _jsonable(want)
+            and tr.get("data") == data
+            and tr.get("max_length") == max_length
+            and (opts.threshold != "auto" or tr.get("options", {}).get("threshold") == "auto")
+        )
+        if not same:
+            raise DidiError(
+                f"{path}: a router trained with other settings or data is already there; delete it or "
+                f"choose another output"
+            )
+        return path, {"path": str(path), "reused": True, "wall_time_s": None, "training": tr}
+    t0 = time.perf_counter()
+    train_router(
+        artifact,
+        validation,
+        path,
+        opts,
+        "auto",
+        tokenizer=evaluation.get("tokenizer"),
+        batch_size=evaluation.get("batch_size", 32),
+        max_length=evaluation.get("max_length", 128),
+        trainer=evaluation.get("trainer") or _default_trainer(),
+    )
+    wall = time.perf_counter() - t0
+    tr = read_router_config(path).get("training", {})
+    return path, {"path": str(path), "reused": False, "wall_time_s": wall, "training": tr}
+
+
+def _default_trainer():
+    from didi.trainer import TrainerConfig
+
+    return TrainerConfig()
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+# ------------------------------------------------------------------------------------------- the run
 def run_compare(
     zoo: Zoo,
     output: str | Path,
@@ -363,14 +659,22 @@ def run_compare(
     metric: Metric = "reconstruction",
     evaluation: dict[str, Any] | None = None,
     wandb: bool = False,
+    reference: str | list[str] | None = None,
+    routers: list[Routing] | tuple[Routing, ...] = ("oracle",),
+    validation: dict[str, str] | None = None,
+    router: Any = None,
 ) -> dict:
     """Run every (method, budget), score it, write results.json, results.md and pareto.png under `output`.
 
     `evaluation` holds the keyword arguments of `didi.evaluate.evaluate_artifact` (data, heads, individual,
-    batch_size, limit_per_task, trainer, ...) for metric = accuracy.
+    batch_size, limit_per_task, trainer, ...) for metric = accuracy. `reference`: row label(s) every other
+    row is paired with (McNemar). `routers`: `oracle` and/or `learned` (one router trained on `validation`
+    with `router`, a `didi.router.RouterOptions`, for every dynamic row). `validation`: {task: validation
+    data}, for the learned router and MERGE's search (never test data).
     """
     from didi.artifact import load_artifact
     from didi.methods import apply_method, get_method
+    from didi.router import RouterOptions
 
     if metric not in ("reconstruction", "accuracy"):
         raise DidiError(f"metric: expected reconstruction or accuracy, found {metric!r}")
@@ -380,34 +684,89 @@ def run_compare(
             "metric accuracy: give the evaluation data ({task: test.jsonl or directory}); or use "
             "metric reconstruction (data-free)"
         )
+    routers = list(routers)
+    bad = [r for r in routers if r not in ("oracle", "learned")]
+    if bad or not routers or len(set(routers)) != len(routers):
+        raise DidiError(f"routers: expected a non-empty list of oracle and/or learned, found {routers}")
+    learned = "learned" in routers
+    if metric != "accuracy" and (learned or reference):
+        raise DidiError(
+            f"{'routers: learned' if learned else 'reference'}: needs metric accuracy (a router and a "
+            f"paired test act on test examples); the reconstruction metric is data-free"
+        )
+    router_opts = router if router is not None else RouterOptions()
+    if learned:
+        router_opts.validate(len(zoo.task_names))
+        if not validation:
+            raise DidiError(
+                "routers: learned: give --validation '{task: data dir or validation .jsonl}': the router "
+                "trains on each task's validation inputs (never on test data)"
+            )
     runs = plan_runs(methods, budgets, options)
+    # what can be refused is refused before anything runs: MERGE's validation data, the learned rows, the
+    # references
+    for run in runs:
+        if run.get("front"):
+            run["options"] = _merge_options(run["options"], validation, evaluation)
+    labels = []
+    for run in runs:
+        dynamic = get_method(run["method"]).kind != "static"
+        labels += [run["label"]] if "oracle" in routers or not dynamic else []
+        labels += [run["label"] + LEARNED] if learned and dynamic else []
+    if learned and not any(lab.endswith(LEARNED) for lab in labels):
+        raise DidiError(
+            "routers: learned: no dynamic method among the methods (static merges serve one model for "
+            "every task; there is nothing to route)"
+        )
+    if reference is not None:
+        refs = [reference] if isinstance(reference, str) else list(reference)
+        unknown = [x for x in refs if x not in labels]
+        if unknown or not refs:
+            raise DidiError(
+                f"reference: {unknown[0] if unknown else refs!r} is not a row of this comparison (rows: "
+                f"{labels})"
+            )
     out = Path(output)
     (out / "artifacts").mkdir(parents=True, exist_ok=True)
     timings_f = out / "timings.json"
     timings = json.loads(timings_f.read_text()) if timings_f.exists() else {}
-    rows = []
+
+    # 1. the artifacts (made or reused)
+    built, libraries = [], {}
     for run in runs:
         spec = get_method(run["method"])
-        opts = spec.make_options(run["options"])
-        hyper = json.loads(json.dumps(dataclasses.asdict(opts), default=str))
         path = out / "artifacts" / run["label"]
-        reused = path.exists()
-        if reused:
+        if run.get("front"):
+            m = run["method"]
+            if m not in libraries:
+                libraries[m] = _library(zoo, out, m, run["options"], timings)
+                _write_atomic(timings_f, jsonio.dumps(timings, indent=1))
+            lib, wall, lib_reused = libraries[m]
+            reused = _front_artifact(lib, path, run["budget"]) and lib_reused
             a = load_artifact(path)
-            m = a.manifest["method"]
-            if m.get("registry_name", m["name"]) != run["method"] or not _same_hyper(m, hyper, run["method"]):
-                raise DidiError(
-                    f"{path}: an artifact of other settings is already there; delete it or "
-                    f"choose another output"
-                )
-            wall = float(timings.get(run["label"], float("nan")))
+            hyper = _jsonable(a.manifest["method"].get("hyper_parameters", {}))
         else:
-            t0 = time.perf_counter()
-            apply_method(run["method"], zoo, path, opts)
-            wall = time.perf_counter() - t0
-            timings[run["label"]] = wall
-            _write_atomic(timings_f, jsonio.dumps(timings, indent=1))
-            a = load_artifact(path)
+            opts = spec.make_options(run["options"])
+            hyper = _jsonable(dataclasses.asdict(opts))
+            reused = path.exists()
+            if reused:
+                a = load_artifact(path)
+                m = a.manifest["method"]
+                if m.get("registry_name", m["name"]) != run["method"] or not _same_hyper(
+                    m, hyper, run["method"]
+                ):
+                    raise DidiError(
+                        f"{path}: an artifact of other settings is already there; delete it or "
+                        f"choose another output"
+                    )
+                wall = float(timings.get(run["label"], float("nan")))
+            else:
+                t0 = time.perf_counter()
+                apply_method(run["method"], zoo, path, opts)
+                wall = time.perf_counter() - t0
+                timings[run["label"]] = wall
+                _write_atomic(timings_f, jsonio.dumps(timings, indent=1))
+                a = load_artifact(path)
         row = {
             "label": run["label"],
             "method": run["method"],
@@ -418,19 +777,40 @@ def run_compare(
             "reused": reused,
             "artifact": str(path),
         }
+        if run.get("front"):
+            row["front"] = {**a.manifest["metrics"]["merge"], "library": str(libraries[run["method"]][0])}
+        built.append((row, a, spec.kind != "static"))
+
+    # 2. one learned router for every dynamic row
+    router_path, router_record = None, None
+    if learned:
+        dynamic = [row["artifact"] for row, _, dyn in built if dyn]
+        router_path, router_record = _router(zoo, out, Path(dynamic[0]), validation, router_opts, evaluation)
+
+    # 3. scores
+    rows = []
+    for row, a, dynamic in built:
         if metric == "reconstruction":
             res = reconstruction_errors(a, zoo)
-            row["tasks"] = res
-            row["average"] = sum(v["rel_err"] for v in res.values()) / len(res)
-        else:
-            from didi.evaluate import evaluate_artifact
+            rows.append({**row, "tasks": res, "average": sum(v["rel_err"] for v in res.values()) / len(res)})
+            continue
+        from didi.evaluate import evaluate_artifact
 
-            rep = evaluate_artifact(path, **evaluation)
-            row["tasks"] = rep["tasks"]
-            row["average"] = rep["average"]
-            if "average_normalized" in rep:
-                row["average_normalized"] = rep["average_normalized"]
-        rows.append(row)
+        if "oracle" in routers or not dynamic:
+            rows.append(_scored(row, evaluate_artifact(row["artifact"], **evaluation)))
+        if learned and dynamic:
+            rep = evaluate_artifact(
+                row["artifact"],
+                **evaluation,
+                router=str(router_path),
+                top_k=router_opts.top_k,
+                threshold=None if router_opts.threshold == "auto" else router_opts.threshold,
+                compare_oracle=False,
+            )
+            lrow = _scored({**row, "label": row["label"] + LEARNED, "method": row["method"] + LEARNED}, rep)
+            lrow["routing_accuracy"], lrow["fallback"] = rep["routing_accuracy"], rep["fallback"]
+            lrow["router"] = rep["router"]
+            rows.append(lrow)
     tasks = list(rows[0]["tasks"])
     key = "average_normalized" if all("average_normalized" in r for r in rows) else "average"
     higher = metric == "accuracy"
@@ -439,6 +819,9 @@ def run_compare(
         if higher
         else "relative reconstruction error (avg)"
     )
+    paired = []
+    if metric == "accuracy":
+        paired = [paired_difference(r, ref) for r, ref in reference_pairs(rows, reference)]
     png = pareto_png(rows, key, ylabel, higher, f"{ylabel} vs storage")
     result = {
         "metric": metric,
@@ -449,12 +832,30 @@ def run_compare(
             rows[i]["label"] for i in pareto_front([(r["storage_ratio"], r[key]) for r in rows], higher)
         ],
     }
+    if paired:
+        result["reference"] = reference
+        result["paired"] = paired
+    if router_record is not None:
+        result["router"] = router_record
+    md = markdown_table(rows, tasks, metric)
+    if paired:
+        md += "\n" + paired_markdown(paired)
     _write_atomic(out / "results.json", jsonio.dumps(result, indent=1, default=str))
-    _write_atomic(out / "results.md", markdown_table(rows, tasks, metric))
+    _write_atomic(out / "results.md", md)
     _write_atomic(out / "pareto.png", png)
     if wandb:
         _log_wandb(result, out)
     return result
+
+
+def _scored(row: dict, rep: dict) -> dict:
+    """A row with an evaluation report's scores (and its per-example outcomes, for paired tests)."""
+    row = {**row, "tasks": rep["tasks"], "average": rep["average"]}
+    if "average_normalized" in rep:
+        row["average_normalized"] = rep["average_normalized"]
+    if "examples" in rep:
+        row["examples"] = rep["examples"]
+    return row
 
 
 def _same_hyper(method_entry: dict, hyper: dict, name: str) -> bool:

@@ -768,12 +768,11 @@ def compare(
 
     examples:
       didi compare BASE TASKS cmp/ --methods '[ties, flexmerge, didi]' --budgets '[1.05, 1.24]'   # data-free
-      didi compare BASE TASKS cmp/ --metric accuracy --data '{a: data/a, b: data/b}' \
-          --individual fine_tunes/report.json --reference didi@1.24      # + paired table (McNemar)
-      didi compare ... --methods '[didi, flexmerge, merge]' --budgets '[1.05, 1.24]' \
-          --validation '{a: data/a, b: data/b}'     # MERGE: one search, the front point within each budget
-      didi compare ... --routers '[oracle, learned]' --validation '{a: data/a, b: data/b}' \
-          --router.layer embedding --router.top_k 2 --router.threshold none   # + <row>+learned rows
+      didi compare BASE TASKS cmp/ --metric accuracy --data '{a: data/a, b: data/b}' --individual ind.json
+      didi compare ... --metric accuracy --data ... --reference didi@1.24   # + paired table (McNemar)
+      didi compare ... --methods '[didi, merge]' --validation '{a: data/a, b: data/b}'   # MERGE front points
+      didi compare ... --routers '[oracle, learned]' --validation '{a: data/a, b: data/b}'   # +learned rows
+      didi compare ... --routers '[oracle, learned]' --router.top_k 2 --router.threshold none   # soft routing
       didi compare ... --reference '[didi@1.05, flexmerge@1.05]'       # every row against each reference
 
     Args:

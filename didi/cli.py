@@ -71,8 +71,11 @@ _COMMON_ARGS = """
     "allow_pickle",
     "method",
     "method_options",
-    options=("budget", "allocation", "shared", "decompose", "search", "refine", "trainer", "resume"),
-)
+    options=(
+        "budget", "allocation", "shared", "decompose", "search", "refine", "trainer", "resume", "calibration",
+        "calibration_mode", "calibration_eps", "calibration_examples", "calibration_max_length",
+    ),
+)  # fmt: skip
 def merge(
     base: str,
     tasks: Union[dict[str, str], list[str]],
@@ -93,6 +96,7 @@ def merge(
       didi merge --config configs/merge_synthetic.yaml --search.steps 400    # YAML, then overrides
       didi merge ... --trainer.strategy ddp --trainer.devices 4 --trainer.accelerator gpu
       didi merge ... --shared folded        # shared part in the stored base: every budget unit to the experts
+      didi merge ... --calibration '{a: data/a, b: data/b}'   # layer output error on validation inputs
       didi merge base/ '{a: a/, b: b/}' lib/ --method merge --method_options '{validation: {a: va/, b: vb/}}'
     {common}
         output: artifact directory to create (written to a temporary path and renamed at the end).

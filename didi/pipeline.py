@@ -14,7 +14,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Literal, Optional, Union
 
 from didi import jsonio
 from didi.allocation import (
@@ -29,6 +29,7 @@ from didi.allocation import (
 )
 from didi.backbones.base import Zoo
 from didi.budget import parse_budget
+from didi.calibration import WhitenedZoo, check_options, whiten_zoo
 from didi.decompose import DecomposeConfig, FactorStore
 from didi.didi_artifact import write_didi_artifact
 from didi.errors import DidiError
@@ -55,6 +56,15 @@ class MergeOptions:
             added to the stored base, which costs nothing; the whole budget goes to the experts, allocated by
             the exact greedy, and the refinement updates the dense shared part and the experts).
         resume: continue an interrupted run with the same output from its work directory (search checkpoint).
+        calibration: {task: validation path} (as `didi router train --data` takes it; a directory is read at
+            validation.jsonl, val.jsonl or train.jsonl, never test): minimise each linear layer's output error
+            on these unlabelled inputs instead of the weight error (docs/method.md §8; `didi merge` only).
+            None (default): data-free.
+        calibration_mode: `pooled` (one input metric per matrix from every task's inputs; both layouts) or
+            `per_task` (each task's own; only with --shared folded and --refine.optimizer none).
+        calibration_eps: ε of C = chol(XXᵀ/N + ε·mean(diag)·I), relative to the second moment's mean diagonal.
+        calibration_examples: validation inputs read per task.
+        calibration_max_length: tokens per calibration input (text).
     """
 
     budget: Union[float, str] = "S"
@@ -65,9 +75,18 @@ class MergeOptions:
     allocation: Allocation = "search"
     shared: SharedPart = "low_rank"
     resume: bool = False
+    calibration: Optional[dict[str, str]] = None
+    calibration_mode: Literal["pooled", "per_task"] = "pooled"
+    calibration_eps: float = 0.01
+    calibration_examples: int = 256
+    calibration_max_length: int = 128
 
     def validate(self) -> None:
         self.budget = parse_budget(self.budget)
+        check_options(
+            self.calibration, self.calibration_mode, self.calibration_eps, self.calibration_examples,
+            self.calibration_max_length, self.shared, self.refine.optimizer,
+        )  # fmt: skip
 
     def hyper_parameters(self) -> dict:
         """What the manifest records (the trainer settings change no result)."""
@@ -78,6 +97,16 @@ class MergeOptions:
             "decompose": asdict(self.decompose),
             "search": asdict(self.search),
             "refine": asdict(self.refine),
+            **({"calibration": self.calibration_settings()} if self.calibration is not None else {}),
+        }
+
+    def calibration_settings(self) -> dict:
+        return {
+            "data": {t: str(p) for t, p in self.calibration.items()},
+            "mode": self.calibration_mode,
+            "eps": self.calibration_eps,
+            "examples": self.calibration_examples,
+            "max_length": self.calibration_max_length,
         }
 
 
@@ -192,6 +221,8 @@ def run_search(
     """Decompose, search and budget: the integer ranks (what `didi search` writes to `output`) and the factor
     store they index."""
     target = parse_budget(opts.budget)
+    if opts.calibration is not None and not isinstance(zoo, WhitenedZoo):
+        raise DidiError("calibration: only `didi merge` (run_merge) calibrates; didi search / refine do not")
     precheck_budget(zoo, target)
     dcfg = resolve_width(zoo, opts.decompose, target)
     check_decompose_inputs(zoo, dcfg, target)
@@ -274,6 +305,8 @@ def run_refine(
     metrics["decompose"].update(store.shares or {})
     if not is_global_zero():
         return None
+    if isinstance(zoo, WhitenedZoo):  # calibrated: the factors back in the weights' metric (method.md §8)
+        zoo, store, shared_terms, tasks = zoo.unwhiten(store, shared_terms, tasks, metrics)
     path = write_didi_artifact(output, zoo, store, ranks, shared_terms, tasks, hyper, metrics, method)
     trainers.log_image("rank_heatmap", path / "rank_heatmap.png")
     shutil.rmtree(work, ignore_errors=True)
@@ -291,6 +324,8 @@ def run_merge(
     registry name recorded in the manifest (didi, didi_greedy, ...)."""
     opts = opts or MergeOptions()
     _check_new(output)
+    if opts.calibration is not None:  # the zoo read in the inputs' metric (didi.calibration; writes nothing)
+        zoo, opts = whiten_zoo(zoo, opts, progress)
     trainers = Trainers(opts.trainer)  # one W&B run for both stages
     with _work_dir(work_dir_for(output), opts.resume):  # one lock over both stages
         ranks, store = run_search(zoo, output, opts, progress, trainers)

@@ -17,6 +17,7 @@ from typing import Callable, Literal, Union
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from didi.accounting import Pricing, base_bytes_of
 from didi.backbones.base import Zoo
 from didi.budget import Allocator, RankProblem, folded_error, folded_ranks, rescale_to_budget, uniform_ranks
 from didi.callbacks import RankEvolution
@@ -75,8 +76,11 @@ def policy_fn(policy: Policy) -> Callable[[str], str]:
     return policy if callable(policy) else (lambda name: policy)
 
 
-def rank_problem(store: FactorStore, widths: list[int], policy: Policy) -> RankProblem:
-    """Bounds are min(numerical rank, search width K); fixed cost = per-task non-matrix deltas if counted."""
+def rank_problem(
+    store: FactorStore, widths: list[int], policy: Policy, pricing: Pricing | None = None
+) -> RankProblem:
+    """Bounds are min(numerical rank, search width K); fixed cost = per-task non-matrix deltas if counted.
+    `pricing`: the budget's unit and the factors' dtypes (default: elements, float32 factors)."""
     T = len(store.tasks)
     fixed = 0.0
     pol = policy_fn(policy)
@@ -84,13 +88,21 @@ def rank_problem(store: FactorStore, widths: list[int], policy: Policy) -> RankP
         if not meta["zero"] and pol(name) == "per_task":
             fixed += T * float(torch.Size(meta["shape"]).numel())
     ents = store.matrices
+    m, n = torch.tensor([e.m for e in ents]), torch.tensor([e.n for e in ents])
+    extra: dict = {}
+    base = store.base_params
+    if pricing is not None and not pricing.is_default:
+        cost_s, cost_t = pricing.units(m, n)
+        extra = {"cost_s": cost_s, "cost_t": cost_t, "unit_name": pricing.unit_name}
+        base, fixed = pricing.base(store.base_params), pricing.dense(fixed)
     return RankProblem(
-        m=torch.tensor([e.m for e in ents]),
-        n=torch.tensor([e.n for e in ents]),
+        m=m,
+        n=n,
         bound_s=torch.tensor([min(e.bound_s, k) for e, k in zip(ents, widths)]),
         bound_t=torch.tensor([[min(b, k) for b in e.bound_t] for e, k in zip(ents, widths)]),
-        base_params=store.base_params,
+        base_params=base,
         fixed_elements=fixed,
+        **extra,
     )
 
 
@@ -162,13 +174,15 @@ def _widths(store: FactorStore, cap: int) -> list[int]:
     return [min(e.K, cap) for e in store.matrices]
 
 
-def greedy_ranks(store: FactorStore, target: float, policy: Policy, cap: int | None = None):
+def greedy_ranks(
+    store: FactorStore, target: float, policy: Policy, cap: int | None = None, pricing: Pricing | None = None
+):
     """Greedy marginal-gain allocation from zero at width `cap` (grown until no module is cut by it)."""
     K_max = max(e.K for e in store.matrices)
     cap = min(K_max, cap or 128)
     while True:
         widths = _widths(store, cap)
-        problem = rank_problem(store, widths, policy)
+        problem = rank_problem(store, widths, policy, pricing)
         cache = TermsCache(store, widths)
         alloc = Allocator(cache.groups(list(range(len(widths))), torch.float64), problem)
         budget = problem.max_elements(target)
@@ -248,36 +262,38 @@ def allocate(
     work_dir: Path | None = None,
     resume: bool = False,
     shared: SharedPart = "low_rank",
+    pricing: Pricing | None = None,
 ) -> Ranks:
     """Stage 1 and the budget: integer ranks at the exact target (ratio ≤ target, short by < one unit).
 
     `trainers`: the run's Trainers (a merge shares one W&B run between its stages), or settings to build
-    them."""
+    them. `pricing`: the budget's unit and the factors' dtypes (default: elements, float32)."""
     if isinstance(trainers, TrainerConfig):
         trainers = Trainers(trainers)
     if shared == "folded":
-        return allocate_folded(store, target, policy, allocation)
+        return allocate_folded(store, target, policy, allocation, pricing)
     if shared != "low_rank":
         raise DidiError(f"shared: expected 'low_rank' or 'folded', found {shared!r}")
     K_max = max(e.K for e in store.matrices)
-    problem_full = rank_problem(store, [e.K for e in store.matrices], policy)
+    problem_full = rank_problem(store, [e.K for e in store.matrices], policy, pricing)
     problem_full.check(target)
-    g_s, g_t, g_cap, lam = greedy_ranks(store, target, policy)
+    g_s, g_t, g_cap, lam = greedy_ranks(store, target, policy, pricing=pricing)
     cap = min(K_max, scfg.rank_cap or max(32, 2 * int(max(g_s.max(), g_t.max()))))
     widths = _widths(store, cap)
-    problem = rank_problem(store, widths, policy)
+    problem = rank_problem(store, widths, policy, pricing)
     # the greedy ranks can stop short of the budget (no positive gain left, e.g. with a TSV-M shared part);
     # widen the search until the budget is reachable inside it (up to full rank, checked above)
     while problem.max_ratio() < target and cap < K_max and not scfg.rank_cap:
         cap = min(K_max, 2 * cap)
         widths = _widths(store, cap)
-        problem = rank_problem(store, widths, policy)
+        problem = rank_problem(store, widths, policy, pricing)
     problem.check(target)
     cache = TermsCache(store, widths)
     everything = list(range(len(widths)))
     alloc = Allocator(cache.groups(everything, torch.float64), problem)
     budget = problem.max_elements(target)
     info: dict = {"allocation": allocation, "target_ratio": target, "search_width": cap}
+    info.update(_pricing_info(pricing))
     zeros_s, zeros_t = torch.zeros_like(g_s), torch.zeros_like(g_t)
     if allocation == "greedy":
         r_s, r_t = alloc.greedy_fill(zeros_s, zeros_t, budget)
@@ -309,15 +325,30 @@ def allocate(
     return Ranks(r_s, r_t, info)
 
 
+def _pricing_info(pricing: Pricing | None) -> dict:
+    """What a ranks file records of a non-default pricing (the refinement and the artifact follow it)."""
+    if pricing is None or pricing.is_default:
+        return {}
+    return {
+        "storage": pricing.storage,
+        "expert_dtype": pricing.expert_dtype,
+        "base_bytes": pricing.base_bytes,
+    }
+
+
 def allocate_folded(
-    store: FactorStore, target: float, policy: Policy, allocation: Allocation = "search"
+    store: FactorStore,
+    target: float,
+    policy: Policy,
+    allocation: Allocation = "search",
+    pricing: Pricing | None = None,
 ) -> Ranks:
     """Expert ranks for a shared part folded into the base: no shared ranks; `search` and `greedy` both take
     the exact greedy of `folded_ranks` (optimal to one rank unit: the search has nothing to find), `uniform`
     the same rank everywhere (the ablation)."""
     if allocation not in ("search", "greedy", "uniform"):
         raise DidiError(f"allocation: expected search, greedy or uniform, found {allocation!r}")
-    problem = rank_problem(store, [e.K for e in store.matrices], policy)
+    problem = rank_problem(store, [e.K for e in store.matrices], policy, pricing)
     problem = replace(problem, bound_s=torch.zeros_like(problem.bound_s))
     problem.check(target)
     budget = problem.max_elements(target)
@@ -328,13 +359,14 @@ def allocate_folded(
     if allocation == "uniform":
         _, r_t = uniform_ranks(problem, budget)
     else:
-        r_t = folded_ranks(sigma_t, problem.bound_t, problem.unit, budget)
+        r_t = folded_ranks(sigma_t, problem.bound_t, problem.unit_t, budget)
     info = {
         "allocation": "uniform" if allocation == "uniform" else "greedy",
         "shared": "folded",
         "target_ratio": target,
         "rec_err": float(folded_error(sigma_t, mt_sq, r_t).sum()) / store.tau_total(),
         "ratio": problem.ratio(r_s, r_t),
+        **_pricing_info(pricing),
     }
     return Ranks(r_s, r_t, info)
 
@@ -349,7 +381,20 @@ def per_task_elements(zoo: Zoo, T: int) -> int:
     )
 
 
-def precheck_budget(zoo: Zoo, target: float) -> None:
+def zoo_pricing(zoo: Zoo, storage: str = "elements", expert_dtype: str | None = None) -> Pricing:
+    """The pricing of a merge of `zoo`: `storage` units, experts in `expert_dtype` (None: float32, the
+    factors' dtype), the shared factors in float32, θ0's bytes from its own dtypes."""
+    return Pricing(storage, expert_dtype or "float32", "float32", base_bytes_of(zoo.plan))
+
+
+def _zoo_units(zoo: Zoo, pricing: Pricing) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shared, expert) rank-unit costs of the zoo's matrices [L] in the budget's unit."""
+    m = torch.tensor([p.matrix_shape[0] for p in zoo.matrices])
+    n = torch.tensor([p.matrix_shape[1] for p in zoo.matrices])
+    return pricing.units(m, n)
+
+
+def precheck_budget(zoo: Zoo, target: float, pricing: Pricing | None = None) -> None:
     """Cheap refusal before any SVD: below one rank unit, or above full rank of every module."""
     T = len(zoo.tasks)
     units = [sum(p.matrix_shape) for p in zoo.matrices]
@@ -357,6 +402,25 @@ def precheck_budget(zoo: Zoo, target: float) -> None:
         raise DidiError(
             f"{zoo.base}: adapter '{zoo.adapter.registry_name}' decomposes no tensor of this model"
         )
+    if pricing is not None and not pricing.is_default:
+        u_s, u_t = _zoo_units(zoo, pricing)
+        k = torch.tensor([min(p.matrix_shape) for p in zoo.matrices])
+        base, fixed = pricing.base(zoo.base_params), pricing.dense(per_task_elements(zoo, T))
+        hi = 1 + (float((k * (u_s + T * u_t)).sum()) + fixed) / base
+        need = fixed + int(min(u_s.min(), u_t.min()))
+        if target < 1 + need / base:
+            raise DidiError(
+                f"budget {target:g}: below what must be stored anyway in {pricing.storage}: "
+                f"{need:,.0f} {pricing.storage} (per-task non-matrix deltas {fixed:,.0f}, one rank unit "
+                f"{need - fixed:,.0f} with experts in {pricing.expert_dtype}) on top of θ0's {base:,}; the "
+                f"minimum is ratio {1 + need / base:.6g}"
+            )
+        if target > hi:
+            raise DidiError(
+                f"budget {target:g}: above full rank (every module at full rank costs ratio {hi:.6g} in "
+                f"{pricing.storage} at most); ask for less"
+            )
+        return
     full = sum((T + 1) * min(p.matrix_shape) * sum(p.matrix_shape) for p in zoo.matrices)
     fixed = per_task_elements(zoo, T)
     hi = 1 + (full + fixed) / zoo.base_params
@@ -370,11 +434,12 @@ def precheck_budget(zoo: Zoo, target: float) -> None:
         raise DidiError(f"budget {target:g}: below the cost of a single rank unit (ratio {lo:.6g})")
 
 
-def budget_width(zoo: Zoo, target: float, T: int | None = None) -> int:
+def budget_width(zoo: Zoo, target: float, T: int | None = None, pricing: Pricing | None = None) -> int:
     """An upper bound on the rank any one module can get at budget `target`, from the zoo's plans alone
     (no SVD, no task vector read): the budget in elements, (target − 1)·|θ0| minus the per-task non-matrix
     deltas (`per_task_elements`, as `precheck_budget` counts them), divided by the smallest unit cost m + n
-    among the matrices, and capped at the largest min(m, n).
+    among the matrices, and capped at the largest min(m, n). With a `pricing`, the same in its unit (bytes:
+    the cheapest rank unit in the experts' or the shared factors' dtype).
 
     It is a bound, not an estimate: a module at rank r costs r·(m + n) ≥ r·min(m + n), so even a module given
     the whole budget cannot pass it; real allocations spread the budget over T + 1 modules per matrix and are
@@ -386,6 +451,12 @@ def budget_width(zoo: Zoo, target: float, T: int | None = None) -> int:
     if not shapes:
         return 0
     fixed = per_task_elements(zoo, T)
+    if pricing is not None and not pricing.is_default:
+        u_s, u_t = _zoo_units(zoo, pricing)
+        budget = int((target - 1.0) * pricing.base(zoo.base_params) + 1e-6) - int(pricing.dense(fixed))
+        if budget <= 0:
+            return 0
+        return min(budget // int(min(u_s.min(), u_t.min())), max(min(s) for s in shapes))
     budget = int((target - 1.0) * zoo.base_params + 1e-6) - fixed
     if budget <= 0:
         return 0
@@ -396,7 +467,7 @@ def budget_width(zoo: Zoo, target: float, T: int | None = None) -> int:
 WIDTH_MARGIN = 2
 
 
-def auto_width(zoo: Zoo, target: float) -> int | None:
+def auto_width(zoo: Zoo, target: float, pricing: Pricing | None = None) -> int | None:
     """The decomposition width K of `max_rank: auto`: WIDTH_MARGIN × the rank every expert would get if the
     budget were spread evenly over the T experts of every matrix (budget in elements / (T·Σ(m + n))), rounded
     up to a multiple of 32; None (every component) when that reaches the largest min(m, n) anyway.
@@ -404,13 +475,19 @@ def auto_width(zoo: Zoo, target: float) -> int | None:
     An estimate, not a bound (`budget_width` is the bound, and it is useless: one module could take the whole
     budget): the allocation concentrates rank where the spectra are slowest, and a module that reaches K is
     reported after the search (`Ranks.info["at_width"]`) with the `--decompose.max_rank` that lifts it.
+    With a `pricing`, the same in its unit: the budget in bytes over the experts' rank-unit costs in their
+    dtype, so int8 experts get a store about 4× as wide as float32 ones.
     """
     shapes = [p.matrix_shape for p in zoo.matrices]
     T = len(zoo.tasks)
     if not shapes or not T:
         return None
-    budget = (target - 1.0) * zoo.base_params - per_task_elements(zoo, T)
-    even = max(budget, 0.0) / (T * sum(m + n for m, n in shapes))
+    if pricing is not None and not pricing.is_default:
+        budget = (target - 1.0) * pricing.base(zoo.base_params) - pricing.dense(per_task_elements(zoo, T))
+        even = max(budget, 0.0) / (T * float(_zoo_units(zoo, pricing)[1].sum()))
+    else:
+        budget = (target - 1.0) * zoo.base_params - per_task_elements(zoo, T)
+        even = max(budget, 0.0) / (T * sum(m + n for m, n in shapes))
     K = 32 * max(1, math.ceil(WIDTH_MARGIN * even / 32))
     return None if K >= max(min(s) for s in shapes) else K
 
@@ -425,16 +502,20 @@ def at_width(store: FactorStore, ranks: Ranks) -> int:
     return n
 
 
-def resolve_width(zoo: Zoo, cfg: DecomposeConfig, target: float) -> DecomposeConfig:
+def resolve_width(
+    zoo: Zoo, cfg: DecomposeConfig, target: float, pricing: Pricing | None = None
+) -> DecomposeConfig:
     """`cfg` with `max_rank: auto` replaced by `auto_width` (other settings unchanged)."""
-    return replace(cfg, max_rank=auto_width(zoo, target)) if cfg.max_rank == "auto" else cfg
+    return replace(cfg, max_rank=auto_width(zoo, target, pricing)) if cfg.max_rank == "auto" else cfg
 
 
 #: (base, max_rank, bound) this process has already warned about
 _WIDTH_WARNED: set[tuple] = set()
 
 
-def check_decompose_inputs(zoo: Zoo, cfg: DecomposeConfig, target: float) -> None:
+def check_decompose_inputs(
+    zoo: Zoo, cfg: DecomposeConfig, target: float, pricing: Pricing | None = None
+) -> None:
     """The decomposition settings against the zoo, before any SVD (issue 11): `cfg.validate()`, then refuse a
     max_rank above every matrix's full rank min(m, n) (the truncation would do nothing; above SOME matrices'
     rank is normal, those are kept whole), and say once on stderr when max_rank is above `budget_width`, the
@@ -449,7 +530,7 @@ def check_decompose_inputs(zoo: Zoo, cfg: DecomposeConfig, target: float) -> Non
             f"matrices, found {cfg.max_rank}: above every matrix's rank the truncation does nothing; give "
             f"--decompose.max_rank {full} or less, or leave it unset to keep every component"
         )
-    bound = budget_width(zoo, target)
+    bound = budget_width(zoo, target, pricing=pricing)
     key = (str(zoo.base), cfg.max_rank, bound)
     if cfg.max_rank > bound and key not in _WIDTH_WARNED:
         _WIDTH_WARNED.add(key)

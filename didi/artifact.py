@@ -39,8 +39,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from didi import jsonio
-from didi.accounting import Stored, price_files, storage_report
+from didi.accounting import Stored, base_bytes_of, price_files, storage_report
 from didi.errors import DidiError
+from didi.quantize import CODE_SUFFIXES, SCALE_SUFFIXES, dequantize_factor
 from didi.sources import file_sha256
 from didi.tensorfile import TensorLike, write_tensors
 
@@ -134,6 +135,7 @@ def zoo_manifest(zoo, sha256: dict[str, dict[str, str]]) -> dict:
         },
         "tasks": zoo.task_names,
         "base_params": zoo.base_params,
+        "base_bytes": base_bytes_of(zoo.plan),
         "tensors": {
             p.name: {
                 "shape": list(p.shape),
@@ -156,7 +158,7 @@ FileRole = Literal["fold", "shared", "expert"]
 TERM_KINDS: dict[str, tuple[str, ...]] = {
     "fold": (),
     "shared": ("lora_A", "lora_B", "dense", "ref"),
-    "expert": ("lora_A", "lora_B", "dense", "mask", "scale"),
+    "expert": ("lora_A", "lora_B", "dense", "mask", "scale", *CODE_SUFFIXES, *SCALE_SUFFIXES),
 }
 SHARED_FILE = "shared.safetensors"
 
@@ -260,10 +262,24 @@ def parse_terms(
             out.setdefault(name, []).append(
                 TermKeys("mask", name, (key, need(key, f"{name}::scale"), f"{name}::ref"))
             )
+        elif kind in CODE_SUFFIXES and CODE_SUFFIXES[kind][1] == "A":
+            fmt = CODE_SUFFIXES[kind][0]
+            b_keys = [f"{name}::{k}" for k, (f, w, _) in CODE_SUFFIXES.items() if f == fmt and w == "B"]
+            b_key = next((k for k in b_keys if k in present), None)
+            if b_key is None:
+                raise DidiError(f"{file}: term '{key}' needs one of {b_keys}, which the file lacks")
+            scales = (need(key, f"{name}::lora_A.scale"), need(key, f"{name}::lora_B.scale"))
+            out.setdefault(name, []).append(TermKeys("qlora", name, (key, b_key, *scales)))
         elif kind == "lora_B":
             need(key, f"{name}::lora_A")
         elif kind == "scale":
             need(key, f"{name}::mask")
+        elif kind in CODE_SUFFIXES or kind in SCALE_SUFFIXES:  # a quantized pair's B codes or scales
+            heads = [f"{name}::{k}" for k, (_, w, _) in CODE_SUFFIXES.items() if w == "A"]
+            if not any(h in present for h in heads):
+                raise DidiError(
+                    f"{file}: term '{key}' needs A's codes (one of {heads}), which the file lacks"
+                )
     return out
 
 
@@ -279,6 +295,11 @@ def load_terms(
         for s in specs:
             if s.kind == "lora":
                 terms.append(LoRA(tensors[s.keys[0]], tensors[s.keys[1]]))
+            elif s.kind == "qlora":  # quantized expert: dequantized to float32 factors here, once
+                sa, sb = tensors[s.keys[2]], tensors[s.keys[3]]
+                A = dequantize_factor(s.keys[0].rpartition("::")[2], tensors[s.keys[0]], sa)
+                B = dequantize_factor(s.keys[1].rpartition("::")[2], tensors[s.keys[1]], sb)
+                terms.append(LoRA(A, B))
             elif s.kind == "dense":
                 terms.append(Dense(tensors[s.keys[0]]))
             else:
@@ -375,9 +396,15 @@ def write_artifact(
         manifest["format"], manifest["format_version"] = FORMAT, FORMAT_VERSION
         if groups:
             manifest["groups"] = {gid: list(members) for gid, (members, _) in groups.items()}
+        given = manifest.get("storage", {})
         manifest["storage"] = {
-            **storage_report(price_files(files), manifest["base_params"]),
-            **manifest.get("storage", {}),
+            **storage_report(
+                price_files(files),
+                manifest["base_params"],
+                manifest.get("base_bytes"),
+                given.get("priced_in", "elements"),
+            ),
+            **given,
         }
         manifest["files"] = {
             str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()

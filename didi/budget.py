@@ -37,7 +37,13 @@ def parse_budget(budget: float | str) -> float:
 
 @dataclass
 class RankProblem:
-    """Everything the budget needs: matrix sizes, rank bounds, |θ0| and what is stored regardless of ranks."""
+    """Everything the budget needs: matrix sizes, rank bounds, θ0's size, what is stored whatever the ranks.
+
+    Costs are in the budget's unit (docs/method.md §4): elements by default, or bytes (`storage: bytes`). A
+    rank unit of the shared module costs `unit_s`, one of an expert `unit_t` (per matrix): m + n elements
+    unless `cost_s` / `cost_t` say otherwise (the shared module and the experts may be stored in different
+    dtypes, e.g. float32 shared and int8 experts). `base_params` is θ0 in that unit (|θ0|, or its bytes) and
+    `fixed_elements` what is stored whatever the ranks, in that unit too."""
 
     m: torch.Tensor  # [L] int64
     n: torch.Tensor  # [L]
@@ -45,16 +51,39 @@ class RankProblem:
     bound_t: torch.Tensor  # [L,T]
     base_params: int
     fixed_elements: float  # e.g. per-task dense non-matrix deltas
+    cost_s: torch.Tensor | None = None  # [L] int64: one shared rank unit; None: m + n
+    cost_t: torch.Tensor | None = None  # [L] int64: one expert rank unit; None: m + n
+    unit_name: str = "elements"
+
+    @property
+    def unit_s(self) -> torch.Tensor:
+        """Cost of one rank unit of each matrix's shared module [L]."""
+        return lora_elements(self.m, self.n, 1) if self.cost_s is None else self.cost_s
+
+    @property
+    def unit_t(self) -> torch.Tensor:
+        """Cost of one rank unit of each matrix's experts [L]."""
+        return lora_elements(self.m, self.n, 1) if self.cost_t is None else self.cost_t
 
     @property
     def unit(self) -> torch.Tensor:
-        """Elements of one rank unit of each matrix (m + n)."""
-        return lora_elements(self.m, self.n, 1)
+        """Cost of one expert rank unit of each matrix (m + n elements by default; see `unit_s`)."""
+        return self.unit_t
+
+    def cheapest_unit(self) -> int:
+        """The cheapest single rank unit any module can take (an expert's, or a shared one where allowed)."""
+        c = int(self.unit_t.min())
+        if bool((self.bound_s > 0).any()):
+            c = min(c, int(self.unit_s[self.bound_s > 0].min()))
+        return c
 
     def elements(self, r_s: torch.Tensor, r_t: torch.Tensor) -> torch.Tensor:
-        return (
-            lora_elements(self.m, self.n, r_s) + lora_elements(self.m[:, None], self.n[:, None], r_t).sum(-1)
-        ).sum() + self.fixed_elements
+        if self.cost_s is None and self.cost_t is None:  # the original expression: default runs unchanged
+            return (
+                lora_elements(self.m, self.n, r_s)
+                + lora_elements(self.m[:, None], self.n[:, None], r_t).sum(-1)
+            ).sum() + self.fixed_elements
+        return (self.unit_s * r_s + (self.unit_t[:, None] * r_t).sum(-1)).sum() + self.fixed_elements
 
     def ratio(self, r_s: torch.Tensor, r_t: torch.Tensor) -> float:
         return 1.0 + float(self.elements(r_s.double(), r_t.double())) / self.base_params
@@ -71,11 +100,14 @@ class RankProblem:
     def check(self, target: float) -> None:
         """Refuse an unreachable budget before any heavy compute."""
         lo, hi = self.min_ratio(), self.max_ratio()
-        if target < lo + float(self.unit.min()) / self.base_params:
+        cheapest = self.cheapest_unit()
+        if target < lo + cheapest / self.base_params:
             raise DidiError(
                 f"budget {target:g}: below what must be stored anyway (ratio {lo:.6g} for the per-task "
-                f"non-matrix deltas, plus {float(self.unit.min())} elements for a single rank unit); "
-                f"ask for more, or use nonmatrix_policy=shared"
+                f"non-matrix deltas, plus {cheapest} {self.unit_name} for a single rank unit: the minimum is "
+                f"ratio {lo + cheapest / self.base_params:.6g}, {int(round(self.fixed_elements)) + cheapest} "
+                f"{self.unit_name} on top of θ0's {self.base_params}); ask for more, or use "
+                f"nonmatrix_policy=shared"
             )
         if target > hi + 1e-12:
             raise DidiError(
@@ -150,7 +182,7 @@ class Allocator:
         p = self.problem
         r_s, r_t = r_s.clone().long(), r_t.clone().long()
         left = max_elements - int(p.elements(r_s, r_t) - p.fixed_elements)
-        unit = p.unit
+        unit_s, unit_t = p.unit_s, p.unit_t
         heap: list = []
         where = {}  # global matrix -> (group, position)
         for g, (idx, _) in enumerate(self.groups):
@@ -159,12 +191,12 @@ class Allocator:
 
         def push_gains(ls: list[int], gs: torch.Tensor, gt: torch.Tensor) -> None:
             for i, l in enumerate(ls):
-                u = float(unit[l])
+                us, ut = float(unit_s[l]), float(unit_t[l])
                 if r_s[l] < p.bound_s[l] and gs[i] > 0:
-                    heap.append((-float(gs[i]) / u, l, -1, int(r_s[l])))
+                    heap.append((-float(gs[i]) / us, l, -1, int(r_s[l])))
                 for t in range(self.T):
                     if r_t[l, t] < p.bound_t[l, t] and gt[i, t] > 0:
-                        heap.append((-float(gt[i, t]) / u, l, t, int(r_t[l, t])))
+                        heap.append((-float(gt[i, t]) / ut, l, t, int(r_t[l, t])))
 
         def push(l: int) -> None:
             g, pos = where[l]
@@ -181,7 +213,7 @@ class Allocator:
             current = int(r_s[l]) if t < 0 else int(r_t[l, t])
             if current != r_then:
                 continue  # stale entry (the matrix changed since)
-            u = int(unit[l])
+            u = int(unit_s[l] if t < 0 else unit_t[l])
             if u > left:
                 continue
             if t < 0:
@@ -220,8 +252,8 @@ class Allocator:
         drops. Never increases the error; stops at a local optimum of the discrete problem."""
         r_s, r_t = r_s.clone().long(), r_t.clone().long()
         errs = self.matrix_errors(r_s, r_t)  # per matrix: a move only re-evaluates the matrices it touched
-        unit = self.problem.unit.double()
         p = self.problem
+        unit_s, unit_t = p.unit_s.double(), p.unit_t.double()
         for _ in range(max_iters):
             add_s = torch.zeros(len(r_s), dtype=torch.float64)
             add_t = torch.zeros_like(r_t, dtype=torch.float64)
@@ -230,12 +262,12 @@ class Allocator:
                 add_s[idx], add_t[idx] = gs, gt
             add_s = torch.where(r_s < p.bound_s, add_s, torch.full_like(add_s, -float("inf")))
             add_t = torch.where(r_t < p.bound_t, add_t, torch.full_like(add_t, -float("inf")))
-            best_add = float(torch.cat([add_s / unit, (add_t / unit[:, None]).reshape(-1)]).max())
+            best_add = float(torch.cat([add_s / unit_s, (add_t / unit_t[:, None]).reshape(-1)]).max())
             a_s, a_t = r_s.clone(), r_t.clone()
             moved = False
             for _k in range(max_removed):
                 ls, lt = self.removal_losses(a_s, a_t)
-                score = torch.cat([ls / unit, (lt / unit[:, None]).reshape(-1)])
+                score = torch.cat([ls / unit_s, (lt / unit_t[:, None]).reshape(-1)])
                 c = int(torch.argmin(score))
                 if not score[c] < best_add:
                     break

@@ -72,7 +72,8 @@ _COMMON_ARGS = """
     "method",
     "method_options",
     options=(
-        "budget", "allocation", "shared", "decompose", "search", "refine", "trainer", "resume", "calibration",
+        "budget", "allocation", "shared", "storage", "expert_dtype", "decompose", "search", "refine",
+        "trainer", "resume", "calibration",
         "calibration_mode", "calibration_eps", "calibration_examples", "calibration_max_length",
     ),
 )  # fmt: skip
@@ -96,6 +97,7 @@ def merge(
       didi merge --config configs/merge_synthetic.yaml --search.steps 400    # YAML, then overrides
       didi merge ... --trainer.strategy ddp --trainer.devices 4 --trainer.accelerator gpu
       didi merge ... --shared folded        # shared part in the stored base: every budget unit to the experts
+      didi merge ... --storage bytes --expert_dtype int8   # budget in bytes, int8 experts (4× the rank)
       didi merge ... --calibration '{a: data/a, b: data/b}'   # layer output error on validation inputs
       didi merge base/ '{a: a/, b: b/}' lib/ --method merge --method_options '{validation: {a: va/, b: vb/}}'
     {common}
@@ -175,8 +177,11 @@ def _print_result(path, method: str) -> None:
     "output",
     "backbone",
     "allow_pickle",
-    options=("budget", "allocation", "shared", "decompose", "search", "trainer", "resume"),
-)
+    options=(
+        "budget", "allocation", "shared", "storage", "expert_dtype", "decompose", "search", "trainer",
+        "resume",
+    ),
+)  # fmt: skip
 def search(
     base: str,
     tasks: Union[dict[str, str], list[str]],
@@ -729,6 +734,8 @@ def export(
     for t, rel in info["tasks"].items():
         where = Path(path) / rel if rel else "no expert: the exported base as it is"
         print(f"{t}: {where}")
+    if info.get("dequantized"):
+        print(f"dequantized: {info['dequantized']}")
 
 
 DEFAULT_COMPARE = [

@@ -74,7 +74,14 @@ def write_didi_artifact(
         "method": {"name": "didi", "registry_name": method, "hyper_parameters": hyper},
         **zoo_manifest(zoo, store.sha256),
         **ranks.to_json(store),
-        "storage": {"target_ratio": ranks.info.get("target_ratio")},
+        "storage": {
+            "target_ratio": ranks.info.get("target_ratio"),
+            **(
+                {"priced_in": ranks.info["storage"], "expert_dtype": ranks.info["expert_dtype"]}
+                if "storage" in ranks.info
+                else {}
+            ),
+        },
         "metrics": {"allocation": ranks.info, "refine": metrics},
     }
     png = rank_heatmap_png(

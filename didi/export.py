@@ -255,6 +255,26 @@ def _check_names(art: Artifact, src) -> None:
         )
 
 
+def dequantized_note(art: Artifact, fmt: str) -> str | None:
+    """What an export of `art` dequantizes, in words (None when its experts are stored in float32): the
+    experts of a `--expert_dtype` merge are stored as codes and scales (int8, nf4) or in bfloat16
+    (docs/method.md §9); every export decodes them to float32 factors first."""
+    dtype = art.manifest.get("storage", {}).get("expert_dtype")
+    if dtype in (None, "float32"):
+        return None
+    stored = {
+        "int8": "int8 codes with float32 per-column (A) / per-row (B) scales",
+        "nf4": "NF4 codes (two per byte) with float32 absmax scales per column (A) / row (B)",
+        "bfloat16": "bfloat16 factors",
+    }.get(dtype, dtype)
+    where = (
+        "float32 LoRA factors in each adapter (the base holds no expert)"
+        if fmt == "peft"
+        else "each task's weights as θ0 + fold + shared + A·B, in θ0's dtype"
+    )
+    return f"the experts are stored as {stored}; they were dequantized to {where}"
+
+
 def _write_info(tmp: Path, art: Artifact, fmt: str, files: dict) -> None:
     info = {
         "format": fmt,
@@ -263,6 +283,9 @@ def _write_info(tmp: Path, art: Artifact, fmt: str, files: dict) -> None:
         "storage_ratio": art.storage_ratio,
         "tasks": files,
     }
+    note = dequantized_note(art, fmt)
+    if note:
+        info["dequantized"] = note
     (tmp / "export.json").write_text(jsonio.dumps(info, indent=1))
 
 

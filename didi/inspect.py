@@ -8,6 +8,17 @@ from didi.methods.published import artifact_ratio_row
 
 #: breakdown entries that belong with the base, listed before the shared module and the tasks
 BASE_PARTS = ("base", "fold")
+#: the manifest's byte accounting (docs/method.md §4, §9), shown when the artifact has it
+BYTE_KEYS = (
+    "priced_in",
+    "expert_dtype",
+    "base_bytes",
+    "stored_bytes",
+    "ratio_elements",
+    "ratio_bytes",
+    "by_module_bytes",
+    "by_kind_bytes",
+)
 
 
 def inspect_data(path: str) -> dict:
@@ -27,6 +38,7 @@ def inspect_data(path: str) -> dict:
             "stored_elements": st["stored_elements"],
             "by_module": st["by_module"],
             "by_kind": st["by_kind"],
+            **{k: st[k] for k in BYTE_KEYS if k in st},
         },
         "metrics": m.get("metrics", {}),
         "adapter": m["adapter"],
@@ -62,11 +74,24 @@ def inspect_artifact(path: str, as_json: bool = False) -> str:
         )
     elif pub.get("reason"):
         lines.append(f"published ratio: none — {pub['reason']}")
+    st = d["storage"]
+    if "ratio_bytes" in st:
+        lines.append(
+            f"in elements: ratio {st['ratio_elements']:.6g}; in bytes: ratio {st['ratio_bytes']:.6g} of θ0's "
+            f"{st['base_bytes']:,} bytes (the budget counted {st.get('priced_in', 'elements')}"
+            + (f"; experts stored as {st['expert_dtype']}" if st.get("expert_dtype") else "")
+            + ")"
+        )
     lines += ["", "storage breakdown (elements):"]
-    by_module = d["storage"]["by_module"]
+    by_module = st["by_module"]
     for k in breakdown_order(list(by_module), d["tasks"]):
         v = by_module[k]
         lines.append(f"  {k:<24} {v:>14,.0f}  ({v / d['base_params']:.4%} of θ0)")
+    if "by_module_bytes" in st:
+        lines += ["", "storage breakdown (bytes):"]
+        for k in breakdown_order(list(st["by_module_bytes"]), d["tasks"]):
+            b = st["by_module_bytes"][k]
+            lines.append(f"  {k:<24} {b:>14,.0f}  ({b / st['base_bytes']:.4%} of θ0's bytes)")
     if d["ranks"]:
         tasks = d["tasks"]
         head = ["tensor", "shared", *tasks]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator, Literal, Optional, Union
 
 from didi import jsonio
+from didi.accounting import Storage
 from didi.allocation import (
     Allocation,
     Ranks,
@@ -26,6 +27,7 @@ from didi.allocation import (
     check_decompose_inputs,
     precheck_budget,
     resolve_width,
+    zoo_pricing,
 )
 from didi.backbones.base import Zoo
 from didi.budget import parse_budget
@@ -33,6 +35,7 @@ from didi.calibration import WhitenedZoo, check_options, whiten_zoo
 from didi.decompose import DecomposeConfig, FactorStore
 from didi.didi_artifact import write_didi_artifact
 from didi.errors import DidiError
+from didi.quantize import ExpertDtype, check_expert_dtype
 from didi.refine import RefineConfig, refine_matrices
 from didi.search import SearchConfig
 from didi.shards import factor_store
@@ -55,6 +58,12 @@ class MergeOptions:
         shared: `low_rank` (the paper: a shared LoRA module, paid for) or `folded` (the dense shared part is
             added to the stored base, which costs nothing; the whole budget goes to the experts, allocated by
             the exact greedy, and the refinement updates the dense shared part and the experts).
+        storage: what the budget counts: `elements` (the paper's: stored numbers over |θ0|) or `bytes`
+            (stored bytes over θ0's bytes in its own dtypes; factors priced in their stored dtype, scales
+            included), so narrower experts buy more rank.
+        expert_dtype: how the experts' factors are stored: null (float32, the factors' dtype), `bfloat16`,
+            `int8` (per-column / per-row scales) or `nf4` (4-bit NormalFloat, two codes per byte). The search
+            prices their ranks in it and the refinement fits the quantized factors (docs/method.md §9).
         resume: continue an interrupted run with the same output from its work directory (search checkpoint).
         calibration: {task: validation path} (as `didi router train --data` takes it; a directory is read at
             validation.jsonl, val.jsonl or train.jsonl, never test): minimise each linear layer's output error
@@ -74,6 +83,8 @@ class MergeOptions:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     allocation: Allocation = "search"
     shared: SharedPart = "low_rank"
+    storage: Storage = "elements"
+    expert_dtype: Optional[ExpertDtype] = None
     resume: bool = False
     calibration: Optional[dict[str, str]] = None
     calibration_mode: Literal["pooled", "per_task"] = "pooled"
@@ -83,10 +94,27 @@ class MergeOptions:
 
     def validate(self) -> None:
         self.budget = parse_budget(self.budget)
+        if self.storage not in ("elements", "bytes"):
+            raise DidiError(f"storage: expected elements or bytes, found {self.storage!r}")
+        check_expert_dtype(self.expert_dtype, self.refine_device())
+        if self.calibration is not None and self.expert_dtype not in (None, "float32"):
+            raise DidiError(
+                f"expert_dtype {self.expert_dtype}: not with --calibration (the calibrated factors are "
+                f"mapped back to the weights' metric after the refinement, which would undo the "
+                f"quantization); use one or the other"
+            )
         check_options(
             self.calibration, self.calibration_mode, self.calibration_eps, self.calibration_examples,
             self.calibration_max_length, self.shared, self.refine.optimizer,
         )  # fmt: skip
+
+    def refine_device(self) -> str:
+        """Where the refinement runs: cuda when the trainer asks for a GPU (or `auto` finds one), else cpu."""
+        import torch
+
+        acc = str(self.trainer.accelerator)
+        gpu = acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
+        return "cuda" if gpu else "cpu"
 
     def hyper_parameters(self) -> dict:
         """What the manifest records (the trainer settings change no result)."""
@@ -94,6 +122,8 @@ class MergeOptions:
             "budget": parse_budget(self.budget),
             "allocation": self.allocation,
             "shared": self.shared,
+            "storage": self.storage,
+            "expert_dtype": self.expert_dtype,
             "decompose": asdict(self.decompose),
             "search": asdict(self.search),
             "refine": asdict(self.refine),
@@ -223,9 +253,11 @@ def run_search(
     target = parse_budget(opts.budget)
     if opts.calibration is not None and not isinstance(zoo, WhitenedZoo):
         raise DidiError("calibration: only `didi merge` (run_merge) calibrates; didi search / refine do not")
-    precheck_budget(zoo, target)
-    dcfg = resolve_width(zoo, opts.decompose, target)
-    check_decompose_inputs(zoo, dcfg, target)
+    check_expert_dtype(opts.expert_dtype, opts.refine_device())
+    pricing = zoo_pricing(zoo, opts.storage, opts.expert_dtype)
+    precheck_budget(zoo, target, pricing)
+    dcfg = resolve_width(zoo, opts.decompose, target, pricing)
+    check_decompose_inputs(zoo, dcfg, target, pricing)
     trainers = trainers or Trainers(opts.trainer)
     store = factor_store(zoo, dcfg, trainers, progress)
     with _work_dir(work_dir_for(output), opts.resume) as work:
@@ -239,6 +271,7 @@ def run_search(
             work,
             opts.resume,
             opts.shared,
+            pricing,
         )
     ranks.info["width"] = dcfg.max_rank
     ranks.info["at_width"] = n = at_width(store, ranks)
@@ -295,9 +328,12 @@ def run_refine(
             budget=ranks.info.get("target_ratio"),
             allocation=ranks.info.get("allocation"),
             shared=ranks.info.get("shared", "low_rank"),
+            storage=ranks.info.get("storage", "elements"),
+            expert_dtype=ranks.info.get("expert_dtype"),
             ranks_file=str(ranks_file.resolve()),
         )
         del hyper["search"]
+    check_expert_dtype(ranks.info.get("expert_dtype"), opts.refine_device())  # e.g. bf16 on an old GPU
     work = work_dir_for(output)
     with _work_dir(work, opts.resume):
         shared_terms, tasks, metrics = refine_matrices(zoo, store, ranks, opts.refine, trainers, work)
@@ -324,6 +360,8 @@ def run_merge(
     registry name recorded in the manifest (didi, didi_greedy, ...)."""
     opts = opts or MergeOptions()
     _check_new(output)
+    if opts.calibration is not None and opts.expert_dtype not in (None, "float32"):
+        opts.validate()  # refuses quantized experts with calibration before any input is read
     if opts.calibration is not None:  # the zoo read in the inputs' metric (didi.calibration; writes nothing)
         zoo, opts = whiten_zoo(zoo, opts, progress)
     trainers = Trainers(opts.trainer)  # one W&B run for both stages

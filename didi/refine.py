@@ -32,8 +32,9 @@ from didi.allocation import Ranks
 from didi.backbones.base import Zoo
 from didi.datamodules.layers import LayerBatchDataModule
 from didi.decompose import FactorStore, too_big_for_memory
-from didi.linalg import orthonormal
+from didi.linalg import orthonormal, svd
 from didi.progress import StageProgressBar
+from didi.quantize import fake_quantize, fake_quantize_pair, stored_pair
 from didi.streamed import refine_als_streamed
 from didi.tensorfile import LazyTensor, lazy_tensors
 from didi.trainer import TrainerConfig, Trainers, barrier
@@ -95,16 +96,73 @@ def _best_rank_r(
     return Q, Q.T @ X
 
 
-def refine_als(taus: torch.Tensor, A_s, B_s, A_t: list, B_t: list, sweeps: int, power_iters: int):
-    """Exact block-coordinate descent; each accepted block update lowers the total error."""
+def _solve_right(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """argmin_B ‖X − A B‖² (A m×r of full column rank): the normal equations in float64 (r×r), with a ridge
+    of 1e-12·trace against a rank-deficient A."""
+    G = (A.T @ A).double()
+    G = G + torch.eye(G.shape[0], dtype=G.dtype, device=G.device) * (
+        1e-12 * float(G.diagonal().sum()) + 1e-300
+    )
+    return torch.linalg.solve(G, (A.T @ X).double()).to(X.dtype)
+
+
+def quantized_fit(
+    X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, fmt: str, iters: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A quantized rank-r fit Â B̂ of X from a float pair (A, B) that spans a good rank-r subspace
+    (docs/method.md §9.2): rotate it into its SVD basis with balanced scales, A = U√σ, B = √σVᵀ; then
+    alternate, `iters` times, quantize A → Â, solve B = argmin ‖X − ÂB‖, quantize B → B̂, solve A = argmin
+    ‖X − AB̂‖; the last step quantizes the pair. Returns the best quantized pair seen (Â, B̂, ‖X − ÂB̂‖²):
+    each factor is solved against the other's dequantized values, so the quantization error of one is
+    absorbed by the other."""
+    Ub, S, Vh = svd(B)
+    sq = S.clamp_min(0).sqrt()
+    A, B = (A @ Ub) * sq, sq[:, None] * Vh
+    A_q, B_q = fake_quantize_pair(A, B, fmt)
+    best = (A_q, B_q, ((X - A_q @ B_q) ** 2).sum())
+    for _ in range(iters):
+        A_q = fake_quantize(A, fmt, 0)
+        B_q = fake_quantize(_solve_right(A_q, X), fmt, 1)
+        e = ((X - A_q @ B_q) ** 2).sum()
+        if e < best[2]:
+            best = (A_q, B_q, e)
+        A = _solve_right(B_q.T, X.T).T
+        A_q = fake_quantize(A, fmt, 0)
+        e = ((X - A_q @ B_q) ** 2).sum()
+        if e < best[2]:
+            best = (A_q, B_q, e)
+    return best
+
+
+def refine_als(
+    taus: torch.Tensor,
+    A_s,
+    B_s,
+    A_t: list,
+    B_t: list,
+    sweeps: int,
+    power_iters: int,
+    expert_dtype: str = "float32",
+):
+    """Exact block-coordinate descent; each accepted block update lowers the total error.
+
+    `expert_dtype` int8 / nf4 / bfloat16: quantization-aware (docs/method.md §9.2). The experts come in and go
+    out quantized (fake-quantized: dequantized values in the compute dtype); an expert's update is the float
+    best rank-r fit of its residual followed by `quantized_fit`, kept only if the error of the quantized pair
+    drops; the shared block is solved against the quantized experts. The errors compared are therefore those
+    of what is stored."""
     T = taus.shape[0]
     err = task_errors(taus, A_s, B_s, A_t, B_t)
+    quantized = expert_dtype != "float32"
     for _ in range(sweeps):
         Ms = shared_matrix(A_s, B_s)
         for t in range(T):
             X = taus[t] - Ms
             A, B = _best_rank_r(X, A_t[t], B_t[t], power_iters)
-            e = ((X - A @ B) ** 2).sum()
+            if quantized and A.shape[1]:
+                A, B, e = quantized_fit(X, A, B, expert_dtype)
+            else:
+                e = ((X - A @ B) ** 2).sum()
             if e < err[t]:
                 A_t[t], B_t[t], err[t] = A, B, e
         if B_s is None or A_s.shape[1]:
@@ -145,6 +203,12 @@ def refine_adam(taus: torch.Tensor, A_s, B_s, A_t: list, B_t: list, steps: int, 
     return unpack(best[1])
 
 
+def _stored_experts(A_t: list, B_t: list, fmt: str) -> tuple[list[dict], list, list]:
+    """Every expert pair as stored in `fmt` (`didi.quantize.stored_pair`): (the tensors, Â's, B̂'s)."""
+    out = [stored_pair(A, B, fmt) for A, B in zip(A_t, B_t)]
+    return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+
+
 class LoRARefine(L.LightningModule):
     """Fit loop over layer batches; each batch item is a list of matrix jobs, results go to `out_dir`.
 
@@ -167,9 +231,11 @@ class LoRARefine(L.LightningModule):
         tau_total: float,
         on_result: Callable[[dict], None] | None = None,
         prior: tuple[float, float] = (0.0, 0.0),
+        expert_dtype: str = "float32",
     ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.expert_dtype = expert_dtype
         self.out_dir = Path(out_dir)
         self.tau_total = tau_total
         self.prior = prior
@@ -194,33 +260,42 @@ class LoRARefine(L.LightningModule):
                 for t, r in enumerate(job["r_t"])
             ]
             A_t, B_t = [a for a, _ in pairs], [b for _, b in pairs]
+            q = self.expert_dtype
+            stored: list[dict] = []
+            if q != "float32":  # the start is the truncated SVD as it would be stored
+                A_t, B_t = _stored_experts(A_t, B_t, q)[1:]
             if "rows" in job:  # a matrix too large for memory: row blocks read from the checkpoints
                 A_s, B_s, A_t, B_t, err0, err1 = refine_als_streamed(
                     job["rows"], job["m"], job["n"], len(A_t), A_s, B_s, A_t, B_t,
-                    self.cfg.sweeps, self.cfg.power_iters,
+                    self.cfg.sweeps, self.cfg.power_iters, expert_dtype=q,
                 )  # fmt: skip
                 e0, e1 = float(err0.sum()), float(err1.sum())
+                if q != "float32":
+                    stored = _stored_experts(A_t, B_t, q)[0]
             else:
                 taus = job["taus"].to(self.device, dt)
                 e0 = float(task_errors(taus, A_s, B_s, A_t, B_t).sum())
                 if self.cfg.optimizer == "als":
                     A_s, B_s, A_t, B_t = refine_als(
-                        taus, A_s, B_s, A_t, B_t, self.cfg.sweeps, self.cfg.power_iters
+                        taus, A_s, B_s, A_t, B_t, self.cfg.sweeps, self.cfg.power_iters, q
                     )
                 elif self.cfg.optimizer == "adam":
                     A_s, B_s, A_t, B_t = refine_adam(taus, A_s, B_s, A_t, B_t, self.cfg.steps, self.cfg.lr)
+                if q != "float32":  # the error of exactly what is stored (Adam's factors are rounded here)
+                    stored, A_t, B_t = _stored_experts(A_t, B_t, q)
                 e1 = float(task_errors(taus, A_s, B_s, A_t, B_t).sum())
             tensors = {
                 "err_before": torch.tensor(e0, dtype=torch.float64),
                 "err_after": torch.tensor(e1, dtype=torch.float64),
                 **({"M_s": A_s} if B_s is None else {"A_s": A_s, "B_s": B_s}),
             }
-            for t in range(len(A_t)):
-                tensors[f"A_t{t}"], tensors[f"B_t{t}"] = A_t[t], B_t[t]
-            save_file(
-                {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
-                str(self.out_dir / f"{int(job['idx']):05d}.safetensors"),
-            )
+            if q == "float32":
+                for t in range(len(A_t)):
+                    tensors[f"A_t{t}"], tensors[f"B_t{t}"] = A_t[t], B_t[t]
+            out = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
+            for t, pair in enumerate(stored):  # quantized experts: their codes and scales as stored
+                out.update({f"q{t}::{k}": v.detach().contiguous().cpu() for k, v in pair.items()})
+            save_file(out, str(self.out_dir / f"{int(job['idx']):05d}.safetensors"))
             # the errors as stored (float32) and as `refine_matrices` reads them back
             self._sums[0] += float(torch.tensor(e0, dtype=torch.float32))
             self._sums[1] += float(torch.tensor(e1, dtype=torch.float32))
@@ -233,6 +308,11 @@ class LoRARefine(L.LightningModule):
 
 
 # ------------------------------------------------------------------------------------------------ stage 2
+def expert_dtype_of(ranks: Ranks) -> str:
+    """The experts' stored dtype a ranks file was priced for (float32 unless its pricing says otherwise)."""
+    return ranks.info.get("expert_dtype") or "float32"
+
+
 class TaskVectorRows:
     """Rows [start, stop) of one matrix's task vectors, [T, rows, n], read from the checkpoints (a class, not
     a closure, so that `ddp_spawn` can pickle the jobs)."""
@@ -255,6 +335,7 @@ class RefineJobs:
     ) -> None:
         self.zoo, self.store, self.ranks, self.done_dir = zoo, store, ranks, done_dir
         self.optimizer = optimizer
+        self.expert_dtype = expert_dtype_of(ranks)
 
     def streams(self, i: int) -> bool:
         """Matrix i is refined from row blocks (`didi.streamed.refine_als_streamed`) instead of in memory:
@@ -278,6 +359,18 @@ class RefineJobs:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 keys = set(f.keys())
                 width = {k: f.get_slice(k).get_shape()[1] for k in keys if k.startswith("A_")}
+                q = self.expert_dtype
+                if q != "float32":  # rank = number of A's columns, in the stored format of this run
+                    a_key = {"bfloat16": "lora_A", "int8": "lora_A.int8"}.get(q)
+                    for t in range(self.ranks.r_t.shape[1]):
+                        ks = (
+                            [f"q{t}::lora_A.nf4", f"q{t}::lora_A.nf4_odd"]
+                            if a_key is None
+                            else [f"q{t}::{a_key}"]
+                        )
+                        k = next((k for k in ks if k in keys), None)
+                        if k is not None and (q != "bfloat16" or f.get_slice(k).get_dtype() == "BF16"):
+                            width[f"A_t{t}"] = f.get_slice(k).get_shape()[1]
         except Exception:  # a file cut short by the interrupt
             return False
         r_t = [int(r) for r in self.ranks.r_t[i]]
@@ -339,6 +432,7 @@ def refine_matrices(
     out.mkdir(parents=True, exist_ok=True)
     tau_total = store.tau_total()
     jobs = RefineJobs(zoo, store, ranks, out, rcfg.optimizer)
+    q = jobs.expert_dtype
     prior = [0.0, 0.0]  # errors of the matrices an interrupted run finished (the bar starts from them)
     for e in store.matrices:
         if jobs.finished(e.idx):
@@ -346,7 +440,7 @@ def refine_matrices(
             prior[0] += float(f["err_before"].load())
             prior[1] += float(f["err_after"].load())
     dm = LayerBatchDataModule(len(store.matrices), jobs, rcfg.layer_batch_size)
-    module = LoRARefine(rcfg, out, tau_total, prior=(prior[0], prior[1]))
+    module = LoRARefine(rcfg, out, tau_total, prior=(prior[0], prior[1]), expert_dtype=q)
     bar = StageProgressBar("refine", "matrices", batch_units=[len(b) for b in dm.dataset.batches])
     trainer = trainers.fit("refine", max_epochs=1, progress=bar)
     trainer.fit(module, datamodule=dm)
@@ -367,11 +461,19 @@ def refine_matrices(
         elif f["A_s"].shape[1]:
             shared[f"{e.name}::lora_A"], shared[f"{e.name}::lora_B"] = f["A_s"], f["B_s"]
         for j, t in enumerate(store.tasks):
-            if f[f"A_t{j}"].shape[1]:
+            if q != "float32":  # codes and scales under their artifact suffixes (didi.quantize)
+                if int(ranks.r_t[e.idx, j]):
+                    for k in f:
+                        if k.startswith(f"q{j}::"):
+                            tasks[t][f"{e.name}::{k.split('::', 1)[1]}"] = f[k]
+            elif f[f"A_t{j}"].shape[1]:
                 tasks[t][f"{e.name}::lora_A"], tasks[t][f"{e.name}::lora_B"] = f[f"A_t{j}"], f[f"B_t{j}"]
     metrics = {
         "rec_err_before": before / tau_total,
         "rec_err_after": after / tau_total,
         "optimizer": rcfg.optimizer,
     }
+    if q != "float32":
+        metrics["expert_dtype"] = q
+        metrics["errors_of"] = f"the stored {q} experts (dequantized), before and after"
     return shared, tasks, metrics

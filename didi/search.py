@@ -85,6 +85,9 @@ class RankSearch(L.LightningModule):
         self.base_params = problem.base_params
         self.fixed_elements = problem.fixed_elements
         self.register_buffer("unit", problem.unit.double())
+        # per-kind unit costs (bytes with experts in another dtype than the shared module); None: one cost
+        self.split_units = problem.cost_s is not None or problem.cost_t is not None
+        self.register_buffer("unit_s", problem.unit_s.double(), persistent=False)
         self.register_buffer("bound_s", problem.bound_s.float())
         self.register_buffer("bound_t", problem.bound_t.float())
         self.r_s = nn.Parameter(init_s.float().clone())
@@ -96,7 +99,11 @@ class RankSearch(L.LightningModule):
         return c.beta_start * math.exp(frac * math.log(c.beta_end / c.beta_start))
 
     def ratio(self) -> torch.Tensor:
-        el = (self.unit * (self.r_s.double() + self.r_t.double().sum(-1))).sum() + self.fixed_elements
+        if self.split_units:
+            el = (self.unit_s * self.r_s.double() + self.unit * self.r_t.double().sum(-1)).sum()
+            el = el + self.fixed_elements
+        else:
+            el = (self.unit * (self.r_s.double() + self.r_t.double().sum(-1))).sum() + self.fixed_elements
         return 1.0 + el / self.base_params
 
     def training_step(self, batch: list[tuple[torch.Tensor, GroupTerms]], batch_idx: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ from didi.backbones.base import TensorPlan, Zoo
 from didi.errors import DidiError
 from didi.linalg import orthonormal, svd
 from didi.merges import mean_merge
+from didi.quantize import stored_pair
 
 #: shared merges whose rows depend only on the same rows of the task vectors
 STREAMABLE_MERGES = frozenset({"mean"})
@@ -351,6 +352,7 @@ def refine_als_streamed(
     sweeps: int,
     power_iters: int,
     row_block: int | None = None,
+    expert_dtype: str = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """`refine.refine_als` on task vectors read a row block at a time: returns (A_s, B_s, A_t, B_t,
     err_before [T], err_after [T]) with A m×r, B r×n and the errors ‖A_sB_s + A_tB_t − τ_t‖² (float64,
@@ -368,6 +370,11 @@ def refine_als_streamed(
     Factors are low-rank only: a folded shared part (B_s None, a dense m×n M_s) is not streamed, since it is
     the very m×n matrix streaming avoids holding. Compute dtype and device are A_s's. `row_block` default:
     about 256 MB for the T task-vector rows.
+
+    `expert_dtype` other than float32 (docs/method.md §9.2): the experts given are the stored (dequantized)
+    ones; the sweeps run in float, then the experts are quantized once more and the errors recomputed in one
+    more pass over the rows; if that is not below the starting error, the starting factors are returned. A
+    streamed matrix is thus quantized after its ALS, not inside it as `refine.refine_als` does.
     """
     if B_s is None:
         raise DidiError(
@@ -384,10 +391,18 @@ def refine_als_streamed(
 
     err = _residual_sq(rows, current)
     err_before = err.clone()
+    start = (A_s, B_s, list(A_t), list(B_t))
     for _ in range(sweeps):
         A_t, B_t, err = _expert_step(rows, A_s, B_s, A_t, B_t, err, power_iters)
         if A_s.shape[1]:
             A_s, B_s, err = _shared_step(rows, A_s, B_s, A_t, B_t, err, power_iters)
+    if expert_dtype != "float32":
+        pairs = [stored_pair(A, B, expert_dtype) for A, B in zip(A_t, B_t)]
+        A_t, B_t = [p[1] for p in pairs], [p[2] for p in pairs]
+        err = _residual_sq(rows, current)
+        if float(err.sum()) >= float(err_before.sum()):
+            A_s, B_s, A_t, B_t = start
+            err = err_before.clone()
     return A_s, B_s, A_t, B_t, err_before, err
 
 

@@ -121,6 +121,7 @@ GROUND = {
     "didi.options",
     "didi.jsonio",
     "didi.accounting",
+    "didi.quantize",
     "didi.closed_form",
     "didi.linalg",
     "didi.streamed",

@@ -35,6 +35,10 @@ class DidiOptions(MergeOptions):
         allocation: `search`; the ablations `didi_greedy` / `didi_uniform` force theirs.
         shared: `low_rank` (the paper's shared LoRA module) or `folded` (dense in the stored base, free;
             `didi_folded` forces it).
+        storage: what the budget counts: `elements` (the paper's) or `bytes` (θ0 in its own dtype, factors
+            in their stored dtype, scales included).
+        expert_dtype: the experts' stored dtype: null (float32), `bfloat16`, `int8` or `nf4` (quantized,
+            per-column / per-row scales; priced by the search, fitted by the refinement).
         decompose: decomposition settings (shared_merge: mean, ties, tsv_m; max_rank; dtype; device;
             cache_dir).
         search: stage-1 settings.

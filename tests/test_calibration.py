@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from didi.artifact import load_artifact
 from didi.backbones import build_adapter
@@ -356,3 +357,57 @@ def test_data_free_default_never_calibrates(bert, tmp_path, monkeypatch):
     assert not isinstance(bert["zoo"], WhitenedZoo)
     with pytest.raises(DidiError, match="only `didi merge`"):
         run_search(bert["zoo"], tmp_path / "r.json", _opts(tmp_path, calibration=bert["data"]))
+
+
+def test_open_clip_self_attention_and_mlp_inputs(tmp_path):
+    """open_clip: the in_proj_weight of each block's self-attention is calibrated on the query its
+    MultiheadAttention receives (ln_1 of the block's input, every token of every image), equal to a dense
+    computation; out_proj, which MultiheadAttention applies functionally, is never called as a module and
+    stays data-free; conv kernels are not targets."""
+    from PIL import Image
+
+    from didi.backbones.open_clip import OpenClipAdapter
+    from helpers import OPEN_CLIP_TINY
+
+    adapter = OpenClipAdapter(model_config=OPEN_CLIP_TINY)
+    torch.manual_seed(0)
+    base_sd = {k: v.detach().clone() for k, v in adapter.create("cpu").state_dict().items()}
+    save_file(base_sd, str(tmp_path / "base.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    tasks, data = {}, {}
+    for j, t in enumerate(("dark", "bright")):
+        sd = {
+            k: v + 0.01 * torch.randn(v.shape, generator=g) if v.dim() == 2 else v for k, v in base_sd.items()
+        }
+        save_file(sd, str(tmp_path / f"{t}.safetensors"))
+        tasks[t] = str(tmp_path / f"{t}.safetensors")
+        for i in range(16):
+            arr = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+            (tmp_path / "data" / t / "validation").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(tmp_path / "data" / t / "validation" / f"{i}.png")
+        data[t] = str(tmp_path / "data" / t)
+    zoo = Zoo(adapter, str(tmp_path / "base.safetensors"), tasks)
+    mom = second_moments(zoo, data, examples=16, batch_size=5, progress=False)
+    in_proj = "visual.transformer.resblocks.1.attn.in_proj_weight"
+    out_proj = "visual.transformer.resblocks.1.attn.out_proj.weight"
+    assert mom.targets[in_proj].how == "mha" and in_proj in mom.sums
+    assert "not called" in mom.skipped.get(out_proj, "")
+    assert not any(len(p.shape) == 4 for p in zoo.matrices if p.name in mom.targets)
+    # dense: ln_1 of block 1's input, captured by a forward hook on the block itself
+    from didi.datamodules.image import open_clip_transform
+    from didi.router import validation_inputs
+
+    model = adapter.build_model(dict(zoo.base_source.items()))
+    block = model.visual.transformer.resblocks[1]
+    seen = []
+    h = block.register_forward_pre_hook(lambda m, a: seen.append(m.ln_1(a[0]).detach()))
+    transform = open_clip_transform(model)
+    for j, t in enumerate(tasks):
+        files = validation_inputs(data, list(tasks), "image", "auto", 16)[t][1]
+        seen.clear()
+        with torch.no_grad():
+            model.encode_image(torch.stack([transform(Image.open(f).convert("RGB")) for f in files]))
+        x = seen[0].reshape(-1, seen[0].shape[-1]).double()
+        assert mom.rows[in_proj][j] == x.shape[0] == 16 * 5  # 16 images × (class token + 2×2 patches)
+        torch.testing.assert_close(mom.sums[in_proj][j].double(), x.T @ x, rtol=1e-5, atol=1e-4)
+    h.remove()

@@ -862,6 +862,7 @@ def _summary(path) -> None:
         f"artifact: {path}\n  tasks: {', '.join(a.tasks)}\n  storage ratio: {a.storage_ratio:.6g} "
         f"(target {m['storage'].get('target_ratio')})\n  relative reconstruction error: "
         f"{ref['rec_err_before']:.4g} with the truncated SVDs, {ref['rec_err_after']:.4g} after refinement"
+        + (" (in the calibration's whitened metric, docs/method.md §8)" if "calibration" in ref else "")
     )
 
 

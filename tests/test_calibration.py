@@ -411,3 +411,21 @@ def test_open_clip_self_attention_and_mlp_inputs(tmp_path):
         assert mom.rows[in_proj][j] == x.shape[0] == 16 * 5  # 16 images × (class token + 2×2 patches)
         torch.testing.assert_close(mom.sums[in_proj][j].double(), x.T @ x, rtol=1e-5, atol=1e-4)
     h.remove()
+
+
+def test_cli_merge_with_calibration(bert, tmp_path, capsys):
+    """`didi merge --calibration ... --calibration_mode/eps/examples/max_length` reaches the merge, the
+    summary says which metric its errors are in, and the manifest records the settings."""
+    from didi.cli import main
+    from helpers import FAST_MERGE
+
+    data = "{" + ", ".join(f"{t}: {p}" for t, p in bert["data"].items()) + "}"
+    tasks = "{" + ", ".join(f"{t}: {p}" for t, p in bert["tasks"].items()) + "}"
+    out = tmp_path / "merged"
+    argv = ["merge", bert["base"], tasks, str(out), "--backbone", "HFEncoderAdapter", "--budget", "1.3"]
+    argv += ["--calibration", data, "--calibration_eps", "0.05", "--calibration_examples", "20"]
+    argv += ["--calibration_max_length", "16", "--decompose.cache_dir", str(tmp_path / "cache"), *FAST_MERGE]
+    assert main(argv) == 0
+    assert "whitened metric" in capsys.readouterr().out
+    cal = load_artifact(out).manifest["method"]["hyper_parameters"]["calibration"]
+    assert cal == {"data": bert["data"], "mode": "pooled", "eps": 0.05, "examples": 20, "max_length": 16}

@@ -16,11 +16,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import didi.refine as ref
 from didi import load_artifact
 from didi.accounting import Pricing, price_files, storage_report, unit_cost
 from didi.allocation import rank_problem
 from didi.artifact import write_artifact
 from didi.backbones import Adapter, Zoo
+from didi.cli import main
+from didi.decompose import DecomposeConfig
 from didi.errors import DidiError
 from didi.export import export_checkpoints
 from didi.inspect import inspect_artifact
@@ -29,6 +32,7 @@ from didi.quantize import pair_tensors
 from didi.refine import RefineConfig
 from didi.routing import RoutedModel
 from didi.shards import factor_store
+from helpers import CPU_QUIET, write_finetune_zoo
 
 SHAPES = {"l0.weight": (40, 32), "l1.weight": (32, 48), "l2.weight": (48, 40)}
 
@@ -345,3 +349,53 @@ def test_bf16_base_is_priced_in_its_own_bytes(tmp_path, fast):
     assert f"in bytes: ratio {st['ratio_bytes']:.6g} of θ0's {2 * zoo.base_params:,} bytes" in text
     assert "storage breakdown (bytes):" in text and "experts stored as int8" in text
     assert replace(MergeOptions(), storage="bytes").hyper_parameters()["storage"] == "bytes"
+
+
+def test_streamed_matrix_with_int8_experts_reports_the_stored_error(tmp_path, fast, monkeypatch):
+    """A matrix refined from row blocks (§3.2) is rounded after its float ALS, its error recomputed in one
+    more pass: the reported error is still that of the stored int8 experts, and the budget holds."""
+    base, tasks = write_finetune_zoo(tmp_path / "zoo", {"tall.weight": (3000, 40), "sq.weight": (40, 40)})
+    zoo = Zoo(Adapter(), base, tasks)
+    seen = []
+    real = ref.refine_als_streamed
+
+    def spy(*a, **k):
+        seen.append(k.get("expert_dtype"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(ref, "refine_als_streamed", spy)
+    dcfg = DecomposeConfig(cache_dir=str(tmp_path / "c"), device="cpu", max_rank=8, stream_mb=1)
+    opts = MergeOptions(1.3, dcfg, fast[1], fast[2], fast[3], allocation="greedy", storage="bytes")
+    path = run_merge(zoo, tmp_path / "s", replace(opts, expert_dtype="int8"), progress=False)
+    assert seen == ["int8"]
+    m = load_artifact(path).manifest
+    assert m["metrics"]["refine"]["rec_err_after"] == pytest.approx(matrix_rel_error(path, zoo), rel=1e-4)
+    assert m["metrics"]["refine"]["rec_err_after"] <= m["metrics"]["refine"]["rec_err_before"]
+    assert 1 + stored_bytes_by_hand(path) / (4 * zoo.base_params) == pytest.approx(m["storage"]["ratio"])
+    assert m["storage"]["ratio"] <= 1.3
+
+
+def test_cli_search_then_refine_follows_the_ranks_files_pricing(tmp_path, capsys):
+    """`didi search --storage bytes --expert_dtype int8` records the pricing in its ranks file; `didi refine`
+    follows it (int8 codes in the artifact, ratio in bytes); `didi export` prints what it dequantized."""
+    base, tasks = finetune_like_zoo(tmp_path / "zoo")
+    flags = ["--decompose.cache_dir", str(tmp_path / "c"), "--search.steps", "20", *CPU_QUIET]
+    ranks = tmp_path / "ranks.json"
+    args = ["search", base, json.dumps(tasks), str(ranks), "--budget", "1.1", "--storage", "bytes"]
+    assert main([*args, "--expert_dtype", "int8", *flags]) == 0
+    info = json.loads(ranks.read_text())["info"]
+    assert info["storage"] == "bytes" and info["expert_dtype"] == "int8" and info["ratio"] <= 1.1
+    out = tmp_path / "art"
+    refine_flags = ["--decompose.cache_dir", str(tmp_path / "c"), "--refine.sweeps", "1", *CPU_QUIET]
+    assert main(["refine", base, json.dumps(tasks), str(ranks), str(out), *refine_flags]) == 0
+    m = load_artifact(out).manifest
+    assert m["storage"]["priced_in"] == "bytes" and m["storage"]["ratio"] == pytest.approx(info["ratio"])
+    assert m["method"]["hyper_parameters"]["expert_dtype"] == "int8"
+    keys = load_file(str(out / "tasks" / "t0.safetensors")).keys()
+    assert any(k.endswith("::lora_A.int8") for k in keys) and not any(k.endswith("::lora_A") for k in keys)
+    capsys.readouterr()
+    assert main(["export", str(out), str(tmp_path / "exp"), "--tasks", "[t0]"]) == 0
+    assert "dequantized: the experts are stored as int8 codes" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # an unknown expert dtype is refused by the parser, naming the choices
+        main([*args, "--expert_dtype", "int4", *flags])
+    assert "int4" in capsys.readouterr().err

@@ -1,15 +1,16 @@
 """Calibrated vs data-free DiDi on a built real zoo (`benchmarks/zoo`): normalised test accuracy.
 
 For every layout (folded, low_rank) and budget (1.02, 1.05 by default) it merges the zoo data-free and
-calibrated (`--calibration`, docs/method.md §8) on each task's validation inputs (pooled second moments, a
-grid of ε, the default ALS refinement in the whitened metric; per-task second moments on the folded layout,
-whose shared part is then fixed, `--refine.optimizer none`, next to the data-free merge without refinement),
-evaluates every artifact on the zoo's test splits with the oracle router, and writes
-benchmarks/results/<name>.json and .md: accuracy, normalised accuracy and the paired difference against the
-matching data-free row (examples only one of them gets right, exact McNemar p-value).
+calibrated (`--calibration`, docs/method.md §8) on each task's validation inputs: pooled second moments over a
+grid of ε with the default ALS refinement in the whitened metric, and per-task second moments on the folded
+layout, whose shared part is then fixed (`--refine.optimizer none`, next to the data-free merge without
+refinement); `--scales output unit` adds the unit-scaled metric of each. It evaluates every artifact on the
+zoo's test splits with the oracle router and writes benchmarks/results/<name>.json and .md: accuracy,
+normalised accuracy and the paired difference against the matching data-free row (examples only one of them
+gets right, exact McNemar p-value).
 
     python -m benchmarks.zoo build --out /tmp/zoo/zoo_real           # once
-    python benchmarks/calibration_trial.py --zoo /tmp/zoo/zoo_real    # the full grid (24 merges)
+    python benchmarks/calibration_trial.py --zoo /tmp/zoo/zoo_real    # the default grid (24 merges)
     python benchmarks/calibration_trial.py --zoo Z --budgets 1.02 --layouts folded --eps 0.01 --modes pooled
 
 Artifacts, the factor caches and each evaluation are kept under --work (a second run reuses them).
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layouts", nargs="+", default=["folded", "low_rank"], choices=["folded", "low_rank"])
     ap.add_argument("--modes", nargs="+", default=["pooled", "per_task"], choices=["pooled", "per_task"])
     ap.add_argument("--eps", type=float, nargs="+", default=[0.001, 0.01, 0.1])
+    ap.add_argument(
+        "--scales", nargs="+", default=["output"], choices=["output", "unit"], help="--calibration_scale"
+    )
     ap.add_argument("--examples", type=int, default=256, help="validation inputs per task (calibration)")
     ap.add_argument("--search-steps", type=int, default=200)
     ap.add_argument("--limit-per-task", type=int, default=None, help="test examples per task (all: None)")
@@ -101,17 +105,22 @@ def main(argv: list[str] | None = None) -> int:
 
     calibration.second_moments = memo_moments
 
+    def grid(mode: str):
+        for scale in args.scales:
+            for eps in args.eps:
+                kw = {"calibration_mode": mode, "calibration_eps": eps, "calibration_scale": scale}
+                yield f"{mode.replace('_', ' ')} ε={eps:g} {scale}", kw
+
     def variants(layout: str):
         yield "data-free", {}, {}
-        for eps in args.eps:
-            if "pooled" in args.modes:
-                yield f"pooled ε={eps:g}", {"calibration_mode": "pooled", "calibration_eps": eps}, {}
+        if "pooled" in args.modes:
+            for label, kw in grid("pooled"):
+                yield label, kw, {}
         if layout == "folded" and "per_task" in args.modes:
             none = {"refine": RefineConfig(optimizer="none")}
             yield "data-free, no refinement", {}, none
-            for eps in args.eps:
-                kw = {"calibration_mode": "per_task", "calibration_eps": eps}
-                yield f"per task ε={eps:g}, no refinement", kw, none
+            for label, kw in grid("per_task"):
+                yield f"{label}, no refinement", kw, none
 
     rows = []
     for layout in args.layouts:

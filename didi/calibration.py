@@ -41,6 +41,7 @@ from didi.sources import tensor_sha256
 from didi.tensorfile import LazyTensor
 
 MODES = ("pooled", "per_task")
+SCALES = ("output", "unit")
 #: the store's shared merge in per-task mode: the whitened experts are (τ_t − M_s)C_t already, the shared part
 #: M_s (the data-free merge of τ) is added back when the artifact is written
 ZERO_MERGE = "calibration_per_task"
@@ -55,7 +56,7 @@ def _zero_merge(taus: torch.Tensor) -> torch.Tensor:
 # -------------------------------------------------------------------------------------------- options
 def check_options(
     data: Mapping[str, str] | None, mode: str, eps: float, examples: int, max_length: int, shared: str,
-    refine_optimizer: str,
+    refine_optimizer: str, scale: str = "output",
 ) -> None:  # fmt: skip
     """Refuse bad calibration settings before anything is read (the tasks are checked by `check_tasks`)."""
     if data is None:
@@ -66,6 +67,8 @@ def check_options(
         raise DidiError("calibration: no calibration data given (one {task: path} entry per task of the zoo)")
     if mode not in MODES:
         raise DidiError(f"calibration_mode: expected pooled or per_task, found {mode!r}")
+    if scale not in SCALES:
+        raise DidiError(f"calibration_scale: expected output or unit, found {scale!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise DidiError(
             f"calibration_eps: expected a finite number ≥ 0 (relative to the mean diagonal), found {eps!r}"
@@ -310,8 +313,9 @@ def second_moments(
 
 
 # ------------------------------------------------------------------------------------------ whiteners
-def cholesky_factor(second: torch.Tensor, eps: float, name: str = "") -> torch.Tensor:
-    """C = chol(S + ε·mean(diag S)·I), lower triangular, float64 (S = XXᵀ/N, n×n)."""
+def cholesky_factor(second: torch.Tensor, eps: float, name: str = "", unit: bool = False) -> torch.Tensor:
+    """C = chol(S + ε·d·I), lower triangular, float64 (S = XXᵀ/N, n×n, d = mean(diag S)); `unit`: divided
+    by √d, so that mean(diag CCᵀ) = 1 + ε whatever the inputs' scale."""
     S = second.double()
     d = float(torch.diagonal(S).mean())
     if not d > 0:
@@ -323,14 +327,15 @@ def cholesky_factor(second: torch.Tensor, eps: float, name: str = "") -> torch.T
             f"calibration: matrix '{name}': the second moment of its inputs is singular (Cholesky failed at "
             f"column {int(info)}) with calibration_eps {eps}; give calibration_eps > 0 or more varied inputs"
         )
-    return L
+    return L / d**0.5 if unit else L
 
 
-def whiteners(mom: Moments, mode: str, eps: float) -> dict[str, torch.Tensor]:
+def whiteners(mom: Moments, mode: str, eps: float, scale: str = "output") -> dict[str, torch.Tensor]:
     """{name: C}: [n, n] (pooled: from the mean over the tasks of each task's XXᵀ/N_t, every task weighted
-    equally) or [T, n, n] (per task). A second moment of rank < n is refused, whatever ε: it needs at least n
-    input rows (tokens for token-level layers, inputs for one row per input), pooled over the tasks or, per
-    task, in each task; the message says how many examples that takes."""
+    equally) or [T, n, n] (per task); `scale` `unit` divides each C by √(mean diagonal) (docs/method.md §8).
+    A second moment of rank < n is refused, whatever ε: it needs at least n input rows (tokens for
+    token-level layers, inputs for one row per input), pooled over the tasks or, per task, in each task; the
+    message says how many examples that takes."""
     out = {}
     for name, tg in mom.targets.items():
         rows, n = mom.rows[name], tg.width
@@ -349,9 +354,11 @@ def whiteners(mom: Moments, mode: str, eps: float) -> dict[str, torch.Tensor]:
             )
         if mode == "pooled":
             S = sum(s / r for s, r in zip(mom.sums[name], rows)) / len(rows)
-            out[name] = cholesky_factor(S, eps, name)
+            out[name] = cholesky_factor(S, eps, name, scale == "unit")
         else:
-            out[name] = torch.stack([cholesky_factor(s / r, eps, name) for s, r in zip(mom.sums[name], rows)])
+            out[name] = torch.stack(
+                [cholesky_factor(s / r, eps, name, scale == "unit") for s, r in zip(mom.sums[name], rows)]
+            )
     return out
 
 
@@ -499,20 +506,21 @@ def whiten_zoo(zoo: Zoo, opts, progress: bool = True):
     part). Nothing is written."""
     check_options(
         opts.calibration, opts.calibration_mode, opts.calibration_eps, opts.calibration_examples,
-        opts.calibration_max_length, opts.shared, opts.refine.optimizer,
+        opts.calibration_max_length, opts.shared, opts.refine.optimizer, opts.calibration_scale,
     )  # fmt: skip
     device = opts.decompose.torch_device()
     mom = second_moments(
         zoo, opts.calibration, opts.calibration_examples, opts.calibration_max_length, device=device,
         progress=progress,
     )  # fmt: skip
-    W = whiteners(mom, opts.calibration_mode, float(opts.calibration_eps))
+    W = whiteners(mom, opts.calibration_mode, float(opts.calibration_eps), opts.calibration_scale)
     digest = whiteners_digest(W, opts.calibration_mode)
     info = {
         "data": {t: str(Path(p)) for t, p in opts.calibration.items()},
         "mode": opts.calibration_mode,
         "shared_merge": opts.decompose.shared_merge,
         "eps": float(opts.calibration_eps),
+        "scale": opts.calibration_scale,
         "examples": dict(zip(mom.tasks, mom.examples)),
         "max_length": opts.calibration_max_length,
         "calibrated": len(W),

@@ -74,7 +74,8 @@ _COMMON_ARGS = """
     options=(
         "budget", "allocation", "shared", "storage", "expert_dtype", "decompose", "search", "refine",
         "trainer", "resume", "calibration",
-        "calibration_mode", "calibration_eps", "calibration_examples", "calibration_max_length",
+        "calibration_mode", "calibration_eps", "calibration_scale", "calibration_examples",
+        "calibration_max_length",
     ),
 )  # fmt: skip
 def merge(

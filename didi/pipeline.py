@@ -72,6 +72,9 @@ class MergeOptions:
         calibration_mode: `pooled` (one input metric per matrix from every task's inputs; both layouts) or
             `per_task` (each task's own; only with --shared folded and --refine.optimizer none).
         calibration_eps: ε of C = chol(XXᵀ/N + ε·mean(diag)·I), relative to the second moment's mean diagonal.
+        calibration_scale: `output` (C as above: the mean squared output error per input row, so layers with
+            larger inputs weigh more in the budget) or `unit` (each C divided by √mean(diag): the metric's
+            shape per matrix changes, its overall weight is the data-free one's).
         calibration_examples: validation inputs read per task.
         calibration_max_length: tokens per calibration input (text).
     """
@@ -89,6 +92,7 @@ class MergeOptions:
     calibration: Optional[dict[str, str]] = None
     calibration_mode: Literal["pooled", "per_task"] = "pooled"
     calibration_eps: float = 0.01
+    calibration_scale: Literal["output", "unit"] = "output"
     calibration_examples: int = 256
     calibration_max_length: int = 128
 
@@ -105,7 +109,7 @@ class MergeOptions:
             )
         check_options(
             self.calibration, self.calibration_mode, self.calibration_eps, self.calibration_examples,
-            self.calibration_max_length, self.shared, self.refine.optimizer,
+            self.calibration_max_length, self.shared, self.refine.optimizer, self.calibration_scale,
         )  # fmt: skip
 
     def refine_device(self) -> str:
@@ -135,6 +139,7 @@ class MergeOptions:
             "data": {t: str(p) for t, p in self.calibration.items()},
             "mode": self.calibration_mode,
             "eps": self.calibration_eps,
+            "scale": self.calibration_scale,
             "examples": self.calibration_examples,
             "max_length": self.calibration_max_length,
         }

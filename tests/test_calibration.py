@@ -77,6 +77,20 @@ def test_whitened_truncation_is_the_output_error_minimiser(eps):
     )
 
 
+def test_unit_scale_changes_the_weight_not_the_shape():
+    """`calibration_scale unit`: C/√d, so mean(diag CCᵀ) = 1 + ε for inputs of any scale; per matrix the
+    minimiser is the same as with `output` (a constant factor of the metric)."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(5, 30, generator=g, dtype=F64) * 7.0
+    S = X @ X.T / 30
+    C, d = _metric(X, 0.01)
+    U = cholesky_factor(S, 0.01, unit=True)
+    torch.testing.assert_close(U, C / d**0.5)
+    assert float(torch.diagonal(U @ U.T).mean()) == pytest.approx(1.01, rel=1e-12)
+    tau = torch.randn(4, 5, generator=g, dtype=F64)
+    torch.testing.assert_close(uncolor(_trunc(tau @ U, 2), U), uncolor(_trunc(tau @ C, 2), C))
+
+
 def test_gradient_descent_finds_no_better_factor_pair():
     """A factor pair (A, B) trained by gradient descent on the output error ‖(AB − τ)X‖² from the whitened
     solution cannot lower it (it is the minimiser), and from a random start it reaches the same loss."""
@@ -424,8 +438,10 @@ def test_cli_merge_with_calibration(bert, tmp_path, capsys):
     out = tmp_path / "merged"
     argv = ["merge", bert["base"], tasks, str(out), "--backbone", "HFEncoderAdapter", "--budget", "1.3"]
     argv += ["--calibration", data, "--calibration_eps", "0.05", "--calibration_examples", "20"]
+    argv += ["--calibration_scale", "unit"]
     argv += ["--calibration_max_length", "16", "--decompose.cache_dir", str(tmp_path / "cache"), *FAST_MERGE]
     assert main(argv) == 0
     assert "whitened metric" in capsys.readouterr().out
     cal = load_artifact(out).manifest["method"]["hyper_parameters"]["calibration"]
-    assert cal == {"data": bert["data"], "mode": "pooled", "eps": 0.05, "examples": 20, "max_length": 16}
+    want = {"data": bert["data"], "mode": "pooled", "eps": 0.05, "scale": "unit", "examples": 20}
+    assert cal == {**want, "max_length": 16}

@@ -399,3 +399,18 @@ def test_cli_search_then_refine_follows_the_ranks_files_pricing(tmp_path, capsys
     with pytest.raises(SystemExit):  # an unknown expert dtype is refused by the parser, naming the choices
         main([*args, "--expert_dtype", "int4", *flags])
     assert "int4" in capsys.readouterr().err
+
+
+def test_bf16_experts_on_a_gpu_without_bf16_are_refused_before_writing(tmp_path, fast, monkeypatch):
+    base, tasks = finetune_like_zoo(tmp_path / "zoo")
+    zoo = Zoo(Adapter(), base, tasks)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    gpu = replace(fast[3], accelerator="gpu")
+    opts = MergeOptions(1.1, fast[0], fast[1], fast[2], gpu, storage="bytes", expert_dtype="bfloat16")
+    with pytest.raises(DidiError, match="expert_dtype bfloat16: the refinement device cuda has no bfloat16"):
+        opts.validate()  # what the CLI calls first
+    with pytest.raises(DidiError, match="no bfloat16 support"):
+        run_merge(zoo, tmp_path / "out", opts, progress=False)
+    assert not (tmp_path / "out").exists() and not work_dir_for(tmp_path / "out").exists()
+    replace(opts, expert_dtype="int8").validate()  # int8 / nf4 dequantize anywhere

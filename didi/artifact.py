@@ -7,7 +7,10 @@
     shared.safetensors       terms every task adds: "<name>::lora_A" (m×r), "<name>::lora_B" (r×n),
                              "<name>::dense"
     tasks/<task>.safetensors terms of one task: lora pairs, "<name>::dense",
-                             or "<name>::mask" + "<name>::scale" (scale · mask ⊙ shared "<name>::ref")
+                             or "<name>::mask" + "<name>::scale" (scale · mask ⊙ shared "<name>::ref");
+                             quantized experts (`--expert_dtype`): "<name>::lora_A.int8" / "lora_A.nf4"
+                             codes + "<name>::lora_A.scale", the same for B (`didi.quantize`), decoded
+                             to float32 factors on load
     groups/<gid>.safetensors (optional) terms shared by a SUBSET of the tasks (FlexMerge's task clusters):
                              lora pairs or "<name>::dense"; manifest["groups"][gid] lists the member tasks.
                              Each group file is stored (and priced) once, like shared.safetensors, and added

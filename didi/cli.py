@@ -859,11 +859,15 @@ def _summary(path) -> None:
     a = load_artifact(path, verify=False)
     m = a.manifest
     ref = m["metrics"]["refine"]
+    unit = ""  # a budget in bytes (docs/method.md §9) says so, and how the experts are stored
+    if m["storage"].get("priced_in") == "bytes":
+        unit = " in bytes" + (f", experts stored as {ref['expert_dtype']}" if "expert_dtype" in ref else "")
     print(
         f"artifact: {path}\n  tasks: {', '.join(a.tasks)}\n  storage ratio: {a.storage_ratio:.6g} "
-        f"(target {m['storage'].get('target_ratio')})\n  relative reconstruction error: "
+        f"(target {m['storage'].get('target_ratio')}){unit}\n  relative reconstruction error: "
         f"{ref['rec_err_before']:.4g} with the truncated SVDs, {ref['rec_err_after']:.4g} after refinement"
         + (" (in the calibration's whitened metric, docs/method.md §8)" if "calibration" in ref else "")
+        + (f" (of the stored {ref['expert_dtype']} experts)" if "expert_dtype" in ref else "")
     )
 
 

@@ -64,7 +64,11 @@ def inspect_artifact(path: str, as_json: bool = False) -> str:
         f"tasks ({len(d['tasks'])}): {', '.join(d['tasks'])}",
         f"storage ratio {d['storage_ratio']:.6g}"
         + (f" (target {d['target_ratio']:g})" if d["target_ratio"] else "")
-        + f" of |θ0| = {d['base_params']:,}",
+        + (
+            f" in bytes, of θ0's {d['storage']['base_bytes']:,} bytes"
+            if d["storage"].get("priced_in") == "bytes"
+            else f" of |θ0| = {d['base_params']:,}"
+        ),
     ]
     pub = d["published"]
     if pub.get("published") is not None:

@@ -348,6 +348,7 @@ def test_bf16_base_is_priced_in_its_own_bytes(tmp_path, fast):
     text = inspect_artifact(str(path))  # `didi inspect` shows both ratios and the breakdown in bytes
     assert f"in bytes: ratio {st['ratio_bytes']:.6g} of θ0's {2 * zoo.base_params:,} bytes" in text
     assert "storage breakdown (bytes):" in text and "experts stored as int8" in text
+    assert f"(target 1.2) in bytes, of θ0's {2 * zoo.base_params:,} bytes" in text
     assert replace(MergeOptions(), storage="bytes").hyper_parameters()["storage"] == "bytes"
 
 
@@ -387,7 +388,11 @@ def test_cli_search_then_refine_follows_the_ranks_files_pricing(tmp_path, capsys
     assert info["storage"] == "bytes" and info["expert_dtype"] == "int8" and info["ratio"] <= 1.1
     out = tmp_path / "art"
     refine_flags = ["--decompose.cache_dir", str(tmp_path / "c"), "--refine.sweeps", "1", *CPU_QUIET]
+    capsys.readouterr()
     assert main(["refine", base, json.dumps(tasks), str(ranks), str(out), *refine_flags]) == 0
+    printed = capsys.readouterr().out
+    assert "(target 1.1) in bytes, experts stored as int8" in printed
+    assert "of the stored int8 experts" in printed
     m = load_artifact(out).manifest
     assert m["storage"]["priced_in"] == "bytes" and m["storage"]["ratio"] == pytest.approx(info["ratio"])
     assert m["method"]["hyper_parameters"]["expert_dtype"] == "int8"

@@ -473,8 +473,8 @@ def auto_width(zoo: Zoo, target: float, pricing: Pricing | None = None) -> int |
     up to a multiple of 32; None (every component) when that reaches the largest min(m, n) anyway.
 
     An estimate, not a bound (`budget_width` is the bound, and it is useless: one module could take the whole
-    budget): the allocation concentrates rank where the spectra are slowest, and a module that reaches K is
-    reported after the search (`Ranks.info["at_width"]`) with the `--decompose.max_rank` that lifts it.
+    budget): the allocation concentrates rank where the spectra are slowest, so `pipeline.run_search` widens
+    the store (`widen`) and searches again while a module reaches K.
     With a `pricing`, the same in its unit: the budget in bytes over the experts' rank-unit costs in their
     dtype, so int8 experts get a store about 4× as wide as float32 ones.
     """
@@ -490,6 +490,15 @@ def auto_width(zoo: Zoo, target: float, pricing: Pricing | None = None) -> int |
         even = max(budget, 0.0) / (T * sum(m + n for m, n in shapes))
     K = 32 * max(1, math.ceil(WIDTH_MARGIN * even / 32))
     return None if K >= max(min(s) for s in shapes) else K
+
+
+def widen(zoo: Zoo, K: int | None) -> int | None:
+    """The next width after K when `auto` fell short: 2K, or None (every component) once that reaches the
+    largest min(m, n); a round at None always ends the search's widening (nothing can be at width then)."""
+    if K is None:
+        return None
+    top = max(min(p.matrix_shape) for p in zoo.matrices)
+    return None if 2 * K >= top else 2 * K
 
 
 def at_width(store: FactorStore, ranks: Ranks) -> int:

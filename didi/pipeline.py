@@ -27,6 +27,7 @@ from didi.allocation import (
     check_decompose_inputs,
     precheck_budget,
     resolve_width,
+    widen,
     zoo_pricing,
 )
 from didi.backbones.base import Zoo
@@ -264,22 +265,39 @@ def run_search(
     dcfg = resolve_width(zoo, opts.decompose, target, pricing)
     check_decompose_inputs(zoo, dcfg, target, pricing)
     trainers = trainers or Trainers(opts.trainer)
-    store = factor_store(zoo, dcfg, trainers, progress)
+    auto, first = opts.decompose.max_rank == "auto", dcfg.max_rank
     with _work_dir(work_dir_for(output), opts.resume) as work:
-        ranks = allocate(
-            store,
-            target,
-            opts.search,
-            trainers,
-            zoo.adapter.policy_of,
-            opts.allocation,
-            work,
-            opts.resume,
-            opts.shared,
-            pricing,
-        )
+        while True:
+            store = factor_store(zoo, dcfg, trainers, progress)
+            ranks = allocate(
+                store,
+                target,
+                opts.search,
+                trainers,
+                zoo.adapter.policy_of,
+                opts.allocation,
+                # a wider round searches afresh in its own checkpoint directory (a resumed run finds each)
+                work if dcfg.max_rank == first else work / f"width_{dcfg.max_rank or 'full'}",
+                opts.resume,
+                opts.shared,
+                pricing,
+            )
+            n = at_width(store, ranks)
+            if not n or not auto:
+                break
+            # `auto` is an estimate: modules that reached it wanted more rank, so widen and search again
+            wider = widen(zoo, dcfg.max_rank)
+            if is_global_zero():
+                print(
+                    f"didi: {n} module(s) got the factor store's whole width K = {dcfg.max_rank} (decompose."
+                    f"max_rank auto); widening to K = {wider or 'full'} and searching again",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            dcfg = replace(dcfg, max_rank=wider)
+            check_decompose_inputs(zoo, dcfg, target, pricing)
     ranks.info["width"] = dcfg.max_rank
-    ranks.info["at_width"] = n = at_width(store, ranks)
+    ranks.info["at_width"] = n
     if n and is_global_zero():
         print(
             f"didi: {n} module(s) got the factor store's whole width K = {dcfg.max_rank} (decompose.max_rank "

@@ -301,3 +301,29 @@ def test_terms_cache_batches_cut_from_the_full_stack_equal_computed_ones(tmp_pat
             for f in GroupTerms.__dataclass_fields__:
                 torch.testing.assert_close(getattr(ga, f), getattr(gb, f))
     assert cut.tau_total() == pytest.approx(TermsCache(store, widths).tau_total(), rel=1e-12)
+
+
+def test_auto_width_widens_until_no_module_sits_at_it(tmp_path, fast, monkeypatch, capsys):
+    """`max_rank: auto` is an estimate: when the search gives a module the store's whole width, the store is
+    widened and the search run again, and the result is the search at the final width (equal to asking for
+    that width explicitly), with no module left at the width."""
+    import dataclasses
+
+    import didi.allocation as al
+    from didi.pipeline import run_search
+
+    base, tasks = make_zoo(tmp_path / "zoo", T=3, width=96, layers=2, noise=0.05, seed=3)
+    zoo = Zoo(Adapter(), str(base), {k: str(v) for k, v in tasks.items()})
+    monkeypatch.setattr(al, "WIDTH_MARGIN", 0.01)  # the estimate gives 32, far below what 1.6× buys
+    assert al.auto_width(zoo, 1.6) == 32
+    auto = MergeOptions(1.6, dataclasses.replace(fast[0], max_rank="auto"), *fast[1:])
+    ranks, store = run_search(zoo, tmp_path / "auto.json", auto, progress=False)
+    err = capsys.readouterr().err
+    assert "widening to K = 64" in err
+    assert ranks.info["at_width"] == 0
+    final = ranks.info["width"]
+    assert final in (64, None)
+    assert {e.K for e in store.matrices} == ({min(e.m, e.n, final or 10**9) for e in store.matrices})
+    explicit = MergeOptions(1.6, dataclasses.replace(fast[0], max_rank=final), *fast[1:])
+    ref, _ = run_search(zoo, tmp_path / "explicit.json", explicit, progress=False)
+    assert torch.equal(ranks.r_s, ref.r_s) and torch.equal(ranks.r_t, ref.r_t)

@@ -115,6 +115,9 @@ def rank_problems(draw) -> tuple[RankProblem, Allocator, float, torch.Tensor, to
         )
     fixed = float(draw(st.integers(0, 40)))
     problem = RankProblem(torch.tensor(ms), torch.tensor(ns), torch.tensor(bs), torch.tensor(bt), 0, fixed)
+    if draw(st.booleans()):  # priced per module kind, as in bytes with other expert dtypes (method.md §9.1)
+        problem.cost_s = torch.tensor([draw(st.integers(1, 40)) for _ in range(L)])
+        problem.cost_t = torch.tensor([draw(st.integers(1, 40)) for _ in range(L)])
     full = float(problem.elements(problem.bound_s, problem.bound_t))
     problem.base_params = draw(st.integers(max(1, int(full) // 4), 4 * int(full) + 10))
     lo, hi = problem.min_ratio(), problem.max_ratio()
@@ -162,12 +165,11 @@ def test_greedy_fill_is_short_by_less_than_one_rank_unit(case) -> None:
     for idx, terms in alloc.groups:
         g_s, g_t = alloc._gains(idx, terms, f_s, f_t)
         l = int(idx[0])
-        unit = float(problem.unit[l])
         if f_s[l] < problem.bound_s[l] and g_s[0] > 0:
-            assert unit > left
+            assert float(problem.unit_s[l]) > left
         for t in range(alloc.T):
             if f_t[l, t] < problem.bound_t[l, t] and g_t[0, t] > 0:
-                assert unit > left
+                assert float(problem.unit_t[l]) > left
 
 
 # ---------------------------------------------------------------------------------------- artifact round trip

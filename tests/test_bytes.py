@@ -19,7 +19,7 @@ from torch import nn
 import didi.refine as ref
 from didi import load_artifact
 from didi.accounting import Pricing, price_files, storage_report, unit_cost
-from didi.allocation import rank_problem
+from didi.allocation import Ranks, rank_problem
 from didi.artifact import write_artifact
 from didi.backbones import Adapter, Zoo
 from didi.cli import main
@@ -27,9 +27,9 @@ from didi.decompose import DecomposeConfig
 from didi.errors import DidiError
 from didi.export import export_checkpoints
 from didi.inspect import inspect_artifact
-from didi.pipeline import MergeOptions, run_merge, work_dir_for
+from didi.pipeline import MergeOptions, run_merge, run_search, work_dir_for
 from didi.quantize import pair_tensors
-from didi.refine import RefineConfig
+from didi.refine import RefineConfig, RefineJobs, refine_matrices
 from didi.routing import RoutedModel
 from didi.shards import factor_store
 from helpers import CPU_QUIET, write_finetune_zoo
@@ -419,3 +419,21 @@ def test_bf16_experts_on_a_gpu_without_bf16_are_refused_before_writing(tmp_path,
         run_merge(zoo, tmp_path / "out", opts, progress=False)
     assert not (tmp_path / "out").exists() and not work_dir_for(tmp_path / "out").exists()
     replace(opts, expert_dtype="int8").validate()  # int8 / nf4 dequantize anywhere
+
+
+def test_an_interrupted_quantized_refinement_reuses_only_files_of_its_own_dtype(tmp_path, fast):
+    """`RefineJobs.finished` takes a refined matrix of an earlier run only at the same ranks *and* the same
+    stored dtype: an int8 file is not reused by an nf4 or a float32 run (nor the other way round)."""
+    base, tasks = finetune_like_zoo(tmp_path / "zoo")
+    zoo = Zoo(Adapter(), base, tasks)
+    opts = MergeOptions(1.1, *fast, storage="bytes", expert_dtype="int8")
+    ranks, store = run_search(zoo, tmp_path / "ranks.json", opts, progress=False)
+    work = tmp_path / "work"
+    refine_matrices(zoo, store, ranks, fast[2], fast[3], work)
+    done = work / "refine"
+    idx = [e.idx for e in store.matrices]
+    assert all(RefineJobs(zoo, store, ranks, done).finished(i) for i in idx)
+    for other in ("nf4", "bfloat16", None):
+        info = {k: v for k, v in ranks.info.items() if k != "expert_dtype"}
+        again = Ranks(ranks.r_s, ranks.r_t, {**info, **({"expert_dtype": other} if other else {})})
+        assert not any(RefineJobs(zoo, store, again, done).finished(i) for i in idx), other

@@ -753,7 +753,7 @@ def run_compare(
                 a = load_artifact(path)
                 m = a.manifest["method"]
                 if m.get("registry_name", m["name"]) != run["method"] or not _same_hyper(
-                    m, hyper, run["method"]
+                    m, _jsonable(dataclasses.asdict(_effective(run["method"], opts))), run["method"]
                 ):
                     raise DidiError(
                         f"{path}: an artifact of other settings is already there; delete it or "
@@ -858,11 +858,34 @@ def _scored(row: dict, rep: dict) -> dict:
     return row
 
 
+#: DiDi settings that change no result (where the factors are cached, which device computes them)
+_DIDI_NEUTRAL = {"cache_dir", "device"}
+
+
+def _effective(name: str, opts: Any) -> Any:
+    """The options a method really runs with (a DiDi variant forces some; others run as given)."""
+    if not name.startswith("didi"):
+        return opts
+    from didi.methods.didi_variants import effective_options
+
+    return effective_options(name, opts)
+
+
 def _same_hyper(method_entry: dict, hyper: dict, name: str) -> bool:
-    got = method_entry.get("hyper_parameters", {})
-    if name.startswith("didi"):  # DiDi records its own hyper-parameter layout; compare the budget only
-        return abs(float(got.get("budget", -1)) - float(hyper["budget"])) < 1e-12
-    return json.loads(json.dumps(got, default=str)) == hyper
+    got = json.loads(json.dumps(method_entry.get("hyper_parameters", {}), default=str))
+    if not name.startswith("didi"):
+        return got == hyper
+    # DiDi records its own layout (MergeOptions.hyper_parameters): compare what changes the artifact
+    if abs(float(got.get("budget", -1)) - float(hyper["budget"])) > 1e-12:
+        return False
+    defaults = {"storage": "elements", "expert_dtype": None}  # manifests from before these options
+    for key in ("allocation", "shared", "storage", "expert_dtype", "search", "refine"):
+        if key in hyper and got.get(key, defaults.get(key)) != hyper[key]:
+            return False
+    drop = lambda d: {k: v for k, v in (d or {}).items() if k not in _DIDI_NEUTRAL}  # noqa: E731
+    if "decompose" in hyper and drop(got.get("decompose")) != drop(hyper["decompose"]):
+        return False
+    return bool(got.get("calibration")) == bool(hyper.get("calibration"))
 
 
 def _log_wandb(result: dict, out: Path) -> None:

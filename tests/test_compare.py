@@ -91,6 +91,11 @@ def test_compare_end_to_end(tmp_path, fast):
     # an artifact of other settings under the same label is refused
     with pytest.raises(DidiError, match="other settings"):
         run_compare(zoo, out, ["ties"], [], {"ties": {"k": 50}})
+    # a DiDi variant is reused under the settings it forces (greedy allocation), refused under other ones
+    assert run_compare(zoo, out, ["didi_greedy"], [1.5], options)["rows"][0]["reused"]
+    quantized = {"didi_greedy": {**options["didi_greedy"], "storage": "bytes", "expert_dtype": "int8"}}
+    with pytest.raises(DidiError, match="other settings"):
+        run_compare(zoo, out, ["didi_greedy"], [1.5], quantized)
 
 
 def test_compare_cli(tmp_path, capsys):

@@ -50,8 +50,20 @@ class DidiOptions(MergeOptions):
     trainer: TrainerConfig = field(default_factory=_quiet_trainer)
 
 
-def _run(zoo: Zoo, opts: DidiOptions, output: Path, registry_name: str, **forced) -> Path | None:
-    return run_merge(zoo, output, replace(opts, **forced), progress=False, method=registry_name)
+def effective_options(registry_name: str, opts: DidiOptions) -> DidiOptions:
+    """The options a DiDi variant really runs with: `opts` with what the variant forces (what its manifest
+    records, so `didi compare` can tell whether an artifact of these options is already there)."""
+    forced = {
+        "didi_uniform": {"allocation": "uniform"},
+        "didi_greedy": {"allocation": "greedy"},
+        "didi_norefine": {"refine": replace(opts.refine, optimizer="none")},
+        "didi_folded": {"shared": "folded"},
+    }.get(registry_name, {})
+    return replace(opts, **forced)
+
+
+def _run(zoo: Zoo, opts: DidiOptions, output: Path, name: str) -> Path | None:
+    return run_merge(zoo, output, effective_options(name, opts), progress=False, method=name)
 
 
 @register_method("didi", options=DidiOptions, kind="didi", writes_artifact=True)
@@ -63,22 +75,22 @@ def didi(zoo: Zoo, opts: DidiOptions, output: Path) -> Path | None:
 @register_method("didi_uniform", options=DidiOptions, kind="didi", writes_artifact=True)
 def didi_uniform(zoo: Zoo, opts: DidiOptions, output: Path) -> Path | None:
     """DiDi ablation: uniform ranks (no search) at the budget, then refinement."""
-    return _run(zoo, opts, output, "didi_uniform", allocation="uniform")
+    return _run(zoo, opts, output, "didi_uniform")
 
 
 @register_method("didi_greedy", options=DidiOptions, kind="didi", writes_artifact=True)
 def didi_greedy(zoo: Zoo, opts: DidiOptions, output: Path) -> Path | None:
     """DiDi ablation: greedy marginal-gain rank allocation instead of the search, then refinement."""
-    return _run(zoo, opts, output, "didi_greedy", allocation="greedy")
+    return _run(zoo, opts, output, "didi_greedy")
 
 
 @register_method("didi_norefine", options=DidiOptions, kind="didi", writes_artifact=True)
 def didi_norefine(zoo: Zoo, opts: DidiOptions, output: Path) -> Path | None:
     """DiDi ablation: the searched ranks with truncated-SVD factors, no LoRA refinement."""
-    return _run(zoo, opts, output, "didi_norefine", refine=replace(opts.refine, optimizer="none"))
+    return _run(zoo, opts, output, "didi_norefine")
 
 
 @register_method("didi_folded", options=DidiOptions, kind="didi", writes_artifact=True)
 def didi_folded(zoo: Zoo, opts: DidiOptions, output: Path) -> Path | None:
     """DiDi with the shared part folded into the stored base (free): the budget goes to the experts."""
-    return _run(zoo, opts, output, "didi_folded", shared="folded")
+    return _run(zoo, opts, output, "didi_folded")

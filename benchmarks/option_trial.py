@@ -1,17 +1,25 @@
-"""Calibrated vs data-free DiDi on a built real zoo (`benchmarks/zoo`): normalised test accuracy.
+"""Opt-in DiDi options against the data-free float default on a built real zoo (`benchmarks/zoo`): normalised
+test accuracy at equal storage, paired on the same test examples.
 
-For every layout (folded, low_rank) and budget (1.02, 1.05 by default) it merges the zoo data-free and
-calibrated (`--calibration`, docs/method.md §8) on each task's validation inputs: pooled second moments over a
-grid of ε with the default ALS refinement in the whitened metric, and per-task second moments on the folded
-layout, whose shared part is then fixed (`--refine.optimizer none`, next to the data-free merge without
-refinement); `--scales output unit` adds the unit-scaled metric of each. It evaluates every artifact on the
-zoo's test splits with the oracle router and writes benchmarks/results/<name>.json and .md: accuracy,
-normalised accuracy and the paired difference against the matching data-free row (examples only one of them
-gets right, exact McNemar p-value).
+Two trials, each against the default merge (data-free, float32 experts) of the same layout and budget:
 
-    python -m benchmarks.zoo build --out /tmp/zoo/zoo_real           # once
-    python benchmarks/calibration_trial.py --zoo /tmp/zoo/zoo_real    # the default grid (24 merges)
-    python benchmarks/calibration_trial.py --zoo Z --budgets 1.02 --layouts folded --eps 0.01 --modes pooled
+- `calibration` (`--calibration`, docs/method.md §8): merges calibrated on each task's validation inputs:
+  pooled second moments over a grid of ε with the default ALS refinement in the whitened metric, and per-task
+  second moments on the folded layout, whose shared part is then fixed (`--refine.optimizer none`, next to
+  the data-free merge without refinement); `--scales output unit` adds the unit-scaled metric of each.
+- `quantized` (`--storage bytes --expert_dtype`, docs/method.md §9): the budget priced in bytes and the
+  experts stored in each of `--dtypes` (int8, nf4, bfloat16), so the same bytes buy more rank. On a float32
+  base the default's ratio in elements is its ratio in bytes, so the rows compare at equal bytes.
+
+Every artifact is evaluated on the zoo's test splits with the oracle router; benchmarks/results/<name>.json
+and .md get accuracy, normalised accuracy and the paired difference against the matching default row (examples
+only one of them gets right, exact McNemar p-value, `didi.compare.paired_difference`).
+
+    python -m benchmarks.zoo build --out /tmp/zoo/zoo_real                    # once
+    python benchmarks/option_trial.py calibration --zoo /tmp/zoo/zoo_real     # the default grid (24 merges)
+    python benchmarks/option_trial.py calibration --zoo Z --budgets 1.02 --layouts folded --eps 0.01 \
+        --modes pooled
+    python benchmarks/option_trial.py quantized --zoo Z --budgets 1.02 1.05 --dtypes int8 nf4
 
 Artifacts, the factor caches and each evaluation are kept under --work (a second run reuses them).
 The second moments are collected once per run and shared by every calibrated merge (memoised here).
@@ -28,39 +36,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import md_table, write_results  # noqa: E402
-
-
-def _bits(packed: str, n: int) -> list[bool]:
-    """Per-example correctness from the report's hex (4 examples a digit, first example the highest bit)."""
-    return ["".join(f"{int(c, 16):04b}" for c in packed)[i] == "1" for i in range(n)]
-
-
-def mcnemar(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value of b vs c discordant pairs (Binomial(b + c, 1/2))."""
-    n, k = b + c, min(b, c)
-    term = total = 1
-    for i in range(k):
-        term = term * (n - i) // (i + 1)
-        total += term
-    return min(1.0, 2 * total / 2**n)
-
-
-def paired(row: dict, ref: dict) -> dict:
-    """Row vs reference on the same test examples: b (row right only), c (reference right only), p."""
-    b = c = 0
-    for t, e in row["examples"]["tasks"].items():
-        r = ref["examples"]["tasks"][t]
-        assert e["n"] == r["n"] and e["sha256"] == r["sha256"], f"{t}: not the same test examples"
-        for x, y in zip(_bits(e["correct"], e["n"]), _bits(r["correct"], r["n"])):
-            b += x and not y
-            c += y and not x
-    return {"b": b, "c": c, "p": mcnemar(b, c)}
+from didi.compare import paired_difference  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("trial", choices=["calibration", "quantized"], help="which options to measure")
     ap.add_argument("--zoo", required=True, help="a zoo built by `python -m benchmarks.zoo build` (zoo.json)")
-    ap.add_argument("--work", default="/tmp/calibration_trial", help="artifacts, caches, evaluations")
+    ap.add_argument("--work", default="/tmp/option_trial", help="artifacts, caches, evaluations")
     ap.add_argument("--budgets", type=float, nargs="+", default=[1.02, 1.05])
     ap.add_argument("--layouts", nargs="+", default=["folded", "low_rank"], choices=["folded", "low_rank"])
     ap.add_argument("--modes", nargs="+", default=["pooled", "per_task"], choices=["pooled", "per_task"])
@@ -68,11 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--scales", nargs="+", default=["output"], choices=["output", "unit"], help="--calibration_scale"
     )
+    ap.add_argument(
+        "--dtypes", nargs="+", default=["int8", "nf4"], choices=["bfloat16", "int8", "nf4"], help="quantized"
+    )
     ap.add_argument("--examples", type=int, default=256, help="validation inputs per task (calibration)")
     ap.add_argument("--search-steps", type=int, default=200)
     ap.add_argument("--limit-per-task", type=int, default=None, help="test examples per task (all: None)")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--name", default="calibration_trial", help="benchmarks/results/<name>.json and .md")
+    ap.add_argument("--name", default=None, help="benchmarks/results/<name>.json and .md (<trial>_trial)")
     args = ap.parse_args(argv)
 
     import torch
@@ -112,13 +98,17 @@ def main(argv: list[str] | None = None) -> int:
                 yield f"{mode.replace('_', ' ')} ε={eps:g} {scale}", kw
 
     def variants(layout: str):
-        yield "data-free", {}, {}
+        yield "default", {}, {}
+        if args.trial == "quantized":
+            for q in args.dtypes:
+                yield f"{q} experts, bytes", {}, {"storage": "bytes", "expert_dtype": q}
+            return
         if "pooled" in args.modes:
             for label, kw in grid("pooled"):
                 yield label, kw, {}
         if layout == "folded" and "per_task" in args.modes:
             none = {"refine": RefineConfig(optimizer="none")}
-            yield "data-free, no refinement", {}, none
+            yield "default, no refinement", {}, none
             for label, kw in grid("per_task"):
                 yield f"{label}, no refinement", kw, none
 
@@ -162,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                     "budget": budget,
                     "variant": label,
                     "ratio": rep["storage_ratio"],
+                    "ratio_elements": man["storage"].get("ratio_elements", man["storage"]["ratio"]),
+                    "ratio_bytes": man["storage"].get("ratio_bytes"),
                     "average": rep["average"],
                     "normalized": rep.get("average_normalized"),
                     "rec_err_after": refine.get("rec_err_after"),
@@ -170,11 +162,13 @@ def main(argv: list[str] | None = None) -> int:
                     "seconds": merge_s,
                     "tasks": {t: v["accuracy"] for t, v in rep["tasks"].items()},
                 }
-                ref = refs.get("data-free, no refinement" if "no refinement" in label else "data-free")
+                ref = refs.get("default, no refinement" if "no refinement" in label else "default")
+                rep["label"] = key
                 if ref is not None:
-                    row["vs_data_free"] = {
-                        "normalized_points": 100 * (row["normalized"] - ref["row"]["normalized"]),
-                        **paired(rep, ref["rep"]),
+                    pair = paired_difference(rep, ref["rep"])
+                    row["vs_default"] = {
+                        "normalized_points": pair["difference_normalized"],
+                        **{k: pair[k] for k in ("b", "c", "n", "p_value", "tasks")},
                     }
                 refs[label] = {"row": row, "rep": rep}
                 rows.append(row)
@@ -182,32 +176,34 @@ def main(argv: list[str] | None = None) -> int:
 
     table = md_table(
         [
-            "layout", "budget", "variant", "ratio", "accuracy %", "normalised %", "Δ vs data-free (points)",
-            "b / c", "McNemar p", "rec. error after (metric)",
+            "layout", "budget", "variant", "ratio (elements)", "ratio (bytes)", "accuracy %", "normalised %",
+            "Δ vs default (points)", "b / c", "McNemar p", "rec. error after (metric)",
         ],
         [
             [
-                r["layout"], f"{r['budget']:g}", r["variant"], f"{r['ratio']:.4f}",
+                r["layout"], f"{r['budget']:g}", r["variant"], f"{r['ratio_elements']:.4f}",
+                f"{r['ratio_bytes']:.4f}" if r["ratio_bytes"] is not None else "",
                 f"{100 * r['average']:.2f}", f"{100 * r['normalized']:.2f}",
-                f"{r['vs_data_free']['normalized_points']:+.2f}" if "vs_data_free" in r else "",
-                f"{r['vs_data_free']['b']} / {r['vs_data_free']['c']}" if "vs_data_free" in r else "",
-                f"{r['vs_data_free']['p']:.3g}" if "vs_data_free" in r else "",
+                f"{r['vs_default']['normalized_points']:+.2f}" if "vs_default" in r else "",
+                f"{r['vs_default']['b']} / {r['vs_default']['c']}" if "vs_default" in r else "",
+                f"{r['vs_default']['p_value']:.3g}" if "vs_default" in r else "",
                 f"{r['rec_err_after']:.4f} ({'whitened' if r['whitened_metric'] else 'weights'})",
             ]
             for r in rows
         ],
     )  # fmt: skip
     note = (
-        "\n\nNormalised: test accuracy / the fine-tune's, averaged over the tasks (oracle router). Δ and the "
-        "paired counts compare each calibrated row with the data-free row of the same layout, budget and "
-        "refinement on the same test examples (b: calibrated right only, c: data-free right only). The "
-        "reconstruction error of a calibrated row is in its whitened metric (docs/method.md §8), so it is "
-        "not comparable across rows."
+        "\n\nNormalised: test accuracy / the fine-tune's, averaged over the tasks (oracle router). Δ and "
+        "the paired counts compare each row with the default row (data-free, float32 experts, priced in "
+        "elements) of the same layout, budget and refinement on the same test examples (b: the row right "
+        "only, c: the default right only). The reconstruction error of a calibrated row is in its "
+        "whitened metric (docs/method.md §8), so it is not comparable across rows; a quantized row's is "
+        "that of the stored (dequantized) experts."
     )
     write_results(
-        args.name,
+        args.name or f"{args.trial}_trial",
         {
-            "command": " ".join(["python benchmarks/calibration_trial.py", *sys.argv[1:]]),
+            "command": " ".join(["python benchmarks/option_trial.py", *sys.argv[1:]]),
             "zoo": z,
             "rows": rows,
         },

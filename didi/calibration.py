@@ -209,19 +209,6 @@ class _Collector:
             h.remove()
 
 
-def input_kind(adapter) -> str:
-    """`text` (hf_encoder) or `image` (open_clip): the input pipelines of the router, reused here."""
-    name = adapter.registry_name
-    if name == "hf_encoder":
-        return "text"
-    if name == "open_clip":
-        return "image"
-    raise DidiError(
-        f"calibration: adapter '{name}' has no input pipeline for calibration (text needs 'hf_encoder', "
-        f"images 'open_clip'); merge without --calibration"
-    )
-
-
 def _collate(zoo: Zoo, model: nn.Module, kind: str, max_length: int):
     """The batch builder of the router's readers: tokeniser (θ0's, from its directory) or image transform."""
     if kind == "text":
@@ -267,10 +254,10 @@ def second_moments(
     """Σ x xᵀ of every calibrated matrix's input over each task's first `examples` validation inputs (the
     router's reader: a directory is read at validation.jsonl / val.jsonl / train.jsonl, never test), θ0's
     forward run task by task with hooks; nothing but the n×n sums is kept."""
-    from didi.router import validation_inputs
+    from didi.router import input_kind, validation_inputs
 
     check_tasks(data, zoo.task_names)
-    kind = input_kind(zoo.adapter)
+    kind = input_kind(zoo.adapter, "calibration", "merge without --calibration")
     inputs = validation_inputs(data, zoo.task_names, kind, "auto", examples)
     model = zoo.adapter.build_model(dict(zoo.base_source.items())).eval().requires_grad_(False).to(device)
     tg = targets(zoo, model)

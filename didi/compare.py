@@ -582,17 +582,13 @@ def _front_artifact(lib: Path, path: Path, budget: float) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- the router
-def _router_kind(zoo: Zoo) -> str:
-    return "image" if zoo.adapter.registry_name == "open_clip" else "text"
-
-
 def _router(
     zoo: Zoo, out: Path, artifact: Path, validation: dict, opts, evaluation: dict
 ) -> tuple[Path, dict]:
     """ONE learned router for the zoo at `<out>/router/` (trained with `artifact`, whose θ0 and tasks every
     artifact of the zoo shares), or the one already there when it was trained with the same options, data
     and token length; returns (path, a record for results.json)."""
-    from didi.router import read_router_config, task_source, train_router
+    from didi.router import input_kind, read_router_config, task_source, train_router
 
     path = out / "router"
     missing = [t for t in zoo.task_names if t not in validation]
@@ -603,8 +599,8 @@ def _router(
             f"{zoo.task_names}: "
             + (f"no data for task {missing[0]!r}" if missing else f"task {unknown[0]!r} is not in the zoo")
         )
-    data = {t: str(task_source(t, validation[t], _router_kind(zoo), "auto")) for t in zoo.task_names}
-    max_length = evaluation.get("max_length", 128) if _router_kind(zoo) == "text" else None
+    data = {t: str(task_source(t, validation[t], input_kind(zoo.adapter), "auto")) for t in zoo.task_names}
+    max_length = evaluation.get("max_length", 128) if input_kind(zoo.adapter) == "text" else None
     if path.exists():
         cfg = read_router_config(path)
         tr = cfg.get("training", {})

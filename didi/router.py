@@ -741,15 +741,17 @@ def _loader(art, adapter, model, inputs, kind, tokenizer, base_path, batch_size,
     )
 
 
-def _kind(adapter) -> str:
+def input_kind(adapter, what: str = "router", advice: str = "") -> str:
+    """`text` (hf_encoder) or `image` (open_clip): the input pipelines didi has for data read through θ0
+    (the router, MERGE's validation, calibration); `what` and `advice` make the refusal name the caller."""
     name = adapter.registry_name
     if name == "hf_encoder":
         return "text"
     if name == "open_clip":
         return "image"
     raise DidiError(
-        f"router: adapter '{name}' has no input features for a router yet (text classification needs "
-        f"'hf_encoder', images 'open_clip')"
+        f"{what}: adapter '{name}' has no input pipeline yet (text classification needs 'hf_encoder', "
+        f"images 'open_clip')" + (f"; {advice}" if advice else "")
     )
 
 
@@ -774,7 +776,7 @@ def train_router(
     art = load_artifact(artifact)
     options.validate(len(art.tasks))
     adapter = art.adapter()
-    kind = _kind(adapter)
+    kind = input_kind(adapter)
     inputs = validation_inputs(data, art.tasks, kind, split, limit_per_task)
     out = Path(output) if output is not None else art.path / ROUTER_DIR
     if out.exists() and not overwrite:

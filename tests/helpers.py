@@ -322,3 +322,15 @@ def write_finetune_zoo(
         paths[f"task{t}"] = str(root / f"task{t}.safetensors")
         save_file(tasks[t], paths[f"task{t}"])
     return str(root / "base.safetensors"), paths
+
+
+def random_texts(g: torch.Generator, vocab: list[str], n: int) -> list[dict]:
+    """n six-word texts drawn from `vocab` with random binary labels (tiny text tasks for router/MERGE tests;
+    disjoint vocabularies make tasks trivially separable)."""
+    return [
+        {
+            "text": " ".join(vocab[int(i)] for i in torch.randint(0, len(vocab), (6,), generator=g)),
+            "label": int(torch.randint(0, 2, (1,), generator=g)),
+        }
+        for _ in range(n)
+    ]

@@ -30,7 +30,7 @@ from didi.methods.merge_library import choose_point, read_library
 from didi.router import RouterOptions
 from didi.sources import file_sha256
 from didi.trainer import TrainerConfig
-from helpers import WORDS, add_vocab, make_bert_zoo
+from helpers import WORDS, add_vocab, make_bert_zoo, random_texts
 
 CPU = TrainerConfig(accelerator="cpu", devices=1, logger="none", progress_bar=False)
 ROUTER = RouterOptions(layer="embedding", steps=100)
@@ -111,16 +111,6 @@ def test_pairing_equals_a_literal_loop_and_refuses_other_data():
 
 
 # ------------------------------------------------------------------------------------------ tiny BERT zoo
-def _texts(g, vocab: list[str], n: int) -> list[dict]:
-    return [
-        {
-            "text": " ".join(vocab[int(i)] for i in torch.randint(0, len(vocab), (6,), generator=g)),
-            "label": int(torch.randint(0, 2, (1,), generator=g)),
-        }
-        for _ in range(n)
-    ]
-
-
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     """3 tasks on disjoint vocabularies (a router on θ0's embeddings separates them), random 2-class heads,
@@ -136,8 +126,8 @@ def bert(tmp_path_factory):
             os.path.join(tasks[t], "head.safetensors"),
         )
         vocab = WORDS[15 * j : 15 * (j + 1)]
-        write_jsonl(root / "data" / t / "validation.jsonl", _texts(g, vocab, 24))
-        write_jsonl(root / "data" / t / "test.jsonl", _texts(g, vocab, TEST_SIZES[t]))
+        write_jsonl(root / "data" / t / "validation.jsonl", random_texts(g, vocab, 24))
+        write_jsonl(root / "data" / t / "test.jsonl", random_texts(g, vocab, TEST_SIZES[t]))
         data[t] = str(root / "data" / t)
     zoo = Zoo(build_adapter("hf_encoder"), base, tasks)
     return {"root": root, "base": base, "tasks": tasks, "data": data, "zoo": zoo}

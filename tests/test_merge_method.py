@@ -32,7 +32,7 @@ from didi.methods.merge_library import choose_point, extract_point, read_library
 from didi.methods.merge_search import EvaluationCache, SearchSettings, non_dominated, search_front
 from didi.methods.merge_space import MergeSpace, dendrogram
 from didi.synthetic import make_zoo
-from helpers import WORDS, add_vocab, make_bert_zoo
+from helpers import WORDS, add_vocab, make_bert_zoo, random_texts
 
 QUIET = {"accelerator": "cpu", "logger": "none", "progress_bar": False}
 
@@ -168,16 +168,6 @@ def test_evaluations_below_the_population_are_refused():
 
 
 # ------------------------------------------------------------------------------------ tiny BERT zoo
-def _texts(g, vocab: list[str], n: int) -> list[dict]:
-    return [
-        {
-            "text": " ".join(vocab[int(i)] for i in torch.randint(0, len(vocab), (6,), generator=g)),
-            "label": int(torch.randint(0, 2, (1,), generator=g)),
-        }
-        for _ in range(n)
-    ]
-
-
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     """3 tiny-BERT fine-tunes with heads, validation.jsonl and test.jsonl per task, and one MERGE library."""
@@ -192,8 +182,8 @@ def bert(tmp_path_factory):
             os.path.join(tasks[t], "head.safetensors"),
         )
         vocab = WORDS[15 * j : 15 * (j + 1)]
-        write_jsonl(root / "data" / t / "validation.jsonl", _texts(g, vocab, 24))
-        write_jsonl(root / "data" / t / "test.jsonl", _texts(g, vocab, 8))
+        write_jsonl(root / "data" / t / "validation.jsonl", random_texts(g, vocab, 24))
+        write_jsonl(root / "data" / t / "test.jsonl", random_texts(g, vocab, 8))
         data[t] = str(root / "data" / t)
     zoo = Zoo(build_adapter("hf_encoder"), base, tasks)
     opts = {"validation": data, "evaluations": 10, "population": 6, "offspring": 2, "trainer": QUIET}

@@ -38,7 +38,7 @@ from didi.router import (
 )
 from didi.routing import SHARED, Mixture, RoutedModel
 from didi.trainer import TrainerConfig
-from helpers import WORDS, add_vocab, make_bert_zoo, tiny_merge
+from helpers import WORDS, add_vocab, make_bert_zoo, random_texts, tiny_merge
 
 CPU = TrainerConfig(accelerator="cpu", devices=1, logger="none", progress_bar=False)
 FAST = RouterOptions(steps=60, lr=0.05)
@@ -243,16 +243,6 @@ def test_soft_routing_equals_dense_mixture_and_top1_equals_hard(tmp_path, swappe
 
 
 # ------------------------------------------------------------------------------------ tiny BERT zoo
-def _texts(g, vocab: list[str], n: int) -> list[dict]:
-    return [
-        {
-            "text": " ".join(vocab[int(i)] for i in torch.randint(0, len(vocab), (6,), generator=g)),
-            "label": int(torch.randint(0, 2, (1,), generator=g)),
-        }
-        for _ in range(n)
-    ]
-
-
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     """A 3-task tiny-BERT zoo whose tasks use disjoint vocabularies (trivially separable inputs), heads beside
@@ -271,8 +261,8 @@ def bert(tmp_path_factory):
             os.path.join(tasks[t], "head.safetensors"),
         )
         vocab = WORDS[15 * j : 15 * (j + 1)]
-        write_jsonl(root / "data" / t / "train.jsonl", _texts(g, vocab, 40))
-        write_jsonl(root / "data" / t / "test.jsonl", _texts(g, vocab, 10))
+        write_jsonl(root / "data" / t / "train.jsonl", random_texts(g, vocab, 40))
+        write_jsonl(root / "data" / t / "test.jsonl", random_texts(g, vocab, 10))
         data[t] = str(root / "data" / t)
     zoo = Zoo(build_adapter("hf_encoder"), base, tasks)
     didi = tiny_merge(zoo, root / "didi")

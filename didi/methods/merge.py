@@ -179,18 +179,6 @@ def validation_files(validation: dict[str, str] | None, tasks: list[str], kind: 
     return out
 
 
-def _kind(adapter) -> str:
-    name = adapter.registry_name
-    if name == "hf_encoder":
-        return "text"
-    if name == "open_clip":
-        return "image"
-    raise DidiError(
-        f"merge: adapter '{name}' has no validation evaluation for MERGE yet (text classification needs "
-        f"'hf_encoder', images 'open_clip')"
-    )
-
-
 class MemoryArtifact(Artifact):
     """A configuration's terms as an `Artifact` that was never written: the artifact's own decoding
     (`terms`, `common_deltas`, `expert_terms`, ...) reads these tensors instead of files, so `RoutedModel`
@@ -226,7 +214,9 @@ class ValidationEvaluator:
 
         self.zoo, self.space, self.manifest, self.files, self.opts = zoo, space, manifest, files, opts
         self.adapter = zoo.adapter
-        self.kind = _kind(self.adapter)
+        from didi.router import input_kind
+
+        self.kind = input_kind(self.adapter, "merge")
         self.in_memory = self.kind == "text" if in_memory is None else in_memory
         self.trainer = TrainerConfig(
             accelerator=opts.trainer.accelerator, devices=1, logger="none", progress_bar=False
@@ -401,7 +391,9 @@ def merge(zoo: Zoo, opts: MergeSearchOptions, output: Path, in_memory: bool | No
     if output.exists():
         raise DidiError(f"{output}: output directory already exists; choose another path or delete it")
     require_search_packages(opts.surrogate)
-    kind = _kind(zoo.adapter)
+    from didi.router import input_kind
+
+    kind = input_kind(zoo.adapter, "merge")
     files = validation_files(opts.validation, zoo.task_names, kind, opts.split)
     reader = DeltaReader(zoo)
     space = MergeSpace.from_zoo(zoo, opts.static_merge, opts.lam, opts.k, opts.linkage, reader)

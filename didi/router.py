@@ -11,8 +11,8 @@ per input set; the fit then runs on those vectors alone.
     load_router(path, artifact) -> LearnedRouter   a `didi.routing.Router` for `RoutedModel` / evaluation
 
 Routing: probabilities p = softmax(logits / temperature) (the temperature fitted on held-out inputs); an
-input whose top probability is below the threshold gets the shared model only (`SHARED`: θ0 + fold + shared
-terms, the part every task of the artifact has); otherwise its top-k tasks, weights renormalised over the
+input whose confidence (its top probability; for a top-k mixture the top-k mass) is below the threshold gets
+the shared model only (`SHARED`: θ0 + fold + shared terms, the part every task of the artifact has); otherwise its top-k tasks, weights renormalised over the
 top-k, are mixed by the routed layers (`didi.routing.Mixture`); top-1 is hard routing.
 
 Saved as `<artifact>/router/` (or anywhere): `router.safetensors` (the network and its feature
@@ -400,10 +400,11 @@ def fit_router(
     w_ca = (1.0 / (len(tasks) * cnt[cy])) if opts.balanced else torch.full((len(cy),), 1.0 / len(cy))
     temperature = fit_temperature(logits_ca, cy, w_ca)
     probs = torch.softmax(logits_ca / temperature, -1)
-    conf, pred = probs.max(-1)
-    correct = pred == cy
-    if opts.threshold == "auto":
-        threshold = choose_threshold(conf, correct, w_ca, opts.fallback_value)
+    p_k, ids_k = probs.topk(min(opts.top_k, len(tasks)), -1)
+    conf = p_k.sum(-1)  # what the served mixture rests on: the top-k mass (top-1: the top probability)
+    correct = ids_k[:, 0] == cy
+    if opts.threshold == "auto":  # an input is served well when its own task is among the k mixed
+        threshold = choose_threshold(conf, (ids_k == cy[:, None]).any(-1), w_ca, opts.fallback_value)
     else:
         threshold = 0.0 if opts.threshold == "none" else float(opts.threshold)
     routed = conf >= threshold
@@ -465,12 +466,14 @@ class LearnedRouter(nn.Module, Router):
         return torch.softmax(logits[:, self.perm] / self.temperature, -1)
 
     def decide(self, probs: torch.Tensor) -> torch.Tensor | Mixture:
-        """Task ids (`SHARED` below the threshold) for top-1, else a Mixture of each row's top-k."""
-        conf, top = probs.max(-1)
+        """Task ids (`SHARED` below the threshold) for top-1, else a Mixture of each row's top-k. The
+        confidence held to the threshold is the probability mass of the experts served: the top probability
+        for top-1, the top-k mass for a mixture (two look-alike tasks at 0.45 each are a confident mix)."""
+        p, ids = probs.topk(self.top_k, -1)
+        conf = p.sum(-1)
         low = conf < self.threshold if self.threshold < 1 else torch.ones_like(conf, dtype=torch.bool)
         if self.top_k == 1:
-            return torch.where(low, torch.full_like(top, SHARED), top)
-        p, ids = probs.topk(self.top_k, -1)
+            return torch.where(low, torch.full_like(ids[:, 0], SHARED), ids[:, 0])
         w = p / p.sum(-1, keepdim=True)
         w = torch.where(low[:, None], torch.zeros_like(w), w)
         return Mixture(torch.where(low[:, None], torch.full_like(ids, SHARED), ids), w)

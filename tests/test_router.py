@@ -107,11 +107,16 @@ def test_decisions_top_k_threshold_and_task_order():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25], [0.1, 0.1, 0.8]]))
     r = LearnedRouter(["a", "b", "c"], net, Identity(), threshold=0.5, top_k=1)
     assert r({"x": logits}).tolist() == [0, SHARED, 2]
-    r2 = LearnedRouter(["a", "b", "c"], net, Identity(), threshold=0.5, top_k=2)
+    # a top-k mixture's confidence is its mass: 0.9, 0.75 and 0.9 here
+    r2 = LearnedRouter(["a", "b", "c"], net, Identity(), threshold=0.8, top_k=2)
     mix = r2({"x": logits})
     assert mix.ids[0].tolist() == [0, 1] and mix.ids[1].tolist() == [SHARED, SHARED]
     torch.testing.assert_close(mix.weights[0], torch.tensor([0.7, 0.2]) / 0.9)
     assert mix.weights[1].tolist() == [0.0, 0.0] and mix.top1().tolist() == [0, SHARED, 2]
+    # at 0.5 the second row (top-1 0.4, below it) is served the mix of its two likely tasks, not the fallback
+    mix = LearnedRouter(["a", "b", "c"], net, Identity(), threshold=0.5, top_k=2)({"x": logits})
+    assert mix.ids[1].tolist() == [0, 1]
+    torch.testing.assert_close(mix.weights[1], torch.tensor([0.4, 0.35]) / 0.75)
     # the artifact lists the tasks as c, a, b: ids index that order
     r3 = LearnedRouter(["a", "b", "c"], net, Identity(), top_k=1, order=["c", "a", "b"])
     assert r3({"x": logits}).tolist() == [1, 1, 0]

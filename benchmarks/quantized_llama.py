@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 ["python benchmarks/quantized_llama.py", *(sys.argv[1:] if argv is None else argv)]
             ),
             "zoo": zoo_text,
+            "base_params": base_params,
             "zoo_write_s": make_s,
             "budgets": args.budgets,
             "rows": rows,

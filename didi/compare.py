@@ -4,7 +4,10 @@ Pareto plot (metric vs storage ratio), so a user can answer "which method, at wh
 Methods that take a size (an options field named `budget`, like DiDi and its ablations, or `target`, like
 FlexMerge) run once per budget; the others run once. Artifacts go to `<output>/artifacts/<label>/` and are
 reused when a later run asks for the same label with the same hyper-parameters (DiDi's factor cache is shared
-through `decompose.cache_dir` as usual), so adding a method or a budget only computes what is new.
+through `decompose.cache_dir` as usual). Each accuracy evaluation is kept in
+`<output>/evaluations/<label>.json` and reused while the artifact (its manifest), the test data (sha256)
+and the evaluation settings are the same (the trainer's aside), so adding a method or a budget only
+computes and evaluates what is new.
 
 MERGE (`merge`, docs/merge.md) writes a library + front rather than one artifact: its search runs once, to
 `<output>/libraries/merge/` (its wall time is every MERGE row's), and for each budget the front point
@@ -793,17 +796,19 @@ def run_compare(
         from didi.evaluate import evaluate_artifact
 
         if "oracle" in routers or not dynamic:
-            rows.append(_scored(row, evaluate_artifact(row["artifact"], **evaluation)))
+            rep, again = _evaluated(out, row["label"], a, evaluate_artifact, evaluation)
+            rows.append({**_scored(row, rep), "evaluation_reused": again})
         if learned and dynamic:
-            rep = evaluate_artifact(
-                row["artifact"],
+            routed = {
                 **evaluation,
-                router=str(router_path),
-                top_k=router_opts.top_k,
-                threshold=None if router_opts.threshold == "auto" else router_opts.threshold,
-                compare_oracle=False,
-            )
+                "router": str(router_path),
+                "top_k": router_opts.top_k,
+                "threshold": None if router_opts.threshold == "auto" else router_opts.threshold,
+                "compare_oracle": False,
+            }
+            rep, again = _evaluated(out, row["label"] + LEARNED, a, evaluate_artifact, routed)
             lrow = _scored({**row, "label": row["label"] + LEARNED, "method": row["method"] + LEARNED}, rep)
+            lrow["evaluation_reused"] = again
             lrow["routing_accuracy"], lrow["fallback"] = rep["routing_accuracy"], rep["fallback"]
             lrow["router"] = rep["router"]
             rows.append(lrow)
@@ -842,6 +847,54 @@ def run_compare(
     if wandb:
         _log_wandb(result, out)
     return result
+
+
+def _evaluation_key(art, kwargs: dict) -> str | None:
+    """What an evaluation report depends on: the artifact (its manifest, which holds every tensor file's
+    checksum), the test data's sha256, the individual report, the router's files and every setting but the
+    trainer's (which changes no result); None when some input cannot be hashed (then nothing is reused)."""
+    import hashlib
+
+    from didi.evaluate import data_digest
+    from didi.sources import file_sha256
+
+    kind = "image" if art.manifest.get("adapter", {}).get("name") == "open_clip" else "text"
+    try:
+        ident = {
+            "manifest": file_sha256(Path(art.path) / "manifest.json"),
+            "data": {t: data_digest(p, kind) for t, p in sorted(kwargs["data"].items())},
+            "settings": _jsonable({k: v for k, v in kwargs.items() if k not in ("trainer", "data")}),
+        }
+        ind = kwargs.get("individual")
+        if isinstance(ind, (str, Path)):
+            ident["individual"] = file_sha256(ind)
+        router = kwargs.get("router", "oracle")
+        if router != "oracle":
+            folder = Path(art.path) / "router" if router == "learned" else Path(router)
+            ident["router"] = {f.name: file_sha256(f) for f in sorted(folder.glob("router.*"))}
+    except OSError:
+        return None
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _evaluated(out: Path, label: str, art, evaluate, kwargs: dict) -> tuple[dict, bool]:
+    """(report, reused): a row's evaluation, kept in <out>/evaluations/<label>.json with its key and reused
+    while the key holds, so a second `didi compare` only evaluates what is new or changed."""
+    import inspect
+
+    bound = inspect.signature(evaluate).bind(art.path, **kwargs)
+    bound.apply_defaults()  # a setting left at its default and the same setting given are one key
+    key = _evaluation_key(art, {k: v for k, v in bound.arguments.items() if k != "artifact"})
+    path = out / "evaluations" / f"{label}.json"
+    if key is not None and path.exists():
+        kept = json.loads(path.read_text())
+        if kept.get("key") == key:
+            return kept["report"], True
+    rep = evaluate(art.path, **kwargs)
+    if key is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, jsonio.dumps({"key": key, "report": rep}, default=str))
+    return rep, False
 
 
 def _scored(row: dict, rep: dict) -> dict:

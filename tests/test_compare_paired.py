@@ -298,6 +298,9 @@ def test_second_run_from_the_cli_reuses_everything(bert, compared, capsys):
     assert "McNemar p" in printed and "| merge@1.5+learned | merge@1.5 |" in printed
     again = json.loads((out / "results.json").read_text())
     assert all(r["reused"] for r in again["rows"]) and again["router"]["reused"]
+    # every row's evaluation is reused too (its key holds), where the first run computed each
+    assert all(r["evaluation_reused"] for r in again["rows"])
+    assert not any(r["evaluation_reused"] for r in res["rows"])
     assert (out / "libraries" / "merge" / "manifest.json").stat().st_mtime_ns == lib_mtime
     assert (out / "router" / "router.json").stat().st_mtime_ns == router_mtime
     assert [r["label"] for r in again["rows"]] == [r["label"] for r in res["rows"]]
@@ -306,6 +309,28 @@ def test_second_run_from_the_cli_reuses_everything(bert, compared, capsys):
             r["examples"] == r0["examples"]
         )  # batch size 4 both times; the same examples, the same outcomes
     assert {p["reference"] for p in again["paired"]} == {"task_arithmetic", "merge@1.5", "twin", "merge@1"}
+
+
+def test_an_evaluation_is_reused_only_for_the_same_artifact_data_and_settings(bert, compared, tmp_path):
+    """The key of a kept evaluation: the trainer and the data's path do not enter it; the data's content,
+    the evaluation settings and the artifact do."""
+    import shutil
+
+    from didi.compare import _evaluation_key
+
+    out, _ = compared
+    twin, ta = load_artifact(out / "artifacts" / "twin"), load_artifact(out / "artifacts" / "task_arithmetic")
+    kw = {"data": dict(bert["data"]), "batch_size": 4, "trainer": CPU}
+    key = _evaluation_key(twin, kw)
+    assert key == _evaluation_key(twin, {**kw, "trainer": TrainerConfig(accelerator="cpu", devices=2)})
+    t = next(iter(kw["data"]))
+    copy = tmp_path / t
+    shutil.copytree(kw["data"][t], copy)
+    assert key == _evaluation_key(twin, {**kw, "data": {**kw["data"], t: str(copy)}})  # same content
+    (copy / "test.jsonl").write_text((copy / "test.jsonl").read_text().splitlines()[0] + "\n")
+    assert key != _evaluation_key(twin, {**kw, "data": {**kw["data"], t: str(copy)}})
+    assert key != _evaluation_key(twin, {**kw, "batch_size": 8})
+    assert key != _evaluation_key(ta, kw)
 
 
 def test_other_settings_and_bad_options_are_refused(bert, compared, tmp_path):

@@ -12,8 +12,9 @@ per input set; the fit then runs on those vectors alone.
 
 Routing: probabilities p = softmax(logits / temperature) (the temperature fitted on held-out inputs); an
 input whose confidence (its top probability; for a top-k mixture the top-k mass) is below the threshold gets
-the shared model only (`SHARED`: θ0 + fold + shared terms, the part every task of the artifact has); otherwise its top-k tasks, weights renormalised over the
-top-k, are mixed by the routed layers (`didi.routing.Mixture`); top-1 is hard routing.
+the shared model only (`SHARED`: θ0 + fold + shared terms, the part every task of the artifact has);
+otherwise its top-k tasks, weights renormalised over the top-k, are mixed by the routed layers
+(`didi.routing.Mixture`); top-1 is hard routing.
 
 Saved as `<artifact>/router/` (or anywhere): `router.safetensors` (the network and its feature
 standardisation) and `router.json` (tasks, adapter and θ0 identity, features, network, temperature,

@@ -334,3 +334,26 @@ def random_texts(g: torch.Generator, vocab: list[str], n: int) -> list[dict]:
         }
         for _ in range(n)
     ]
+
+
+def make_text_task_zoo(root: Path, splits: dict[str, int | dict[str, int]]) -> tuple[str, dict, dict]:
+    """A 3-task tiny-BERT zoo (`make_bert_zoo`) for routing tests: random 2-class heads beside each
+    fine-tune and, per task, a data directory with the named .jsonl splits ({file: examples, or {task:
+    examples}}) drawn from disjoint vocabularies, so the tasks' inputs are trivially separable.
+    Returns (base, {task: fine-tune}, {task: data directory})."""
+    from didi.datamodules.text import write_jsonl
+
+    base, tasks = make_bert_zoo(root / "zoo")
+    add_vocab(root / "zoo" / "base" / "0_Transformer")
+    g = torch.Generator().manual_seed(5)
+    data = {}
+    for j, t in enumerate(tasks):
+        save_file(
+            {"weight": torch.randn(2, 32, generator=g), "bias": torch.randn(2, generator=g)},
+            str(Path(tasks[t]) / "head.safetensors"),
+        )
+        vocab = WORDS[15 * j : 15 * (j + 1)]
+        for name, n in splits.items():
+            write_jsonl(root / "data" / t / name, random_texts(g, vocab, n[t] if isinstance(n, dict) else n))
+        data[t] = str(root / "data" / t)
+    return base, tasks, data

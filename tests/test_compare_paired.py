@@ -17,12 +17,10 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from didi.artifact import load_artifact
 from didi.backbones import Zoo, build_adapter
 from didi.compare import mcnemar_exact, paired_difference, run_compare
-from didi.datamodules.text import write_jsonl
 from didi.errors import DidiError
 from didi.evaluate import evaluate_artifact
 from didi.evaluators import load_head, mean_pool, pack_correct, unpack_correct
@@ -30,7 +28,7 @@ from didi.methods.merge_library import choose_point, read_library
 from didi.router import RouterOptions
 from didi.sources import file_sha256
 from didi.trainer import TrainerConfig
-from helpers import WORDS, add_vocab, make_bert_zoo, random_texts
+from helpers import make_text_task_zoo
 
 CPU = TrainerConfig(accelerator="cpu", devices=1, logger="none", progress_bar=False)
 ROUTER = RouterOptions(layer="embedding", steps=100)
@@ -116,19 +114,7 @@ def bert(tmp_path_factory):
     """3 tasks on disjoint vocabularies (a router on θ0's embeddings separates them), random 2-class heads,
     validation.jsonl (the router's and MERGE's data) and test.jsonl (13, 8 and 10 examples) per task."""
     root = tmp_path_factory.mktemp("paired")
-    base, tasks = make_bert_zoo(root / "zoo")
-    add_vocab(root / "zoo" / "base" / "0_Transformer")
-    g = torch.Generator().manual_seed(5)
-    data = {}
-    for j, t in enumerate(tasks):
-        save_file(
-            {"weight": torch.randn(2, 32, generator=g), "bias": torch.randn(2, generator=g)},
-            os.path.join(tasks[t], "head.safetensors"),
-        )
-        vocab = WORDS[15 * j : 15 * (j + 1)]
-        write_jsonl(root / "data" / t / "validation.jsonl", random_texts(g, vocab, 24))
-        write_jsonl(root / "data" / t / "test.jsonl", random_texts(g, vocab, TEST_SIZES[t]))
-        data[t] = str(root / "data" / t)
+    base, tasks, data = make_text_task_zoo(root, {"validation.jsonl": 24, "test.jsonl": TEST_SIZES})
     zoo = Zoo(build_adapter("hf_encoder"), base, tasks)
     return {"root": root, "base": base, "tasks": tasks, "data": data, "zoo": zoo}
 

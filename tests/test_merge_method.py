@@ -20,11 +20,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from didi.artifact import load_artifact
 from didi.backbones import Adapter, Zoo, build_adapter
-from didi.datamodules.text import write_jsonl
 from didi.errors import DidiError
 from didi.methods import apply_method, get_method, write_method_artifact
 from didi.methods.common import DeltaReader
@@ -32,7 +30,7 @@ from didi.methods.merge_library import choose_point, extract_point, read_library
 from didi.methods.merge_search import EvaluationCache, SearchSettings, non_dominated, search_front
 from didi.methods.merge_space import MergeSpace, dendrogram
 from didi.synthetic import make_zoo
-from helpers import WORDS, add_vocab, make_bert_zoo, random_texts
+from helpers import add_vocab, make_bert_zoo, make_text_task_zoo
 
 QUIET = {"accelerator": "cpu", "logger": "none", "progress_bar": False}
 
@@ -172,19 +170,7 @@ def test_evaluations_below_the_population_are_refused():
 def bert(tmp_path_factory):
     """3 tiny-BERT fine-tunes with heads, validation.jsonl and test.jsonl per task, and one MERGE library."""
     root = tmp_path_factory.mktemp("merge")
-    base, tasks = make_bert_zoo(root / "zoo")
-    add_vocab(root / "zoo" / "base" / "0_Transformer")
-    g = torch.Generator().manual_seed(5)
-    data = {}
-    for j, t in enumerate(tasks):
-        save_file(
-            {"weight": torch.randn(2, 32, generator=g), "bias": torch.randn(2, generator=g)},
-            os.path.join(tasks[t], "head.safetensors"),
-        )
-        vocab = WORDS[15 * j : 15 * (j + 1)]
-        write_jsonl(root / "data" / t / "validation.jsonl", random_texts(g, vocab, 24))
-        write_jsonl(root / "data" / t / "test.jsonl", random_texts(g, vocab, 8))
-        data[t] = str(root / "data" / t)
+    base, tasks, data = make_text_task_zoo(root, {"validation.jsonl": 24, "test.jsonl": 8})
     zoo = Zoo(build_adapter("hf_encoder"), base, tasks)
     opts = {"validation": data, "evaluations": 10, "population": 6, "offspring": 2, "trainer": QUIET}
     lib = apply_method("merge", zoo, root / "lib", opts)

@@ -38,7 +38,7 @@ from didi.router import (
 )
 from didi.routing import SHARED, Mixture, RoutedModel
 from didi.trainer import TrainerConfig
-from helpers import WORDS, add_vocab, make_bert_zoo, random_texts, tiny_merge
+from helpers import make_bert_zoo, make_text_task_zoo, tiny_merge
 
 CPU = TrainerConfig(accelerator="cpu", devices=1, logger="none", progress_bar=False)
 FAST = RouterOptions(steps=60, lr=0.05)
@@ -256,19 +256,7 @@ def bert(tmp_path_factory):
     from didi.methods import apply_method
 
     root = tmp_path_factory.mktemp("router")
-    base, tasks = make_bert_zoo(root / "zoo")
-    add_vocab(root / "zoo" / "base" / "0_Transformer")
-    g = torch.Generator().manual_seed(5)
-    data = {}
-    for j, t in enumerate(tasks):
-        save_file(
-            {"weight": torch.randn(2, 32, generator=g), "bias": torch.randn(2, generator=g)},
-            os.path.join(tasks[t], "head.safetensors"),
-        )
-        vocab = WORDS[15 * j : 15 * (j + 1)]
-        write_jsonl(root / "data" / t / "train.jsonl", random_texts(g, vocab, 40))
-        write_jsonl(root / "data" / t / "test.jsonl", random_texts(g, vocab, 10))
-        data[t] = str(root / "data" / t)
+    base, tasks, data = make_text_task_zoo(root, {"train.jsonl": 40, "test.jsonl": 10})
     zoo = Zoo(build_adapter("hf_encoder"), base, tasks)
     didi = tiny_merge(zoo, root / "didi")
     arts = {"didi": didi}

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
+from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -72,6 +74,30 @@ def gram64(X: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
     return G
 
 
+class PhaseTimer:
+    """Seconds spent per phase of the streamed passes (reads, conversion, hashing, norms, matmuls, QR), summed
+    while `on` (benchmarks/streamed_embedding.py); off, a phase costs one attribute test."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if not self.on:
+            yield
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+#: the module's one timer (the benchmark switches it on)
+PHASES = PhaseTimer()
+
+
 # ------------------------------------------------------------------------------------------- decomposition
 class _ModuleRows:
     """Row blocks of the T+1 modules of one matrix read from the checkpoints, as [T+1, rows, n]: module 0 is
@@ -97,27 +123,33 @@ class _ModuleRows:
     def blocks(self, first: bool = False) -> Iterator[tuple[slice, torch.Tensor]]:
         T, n = self.T, self.n
         for sl in row_slices(self.m, self.row_block):
-            base, tasks = self.zoo.read_rows(self.name, sl.start, sl.stop, self.dtype)
+            with PHASES("read"):
+                base, tasks = self.zoo.read_rows(self.name, sl.start, sl.stop, self.dtype)
             if first:
-                for h, t in zip(self.hashes, [base, *tasks]):
-                    h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+                with PHASES("hash"):
+                    for h, t in zip(self.hashes, [base, *tasks]):
+                        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
             rows = sl.stop - sl.start
             # τ_t written straight into the experts' slots, then M_s = mean and M_t = τ_t − M_s in place:
             # one block buffer, the same operations as decompose_batch does on the whole matrix
-            X = torch.empty(T + 1, rows, n, dtype=self.dtype, device=self.device)
-            b = base.to(self.device).reshape(rows, n)
-            for t, x in enumerate(tasks):
-                torch.sub(x.to(self.device).reshape(rows, n), b, out=X[1 + t])
-            del base, tasks, b
-            X[0] = mean_merge(X[1:])
+            with PHASES("modules"):
+                X = torch.empty(T + 1, rows, n, dtype=self.dtype, device=self.device)
+                b = base.to(self.device).reshape(rows, n)
+                for t, x in enumerate(tasks):
+                    torch.sub(x.to(self.device).reshape(rows, n), b, out=X[1 + t])
+                del base, tasks, b
+                X[0] = mean_merge(X[1:])
             if first:
-                self.tau_sq += gram64(X[1:]).diagonal()
-            X[1:] -= X[0]
+                with PHASES("gram64"):
+                    self.tau_sq += gram64(X[1:]).diagonal()
+            with PHASES("modules"):
+                X[1:] -= X[0]
             if first:
-                G = gram64(X)
-                self.ms_sq += G[0, 0]
-                self.mt_sq += G.diagonal()[1:]
-                self.inner += G[0, 1:]
+                with PHASES("gram64"):
+                    G = gram64(X)
+                    self.ms_sq += G[0, 0]
+                    self.mt_sq += G.diagonal()[1:]
+                    self.inner += G[0, 1:]
             yield sl, X
 
     def sha256(self) -> dict[str, str]:
@@ -142,7 +174,8 @@ def _sketch(rows: _ModuleRows, Z: torch.Tensor, first: bool = False) -> torch.Te
     """Y_i = M_i·Z_i for every module, [T+1, m, w], one pass."""
     Y = Z.new_empty(Z.shape[0], rows.m, Z.shape[-1])
     for sl, X in rows.blocks(first):
-        Y[:, sl] = X @ Z
+        with PHASES("matmul"):
+            Y[:, sl] = X @ Z
     return Y
 
 
@@ -150,14 +183,16 @@ def _co_sketch(rows: _ModuleRows, Q: torch.Tensor) -> torch.Tensor:
     """Z_i = M_iᵀ·Q_i for every module, [T+1, n, w], summed over the row blocks in one pass."""
     Z = Q.new_zeros(Q.shape[0], rows.n, Q.shape[-1])
     for sl, X in rows.blocks():
-        Z.baddbmm_(X.mT, Q[:, sl])
+        with PHASES("matmul"):
+            Z.baddbmm_(X.mT, Q[:, sl])
     return Z
 
 
 def _orthonormal_each(Y: torch.Tensor) -> torch.Tensor:
     """Q of each module's QR, in place: one module's workspace at a time, not the batch's."""
-    for i in range(Y.shape[0]):
-        Y[i] = orthonormal(Y[i])
+    with PHASES("qr"):
+        for i in range(Y.shape[0]):
+            Y[i] = orthonormal(Y[i])
     return Y
 
 
@@ -169,10 +204,11 @@ def _projections(rows: _ModuleRows, Q: torch.Tensor) -> tuple[torch.Tensor, torc
     P = Q.new_zeros(T + 1, w, rows.n)
     Ps, Pt = Q.new_zeros(T, w, rows.n), Q.new_zeros(T, w, rows.n)
     for sl, X in rows.blocks():
-        q = Q[:, sl]
-        P.baddbmm_(q.mT, X)
-        Ps += q[0].mT @ X[1:]
-        Pt.baddbmm_(q[1:].mT, X[0].expand(T, *X[0].shape))
+        with PHASES("matmul"):
+            q = Q[:, sl]
+            P.baddbmm_(q.mT, X)
+            Ps += q[0].mT @ X[1:]
+            Pt.baddbmm_(q[1:].mT, X[0].expand(T, *X[0].shape))
     return P, Ps, Pt
 
 
@@ -225,7 +261,8 @@ def decompose_streamed(
         Q = _orthonormal_each(_sketch(rows, Z))
         del Z
     P, Ps, Pt = _projections(rows, Q)
-    U, S, V, Ub = _factor(Q, P, K)
+    with PHASES("svd"):
+        U, S, V, Ub = _factor(Q, P, K)
     del Q, P
     f64 = torch.float64
     a = torch.stack([(Ub[0].to(f64) * (Ps[t].to(f64) @ V[0].to(f64))).sum(0) for t in range(T)])
@@ -281,8 +318,10 @@ class _TaskRows:
 
     def blocks(self) -> Iterator[tuple[slice, torch.Tensor]]:
         for sl in row_slices(self.m, self.row_block):
-            tau = self.read_rows(sl.start, sl.stop)
-            yield sl, tau.to(self.device, self.dtype).reshape(self.T, sl.stop - sl.start, self.n)
+            with PHASES("read"):
+                tau = self.read_rows(sl.start, sl.stop)
+                tau = tau.to(self.device, self.dtype).reshape(self.T, sl.stop - sl.start, self.n)
+            yield sl, tau
 
 
 #: (row slice, τ rows [T, rows, n]) -> the rows of the J matrices being fitted, [J, rows, n]
@@ -294,7 +333,8 @@ def _residual_sq(rows: _TaskRows, residual: Targets) -> torch.Tensor:
     ‖X‖² − ‖QᵀX‖², which cancels: the accept tests compare errors that differ in their last digits)."""
     total = None
     for sl, tau in rows.blocks():
-        part = residual(sl, tau).square().sum((-2, -1), dtype=torch.float64)
+        with PHASES("residual"):
+            part = residual(sl, tau).square().sum((-2, -1), dtype=torch.float64)
         total = part if total is None else total + part
     return total
 
@@ -309,24 +349,29 @@ def _lockstep_best_rank_r(
     start = [j for j in range(J) if B[j].abs().sum() > 0]
     for j in range(J):
         if j not in start:
-            Q[j] = orthonormal(A[j])
+            with PHASES("qr"):
+                Q[j] = orthonormal(A[j])
     if start:
         Y = _stream_rows(rows, targets, {j: B[j].T for j in start})
-        for j in start:
-            Q[j] = orthonormal(Y[j])
+        with PHASES("qr"):
+            for j in start:
+                Q[j] = orthonormal(Y[j])
     for _ in range(iters):
         Z = {j: torch.zeros(rows.n, A[j].shape[1], dtype=A[j].dtype, device=A[j].device) for j in range(J)}
         for sl, tau in rows.blocks():
-            X = targets(sl, tau)
-            for j in range(J):
-                Z[j] += X[j].T @ Q[j][sl]
+            with PHASES("matmul"):
+                X = targets(sl, tau)
+                for j in range(J):
+                    Z[j] += X[j].T @ Q[j][sl]
         Y = _stream_rows(rows, targets, Z)
-        Q = [orthonormal(Y[j]) for j in range(J)]
+        with PHASES("qr"):
+            Q = [orthonormal(Y[j]) for j in range(J)]
     Bn = [torch.zeros(A[j].shape[1], rows.n, dtype=A[j].dtype, device=A[j].device) for j in range(J)]
     for sl, tau in rows.blocks():
-        X = targets(sl, tau)
-        for j in range(J):
-            Bn[j] += Q[j][sl].T @ X[j]
+        with PHASES("matmul"):
+            X = targets(sl, tau)
+            for j in range(J):
+                Bn[j] += Q[j][sl].T @ X[j]
     return Q, Bn
 
 
@@ -334,9 +379,10 @@ def _stream_rows(rows: _TaskRows, targets: Targets, Z: dict[int, torch.Tensor]) 
     """Y_j = X_j·Z_j (m × width) for the targets j in Z, one pass."""
     Y = {j: z.new_empty(rows.m, z.shape[1]) for j, z in Z.items()}
     for sl, tau in rows.blocks():
-        X = targets(sl, tau)
-        for j, z in Z.items():
-            Y[j][sl] = X[j] @ z
+        with PHASES("matmul"):
+            X = targets(sl, tau)
+            for j, z in Z.items():
+                Y[j][sl] = X[j] @ z
     return Y
 
 

@@ -10,6 +10,7 @@ Two trials, each against the default merge (data-free, float32 experts) of the s
 - `quantized` (`--storage bytes --expert_dtype`, docs/method.md §9): the budget priced in bytes and the
   experts stored in each of `--dtypes` (int8, nf4, bfloat16), so the same bytes buy more rank. On a float32
   base the default's ratio in elements is its ratio in bytes, so the rows compare at equal bytes.
+  `--pricing elements` adds each dtype priced in elements: the default's ranks, quantized (equal parameters).
 
 Every artifact is evaluated on the zoo's test splits with the oracle router; benchmarks/results/<name>.json
 and .md get accuracy, normalised accuracy and the paired difference against the matching default row (examples
@@ -53,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--dtypes", nargs="+", default=["int8", "nf4"], choices=["bfloat16", "int8", "nf4"], help="quantized"
+    )
+    ap.add_argument(
+        "--pricing",
+        nargs="+",
+        default=["bytes"],
+        choices=["bytes", "elements"],
+        help="quantized: --storage of each quantized row (elements: the default's ranks, at equal parameters)",
     )
     ap.add_argument("--examples", type=int, default=256, help="validation inputs per task (calibration)")
     ap.add_argument("--search-steps", type=int, default=200)
@@ -101,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         yield "default", {}, {}
         if args.trial == "quantized":
             for q in args.dtypes:
-                yield f"{q} experts, bytes", {}, {"storage": "bytes", "expert_dtype": q}
+                for pricing in args.pricing:
+                    yield f"{q} experts, {pricing}", {}, {"storage": pricing, "expert_dtype": q}
             return
         if "pooled" in args.modes:
             for label, kw in grid("pooled"):

@@ -536,6 +536,7 @@ def evaluate(
     top_k: Optional[int] = None,
     threshold: Union[float, Literal["none"], None] = None,
     compare_oracle: bool = True,
+    mixing: Optional[Literal["sum", "max"]] = None,
 ) -> None:
     """Per-task accuracy of an artifact (any method) with routed experts; writes report.json and report.md.
 
@@ -570,6 +571,8 @@ def evaluate(
         threshold: with a learned router: the confidence below which an example gets the shared model only,
             or `none` (default: the router's own).
         compare_oracle: with a learned router, also evaluate with oracle routing (a second pass).
+        mixing: with a learned router and top_k > 1: `sum` (weights renormalised to sum to 1) or `max`
+            (the top expert at full strength, the others relative to it); default: the router's own.
     """
     from didi.evaluate import evaluate_artifact, report_markdown
 
@@ -590,6 +593,7 @@ def evaluate(
         top_k,
         threshold,
         compare_oracle,
+        mixing,
     )
     print(report_markdown(rep, f"{rep.get('method')} artifact {artifact}"))
     print(f"report written to {out}/report.json")

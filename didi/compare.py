@@ -607,8 +607,9 @@ def _router(
     if path.exists():
         cfg = read_router_config(path)
         tr = cfg.get("training", {})
-        have = {k: v for k, v in tr.get("options", {}).items() if k not in ("top_k", "threshold")}
-        want = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("top_k", "threshold")}
+        serving = ("top_k", "mixing", "threshold")  # applied at evaluation, not in training
+        have = {k: v for k, v in tr.get("options", {}).items() if k not in serving}
+        want = {k: v for k, v in dataclasses.asdict(opts).items() if k not in serving}
         same = (
             _jsonable(have) == _jsonable(want)
             and tr.get("data") == data
@@ -803,6 +804,7 @@ def run_compare(
                 **evaluation,
                 "router": str(router_path),
                 "top_k": router_opts.top_k,
+                "mixing": router_opts.mixing,
                 "threshold": None if router_opts.threshold == "auto" else router_opts.threshold,
                 "compare_oracle": False,
             }

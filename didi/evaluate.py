@@ -223,12 +223,20 @@ def _text_data(
 
 
 def _learned_router(
-    art, router: str, adapter, base: str | None, top_k: int | None, threshold: float | str | None
+    art,
+    router: str,
+    adapter,
+    base: str | None,
+    top_k: int | None,
+    threshold: float | str | None,
+    mixing: str | None = None,
 ) -> LearnedRouter | None:
     """None for the oracle; else the learned router (`learned`: the artifact's own, or a directory)."""
     if router == "oracle":
-        if top_k is not None or threshold is not None:
-            raise DidiError("top_k / threshold: they set a learned router; the oracle router has neither")
+        if top_k is not None or threshold is not None or mixing is not None:
+            raise DidiError(
+                "top_k / threshold / mixing: they set a learned router; the oracle router has none of them"
+            )
         return None
     if adapter.registry_name == "hf_llama":
         raise DidiError(
@@ -240,7 +248,7 @@ def _learned_router(
             f"router learned: {art.path} has no router ({path} is missing); train one with "
             f"`didi router train {art.path} --data ...`, or pass --router oracle"
         )
-    return load_router(path, art, base, top_k, threshold)
+    return load_router(path, art, base, top_k, threshold, mixing)
 
 
 def _check_text_adapter(adapter) -> None:
@@ -269,6 +277,7 @@ def evaluate_artifact(
     top_k: int | None = None,
     threshold: float | str | None = None,
     compare_oracle: bool = True,
+    mixing: str | None = None,
 ) -> dict:
     """Per-task accuracy of an artifact served by routed experts (oracle or learned router); see the module
     docstring."""
@@ -281,7 +290,7 @@ def evaluate_artifact(
         raise DidiError("data: no task data given")
     require_path(base or art.manifest["sources"]["base"]["path"], "base (θ0)")
     adapter = art.adapter()
-    learned = _learned_router(art, router, adapter, base, top_k, threshold)
+    learned = _learned_router(art, router, adapter, base, top_k, threshold, mixing)
     oracle: dict[str, dict] | None = None
     kind = None  # classification data whose examples the report keeps ("text" or "image")
     if (
@@ -320,6 +329,7 @@ def evaluate_artifact(
             "kind": "learned",
             "path": str(art.path / ROUTER_DIR if router == "learned" else Path(router)),
             "top_k": learned.top_k,
+            "mixing": learned.mixing,
             "threshold": learned.threshold,
             "temperature": learned.temperature,
         }

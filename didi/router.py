@@ -55,6 +55,7 @@ WEIGHTS_FILE = "router.safetensors"
 CONFIG_FILE = "router.json"
 #: where a task's validation inputs are looked for, in order (a directory); the test split never is
 VALIDATION_SPLITS = ("validation", "val", "train")
+MIXINGS = ("sum", "max")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _ENCODER_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -72,7 +73,11 @@ class RouterOptions:
             (text: mean; images: the image embedding at `final`, the mean at `embedding` — the class token
             is the same for every image there —, the class token after a block).
         hidden: 0 for a linear router, else the width of a 2-layer MLP (GELU).
-        top_k: experts mixed per input, weights renormalised over them (1: hard routing).
+        top_k: experts mixed per input (1: hard routing).
+        mixing: how the top-k probabilities weight the experts' deltas: `sum` (renormalised to sum to 1: an
+            input split between two experts gets half of each) or `max` (divided by the top one: the most
+            probable expert at full strength, each other at its probability relative to it, so an input the
+            router cannot place between two look-alike tasks gets both experts whole).
         threshold: `auto` (chosen on the held-out inputs, see fallback_value), `none` (never fall back), or a
             confidence in [0, 1]: an input whose top probability is below it gets the shared model only (1:
             every input does).
@@ -92,6 +97,7 @@ class RouterOptions:
     pooling: Literal["auto", "mean", "cls"] = "auto"
     hidden: int = 0
     top_k: int = 1
+    mixing: Literal["sum", "max"] = "sum"
     threshold: Union[float, Literal["auto", "none"]] = "auto"
     fallback_value: float = 0.5
     calibration_fraction: float = 0.2
@@ -117,6 +123,7 @@ class RouterOptions:
             raise DidiError(f"router.hidden: expected 0 (linear) or a positive width, found {self.hidden}")
         if self.top_k < 1 or (n_tasks is not None and self.top_k > n_tasks):
             raise DidiError(f"router.top_k: expected 1..{n_tasks or 'T'} (the tasks), found {self.top_k}")
+        check_mixing(self.mixing, "router.mixing")
         check_threshold(self.threshold, "router.threshold")
         if not 0.0 <= self.fallback_value <= 1.0:
             raise DidiError(f"router.fallback_value: expected a value in [0, 1], found {self.fallback_value}")
@@ -136,6 +143,11 @@ def check_threshold(value: Any, where: str) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
         raise DidiError(f"{where}: expected auto, none or a confidence in [0, 1], found {value!r}")
+
+
+def check_mixing(value: Any, where: str) -> None:
+    if value not in MIXINGS:
+        raise DidiError(f"{where}: expected one of {', '.join(MIXINGS)}, found {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------- the network
@@ -306,6 +318,7 @@ class FittedRouter:
     temperature: float
     threshold: float
     top_k: int
+    mixing: str = "sum"
     record: dict = field(default_factory=dict)
 
 
@@ -427,7 +440,7 @@ def fit_router(
         "fallback": _share(~routed, cy, len(tasks), opts.balanced),
         "tasks": per_task,
     }
-    return FittedRouter(tasks, net, temperature, threshold, opts.top_k, record)
+    return FittedRouter(tasks, net, temperature, threshold, opts.top_k, opts.mixing, record)
 
 
 # ----------------------------------------------------------------------------------------------- routing
@@ -446,6 +459,7 @@ class LearnedRouter(nn.Module, Router):
         threshold: float = 0.0,
         top_k: int = 1,
         order: Sequence[str] | None = None,
+        mixing: str = "sum",
     ) -> None:
         nn.Module.__init__(self)
         Router.__init__(self, order if order is not None else tasks)
@@ -454,6 +468,8 @@ class LearnedRouter(nn.Module, Router):
         if not 1 <= top_k <= len(self.tasks):
             raise DidiError(f"router.top_k: expected 1..{len(self.tasks)} (the tasks), found {top_k}")
         check_threshold(threshold, "router.threshold")
+        check_mixing(mixing, "router.mixing")
+        self.mixing = mixing
         self.net, self.features = net.requires_grad_(False), features  # served, never trained here (DDP)
         self.temperature, self.threshold, self.top_k = float(temperature), float(threshold), int(top_k)
         self.register_buffer(
@@ -475,7 +491,7 @@ class LearnedRouter(nn.Module, Router):
         low = conf < self.threshold if self.threshold < 1 else torch.ones_like(conf, dtype=torch.bool)
         if self.top_k == 1:
             return torch.where(low, torch.full_like(ids[:, 0], SHARED), ids[:, 0])
-        w = p / p.sum(-1, keepdim=True)
+        w = p / (p.sum(-1, keepdim=True) if self.mixing == "sum" else p[:, :1])
         w = torch.where(low[:, None], torch.zeros_like(w), w)
         return Mixture(torch.where(low[:, None], torch.full_like(ids, SHARED), ids), w)
 
@@ -517,6 +533,7 @@ def save_router(fitted: FittedRouter, path: str | Path, info: dict, overwrite: b
             "temperature": fitted.temperature,
             "threshold": fitted.threshold,
             "top_k": fitted.top_k,
+            "mixing": fitted.mixing,
             "training": fitted.record,
             "files": {WEIGHTS_FILE: file_sha256(tmp / WEIGHTS_FILE)},
             "versions": versions(),
@@ -589,10 +606,11 @@ def load_router(
     base: str | None = None,
     top_k: int | None = None,
     threshold: float | str | None = None,
+    mixing: str | None = None,
 ) -> LearnedRouter:
     """The router saved at `path`, for `artifact` (a path or a loaded Artifact): checked against its tasks,
-    adapter and θ0, with θ0 (the manifest's, or `base`) loaded for the router's features. `top_k` and
-    `threshold` (a confidence, or `none`) override the saved ones."""
+    adapter and θ0, with θ0 (the manifest's, or `base`) loaded for the router's features. `top_k`,
+    `threshold` (a confidence, or `none`) and `mixing` override the saved ones."""
     art = load_artifact(artifact) if isinstance(artifact, (str, Path)) else artifact
     p = Path(path)
     cfg = read_router_config(p)
@@ -623,6 +641,7 @@ def load_router(
         cfg.get("threshold", 0.0) if threshold is None or threshold == "auto" else float(threshold),
         cfg.get("top_k", 1) if top_k is None else top_k,
         order=art.tasks,
+        mixing=cfg.get("mixing", "sum") if mixing is None else mixing,
     )
 
 
@@ -814,7 +833,8 @@ def router_summary(path: str | Path) -> str:
         f"  features: layer {cfg['features']['layer']}, pooling {cfg['features']['pooling']} "
         f"({cfg['network']['dim']} values); network {cfg['network']['kind']}"
         + (f" (hidden {cfg['network']['hidden']})" if cfg["network"]["hidden"] else ""),
-        f"  temperature {cfg['temperature']:.4g}, threshold {cfg['threshold']:.4g}, top-{cfg['top_k']}",
+        f"  temperature {cfg['temperature']:.4g}, threshold {cfg['threshold']:.4g}, top-{cfg['top_k']}"
+        f" ({cfg.get('mixing', 'sum')} mixing)",
         f"  routing accuracy on {tr.get('calibrated_on', 'held-out inputs')}: "
         f"{100 * tr.get('routing_accuracy', float('nan')):.1f} % "
         f"(fallback {100 * tr.get('fallback', 0):.1f} %)",

@@ -117,6 +117,12 @@ def test_decisions_top_k_threshold_and_task_order():
     mix = LearnedRouter(["a", "b", "c"], net, Identity(), threshold=0.5, top_k=2)({"x": logits})
     assert mix.ids[1].tolist() == [0, 1]
     torch.testing.assert_close(mix.weights[1], torch.tensor([0.4, 0.35]) / 0.75)
+    # max mixing: the top expert whole, the second at its probability relative to the top one
+    mx = LearnedRouter(["a", "b", "c"], net, Identity(), threshold=0.5, top_k=2, mixing="max")({"x": logits})
+    assert mx.ids.tolist() == mix.ids.tolist()
+    torch.testing.assert_close(mx.weights, torch.tensor([[1.0, 0.2 / 0.7], [1.0, 0.35 / 0.4], [1.0, 0.125]]))
+    with pytest.raises(DidiError, match="router.mixing: expected one of sum, max, found 'mean'"):
+        LearnedRouter(["a", "b", "c"], net, Identity(), top_k=2, mixing="mean")
     # the artifact lists the tasks as c, a, b: ids index that order
     r3 = LearnedRouter(["a", "b", "c"], net, Identity(), top_k=1, order=["c", "a", "b"])
     assert r3({"x": logits}).tolist() == [1, 1, 0]
@@ -436,8 +442,10 @@ def test_router_for_other_tasks_or_backbone_is_refused(bert, tmp_path):
         load_router(tmp_path / "nowhere", bert["arts"]["didi"])
     with pytest.raises(DidiError, match="has no router .*didi router train"):
         evaluate_artifact(bert["arts"]["twin"], data, trainer=CPU, router="learned")
-    with pytest.raises(DidiError, match="top_k / threshold: they set a learned router"):
+    with pytest.raises(DidiError, match="top_k / threshold / mixing: they set a learned router"):
         evaluate_artifact(bert["arts"]["twin"], data, trainer=CPU, top_k=2)
+    with pytest.raises(DidiError, match="top_k / threshold / mixing: they set a learned router"):
+        evaluate_artifact(bert["arts"]["twin"], data, trainer=CPU, mixing="max")
 
 
 # ----------------------------------------------------------------------------------------------- CLI

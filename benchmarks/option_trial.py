@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=["bytes"],
         choices=["bytes", "elements"],
-        help="quantized: --storage of each quantized row (elements: the default's ranks, at equal parameters)",
+        help="quantized: --storage of each row (elements: the default's ranks, equal parameters)",
     )
     ap.add_argument("--examples", type=int, default=256, help="validation inputs per task (calibration)")
     ap.add_argument("--search-steps", type=int, default=200)

@@ -9,6 +9,7 @@ here counts those instead.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Iterable, Sequence
 
 import lightning as L
@@ -17,6 +18,18 @@ from tqdm.auto import tqdm
 
 #: How metric values are printed: as `didi merge` prints its summary (4 significant digits).
 METRIC_FORMAT = "{:.4g}"
+
+#: Seconds between two redraws of a bar whose output is not a terminal (a log file, a batch job's
+#: stderr): every redraw there is kept, and a fit redrawn ten times a second fills a log with bars.
+LOG_INTERVAL = 30.0
+
+
+def redraw_interval(stream: Any = None) -> float:
+    """tqdm's `mininterval` for `stream` (stderr by default): its own 0.1 s on a terminal, `LOG_INTERVAL`
+    elsewhere."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return 0.1 if callable(isatty) and isatty() else LOG_INTERVAL
 
 
 def stage_bar(
@@ -29,7 +42,7 @@ def stage_bar(
 ) -> tqdm:
     """A tqdm bar (over `iterable`, if given) that reads `desc n/total unit |████| elapsed<remaining,
     label=value, ...`: the count first, where a user looks, and no rate (a few slow steps make it
-    meaningless)."""
+    meaningless). Redrawn at most every `LOG_INTERVAL` seconds when stderr is not a terminal."""
     suffix = f" {unit}" if unit else ""
     return tqdm(
         iterable,
@@ -39,6 +52,7 @@ def stage_bar(
         disable=disable,
         leave=True,
         dynamic_ncols=True,
+        mininterval=redraw_interval(),
         bar_format="{desc} {n_fmt}/{total_fmt}" + suffix + " |{bar:20}| {elapsed}<{remaining}{postfix}",
     )
 

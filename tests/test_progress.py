@@ -136,3 +136,26 @@ def test_matrices_refined_at_other_ranks_are_redone(tmp_path, tiny_zoo, fast, ca
     assert art.manifest["ranks"] == fresh.manifest["ranks"]
     ref, ref_fresh = art.manifest["metrics"]["refine"], fresh.manifest["metrics"]["refine"]
     assert ref["rec_err_after"] == pytest.approx(ref_fresh["rec_err_after"], rel=1e-6)
+
+
+def test_bars_redraw_rarely_when_stderr_is_a_log(capfd):
+    """A bar whose output is a file or pipe (a batch job's log) is drawn at the start and the end only:
+    20 updates over 0.6 s leave two lines (tqdm's own 0.1 s interval would draw about six), on a
+    terminal that interval holds."""
+    import io
+    import time
+
+    from didi.progress import LOG_INTERVAL, redraw_interval, stage_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert redraw_interval(io.StringIO()) == LOG_INTERVAL and redraw_interval(Terminal()) == 0.1
+    bar = stage_bar("search step", 20)
+    for _ in range(20):
+        time.sleep(0.03)
+        bar.update(1)
+    bar.close()
+    drawn = [ln for ln in _lines(capfd.readouterr()).splitlines() if ln.startswith("search step")]
+    assert len(drawn) == 2 and drawn[0].startswith("search step 0/20") and "20/20" in drawn[-1]

@@ -88,35 +88,21 @@ def plan_runs(methods: list[str], budgets: list[float], options: dict[str, dict]
     runs = []
     for m in methods:
         get_method(m)  # clear error for an unknown name before anything runs
-        opt = size_option(m)
-        if m in FRONT_METHODS:  # one search, one front point per budget
-            if not budgets:
-                raise DidiError(f"budgets: method {m!r} needs at least one budget (a front point per budget)")
-            for b in budgets:
-                runs.append(
-                    {
-                        "label": f"{m}@{b:g}",
-                        "method": m,
-                        "budget": float(b),
-                        "options": dict(options.get(m, {})),
-                        "front": True,
-                    }
-                )
-            continue
-        if opt is None:
+        opt, front = size_option(m), m in FRONT_METHODS
+        if opt is None and not front:
             runs.append({"label": m, "method": m, "budget": None, "options": dict(options.get(m, {}))})
             continue
         if not budgets:
-            raise DidiError(f"budgets: method {m!r} needs at least one budget")
-        for b in budgets:
-            runs.append(
-                {
-                    "label": f"{m}@{b:g}",
-                    "method": m,
-                    "budget": float(b),
-                    "options": {**options.get(m, {}), opt: b},
-                }
-            )
+            why = " (a front point per budget)" if front else ""
+            raise DidiError(f"budgets: method {m!r} needs at least one budget{why}")
+        for b in budgets:  # a front method searches once and takes one point per budget
+            run = {"label": f"{m}@{b:g}", "method": m, "budget": float(b)}
+            run["options"] = dict(options.get(m, {}))
+            if front:
+                run["front"] = True
+            else:
+                run["options"][opt] = b
+            runs.append(run)
     labels = [r["label"] for r in runs]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:

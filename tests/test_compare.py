@@ -28,6 +28,14 @@ def test_plan_runs():
     assert [r["label"] for r in runs] == ["ties", "flexmerge@1.1", "flexmerge@2", "didi@1.1", "didi@2"]
     assert runs[0]["options"] == {"k": 10} and runs[2]["options"] == {"target": 2.0}
     assert runs[4]["options"] == {"budget": 2.0}
+    # MERGE: one search, a front point per budget; its options carry no size
+    front = plan_runs(["merge"], [1.05, 1.24], {"merge": {"evaluations": 8}})
+    assert [(r["label"], r["budget"], r["options"], r.get("front")) for r in front] == [
+        ("merge@1.05", 1.05, {"evaluations": 8}, True),
+        ("merge@1.24", 1.24, {"evaluations": 8}, True),
+    ]
+    with pytest.raises(DidiError, match="method 'merge' needs at least one budget"):
+        plan_runs(["merge"], [])
     with pytest.raises(DidiError, match="unknown merging method 'nope'"):
         plan_runs(["nope"], [1.2])
     with pytest.raises(DidiError, match="not in methods"):

@@ -35,7 +35,7 @@ from didi.decompose import FactorStore, too_big_for_memory
 from didi.linalg import orthonormal, svd
 from didi.progress import StageProgressBar
 from didi.quantize import fake_quantize, fake_quantize_pair, stored_pair
-from didi.streamed import refine_als_streamed
+from didi.streamed import PHASES, BlockReader, refine_als_streamed
 from didi.tensorfile import LazyTensor, lazy_tensors
 from didi.trainer import TrainerConfig, Trainers, barrier
 
@@ -314,15 +314,33 @@ def expert_dtype_of(ranks: Ranks) -> str:
 
 
 class TaskVectorRows:
-    """Rows [start, stop) of one matrix's task vectors, [T, rows, n], read from the checkpoints (a class, not
-    a closure, so that `ddp_spawn` can pickle the jobs)."""
+    """Rows [start, stop) of one matrix's task vectors, [T, rows, n] float32, read from the checkpoints into a
+    buffer that the next call overwrites (`didi.streamed.BlockReader`: the files stay open until `close`,
+    which `refine_als_streamed` calls at its end); each block is checked for NaN/Inf at its first read only.
+    A class, not a closure, so that `ddp_spawn` can pickle the jobs (the open files are not pickled)."""
 
     def __init__(self, zoo: Zoo, name: str, n: int) -> None:
         self.zoo, self.name, self.n = zoo, name, n
+        self._reader: BlockReader | None = None
+        self._checked: set[int] = set()
 
     def __call__(self, start: int, stop: int) -> torch.Tensor:
-        base, taus = self.zoo.read_rows(self.name, start, stop)
-        return torch.stack(taus).sub_(base).reshape(len(taus), stop - start, self.n)
+        if self._reader is None or self._reader.out.shape[1] < stop - start:
+            self.close()
+            self._reader = BlockReader(self.zoo, self.name, self.n, torch.float32, stop - start)
+        X = self._reader.read(start, stop, check=start not in self._checked)
+        self._checked.add(start)
+        with PHASES("convert"):
+            X[1:] -= X[0]
+        return X[1:]
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_reader": None}
 
 
 class RefineJobs:

@@ -19,8 +19,10 @@ of the τ's alone, whereas TIES trims by a per-tensor quantile and TSV-M takes S
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
@@ -28,9 +30,9 @@ import torch
 
 from didi.backbones.base import TensorPlan, Zoo
 from didi.errors import DidiError
-from didi.linalg import orthonormal, svd
-from didi.merges import mean_merge
+from didi.linalg import one_cpu_thread, orthonormal, svd
 from didi.quantize import stored_pair
+from didi.sources import _ST_DTYPES, TensorSource
 
 #: shared merges whose rows depend only on the same rows of the task vectors
 STREAMABLE_MERGES = frozenset({"mean"})
@@ -58,18 +60,20 @@ def row_slices(m: int, row_block: int) -> Iterator[slice]:
         yield slice(start, min(m, start + row_block))
 
 
-def gram64(X: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+def gram64(X: torch.Tensor, chunk: int = 1 << 20, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """G_ij = ⟨X_i, X_j⟩ of the J matrices X [J, ...], accumulated in float64 a chunk of columns at a time.
 
     Why float64: the closed form subtracts these norms from one another (c_t, docs/method.md §3.2), which
     needs more than fp32's 7 digits. Why a Gram matrix: every module is converted to float64 once for all
     its inner products (pairwise dots converted each operand again, and the conversions dominated the pass);
-    the chunks keep the float64 copy small.
+    the chunks keep the float64 copy small. `buffer` (float64, at least [J, chunk]): the chunks' copy, reused
+    from call to call (a fresh one is page-faulted in at every call).
     """
     flat = X.reshape(X.shape[0], -1)
     G = torch.zeros(X.shape[0], X.shape[0], dtype=torch.float64, device=X.device)
     for s in range(0, flat.shape[1], chunk):
-        d = flat[:, s : s + chunk].double()
+        part = flat[:, s : s + chunk]
+        d = part.double() if buffer is None else buffer[: part.shape[0], : part.shape[1]].copy_(part)
         G += d @ d.T
     return G
 
@@ -98,13 +102,111 @@ class PhaseTimer:
 PHASES = PhaseTimer()
 
 
+# --------------------------------------------------------------------------------------------- block reads
+class BlockReader:
+    """Rows [start, stop) of one tensor in θ0 and in every task, as one tensor [T+1, rows, n] in `dtype` (θ0
+    first) that is overwritten by the next read; a context manager that closes the files.
+
+    Why: `Zoo.read_rows` opens and maps each shard again for every block and returns fresh tensors (a copy
+    out of the map, then a cast), and a fresh allocation of a block's size is page-faulted in again each time:
+    on a 128256×2048 bf16 embedding that took longer than the block's matmuls. Here each safetensors file
+    stays open for the reader's life, a block is `readinto` a buffer allocated once (plain reads, no map, so
+    the page cache does not count in the process's RSS), and cast into a second buffer with `copy_`. A zoo
+    whose `read_rows` is not `Zoo`'s own (a calibrated zoo reads whitened rows) and pickled checkpoints are
+    read through `read_rows` / the loaded tensor, copied into the same buffer.
+
+    `check=True` tests the rows for NaN/Inf as `Zoo.read_rows` does (the same error, naming the source); the
+    streamed passes check only their first pass, since every later pass reads the same bytes.
+    """
+
+    def __init__(self, zoo: Zoo, name: str, n: int, dtype: torch.dtype, row_block: int) -> None:
+        self.zoo, self.name, self.n, self.dtype = zoo, name, n, dtype
+        self.sources: list[tuple[str, TensorSource]] = [("base", zoo.base_source), *zoo.task_sources.items()]
+        self.out = torch.empty(len(self.sources), row_block, n, dtype=dtype)
+        self.files: list = []
+        self.raw: dict[torch.dtype, torch.Tensor] = {}
+        # (file, byte offset of row 0, stored dtype) per source; None: read through the zoo or from memory
+        self.direct: list[tuple | None] = [None] * len(self.sources)
+        if type(zoo).read_rows is Zoo.read_rows:
+            for i, (_, src) in enumerate(self.sources):
+                if src._pickled is None:
+                    self.direct[i] = self._open(src._files[name])
+
+    def _open(self, path) -> tuple:
+        f = open(path, "rb", buffering=0)
+        self.files.append(f)
+        size = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(size))[self.name]
+        dtype = _ST_DTYPES.get(entry["dtype"])
+        if dtype is None or not dtype.is_floating_point:
+            raise DidiError(f"{path}: tensor '{self.name}' of dtype {entry['dtype']} cannot be streamed")
+        return f, 8 + size + entry["data_offsets"][0], dtype
+
+    def __enter__(self) -> "BlockReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+        self.files = []
+
+    def read(self, start: int, stop: int, check: bool = False) -> torch.Tensor:
+        rows = stop - start
+        out = self.out[:, :rows]
+        via_zoo = None
+        for i, (label, src) in enumerate(self.sources):
+            with PHASES("read"):
+                if self.direct[i] is not None:
+                    f, offset, stored = self.direct[i]
+                    raw = out[i] if stored == self.dtype else self._raw(stored)[:rows]
+                    _read_exactly(f, offset + start * self.n * raw.element_size(), raw)
+                elif type(self.zoo).read_rows is not Zoo.read_rows:
+                    if via_zoo is None:
+                        base, xs = self.zoo.read_rows(self.name, start, stop, self.dtype)
+                        via_zoo = [base, *xs]
+                    raw = via_zoo[i].reshape(rows, self.n)
+                else:
+                    raw = src.get_rows(self.name, start, stop).reshape(rows, self.n)
+            with PHASES("convert"):
+                if raw.data_ptr() != out[i].data_ptr():
+                    out[i].copy_(raw)
+                if check and raw.dtype.is_floating_point and not torch.isfinite(out[i].sum()):
+                    if not torch.isfinite(out[i]).all():
+                        where = "the base model" if label == "base" else f"task '{label}'"
+                        raise DidiError(f"{where} ({src.path}): tensor '{self.name}' contains NaN or Inf")
+        return out
+
+    def _raw(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self.raw:
+            self.raw[dtype] = torch.empty(self.out.shape[1], self.n, dtype=dtype)
+        return self.raw[dtype]
+
+
+def _read_exactly(f, offset: int, into: torch.Tensor) -> None:
+    """Fill the contiguous tensor `into` with the bytes at `offset` of the open file `f`."""
+    if not into.numel():
+        return
+    view = memoryview(into.view(torch.uint8).numpy()).cast("B")
+    f.seek(offset)
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise DidiError(f"{f.name}: file ends inside the data of a tensor (truncated?)")
+        done += got
+
+
 # ------------------------------------------------------------------------------------------- decomposition
 class _ModuleRows:
     """Row blocks of the T+1 modules of one matrix read from the checkpoints, as [T+1, rows, n]: module 0 is
-    the shared part (mean of the τ's), 1..T the experts M_t = τ_t − M_s.
+    the shared part (mean of the τ's), 1..T the experts M_t = τ_t − M_s. A block is a view of a buffer that
+    the next block overwrites; a context manager (the reader's files).
 
-    The first pass (`first=True`) also hashes every source's rows and accumulates the float64 norms, so that
-    no pass is spent on them alone.
+    The first pass (`first=True`) also hashes every source's rows, checks them for NaN/Inf and accumulates
+    the float64 norms, so that no pass is spent on them alone.
     """
 
     def __init__(
@@ -114,43 +216,52 @@ class _ModuleRows:
         self.m, self.n = _row_separable_shape(plan)
         self.T = len(zoo.task_names)
         self.row_block = row_block
+        self.reader = BlockReader(zoo, plan.name, self.n, dtype, row_block)
         prefix = f"{dtype}|{tuple(plan.shape)}|".encode()  # as didi.sources.tensor_sha256 of the whole
         self.hashes = [hashlib.sha256(prefix) for _ in range(self.T + 1)]
         f64 = dict(dtype=torch.float64, device=device)
         self.ms_sq = torch.zeros((), **f64)
         self.mt_sq, self.inner, self.tau_sq = (torch.zeros(self.T, **f64) for _ in range(3))
+        self.f64: torch.Tensor | None = None
+
+    def __enter__(self) -> "_ModuleRows":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.reader.close()
 
     def blocks(self, first: bool = False) -> Iterator[tuple[slice, torch.Tensor]]:
-        T, n = self.T, self.n
         for sl in row_slices(self.m, self.row_block):
-            with PHASES("read"):
-                base, tasks = self.zoo.read_rows(self.name, sl.start, sl.stop, self.dtype)
+            X = self.reader.read(sl.start, sl.stop, check=first)  # θ0, then the tasks
             if first:
                 with PHASES("hash"):
-                    for h, t in zip(self.hashes, [base, *tasks]):
-                        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-            rows = sl.stop - sl.start
-            # τ_t written straight into the experts' slots, then M_s = mean and M_t = τ_t − M_s in place:
-            # one block buffer, the same operations as decompose_batch does on the whole matrix
+                    for h, t in zip(self.hashes, X):
+                        h.update(t.view(torch.uint8).numpy())
+            X = X.to(self.device)
+            # in place, the same operations as decompose_batch on the whole matrix: τ_t = task − θ0 in the
+            # experts' slots, M_s = their mean in θ0's, then M_t = τ_t − M_s
             with PHASES("modules"):
-                X = torch.empty(T + 1, rows, n, dtype=self.dtype, device=self.device)
-                b = base.to(self.device).reshape(rows, n)
-                for t, x in enumerate(tasks):
-                    torch.sub(x.to(self.device).reshape(rows, n), b, out=X[1 + t])
-                del base, tasks, b
-                X[0] = mean_merge(X[1:])
+                X[1:] -= X[0]
+                torch.mean(X[1:], 0, out=X[0])
             if first:
                 with PHASES("gram64"):
-                    self.tau_sq += gram64(X[1:]).diagonal()
+                    self.tau_sq += gram64(X[1:], buffer=self._f64()).diagonal()
             with PHASES("modules"):
                 X[1:] -= X[0]
             if first:
                 with PHASES("gram64"):
-                    G = gram64(X)
+                    G = gram64(X, buffer=self._f64())
                     self.ms_sq += G[0, 0]
                     self.mt_sq += G.diagonal()[1:]
                     self.inner += G[0, 1:]
             yield sl, X
+        self.f64 = None
+
+    def _f64(self) -> torch.Tensor:
+        """gram64's float64 chunk buffer, allocated at the first block (first pass only)."""
+        if self.f64 is None:
+            self.f64 = torch.empty(self.T + 1, 1 << 20, dtype=torch.float64, device=self.device)
+        return self.f64
 
     def sha256(self) -> dict[str, str]:
         return {label: h.hexdigest() for label, h in zip(["base", *self.zoo.task_names], self.hashes)}
@@ -189,11 +300,29 @@ def _co_sketch(rows: _ModuleRows, Q: torch.Tensor) -> torch.Tensor:
 
 
 def _orthonormal_each(Y: torch.Tensor) -> torch.Tensor:
-    """Q of each module's QR, in place: one module's workspace at a time, not the batch's."""
-    with PHASES("qr"):
-        for i in range(Y.shape[0]):
-            Y[i] = orthonormal(Y[i])
+    """Q of each module's QR, in place (one module's workspace at a time per thread, not the batch's)."""
+    for i, q in zip(range(Y.shape[0]), orthonormal_all(list(Y))):
+        Y[i] = q
     return Y
+
+
+def orthonormal_all(Ys: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`linalg.orthonormal` of each matrix, on the CPU several at once, one single-threaded QR per thread.
+
+    Why: `orthonormal` runs LAPACK's QR on one thread (it was slower multi-threaded), so a tall m×w QR used
+    one core of the CPU's; the streamed paths QR T+1 (or T) independent sketches at a time, which threads can
+    share out with identical results (each QR is the same single-threaded call)."""
+    workers = min(len(Ys), torch.get_num_threads())
+    if workers < 2 or Ys[0].device.type != "cpu":
+        with PHASES("qr"):
+            return [orthonormal(Y) for Y in Ys]
+    with PHASES("qr"), one_cpu_thread(Ys[0]), ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(_qr_one_thread, Ys))
+
+
+def _qr_one_thread(Y: torch.Tensor) -> torch.Tensor:
+    torch.set_num_threads(1)  # this worker's own OpenMP setting (a new thread starts from the default)
+    return torch.linalg.qr(Y)[0]
 
 
 def _projections(rows: _ModuleRows, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -251,16 +380,16 @@ def decompose_streamed(
     w = min(K + oversample, m, n)
     device = torch.device(device)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    rows = _ModuleRows(zoo, plan, dtype, device, row_block or block_rows(n, T + 1, itemsize))
-    omega = torch.stack([_omega(n, w, i, dtype, device) for i in range(T + 1)])
-    Q = _orthonormal_each(_sketch(rows, omega, first=True))
-    del omega
-    for _ in range(power_iters):
-        Z = _orthonormal_each(_co_sketch(rows, Q))
-        del Q
-        Q = _orthonormal_each(_sketch(rows, Z))
-        del Z
-    P, Ps, Pt = _projections(rows, Q)
+    with _ModuleRows(zoo, plan, dtype, device, row_block or block_rows(n, T + 1, itemsize)) as rows:
+        omega = torch.stack([_omega(n, w, i, dtype, device) for i in range(T + 1)])
+        Q = _orthonormal_each(_sketch(rows, omega, first=True))
+        del omega
+        for _ in range(power_iters):
+            Z = _orthonormal_each(_co_sketch(rows, Q))
+            del Q
+            Q = _orthonormal_each(_sketch(rows, Z))
+            del Z
+        P, Ps, Pt = _projections(rows, Q)
     with PHASES("svd"):
         U, S, V, Ub = _factor(Q, P, K)
     del Q, P
@@ -307,83 +436,117 @@ def _factor(
 
 
 # ------------------------------------------------------------------------------------------------- refine
+#: low-rank terms A·B (A m×r, B r×n), whose rows [sl] are A[sl]·B
+Terms = Sequence[tuple[torch.Tensor, torch.Tensor]]
+#: which rows a product multiplies: τ_t (an int t) or the mean of the τ's ("mean")
+Source = int | str
+
+
 class _TaskRows:
-    """Row blocks of the task vectors [T, rows, n] from a reader, on the factors' device and dtype."""
+    """Row blocks of the task vectors [T, rows, n] from a reader, on the factors' device and dtype, with
+    scratch buffers of one block's rows for the mean and the residuals (allocated once: a fresh block-sized
+    allocation is page-faulted in again at every block)."""
 
     def __init__(
         self, read_rows: RowReader, m: int, n: int, T: int, row_block: int, like: torch.Tensor
     ) -> None:
         self.read_rows, self.m, self.n, self.T, self.row_block = read_rows, m, n, T, row_block
         self.dtype, self.device = like.dtype, like.device
+        self.scratch = torch.empty(3, min(m, row_block), n, dtype=self.dtype, device=self.device)
 
     def blocks(self) -> Iterator[tuple[slice, torch.Tensor]]:
         for sl in row_slices(self.m, self.row_block):
-            with PHASES("read"):
-                tau = self.read_rows(sl.start, sl.stop)
-                tau = tau.to(self.device, self.dtype).reshape(self.T, sl.stop - sl.start, self.n)
-            yield sl, tau
+            tau = self.read_rows(sl.start, sl.stop)  # timed by the reader (BlockReader's phases)
+            yield sl, tau.to(self.device, self.dtype).reshape(self.T, sl.stop - sl.start, self.n)
 
 
-#: (row slice, τ rows [T, rows, n]) -> the rows of the J matrices being fitted, [J, rows, n]
-Targets = Callable[[slice, torch.Tensor], torch.Tensor]
+def _pass(
+    rows: _TaskRows,
+    right: dict | None = None,
+    left: dict | None = None,
+    common: Terms = (),
+    residuals: Sequence[tuple[int, Terms]] = (),
+) -> tuple[dict, dict, torch.Tensor]:
+    """One read of every row block for every product a step needs at that point:
 
+    - right {key: (source, Z n×w)}: Y = source·Z [m, w], row block by row block;
+    - left {key: (source, Q m×w)}: W = sourceᵀ·Q [n, w], summed over the blocks;
+    - residuals [(t, terms)]: ‖τ_t − Σ common − Σ terms‖² [J] float64, summed over the blocks, each block's
+      residual formed in full (never expanded as ‖X‖² − ‖QᵀX‖², which cancels: the accept tests compare
+      errors that differ in their last digits).
 
-def _residual_sq(rows: _TaskRows, residual: Targets) -> torch.Tensor:
-    """‖residual‖² per leading index, [J] float64, summed over the row blocks (never expanded as
-    ‖X‖² − ‖QᵀX‖², which cancels: the accept tests compare errors that differ in their last digits)."""
-    total = None
+    Why products with τ_t and their mean, not with the targets (τ_t − A_sB_s, mean_t(τ_t − A_tB_t)): a target
+    differs from them by low-rank terms whose products cost (m + n)·r·w instead of m·n·r per pass, so the
+    caller subtracts those afterwards; and a pass can serve two steps at once (the next step's first product
+    in this step's error pass).
+    """
+    right, left = right or {}, left or {}
+    Y = {k: z.new_empty(rows.m, z.shape[1]) for k, (_, z) in right.items()}
+    W = {k: q.new_zeros(rows.n, q.shape[1]) for k, (_, q) in left.items()}
+    err = torch.zeros(len(residuals), dtype=torch.float64, device=rows.device)
+    use_mean = any(src == "mean" for src, _ in [*right.values(), *left.values()])
     for sl, tau in rows.blocks():
+        r = sl.stop - sl.start
+        mean, shared, resid = (b[:r] for b in rows.scratch)
+        with PHASES("matmul"):
+            if use_mean:
+                torch.mean(tau, 0, out=mean)
+            src = lambda s: mean if s == "mean" else tau[s]  # noqa: E731
+            for k, (s, z) in right.items():
+                torch.matmul(src(s), z, out=Y[k][sl])
+            for k, (s, q) in left.items():
+                W[k].addmm_(src(s).T, q[sl])
+        if not residuals:
+            continue
         with PHASES("residual"):
-            part = residual(sl, tau).square().sum((-2, -1), dtype=torch.float64)
-        total = part if total is None else total + part
-    return total
+            shared.zero_()
+            for A, B in common:
+                shared.addmm_(A[sl], B)
+            for j, (t, terms) in enumerate(residuals):
+                torch.sub(tau[t], shared, out=resid)
+                for A, B in terms:
+                    resid.addmm_(A[sl], B, alpha=-1)
+                # per row in the compute dtype, then float64: a float64 sum of float32 squares converts
+                # every element (15× slower than the block's matmuls); the rows' sums are exact to ~1e-9
+                err[j] += resid.square_().sum(-1).sum(dtype=torch.float64)
+    return Y, W, err
 
 
-def _lockstep_best_rank_r(
-    rows: _TaskRows, targets: Targets, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], iters: int
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """`refine._best_rank_r` of the J matrices `targets` returns, all in lockstep so that each pass reads each
-    row block once: Q = orth(X Bᵀ) (orth(A) where B is 0), `iters` times Q = orth(X (XᵀQ)), then (Q, QᵀX)."""
-    J = len(A)
-    Q: list[torch.Tensor | None] = [None] * J
-    start = [j for j in range(J) if B[j].abs().sum() > 0]
-    for j in range(J):
-        if j not in start:
-            with PHASES("qr"):
-                Q[j] = orthonormal(A[j])
-    if start:
-        Y = _stream_rows(rows, targets, {j: B[j].T for j in start})
-        with PHASES("qr"):
-            for j in start:
-                Q[j] = orthonormal(Y[j])
+def _best_rank_r(
+    rows: _TaskRows,
+    source: dict[int, Source],
+    minus: dict[int, Terms],
+    A: dict[int, torch.Tensor],
+    Y0: dict[int, torch.Tensor],
+    iters: int,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """`refine._best_rank_r` of the matrices X_j = source_j − Σ minus_j (all in lockstep, so that each pass
+    reads each row block once): Q = orth(X_j B_jᵀ) (`Y0[j]`, that product, computed by the caller's previous
+    pass) or orth(A_j) where j has no Y0, then `iters` times Q = orth(X (XᵀQ)); returns (Q, QᵀX).
+
+    The products with X_j are those with source_j less the low-rank terms' (`_pass`)."""
+    Q = dict(zip(A, orthonormal_all([Y0[j] if j in Y0 else A[j] for j in A])))
     for _ in range(iters):
-        Z = {j: torch.zeros(rows.n, A[j].shape[1], dtype=A[j].dtype, device=A[j].device) for j in range(J)}
-        for sl, tau in rows.blocks():
-            with PHASES("matmul"):
-                X = targets(sl, tau)
-                for j in range(J):
-                    Z[j] += X[j].T @ Q[j][sl]
-        Y = _stream_rows(rows, targets, Z)
-        with PHASES("qr"):
-            Q = [orthonormal(Y[j]) for j in range(J)]
-    Bn = [torch.zeros(A[j].shape[1], rows.n, dtype=A[j].dtype, device=A[j].device) for j in range(J)]
-    for sl, tau in rows.blocks():
-        with PHASES("matmul"):
-            X = targets(sl, tau)
-            for j in range(J):
-                Bn[j] += Q[j][sl].T @ X[j]
-    return Q, Bn
+        _, W, _ = _pass(rows, left={j: (source[j], Q[j]) for j in Q})
+        Z = {j: _minus_left(W[j], minus[j], Q[j]) for j in Q}
+        Y, _, _ = _pass(rows, right={j: (source[j], Z[j]) for j in Q})
+        Q = dict(zip(Q, orthonormal_all([_minus_right(Y[j], minus[j], Z[j]) for j in Q])))
+    _, W, _ = _pass(rows, left={j: (source[j], Q[j]) for j in Q})
+    return Q, {j: _minus_left(W[j], minus[j], Q[j]).T.contiguous() for j in Q}
 
 
-def _stream_rows(rows: _TaskRows, targets: Targets, Z: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Y_j = X_j·Z_j (m × width) for the targets j in Z, one pass."""
-    Y = {j: z.new_empty(rows.m, z.shape[1]) for j, z in Z.items()}
-    for sl, tau in rows.blocks():
-        with PHASES("matmul"):
-            X = targets(sl, tau)
-            for j, z in Z.items():
-                Y[j][sl] = X[j] @ z
+def _minus_right(Y: torch.Tensor, terms: Terms, Z: torch.Tensor) -> torch.Tensor:
+    """Y − (Σ A·B)·Z in place, at (m + n)·r·w flops per term."""
+    for A, B in terms:
+        Y.sub_(A @ (B @ Z))
     return Y
+
+
+def _minus_left(W: torch.Tensor, terms: Terms, Q: torch.Tensor) -> torch.Tensor:
+    """W − (Σ A·B)ᵀ·Q in place."""
+    for A, B in terms:
+        W.sub_(B.T @ (A.T @ Q))
+    return W
 
 
 def refine_als_streamed(
@@ -409,9 +572,12 @@ def refine_als_streamed(
     τ_t − A_sB_s by subspace iteration warm-started from its factors, kept only if it lowers that task's
     error; then the shared update is the best rank-r_s fit of mean_t(τ_t − A_tB_t), kept only if it lowers
     the total error. So the error never increases. Every product (X Bᵀ, XᵀQ, QᵀX, the errors) is accumulated
-    over row blocks of τ_t = task rows − base rows (`read_rows(start, stop)` → [T, rows, n]); the T experts
-    iterate in lockstep, so a pass reads each block once for all of them. The results equal `refine_als` on
-    the same inputs up to float rounding (an accept test that ties to the last digit may go either way).
+    over row blocks of τ_t = task rows − base rows (`read_rows(start, stop)` → [T, rows, n]; it may return a
+    buffer that its next call overwrites); the T experts iterate in lockstep, so a pass reads each block once
+    for all of them. A step's first product X·Bᵀ is taken in the previous step's error pass (`_pass`), so
+    a sweep is 2·(2·power_iters + 2) passes, plus one for the starting errors. The results equal
+    `refine_als` on the same inputs up to float rounding (an accept test that ties to the last digit may go
+    either way). `read_rows.close()`, where it has one, is called at the end.
 
     Factors are low-rank only: a folded shared part (B_s None, a dense m×n M_s) is not streamed, since it is
     the very m×n matrix streaming avoids holding. Compute dtype and device are A_s's. `row_block` default:
@@ -427,65 +593,80 @@ def refine_als_streamed(
             "refine_als_streamed: a folded shared part (B_s None, a dense m×n matrix) cannot be streamed; "
             "refine it in memory"
         )
-    itemsize = A_s.element_size()
-    rows = _TaskRows(read_rows, m, n, T, row_block or block_rows(n, T, itemsize), A_s)
-    A_t, B_t = list(A_t), list(B_t)
+    try:
+        itemsize = A_s.element_size()
+        rows = _TaskRows(read_rows, m, n, T, row_block or block_rows(n, T, itemsize), A_s)
+        A_t, B_t = list(A_t), list(B_t)
+        start = (A_s, B_s, list(A_t), list(B_t))
+        # the starting errors, and τ_t·B_tᵀ for the first expert step in the same pass
+        Y0, _, err = _pass(
+            rows, right=_expert_starts(B_t) if sweeps else {}, residuals=_errors(A_s, B_s, A_t, B_t)
+        )
+        err_before = err.clone()
+        for sweep in range(sweeps):
+            last = sweep == sweeps - 1
+            A_t, B_t, err, Y0 = _expert_step(rows, A_s, B_s, A_t, B_t, err, power_iters, Y0)
+            if A_s.shape[1]:
+                A_s, B_s, err, Y0 = _shared_step(rows, A_s, B_s, A_t, B_t, err, power_iters, Y0, last)
+        if expert_dtype != "float32":
+            pairs = [stored_pair(A, B, expert_dtype) for A, B in zip(A_t, B_t)]
+            A_t, B_t = [p[1] for p in pairs], [p[2] for p in pairs]
+            _, _, err = _pass(rows, residuals=_errors(A_s, B_s, A_t, B_t))
+            if float(err.sum()) >= float(err_before.sum()):
+                A_s, B_s, A_t, B_t = start
+                err = err_before.clone()
+        return A_s, B_s, A_t, B_t, err_before, err
+    finally:
+        if hasattr(read_rows, "close"):
+            read_rows.close()
 
-    def current(sl: slice, tau: torch.Tensor) -> torch.Tensor:
-        S = A_s[sl] @ B_s
-        return torch.stack([S + A_t[t][sl] @ B_t[t] - tau[t] for t in range(T)])
 
-    err = _residual_sq(rows, current)
-    err_before = err.clone()
-    start = (A_s, B_s, list(A_t), list(B_t))
-    for _ in range(sweeps):
-        A_t, B_t, err = _expert_step(rows, A_s, B_s, A_t, B_t, err, power_iters)
-        if A_s.shape[1]:
-            A_s, B_s, err = _shared_step(rows, A_s, B_s, A_t, B_t, err, power_iters)
-    if expert_dtype != "float32":
-        pairs = [stored_pair(A, B, expert_dtype) for A, B in zip(A_t, B_t)]
-        A_t, B_t = [p[1] for p in pairs], [p[2] for p in pairs]
-        err = _residual_sq(rows, current)
-        if float(err.sum()) >= float(err_before.sum()):
-            A_s, B_s, A_t, B_t = start
-            err = err_before.clone()
-    return A_s, B_s, A_t, B_t, err_before, err
+def _errors(A_s, B_s, A_t: list, B_t: list) -> list[tuple[int, Terms]]:
+    return [(t, [(A_s, B_s), (A, B)]) for t, (A, B) in enumerate(zip(A_t, B_t))]
+
+
+def _expert_starts(B_t: list) -> dict:
+    """The right products τ_t·B_tᵀ that start the experts of rank > 0 and B_t ≠ 0 (key ("x", t))."""
+    return {("x", t): (t, B.T) for t, B in enumerate(B_t) if B.shape[0] and B.abs().sum() > 0}
 
 
 def _expert_step(
-    rows: _TaskRows, A_s, B_s, A_t: list, B_t: list, err: torch.Tensor, iters: int
-) -> tuple[list, list, torch.Tensor]:
-    """Every expert of rank > 0 refitted to X_t = τ_t − A_sB_s together; each kept if its error drops."""
+    rows: _TaskRows, A_s, B_s, A_t: list, B_t: list, err: torch.Tensor, iters: int, Y0: dict
+) -> tuple[list, list, torch.Tensor, dict]:
+    """Every expert of rank > 0 refitted to X_t = τ_t − A_sB_s together; each kept if its error drops.
+    `Y0`: τ_t·B_tᵀ from the previous pass; returns the shared step's τ̄·B_sᵀ (key "s") from the error pass."""
     active = [t for t in range(rows.T) if A_t[t].shape[1]]
+    shared_start = {"s": ("mean", B_s.T)} if A_s.shape[1] and B_s.abs().sum() > 0 else {}
     if not active:
-        return A_t, B_t, err
-
-    def targets(sl: slice, tau: torch.Tensor) -> torch.Tensor:
-        return tau[active] - A_s[sl] @ B_s
-
-    Q, Bn = _lockstep_best_rank_r(rows, targets, [A_t[t] for t in active], [B_t[t] for t in active], iters)
-    e = _residual_sq(
-        rows, lambda sl, tau: targets(sl, tau) - torch.stack([Q[j][sl] @ Bn[j] for j in range(len(active))])
-    )
+        Y, _, _ = _pass(rows, right=shared_start) if shared_start else ({}, None, None)
+        return A_t, B_t, err, Y
+    minus = {t: [(A_s, B_s)] for t in active}
+    starts = {t: _minus_right(Y0[("x", t)], minus[t], B_t[t].T) for t in active if ("x", t) in Y0}
+    Q, Bn = _best_rank_r(rows, {t: t for t in active}, minus, {t: A_t[t] for t in active}, starts, iters)
+    candidates = [(t, [(Q[t], Bn[t])]) for t in active]
+    Y, _, e = _pass(rows, right=shared_start, common=[(A_s, B_s)], residuals=candidates)
     A_t, B_t, err = list(A_t), list(B_t), err.clone()
     for j, t in enumerate(active):
         if e[j] < err[t]:
-            A_t[t], B_t[t], err[t] = Q[j], Bn[j], e[j]
-    return A_t, B_t, err
+            A_t[t], B_t[t], err[t] = Q[t], Bn[t], e[j]
+    return A_t, B_t, err, Y
 
 
 def _shared_step(
-    rows: _TaskRows, A_s, B_s, A_t: list, B_t: list, err: torch.Tensor, iters: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The shared factors refitted to mean_t(τ_t − A_tB_t); kept if the total error drops."""
-
-    def residuals(sl: slice, tau: torch.Tensor) -> torch.Tensor:
-        return torch.stack([tau[t] - A_t[t][sl] @ B_t[t] for t in range(rows.T)])
-
-    (Q,), (Bn,) = _lockstep_best_rank_r(
-        rows, lambda sl, tau: residuals(sl, tau).mean(0)[None], [A_s], [B_s], iters
+    rows: _TaskRows, A_s, B_s, A_t: list, B_t: list, err: torch.Tensor, iters: int, Y0: dict, last: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """The shared factors refitted to mean_t(τ_t − A_tB_t); kept if the total error drops. `Y0`: τ̄·B_sᵀ
+    from the previous pass; returns the next sweep's expert starts τ_t·B_tᵀ (none after the `last` sweep)."""
+    T = rows.T
+    minus = {0: [(A / T, B) for A, B in zip(A_t, B_t) if A.shape[1]]}
+    starts = {0: _minus_right(Y0["s"], minus[0], B_s.T)} if "s" in Y0 else {}
+    (Q,), (Bn,) = (list(d.values()) for d in _best_rank_r(rows, {0: "mean"}, minus, {0: A_s}, starts, iters))
+    Y, _, new = _pass(
+        rows,
+        right={} if last else _expert_starts(B_t),
+        common=[(Q, Bn)],
+        residuals=[(t, [(A_t[t], B_t[t])]) for t in range(T)],
     )
-    new = _residual_sq(rows, lambda sl, tau: residuals(sl, tau) - (Q[sl] @ Bn)[None])
     if new.sum() < err.sum():
-        return Q, Bn, new
-    return A_s, B_s, err
+        return Q, Bn, new, Y
+    return A_s, B_s, err, Y

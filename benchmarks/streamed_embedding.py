@@ -37,7 +37,9 @@ from common import RESULTS, device_info, git_rev, md_table  # noqa: E402
 from llama1b import TAIL, _low_rank, task_vector  # noqa: E402
 
 NAME = "model.embed_tokens.weight"
-PHASES = ("read", "modules", "hash", "gram64", "matmul", "qr", "svd", "residual")
+#: phases in table order (didi.streamed.PHASES; before commit db5f2c9 "read" included the cast and, in the
+#: refinement, τ = task − θ0, and the refinement's "matmul" formed the targets τ − low-rank block by block)
+PHASES = ("read", "convert", "hash", "modules", "gram64", "matmul", "qr", "svd", "residual")
 
 
 def make(root: Path, m: int, n: int, T: int) -> None:
@@ -105,32 +107,32 @@ def busy_s() -> float:
     return sum(int(f[i]) for i in (0, 1, 2, 5, 6, 7)) / os.sysconf("SC_CLK_TCK")
 
 
-def row(label: str, r: dict) -> list:
-    ph = lambda key, p: r[key].get(p, 0.0)  # noqa: E731
-    cells = [label, r["decompose_s"]]
-    cells += [ph("decompose_phases", p) for p in PHASES[:7]]
-    cells += [r["refine_s"]]
-    cells += [ph("refine_phases", p) for p in ("read", "matmul", "qr", "residual")]
-    cells += [r["rec_err_before"], r["rec_err_after"], r["peak_rss_mb"], r["others_cores"]]
-    return [f"{c:.1f}" if isinstance(c, float) and c > 1 else c for c in cells]
-
-
 def write(name: str, runs: dict) -> None:
-    head = ["run", "decompose (s)", *[f"d: {p}" for p in PHASES[:7]], "refine (s)",
-            "r: read+convert", "r: matmul", "r: qr", "r: residual", "rec. err (SVD init)", "rec. err",
-            "peak RSS (MB)", "other jobs (cores)"]  # fmt: skip
-    rows = [row(label, r) for label, r in runs.items()]
+    cols = {
+        part: [p for p in PHASES if any(p in r[f"{part}_phases"] for r in runs.values())]
+        for part in ("decompose", "refine")
+    }
+    head = ["run", "decompose (s)", *[f"d: {p}" for p in cols["decompose"]], "refine (s)"]
+    head += [f"r: {p}" for p in cols["refine"]]
+    head += ["rec. err (SVD init)", "rec. err", "peak RSS (MB)", "other jobs (cores)"]
+    rows = []
+    for label, r in runs.items():
+        cells = [label, r["decompose_s"], *[r["decompose_phases"].get(p, 0.0) for p in cols["decompose"]]]
+        cells += [r["refine_s"], *[r["refine_phases"].get(p, 0.0) for p in cols["refine"]]]
+        cells += [r["rec_err_before"], r["rec_err_after"], r["peak_rss_mb"], r["others_cores"]]
+        rows.append([f"{c:.1f}" if isinstance(c, float) and c >= 1 else c for c in cells])
     first = next(iter(runs.values()))
     lines = [
         f"Row-streamed {first['m']}×{first['n']} bf16 matrix, θ0 + {first['T']} tasks "
         f"(benchmarks/streamed_embedding.py): `decompose_streamed` at K = {first['K']} (oversample 32, "
         f"4 power iterations), then `refine_als_streamed` ({first['sweeps']} sweeps, "
         f"{first['power_iters']} power iterations) at rank {first['rank']} for the shared part and every "
-        "expert. Seconds per phase "
-        "(d: decomposition, r: refinement; phases not listed are the rest of the total). The rec. errors are "
-        "Σ_t‖A_sB_s + A_tB_t − τ_t‖² / Σ_t‖τ_t‖² of the initial and the refined factors. Other jobs: the "
-        "CPU the machine's other processes used during the measurement, in cores on average (of "
-        f"{os.cpu_count()}).",
+        "expert. Seconds per phase (d: decomposition, r: refinement; what no phase covers is the rest of the "
+        "total). The rec. errors are Σ_t‖A_sB_s + A_tB_t − τ_t‖² / Σ_t‖τ_t‖² of the initial and the refined "
+        "factors. Other jobs: the CPU the machine's other processes used during the measurement, in cores on "
+        f"average (of {os.cpu_count()}). Before commit db5f2c9 `read` includes the cast to float32 (and in "
+        "the refinement τ = task − θ0), and the refinement's `matmul` includes forming τ_t − A_sB_s and "
+        "mean_t(τ_t − A_tB_t) block by block.",
         "",
         md_table(head, rows),
         "",

@@ -640,6 +640,9 @@ def _expert_step(
     if not active:
         Y, _, _ = _pass(rows, right=shared_start) if shared_start else ({}, None, None)
         return A_t, B_t, err, Y
+    missing = {k: v for k, v in _expert_starts(B_t).items() if k not in Y0 and k[1] in active}
+    if missing:  # no previous pass took them (no shared step before this one)
+        Y0 = {**Y0, **_pass(rows, right=missing)[0]}
     minus = {t: [(A_s, B_s)] for t in active}
     starts = {t: _minus_right(Y0[("x", t)], minus[t], B_t[t].T) for t in active if ("x", t) in Y0}
     Q, Bn = _best_rank_r(rows, {t: t for t in active}, minus, {t: A_t[t] for t in active}, starts, iters)

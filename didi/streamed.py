@@ -4,13 +4,16 @@
 fp32 for Llama's 128256×2048 embeddings with T = 4 (twice that at 4096). Yet both touch the matrices only
 through products with thin matrices (w = K + oversample columns, or a rank): M·Z and Q_rowsᵀ·M_rows are a
 stack and a sum over row blocks of M. So the functions here read the checkpoints a row block at a time
-(`Zoo.read_rows`), form the task vectors, the shared part and the experts of those rows only, and accumulate
+(`BlockReader`), form the task vectors, the shared part and the experts of those rows only, and accumulate
 the products. Memory: O((m + n)·w·(T+1)) plus one block of the T+1 tensors. Results equal the in-memory
-randomized path (docs/method.md §3.2) and `refine_als` up to the order of float summation.
+randomized path (docs/method.md §3.2) and `refine_als` up to float rounding (the order of summation, and in
+the refinement products with τ from which the low-rank terms' are subtracted).
 
 The price is reads: every product with a whole matrix is one pass over its rows. `decompose_streamed`
-makes 2·power_iters + 2 passes (10 at the defaults); `refine_als_streamed` 2·(2·power_iters + 3) per sweep,
-plus one.
+makes 2·power_iters + 2 passes (10 at the defaults); `refine_als_streamed` 2·(2·power_iters + 2) per sweep,
+plus one. A pass costs its matmuls plus reading and casting the T+1 blocks (a block is read into buffers
+allocated once, since a fresh block-sized allocation is page-faulted in again every time) and QRs of the
+tall sketches (several on threads at once). benchmarks/streamed_embedding.py times each phase.
 
 Only row-separable shared merges can be streamed (`STREAMABLE_MERGES`): a row of the mean depends on that row
 of the τ's alone, whereas TIES trims by a per-tensor quantile and TSV-M takes SVDs of whole task vectors.
@@ -37,9 +40,10 @@ from didi.sources import _ST_DTYPES, TensorSource
 #: shared merges whose rows depend only on the same rows of the task vectors
 STREAMABLE_MERGES = frozenset({"mean"})
 
-#: the default size of one block of the T+1 (or T) row-sliced tensors: each block read opens and maps the
-#: checkpoint shards again, and on Llama's 128256×2048 embedding one pass took 19 s in 64 MB blocks against
-#: 9.7 s in 256 MB ones (this CPU, a shared machine); a block stays small beside such a matrix's factors
+#: the default size of one block of the T+1 (or T) row-sliced tensors in the compute dtype: large enough
+#: that each matmul is efficient, small beside such a matrix's factors (when blocks were read through
+#: `Zoo.read_rows`, which maps the shards again per block, a pass over Llama's 128256×2048 embedding took 19 s
+#: in 64 MB blocks against 9.7 s in 256 MB ones)
 BLOCK_BYTES = 256 * 2**20
 
 #: (start, stop) -> task-vector rows [T, stop − start, n]
@@ -369,8 +373,8 @@ def decompose_streamed(
     O((m + n)·(K + oversample)·(T+1)) (the projections hold (3T+1)·(K + oversample)·n) plus one row block
     (`row_block` rows; default: about 256 MB for the T+1 tensors). With K + oversample ≥ min(m, n) the range
     finder spans the whole range (a full SVD up to rounding) and the saving is gone: stream only K ≪ min(m,n).
-    NaN/Inf in any block is a DidiError naming the source and tensor (`Zoo.read_rows`). A tensor whose task
-    vectors are all zero comes back with tau_sq all 0 (the caller may treat it as a zero delta).
+    NaN/Inf in any block is a DidiError naming the source and tensor (checked in the first pass). A tensor
+    whose task vectors are all zero comes back with tau_sq all 0 (the caller may treat it as a zero delta).
     """
     m, n = _row_separable_shape(plan)
     T = len(zoo.task_names)

@@ -117,8 +117,8 @@ def write(name: str, runs: dict) -> None:
     head += ["rec. err (SVD init)", "rec. err", "peak RSS (MB)", "other jobs (cores)"]
     rows = []
     for label, r in runs.items():
-        cells = [label, r["decompose_s"], *[r["decompose_phases"].get(p, 0.0) for p in cols["decompose"]]]
-        cells += [r["refine_s"], *[r["refine_phases"].get(p, 0.0) for p in cols["refine"]]]
+        cells = [label, r["decompose_s"], *[r["decompose_phases"].get(p, "–") for p in cols["decompose"]]]
+        cells += [r["refine_s"], *[r["refine_phases"].get(p, "–") for p in cols["refine"]]]
         cells += [r["rec_err_before"], r["rec_err_after"], r["peak_rss_mb"], r["others_cores"]]
         rows.append([f"{c:.1f}" if isinstance(c, float) and c >= 1 else c for c in cells])
     first = next(iter(runs.values()))
@@ -127,11 +127,12 @@ def write(name: str, runs: dict) -> None:
         f"(benchmarks/streamed_embedding.py): `decompose_streamed` at K = {first['K']} (oversample 32, "
         f"4 power iterations), then `refine_als_streamed` ({first['sweeps']} sweeps, "
         f"{first['power_iters']} power iterations) at rank {first['rank']} for the shared part and every "
-        "expert. Seconds per phase (d: decomposition, r: refinement; what no phase covers is the rest of the "
-        "total). The rec. errors are Σ_t‖A_sB_s + A_tB_t − τ_t‖² / Σ_t‖τ_t‖² of the initial and the refined "
-        "factors. Other jobs: the CPU the machine's other processes used during the measurement, in cores on "
-        f"average (of {os.cpu_count()}). Before commit db5f2c9 `read` includes the cast to float32 (and in "
-        "the refinement τ = task − θ0), and the refinement's `matmul` includes forming τ_t − A_sB_s and "
+        "expert. Seconds per phase (d: decomposition, r: refinement; what no phase covers is the rest of "
+        "the total; –: a phase that code did not have). The rec. errors are "
+        "Σ_t‖A_sB_s + A_tB_t − τ_t‖² / Σ_t‖τ_t‖² of the initial and the refined factors. Other jobs: the "
+        "CPU the machine's other processes used during the measurement, in cores on average (of "
+        f"{os.cpu_count()}). Before commit db5f2c9 `read` includes the cast to float32 (and in the "
+        "refinement τ = task − θ0), and the refinement's `matmul` includes forming τ_t − A_sB_s and "
         "mean_t(τ_t − A_tB_t) block by block.",
         "",
         md_table(head, rows),
@@ -158,9 +159,16 @@ def main() -> None:
     ap.add_argument("--power_iters", type=int, default=2)
     ap.add_argument("--dir", type=Path, default=None, help="keep the zoo here (default: a temporary one)")
     ap.add_argument("--label", default="run")
+    ap.add_argument("--table", action="store_true", help="only rewrite the .md from the .json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     rank = a.rank or a.K
+    full = (a.rows, a.cols, a.tasks) == (128256, 2048, 4)
+    name = "streamed_embedding" if full else "streamed_embedding_small"
+    path = RESULTS / f"{name}.json"
+    if a.table:
+        write(name, json.loads(path.read_text()))
+        return
     if a.child:
         print(json.dumps(measure(a.dir, a.tasks, a.K, rank, a.sweeps, a.power_iters)))
         return
@@ -187,9 +195,6 @@ def main() -> None:
         git=git_rev(),
         device=device_info(),
     )
-    full = (a.rows, a.cols, a.tasks) == (128256, 2048, 4)
-    name = "streamed_embedding" if full else "streamed_embedding_small"
-    path = RESULTS / f"{name}.json"
     runs = json.loads(path.read_text()) if path.exists() else {}
     runs[a.label] = r
     write(name, runs)

@@ -11,10 +11,10 @@ the fast path: W_t is materialised once and kept while the same task comes back.
 
 Per-task terms that are not low rank ("::dense", "::mask"·"::scale"·shared "::ref", as baselines store them)
 are materialised per task (cached): on a routed layer they become a dense delta of that layer; on a parameter
-that no wrapper handles (a LayerNorm, an embedding) the batch is split per task and each part runs with that
-task's parameters swapped in. nn.MultiheadAttention (open_clip's attention) has its own wrapper that routes
-its packed in-projection and its out_proj. Every method's artifact therefore runs through the same code;
-evaluation never special-cases one.
+that no wrapper handles (an embedding, a LayerNorm subclass) the batch is split per task and each part runs
+with that task's parameters swapped in. nn.MultiheadAttention (open_clip's attention) has its own wrapper that
+routes its packed in-projection and its out_proj; nn.LayerNorm one that adds each row's weighted γ and β
+deltas. Every method's artifact therefore runs through the same code; evaluation never special-cases one.
 
 Experts are buffers of their routed layer (`Expert` modules: in `state_dict()`, moved and cast by `.to()`).
 The routing of a batch is not stored on modules: `RoutedModel.forward` sets it in a ContextVar for the
@@ -470,6 +470,84 @@ def _wrap_linear(module: nn.Module, parent: nn.Module | None, params: set) -> Ro
     if isinstance(parent, nn.MultiheadAttention) or not params <= {"weight", "bias"}:
         return None  # MHA reads out_proj.weight directly; its forward never calls the Linear
     return RoutedLinear(module)
+
+
+class RoutedLayerNorm(RoutedLayer):
+    """nn.LayerNorm with per-task dense deltas on its weight (γ) and bias (β), as TALL-masks, Twin, EMR and
+    TSV-C store them.
+
+    LayerNorm's output x̂·γ + β is linear in (γ, β), so a row adds Σ_k w_k·(x̂·δγ_k + δβ_k) to the base output:
+    a mixed batch stays one pass, exact. Swapping the parameters instead runs one forward per distinct mixture
+    (with soft routing, about one per row)."""
+
+    def __init__(self, base: nn.LayerNorm) -> None:
+        super().__init__()
+        self.base = base
+        self.experts = nn.ModuleDict()  # str(task) -> Expert with "dw" and/or "db"
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def add_expert(self, task: int, param: str, terms: TaskTerms) -> None:
+        ref = getattr(self.base, param)
+        if str(task) not in self.experts:
+            self.experts[str(task)] = Expert()
+        e, key = self.experts[str(task)], "dw" if param == "weight" else "db"
+        d = terms.delta(ref.shape).to(ref.dtype)
+        old = e.terms().get(key)
+        e.register_buffer(key, d if old is None else old + d)
+
+    def _affine(self, task: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        e = self.experts._modules.get(str(task))
+        w, b = self.base.weight, self.base.bias
+        if e is not None:
+            t = e.terms()
+            w = w + t["dw"] if "dw" in t else w
+            b = b + t["db"] if "db" in t else b
+        return w, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = current_routing()
+        ln = self.base
+        if r.single is not None:
+            w, b = self._affine(r.single)  # SHARED has no expert: the base γ, β
+            return F.layer_norm(x, ln.normalized_shape, w, b, ln.eps)
+        y = ln(x)
+        if x.shape[0] != r.groups.rows:
+            raise DidiError(
+                f"routed layer: input has {x.shape[0]} rows along dim 0, the router gave "
+                f"{r.groups.rows} task ids"
+            )
+        xhat = None
+        for t, rows, w in r.groups.weighted(x.device):
+            e = self.experts._modules.get(str(t))
+            if e is None:
+                continue
+            if xhat is None:
+                xhat = F.layer_norm(x, ln.normalized_shape, None, None, ln.eps)
+            terms = e.terms()
+            xr = xhat[rows] if isinstance(rows, slice) else xhat.index_select(0, rows)
+            d = xr * terms["dw"] if "dw" in terms else torch.zeros_like(xr)
+            if "db" in terms:
+                d = d + terms["db"]
+            if w is not None:
+                d = d * w.to(d.dtype).view((-1,) + (1,) * (d.dim() - 1))
+            if isinstance(rows, slice):
+                y[rows] += d.to(y.dtype)
+            else:
+                y.index_add_(0, rows, d.to(y.dtype))
+        return y
+
+
+@register_wrapper(nn.LayerNorm)
+def _wrap_layer_norm(module: nn.Module, parent: nn.Module | None, params: set) -> RoutedLayer | None:
+    # subclasses (open_clip's casting LayerNorm, fp32 variants) compute differently: they keep swapping
+    return RoutedLayerNorm(module) if type(module) is nn.LayerNorm and params <= {"weight", "bias"} else None
 
 
 class RoutedMultiheadAttention(RoutedLayer):

@@ -36,7 +36,7 @@ from didi.router import (
     load_router,
     train_router,
 )
-from didi.routing import SHARED, Mixture, RoutedModel
+from didi.routing import SHARED, Mixture, RoutedLayerNorm, RoutedModel
 from didi.trainer import TrainerConfig
 from helpers import make_bert_zoo, make_text_task_zoo, tiny_merge
 
@@ -155,14 +155,15 @@ def _lowrank(g, name, m, n, r, scale=0.3):
 
 
 def tiny_artifact(path, base_sd, swapped: bool, g):
-    """3 tasks: low-rank experts on fc1/fc2 and a dense bias delta; with `swapped`, also per-task terms on
-    parameters no wrapper handles (LayerNorm weight: dense; `offset`: mask·scale·ref)."""
+    """3 tasks: low-rank experts on fc1/fc2, a dense bias delta and dense LayerNorm deltas (weight and bias);
+    with `swapped`, also per-task terms on a parameter no wrapper handles (`offset`: mask·scale·ref)."""
     tasks = {}
     for j in range(3):
         t = {**_lowrank(g, "fc1.weight", 16, 8, 2), **_lowrank(g, "fc2.weight", 4, 16, 1)}
         t["fc1.bias::dense"] = 0.2 * torch.randn(16, generator=g)
+        t["norm.weight::dense"] = 0.3 * torch.randn(16, generator=g)  # a routed LayerNorm, not swapped
+        t["norm.bias::dense"] = 0.2 * torch.randn(16, generator=g)
         if swapped:
-            t["norm.weight::dense"] = 0.3 * torch.randn(16, generator=g)
             t["offset::mask"] = (torch.rand(4, generator=g) > 0.3).float()
             t["offset::scale"] = torch.tensor(1.0 + j)
         tasks[f"t{j}"] = t
@@ -210,7 +211,7 @@ def test_soft_routing_equals_dense_mixture_and_top1_equals_hard(tmp_path, swappe
     base_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     art = tiny_artifact(tmp_path / "a", base_sd, swapped, g)
     routed = RoutedModel(copy.deepcopy(model), art, adapter=Adapter())
-    assert bool(routed.swapped) == swapped
+    assert bool(routed.swapped) == swapped and isinstance(routed.model.norm, RoutedLayerNorm)
     B = 10
     x = torch.randn(B, 8, generator=g)
     # top-2 of random probabilities, renormalised; rows 3 and 7 fall back (no expert)

@@ -95,10 +95,19 @@ def measure(root: Path, T: int, K: int, rank: int, sweeps: int, power_iters: int
     out["refine_phases"] = dict(streamed.PHASES.seconds)
     out["rec_err_before"] = float(res[4].sum()) / tau_total
     out["rec_err_after"] = float(res[5].sum()) / tau_total
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     out["rss_after_imports_mb"] = rss0
     out["threads"] = torch.get_num_threads()
     return out
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM): not ru_maxrss, which keeps the parent's RSS at the fork across the
+    exec (a parent that has just built the zoo would count)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def busy_s() -> float:
@@ -112,20 +121,20 @@ def write(name: str, runs: dict) -> None:
         part: [p for p in PHASES if any(p in r[f"{part}_phases"] for r in runs.values())]
         for part in ("decompose", "refine")
     }
-    head = ["run", "decompose (s)", *[f"d: {p}" for p in cols["decompose"]], "refine (s)"]
+    head = ["run", "decompose (s)", *[f"d: {p}" for p in cols["decompose"]], "sweeps", "refine (s)"]
     head += [f"r: {p}" for p in cols["refine"]]
     head += ["rec. err (SVD init)", "rec. err", "peak RSS (MB)", "other jobs (cores)"]
     rows = []
     for label, r in runs.items():
         cells = [label, r["decompose_s"], *[r["decompose_phases"].get(p, "–") for p in cols["decompose"]]]
-        cells += [r["refine_s"], *[r["refine_phases"].get(p, "–") for p in cols["refine"]]]
-        cells += [r["rec_err_before"], r["rec_err_after"], r["peak_rss_mb"], r["others_cores"]]
+        cells += [r["sweeps"], r["refine_s"], *[r["refine_phases"].get(p, "–") for p in cols["refine"]]]
+        cells += [r["rec_err_before"], r["rec_err_after"], r.get("peak_rss_mb", "–"), r["others_cores"]]
         rows.append([f"{c:.1f}" if isinstance(c, float) and c >= 1 else c for c in cells])
     first = next(iter(runs.values()))
     lines = [
         f"Row-streamed {first['m']}×{first['n']} bf16 matrix, θ0 + {first['T']} tasks "
         f"(benchmarks/streamed_embedding.py): `decompose_streamed` at K = {first['K']} (oversample 32, "
-        f"4 power iterations), then `refine_als_streamed` ({first['sweeps']} sweeps, "
+        f"4 power iterations), then `refine_als_streamed` (`sweeps`, "
         f"{first['power_iters']} power iterations) at rank {first['rank']} for the shared part and every "
         "expert. Seconds per phase (d: decomposition, r: refinement; what no phase covers is the rest of "
         "the total; –: a phase that code did not have). The rec. errors are "
@@ -142,6 +151,7 @@ def write(name: str, runs: dict) -> None:
         lines.append(
             f"- {label}: `{r['command']}`, commit {r['git']}, {r['device']}"
             + ("; the machine was shared with other jobs" if r["others_cores"] > 0.1 else "")
+            + (f"; peak RSS {r['peak_rss_note']}" if "peak_rss_note" in r else "")
         )
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{name}.json").write_text(json.dumps(runs, indent=1))

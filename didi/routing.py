@@ -254,14 +254,58 @@ def _drop_materialised(module: "RoutedLinear", incompatible_keys: Any) -> None:
     module._active = None
 
 
-class RoutedLinear(RoutedLayer):
+def _check_rows(x: torch.Tensor, groups: "TaskGroups", bd: int) -> None:
+    if x.shape[bd] != groups.rows:
+        raise DidiError(
+            f"routed layer: input has {x.shape[bd]} rows along dim {bd}, the router gave "
+            f"{groups.rows} task ids"
+        )
+
+
+def _take_rows(x: torch.Tensor, rows: "slice | torch.Tensor", bd: int) -> torch.Tensor:
+    """The rows of one task along the batch dim: a view for a slice (contiguous rows), else a gather."""
+    return x[(slice(None),) * bd + (rows,)] if isinstance(rows, slice) else x.index_select(bd, rows)
+
+
+def _add_rows(
+    y: torch.Tensor, rows: "slice | torch.Tensor", d: torch.Tensor, w: torch.Tensor | None, bd: int
+) -> None:
+    """y[rows] += w·d along the batch dim, in place (an out-of-place add copies y per task); `w`: the rows'
+    weights under soft routing (None: weight 1)."""
+    if w is not None:
+        d = d * w.to(d.dtype).view((1,) * bd + (-1,) + (1,) * (d.dim() - bd - 1))
+    if isinstance(rows, slice):  # rows of one task are contiguous: a view, added in place
+        y[(slice(None),) * bd + (rows,)] += d.to(y.dtype)
+    else:
+        y.index_add_(bd, rows, d.to(y.dtype))
+
+
+class ExpertLayer(RoutedLayer):
+    """A routed layer that keeps its tasks' terms itself, one `Expert` per task in `experts`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleDict()  # str(task) -> Expert
+
+    def expert_terms(self, task: int) -> dict[str, torch.Tensor]:
+        """Task `task`'s expert tensors on this layer ({} when it has none)."""
+        e = self.experts._modules.get(str(task))
+        return e.terms() if e is not None else {}
+
+    def _expert(self, task: int) -> Expert:
+        """Task `task`'s Expert, created empty on first use."""
+        if str(task) not in self.experts:
+            self.experts[str(task)] = Expert()
+        return self.experts[str(task)]
+
+
+class RoutedLinear(ExpertLayer):
     """nn.Linear with per-task experts (low rank on the weight, dense deltas on the weight and the bias)."""
 
     def __init__(self, base: nn.Linear, batch_dim: int = 0) -> None:
         super().__init__()
         self.base = base
         self.batch_dim = batch_dim
-        self.experts = nn.ModuleDict()  # str(task) -> Expert
         # the fast path's W_t, b_t: (task, weakrefs of the expert tensors it was made from, W_t, b_t). `.to()`
         # replaces those tensors exactly when it moves or casts the weights, which makes the entry stale;
         # load_state_dict changes them in place, so it drops the entry
@@ -280,17 +324,10 @@ class RoutedLinear(RoutedLayer):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
-    def expert_terms(self, task: int) -> dict[str, torch.Tensor]:
-        """Task `task`'s expert tensors on this layer ({} when it has none)."""
-        e = self.experts._modules.get(str(task))
-        return e.terms() if e is not None else {}
-
     def add_expert(self, task: int, param: str, terms: TaskTerms) -> None:
         """Attach task `task`'s terms for `param` ("weight" or "bias")."""
         ref = getattr(self.base, param)
-        if str(task) not in self.experts:
-            self.experts[str(task)] = Expert()
-        e = self.experts[str(task)]
+        e = self._expert(task)
         if param == "weight" and terms.A is not None:
             e.register_buffer("A", terms.A.to(ref.dtype))
             e.register_buffer("B", terms.B.to(ref.dtype))
@@ -364,25 +401,12 @@ class RoutedLinear(RoutedLayer):
         if a is not None and a[2].device != x.device:
             self._active = None  # left on another device by a `.to()`: free it
         y = self.base(x)
-        groups = r.groups
         bd = self.batch_dim
-        if x.shape[bd] != groups.rows:
-            raise DidiError(
-                f"routed layer: input has {x.shape[bd]} rows along dim {bd}, the router gave "
-                f"{groups.rows} task ids"
-            )
-        for t, rows, w in groups.weighted(x.device):
-            if isinstance(rows, slice):  # rows of one task are contiguous: views, added in place
-                idx = (slice(None),) * bd + (rows,)
-                d = self.expert(x[idx], t)
-                if d is not None:
-                    y[idx] += d.to(y.dtype)
-                continue
-            d = self.expert(x.index_select(bd, rows), t)
+        _check_rows(x, r.groups, bd)
+        for t, rows, w in r.groups.weighted(x.device):
+            d = self.expert(_take_rows(x, rows, bd), t)
             if d is not None:
-                if w is not None:  # soft routing: each row's weight for this task, along the batch dim
-                    d = d * w.to(d.dtype).view((1,) * bd + (-1,) + (1,) * (d.dim() - bd - 1))
-                y.index_add_(bd, rows, d.to(y.dtype))  # in place: an out-of-place add copies y per task
+                _add_rows(y, rows, d, w, bd)
         return y
 
 
@@ -472,7 +496,7 @@ def _wrap_linear(module: nn.Module, parent: nn.Module | None, params: set) -> Ro
     return RoutedLinear(module)
 
 
-class RoutedLayerNorm(RoutedLayer):
+class RoutedLayerNorm(ExpertLayer):
     """nn.LayerNorm with per-task dense deltas on its weight (γ) and bias (β), as TALL-masks, Twin, EMR and
     TSV-C store them.
 
@@ -482,8 +506,7 @@ class RoutedLayerNorm(RoutedLayer):
 
     def __init__(self, base: nn.LayerNorm) -> None:
         super().__init__()
-        self.base = base
-        self.experts = nn.ModuleDict()  # str(task) -> Expert with "dw" and/or "db"
+        self.base = base  # experts hold "dw" (δγ) and/or "db" (δβ)
 
     @property
     def weight(self) -> torch.Tensor | None:
@@ -495,21 +518,15 @@ class RoutedLayerNorm(RoutedLayer):
 
     def add_expert(self, task: int, param: str, terms: TaskTerms) -> None:
         ref = getattr(self.base, param)
-        if str(task) not in self.experts:
-            self.experts[str(task)] = Expert()
-        e, key = self.experts[str(task)], "dw" if param == "weight" else "db"
+        e, key = self._expert(task), "dw" if param == "weight" else "db"
         d = terms.delta(ref.shape).to(ref.dtype)
         old = e.terms().get(key)
         e.register_buffer(key, d if old is None else old + d)
 
     def _affine(self, task: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        e = self.experts._modules.get(str(task))
+        t = self.expert_terms(task)
         w, b = self.base.weight, self.base.bias
-        if e is not None:
-            t = e.terms()
-            w = w + t["dw"] if "dw" in t else w
-            b = b + t["db"] if "db" in t else b
-        return w, b
+        return (w + t["dw"] if "dw" in t else w), (b + t["db"] if "db" in t else b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = current_routing()
@@ -518,29 +535,19 @@ class RoutedLayerNorm(RoutedLayer):
             w, b = self._affine(r.single)  # SHARED has no expert: the base γ, β
             return F.layer_norm(x, ln.normalized_shape, w, b, ln.eps)
         y = ln(x)
-        if x.shape[0] != r.groups.rows:
-            raise DidiError(
-                f"routed layer: input has {x.shape[0]} rows along dim 0, the router gave "
-                f"{r.groups.rows} task ids"
-            )
-        xhat = None
+        _check_rows(x, r.groups, 0)
+        xhat = None  # x̂, the normalised input, computed once if some row has an expert
         for t, rows, w in r.groups.weighted(x.device):
-            e = self.experts._modules.get(str(t))
-            if e is None:
+            terms = self.expert_terms(t)
+            if not terms:
                 continue
             if xhat is None:
                 xhat = F.layer_norm(x, ln.normalized_shape, None, None, ln.eps)
-            terms = e.terms()
-            xr = xhat[rows] if isinstance(rows, slice) else xhat.index_select(0, rows)
+            xr = _take_rows(xhat, rows, 0)
             d = xr * terms["dw"] if "dw" in terms else torch.zeros_like(xr)
             if "db" in terms:
                 d = d + terms["db"]
-            if w is not None:
-                d = d * w.to(d.dtype).view((-1,) + (1,) * (d.dim() - 1))
-            if isinstance(rows, slice):
-                y[rows] += d.to(y.dtype)
-            else:
-                y.index_add_(0, rows, d.to(y.dtype))
+            _add_rows(y, rows, d, w, 0)
         return y
 
 

@@ -138,11 +138,11 @@ class BaseLayout:
         self.src = src
         raw = _raw_source(src)
         self.path = Path(raw.path)
-        self.pickled = getattr(raw, "_pickled", None) is not None
+        self.pickled = raw.pickled
         self.sharded = self.path.is_dir() and (self.path / "model.safetensors.index.json").exists()
         files: dict[str, list[str]] = {}
         for rawname in raw.keys():
-            f = Path(raw._files[rawname])
+            f = raw.file_of(rawname)
             fname = "model.safetensors" if self.pickled else f.name
             files.setdefault(fname, []).append(rawname)
         self.files = files

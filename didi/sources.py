@@ -177,6 +177,17 @@ class TensorSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._meta[name][0]
 
+    @property
+    def pickled(self) -> bool:
+        """A pickle checkpoint (loaded whole), not safetensors files read tensor by tensor."""
+        return self._pickled is not None
+
+    def file_of(self, name: str) -> Path:
+        """The file holding tensor `name`: its safetensors shard, or the pickle checkpoint."""
+        if name not in self._files:
+            raise DidiError(f"{self.path}: no tensor named '{name}'")
+        return self._files[name]
+
     def dtype(self, name: str) -> torch.dtype:
         return self._meta[name][1]
 

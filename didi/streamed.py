@@ -133,8 +133,8 @@ class BlockReader:
         self.direct: list[tuple | None] = [None] * len(self.sources)
         if type(zoo).read_rows is Zoo.read_rows:
             for i, (_, src) in enumerate(self.sources):
-                if src._pickled is None:
-                    self.direct[i] = self._open(src._files[name])
+                if not src.pickled:
+                    self.direct[i] = self._open(src.file_of(name))
 
     def _open(self, path) -> tuple:
         f = open(path, "rb", buffering=0)

@@ -58,6 +58,9 @@ VALIDATION_SPLITS = ("validation", "val", "train")
 MIXINGS = ("sum", "max")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _ENCODER_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+#: two tasks whose held-out inputs the router tells apart no better than this (chance: 0.5) are reported as
+#: confused: an input router cannot separate tasks that share their inputs (docs/routing.md)
+CONFUSED_PAIR_ACCURACY = 0.75
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -359,6 +362,34 @@ def choose_threshold(conf: torch.Tensor, correct: torch.Tensor, weights: torch.T
     return best
 
 
+def confused_pairs(
+    top1: torch.Tensor, y: torch.Tensor, tasks: Sequence[str], bound: float = CONFUSED_PAIR_ACCURACY
+) -> list[dict]:
+    """The task pairs the router cannot tell apart on held-out inputs. For tasks i and j, of their inputs
+    whose top-1 is i or j, the share sent to the right one of the two (the pair accuracy; chance 0.5); pairs
+    at or below `bound`, worst first, with the share of each task's inputs sent to the other."""
+    T = len(tasks)
+    counts = torch.zeros(T, T, dtype=torch.float64)  # counts[i, j]: inputs of task i routed to task j
+    counts.index_put_((y, top1), torch.ones(len(y), dtype=torch.float64), accumulate=True)
+    out = []
+    for i in range(T):
+        for j in range(i + 1, T):
+            within = counts[i, i] + counts[i, j] + counts[j, i] + counts[j, j]
+            if within == 0:
+                continue
+            acc = float((counts[i, i] + counts[j, j]) / within)
+            if acc <= bound:
+                rows = counts.sum(1).clamp_min(1)
+                out.append(
+                    {
+                        "tasks": [tasks[i], tasks[j]],
+                        "pair_accuracy": acc,
+                        "sent_to_other": [float(counts[i, j] / rows[i]), float(counts[j, i] / rows[j])],
+                    }
+                )
+    return sorted(out, key=lambda c: c["pair_accuracy"])
+
+
 def fit_router(
     features: Mapping[str, torch.Tensor],
     opts: RouterOptions = RouterOptions(),
@@ -439,6 +470,7 @@ def fit_router(
         "routing_accuracy": _share(correct, cy, len(tasks), opts.balanced),
         "fallback": _share(~routed, cy, len(tasks), opts.balanced),
         "tasks": per_task,
+        "confused_pairs": confused_pairs(logits_ca.argmax(-1), cy, tasks),
     }
     return FittedRouter(tasks, net, temperature, threshold, opts.top_k, opts.mixing, record)
 
@@ -843,5 +875,13 @@ def router_summary(path: str | Path) -> str:
         lines.append(
             f"    {t}: {100 * v['routing_accuracy']:.1f} % routed to itself, {100 * v['fallback']:.1f} % "
             f"to the shared model ({v['inputs']} inputs, {v['held_out']} held out)"
+        )
+    for c in tr.get("confused_pairs", []):
+        (a, b), (ab, ba) = c["tasks"], c["sent_to_other"]
+        lines.append(
+            f"  warning: {a} and {b} are confused (pair accuracy {100 * c['pair_accuracy']:.1f} %, chance "
+            f"50 %; {100 * ab:.1f} % of {a}'s inputs go to {b}, {100 * ba:.1f} % the other way): "
+            "if they share their inputs, no input router can separate them; serve them with their task ids "
+            "(`didi evaluate --router oracle`) or expect them to lose accuracy"
         )
     return "\n".join(lines)

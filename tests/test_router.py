@@ -547,3 +547,28 @@ def test_image_router_on_open_clip(tmp_path, layer, pooling):
     rep = evaluate_artifact(art, data, heads=heads, batch_size=4, trainer=CPU, router="learned")
     for v in rep["tasks"].values():
         assert v["routing_accuracy"] == 1.0 and v["accuracy"] == v["oracle_accuracy"]
+
+
+def test_tasks_sharing_their_inputs_are_reported_as_confused():
+    """Two tasks with the same inputs (other labels) cannot be separated by any input router: the fit reports
+    that pair, and only it."""
+    feats = toy_features(3, 60, gap=12.0, seed=2)
+    g = torch.Generator().manual_seed(3)
+    feats["t3"] = feats["t0"][torch.randperm(60, generator=g)]  # t3's inputs are t0's
+    fitted = fit_router(feats, RouterOptions(threshold="none", steps=60, lr=0.05), CPU)
+    pairs = fitted.record["confused_pairs"]
+    assert [p["tasks"] for p in pairs] == [["t0", "t3"]], pairs
+    assert pairs[0]["pair_accuracy"] <= 0.75
+
+
+def test_confused_pairs_by_hand():
+    from didi.router import confused_pairs
+
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    top1 = torch.tensor([0, 0, 0, 1, 0, 0, 1, 2, 2, 2])
+    # pair (0, 1): inputs of 0 or 1 routed to 0 or 1: 7; right: 3 + 1 = 4 → 4/7; pair (1, 2): 1 + 2 = 3 of
+    # 4 (0.75, at the bound); pair (0, 2): 3 + 2 = 5 of 5
+    pairs = confused_pairs(top1, y, ["a", "b", "c"])
+    assert [p["tasks"] for p in pairs] == [["a", "b"], ["b", "c"]]
+    assert [p["pair_accuracy"] for p in pairs] == pytest.approx([4 / 7, 0.75])
+    assert pairs[0]["sent_to_other"] == pytest.approx([1 / 4, 2 / 4])

@@ -37,9 +37,11 @@ Compared, the 2-process run against each 1-process run:
     (holding torch and the zoo's pages), begins with rank 0's ru_maxrss at that moment (828 MB here before
     importing anything). Its ru_maxrss at start and at the end are reported beside it. RUSAGE_CHILDREN of
     rank 0 would not do either: Lightning does not wait for rank 1, and it is a max over children, not per
-    process. Seconds per stage in each rank: decompose (the sharded fit; rank 0's includes starting rank 1,
-    a Python start and imports), search (a cache hit on the store + the rank search + budget), refine +
-    artifact: the stages `run_merge` runs, called one by one as llama1b's rows do.
+    process. Each stage's own peak too: VmHWM is reset (5 written to /proc/self/clear_refs) before the search
+    and before the refinement, so a stage's peak is the largest RSS during it (the decomposition's includes
+    the imports). Seconds per stage in each rank: decompose (the sharded fit; rank 0's includes starting
+    rank 1, a Python start and imports), search (a cache hit on the store + the rank search + budget),
+    refine + artifact: the stages `run_merge` runs, called one by one as llama1b's rows do.
 
 Found with the defaults on this project's 2-core CPU (benchmarks/results/shard_check.md):
 - the store is byte-identical to the 1-process run at 1 thread and differs from the one at 2 threads (sign
@@ -94,6 +96,17 @@ def vm_hwm_mb() -> float | None:
     return None
 
 
+def reset_hwm() -> bool:
+    """Start this process's VmHWM afresh from its current RSS (writing 5 to /proc/self/clear_refs), so that
+    each stage's own peak can be read; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _rank() -> int:
     import torch
 
@@ -146,16 +159,22 @@ def merge_child(root: Path, a: argparse.Namespace) -> None:
     trainers = Trainers(opts.trainer)
     dcfg = resolve_width(zoo, opts.decompose, float(a.budget))  # the width run_search decomposes at
     times = {}
+    stage_peaks: dict[str, float | None] = {}  # each stage's own VmHWM (reset before it), where allowed
     t0 = time.perf_counter()
     store = factor_store(zoo, dcfg, trainers, progress=False)
     times["decompose_s"] = time.perf_counter() - t0
+    stage_peaks["decompose"] = vm_hwm_mb()  # the high-water mark since exec: imports + decomposition
+    resettable = reset_hwm()
     t1 = time.perf_counter()
     ranks, store = run_search(zoo, out, opts, progress=False, trainers=trainers)  # the store: a cache hit
     times["search_s"] = time.perf_counter() - t1
+    stage_peaks["search"] = vm_hwm_mb() if resettable else None
+    reset_hwm()
     t2 = time.perf_counter()
     run_refine(zoo, out, ranks, opts, progress=False, trainers=trainers, store=store)
     times["refine_write_s"] = time.perf_counter() - t2
     times["end_to_end_s"] = time.perf_counter() - t0
+    stage_peaks["refine"] = vm_hwm_mb() if resettable else None
     rank = _rank()
     rec = {
         "rank": rank,
@@ -170,7 +189,9 @@ def merge_child(root: Path, a: argparse.Namespace) -> None:
         "ru_maxrss_at_start_mb": RSS_START_MB,
         "ru_maxrss_after_imports_mb": rss_imports,
         "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_rss_mb": vm_hwm_mb(),
+        # the whole run's peak: the largest stage peak (VmHWM itself was reset before the later stages)
+        "peak_rss_mb": max(stage_peaks.values()) if resettable else vm_hwm_mb(),
+        "stage_peak_rss_mb": stage_peaks,
     }
     if rank == 0:
         from common import device_info, git_rev
@@ -353,8 +374,9 @@ def table(res: dict) -> str:
         "",
         "| run | rank | threads | tensors | est. SVD flops | share of flops | busy decomposing (s) | "
         "share's fit, shares.json (s) | decompose stage (s) | search (s) | refine + write (s) | "
-        "end to end (s) | peak RSS, VmHWM (MB) | ru_maxrss at start / end (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "end to end (s) | peak RSS, VmHWM (MB) | peak RSS per stage: decompose / search / refine (MB) | "
+        "ru_maxrss at start / end (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in runs.items():
         total = sum(s["flops_est"] for s in r["shares"]["shares"]) or 1.0
@@ -364,7 +386,8 @@ def table(res: dict) -> str:
                 f"{100 * s['flops_est'] / total:.1f} % | {k['decompose_busy_s']:.1f} | {s['seconds']:.1f} | "
                 f"{k['decompose_s']:.1f} | "
                 f"{k['search_s']:.1f} | {k['refine_write_s']:.1f} | {k['end_to_end_s']:.1f} | "
-                f"{k['peak_rss_mb']:.0f} | {k['ru_maxrss_at_start_mb']:.0f} / {k['ru_maxrss_mb']:.0f} |"
+                f"{k['peak_rss_mb']:.0f} | {_stage_peaks(k)} | "
+                f"{k['ru_maxrss_at_start_mb']:.0f} / {k['ru_maxrss_mb']:.0f} |"
             )
     md += ["", "| 2 processes against | check | result |", "|---|---|---|"]
     for ref, c in res["compare"].items():
@@ -405,6 +428,14 @@ def table(res: dict) -> str:
     for note in notes(res):
         md += ["", note]
     return "\n".join(md) + "\n"
+
+
+def _stage_peaks(k: dict) -> str:
+    """'decompose / search / refine' peak RSS of one rank, '–' where not measured (older records)."""
+    peaks = k.get("stage_peak_rss_mb") or {}
+    return " / ".join(
+        "–" if peaks.get(s) is None else f"{peaks[s]:.0f}" for s in ("decompose", "search", "refine")
+    )
 
 
 def _family(key: str) -> str:

@@ -773,18 +773,24 @@ def run_compare(
         dynamic = [row["artifact"] for row, _, dyn in built if dyn]
         router_path, router_record = _router(zoo, out, Path(dynamic[0]), validation, router_opts, evaluation)
 
-    # 3. scores
-    rows = []
+    # 3. scores; results.json and results.md are rewritten after every row (marked partial until the last),
+    # so a long comparison that is stopped still leaves every finished row readable
+    rows: list[dict] = []
+    expected = sum(
+        (1 if "oracle" in routers or not dyn else 0) + (1 if learned and dyn else 0) for _, _, dyn in built
+    )
     for row, a, dynamic in built:
         if metric == "reconstruction":
             res = reconstruction_errors(a, zoo)
             rows.append({**row, "tasks": res, "average": sum(v["rel_err"] for v in res.values()) / len(res)})
+            _write_results(out, rows, expected, metric, reference, router_record)
             continue
         from didi.evaluate import evaluate_artifact
 
         if "oracle" in routers or not dynamic:
             rep, again = _evaluated(out, row["label"], a, evaluate_artifact, evaluation)
             rows.append({**_scored(row, rep), "evaluation_reused": again})
+            _write_results(out, rows, expected, metric, reference, router_record)
         if learned and dynamic:
             routed = {
                 **evaluation,
@@ -800,18 +806,28 @@ def run_compare(
             lrow["routing_accuracy"], lrow["fallback"] = rep["routing_accuracy"], rep["fallback"]
             lrow["router"] = rep["router"]
             rows.append(lrow)
+            _write_results(out, rows, expected, metric, reference, router_record)
+    result = _write_results(out, rows, expected, metric, reference, router_record)
+    if wandb:
+        _log_wandb(result, out)
+    return result
+
+
+def _write_results(
+    out: Path, rows: list[dict], expected: int, metric: Metric, reference, router_record: dict | None
+) -> dict:
+    """results.json and results.md of the rows scored so far; with every row also pareto.png. Until then
+    both say they are partial (results.json: `complete` false, `rows_expected`)."""
+    complete = len(rows) >= expected
     tasks = list(rows[0]["tasks"])
     key = "average_normalized" if all("average_normalized" in r for r in rows) else "average"
     higher = metric == "accuracy"
-    ylabel = (
-        {"average_normalized": "normalised accuracy (avg)", "average": "average accuracy"}[key]
-        if higher
-        else "relative reconstruction error (avg)"
-    )
     paired = []
     if metric == "accuracy":
-        paired = [paired_difference(r, ref) for r, ref in reference_pairs(rows, reference)]
-    png = pareto_png(rows, key, ylabel, higher, f"{ylabel} vs storage")
+        labels = {r["label"] for r in rows}
+        refs = [] if reference is None else [reference] if isinstance(reference, str) else list(reference)
+        scored = [x for x in refs if x in labels]  # a reference not scored yet: its pairs come with it
+        paired = [paired_difference(r, ref) for r, ref in reference_pairs(rows, scored)]
     result = {
         "metric": metric,
         "pareto_key": key,
@@ -821,6 +837,8 @@ def run_compare(
             rows[i]["label"] for i in pareto_front([(r["storage_ratio"], r[key]) for r in rows], higher)
         ],
     }
+    if not complete:
+        result.update(complete=False, rows_expected=expected)
     if paired:
         result["reference"] = reference
         result["paired"] = paired
@@ -829,11 +847,20 @@ def run_compare(
     md = markdown_table(rows, tasks, metric)
     if paired:
         md += "\n" + paired_markdown(paired)
+    if not complete:
+        md = (
+            f"**Partial: {len(rows)} of {expected} rows scored so far** (the comparison is running or was "
+            f"stopped; a rerun reuses every finished row).\n\n" + md
+        )
     _write_atomic(out / "results.json", jsonio.dumps(result, indent=1, default=str))
     _write_atomic(out / "results.md", md)
-    _write_atomic(out / "pareto.png", png)
-    if wandb:
-        _log_wandb(result, out)
+    if complete:
+        ylabel = (
+            {"average_normalized": "normalised accuracy (avg)", "average": "average accuracy"}[key]
+            if higher
+            else "relative reconstruction error (avg)"
+        )
+        _write_atomic(out / "pareto.png", pareto_png(rows, key, ylabel, higher, f"{ylabel} vs storage"))
     return result
 
 

@@ -192,3 +192,35 @@ def test_compare_accuracy_metric(tmp_path):
     assert rows["flexmerge@3"]["average_normalized"] == pytest.approx(1.0)
     assert all(0 <= r["average"] <= 1 for r in res["rows"])
     assert "normalised" in (tmp_path / "cmp" / "results.md").read_text()
+
+
+def test_a_stopped_comparison_leaves_its_finished_rows(tmp_path, monkeypatch):
+    """results.json / results.md are rewritten after every scored row, marked partial until the last one, so
+    a comparison stopped midway still shows what it finished; the rerun completes them."""
+    import didi.compare as compare
+
+    base, tasks = make_zoo(tmp_path / "zoo", T=3, width=8, layers=1, noise=0.01)
+    zoo = Zoo(Adapter(), str(base), {k: str(v) for k, v in tasks.items()})
+    out = tmp_path / "cmp"
+    score, calls = compare.reconstruction_errors, []
+
+    def stop_at_third(art, zoo_):
+        calls.append(art)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return score(art, zoo_)
+
+    monkeypatch.setattr(compare, "reconstruction_errors", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(zoo, out, ["averaging", "ties", "task_arithmetic"], [])
+    partial = json.loads((out / "results.json").read_text())
+    assert [r["label"] for r in partial["rows"]] == ["averaging", "ties"]
+    assert partial["complete"] is False and partial["rows_expected"] == 3
+    assert (out / "results.md").read_text().startswith("**Partial: 2 of 3 rows")
+    assert not (out / "pareto.png").exists()
+    monkeypatch.setattr(compare, "reconstruction_errors", score)
+    res = run_compare(zoo, out, ["averaging", "ties", "task_arithmetic"], [])
+    done = json.loads((out / "results.json").read_text())
+    assert "complete" not in done and [r["label"] for r in done["rows"]] == [r["label"] for r in res["rows"]]
+    assert done["rows"][0]["average"] == partial["rows"][0]["average"]
+    assert "Partial" not in (out / "results.md").read_text() and (out / "pareto.png").exists()

@@ -41,6 +41,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -577,7 +578,7 @@ def _router(
     """ONE learned router for the zoo at `<out>/router/` (trained with `artifact`, whose θ0 and tasks every
     artifact of the zoo shares), or the one already there when it was trained with the same options, data
     and token length; returns (path, a record for results.json)."""
-    from didi.router import input_kind, read_router_config, task_source, train_router
+    from didi.router import confusion_warnings, input_kind, read_router_config, task_source, train_router
 
     path = out / "router"
     missing = [t for t in zoo.task_names if t not in validation]
@@ -622,6 +623,8 @@ def _router(
     )
     wall = time.perf_counter() - t0
     tr = read_router_config(path).get("training", {})
+    for w in confusion_warnings(tr):
+        print(f"didi compare: router {path}: {w}", file=sys.stderr, flush=True)
     return path, {"path": str(path), "reused": False, "wall_time_s": wall, "training": tr}
 
 

@@ -876,12 +876,19 @@ def router_summary(path: str | Path) -> str:
             f"    {t}: {100 * v['routing_accuracy']:.1f} % routed to itself, {100 * v['fallback']:.1f} % "
             f"to the shared model ({v['inputs']} inputs, {v['held_out']} held out)"
         )
-    for c in tr.get("confused_pairs", []):
+    lines += ["  " + w for w in confusion_warnings(tr)]
+    return "\n".join(lines)
+
+
+def confusion_warnings(training: dict) -> list[str]:
+    """One warning per confused task pair of a router's training record (`confused_pairs`)."""
+    out = []
+    for c in training.get("confused_pairs", []):
         (a, b), (ab, ba) = c["tasks"], c["sent_to_other"]
-        lines.append(
-            f"  warning: {a} and {b} are confused (pair accuracy {100 * c['pair_accuracy']:.1f} %, chance "
+        out.append(
+            f"warning: {a} and {b} are confused (pair accuracy {100 * c['pair_accuracy']:.1f} %, chance "
             f"50 %; {100 * ab:.1f} % of {a}'s inputs go to {b}, {100 * ba:.1f} % the other way): "
             "if they share their inputs, no input router can separate them; serve them with their task ids "
             "(`didi evaluate --router oracle`) or expect them to lose accuracy"
         )
-    return "\n".join(lines)
+    return out

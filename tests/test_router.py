@@ -32,6 +32,7 @@ from didi.router import (
     RouterNet,
     RouterOptions,
     choose_threshold,
+    confusion_warnings,
     fit_router,
     load_router,
     train_router,
@@ -559,6 +560,9 @@ def test_tasks_sharing_their_inputs_are_reported_as_confused():
     pairs = fitted.record["confused_pairs"]
     assert [p["tasks"] for p in pairs] == [["t0", "t3"]], pairs
     assert pairs[0]["pair_accuracy"] <= 0.75
+    (warning,) = confusion_warnings(fitted.record)
+    assert warning.startswith("warning: t0 and t3 are confused") and "--router oracle" in warning
+    assert confusion_warnings(fit_router(toy_features(3, 60, 12.0, 2), FAST, CPU).record) == []
 
 
 def test_confused_pairs_by_hand():

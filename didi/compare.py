@@ -779,6 +779,7 @@ def run_compare(
     # 3. scores; results.json and results.md are rewritten after every row (marked partial until the last),
     # so a long comparison that is stopped still leaves every finished row readable
     rows: list[dict] = []
+    result: dict = {}
     expected = sum(
         (1 if "oracle" in routers or not dyn else 0) + (1 if learned and dyn else 0) for _, _, dyn in built
     )
@@ -786,14 +787,14 @@ def run_compare(
         if metric == "reconstruction":
             res = reconstruction_errors(a, zoo)
             rows.append({**row, "tasks": res, "average": sum(v["rel_err"] for v in res.values()) / len(res)})
-            _write_results(out, rows, expected, metric, reference, router_record)
+            result = _write_results(out, rows, expected, metric, reference, router_record)
             continue
         from didi.evaluate import evaluate_artifact
 
         if "oracle" in routers or not dynamic:
             rep, again = _evaluated(out, row["label"], a, evaluate_artifact, evaluation)
             rows.append({**_scored(row, rep), "evaluation_reused": again})
-            _write_results(out, rows, expected, metric, reference, router_record)
+            result = _write_results(out, rows, expected, metric, reference, router_record)
         if learned and dynamic:
             routed = {
                 **evaluation,
@@ -809,8 +810,7 @@ def run_compare(
             lrow["routing_accuracy"], lrow["fallback"] = rep["routing_accuracy"], rep["fallback"]
             lrow["router"] = rep["router"]
             rows.append(lrow)
-            _write_results(out, rows, expected, metric, reference, router_record)
-    result = _write_results(out, rows, expected, metric, reference, router_record)
+            result = _write_results(out, rows, expected, metric, reference, router_record)
     if wandb:
         _log_wandb(result, out)
     return result

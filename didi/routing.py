@@ -281,11 +281,21 @@ def _add_rows(
 
 
 class ExpertLayer(RoutedLayer):
-    """A routed layer that keeps its tasks' terms itself, one `Expert` per task in `experts`."""
+    """A routed layer around a `base` module that keeps its tasks' terms itself, one `Expert` per task in
+    `experts`; `weight` and `bias` are the base's, for code that reads them through the wrapper."""
 
-    def __init__(self) -> None:
+    def __init__(self, base: nn.Module) -> None:
         super().__init__()
+        self.base = base
         self.experts = nn.ModuleDict()  # str(task) -> Expert
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
 
     def expert_terms(self, task: int) -> dict[str, torch.Tensor]:
         """Task `task`'s expert tensors on this layer ({} when it has none)."""
@@ -303,8 +313,7 @@ class RoutedLinear(ExpertLayer):
     """nn.Linear with per-task experts (low rank on the weight, dense deltas on the weight and the bias)."""
 
     def __init__(self, base: nn.Linear, batch_dim: int = 0) -> None:
-        super().__init__()
-        self.base = base
+        super().__init__(base)
         self.batch_dim = batch_dim
         # the fast path's W_t, b_t: (task, weakrefs of the expert tensors it was made from, W_t, b_t). `.to()`
         # replaces those tensors exactly when it moves or casts the weights, which makes the entry stale;
@@ -315,14 +324,6 @@ class RoutedLinear(ExpertLayer):
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         return {**state, "_active": None}  # a derived cache, and weakrefs do not pickle
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def add_expert(self, task: int, param: str, terms: TaskTerms) -> None:
         """Attach task `task`'s terms for `param` ("weight" or "bias")."""
@@ -502,19 +503,7 @@ class RoutedLayerNorm(ExpertLayer):
 
     LayerNorm's output x̂·γ + β is linear in (γ, β), so a row adds Σ_k w_k·(x̂·δγ_k + δβ_k) to the base output:
     a mixed batch stays one pass, exact. Swapping the parameters instead runs one forward per distinct mixture
-    (with soft routing, about one per row)."""
-
-    def __init__(self, base: nn.LayerNorm) -> None:
-        super().__init__()
-        self.base = base  # experts hold "dw" (δγ) and/or "db" (δβ)
-
-    @property
-    def weight(self) -> torch.Tensor | None:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
+    (with soft routing, about one per row). Each task's Expert holds "dw" (δγ) and/or "db" (δβ)."""
 
     def add_expert(self, task: int, param: str, terms: TaskTerms) -> None:
         ref = getattr(self.base, param)

@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmark scripts: device description, JSON + markdown output."""
+"""Shared helpers for the benchmark scripts: device description, peak memory, JSON + markdown output. It
+imports no torch at module level, so drivers that keep torch out of their own process can use it."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import resource
 import subprocess
 from pathlib import Path
 
-import torch
-
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def device_info() -> str:
+    import torch
+
     if torch.cuda.is_available():
         return f"GPU: {torch.cuda.get_device_name(0)}"
     cpu = platform.processor() or platform.machine()
@@ -32,6 +33,19 @@ def device_info() -> str:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def vm_hwm_mb() -> float | None:
+    """This process's own peak RSS (VmHWM of /proc/self/status: the high-water mark of its address space,
+    which starts afresh at exec, unlike ru_maxrss, which keeps the parent's at the fork), or None where
+    /proc is missing."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def git_rev() -> str:

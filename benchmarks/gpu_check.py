@@ -35,19 +35,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from common import vm_hwm_mb  # noqa: E402  (torch-free)
+
 #: (hidden, intermediate, heads, kv heads, head_dim, vocabulary): Llama-3.1-8B's, and a tiny one for tests
 SHAPES = {"8b": (4096, 14336, 32, 8, 128, 128256), "small": (256, 896, 4, 1, 64, 4096)}
-
-
-def vm_hwm_mb() -> float | None:
-    """This process's own peak RSS (VmHWM), None without /proc."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def zoo_config(small: bool) -> dict:

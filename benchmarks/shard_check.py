@@ -80,20 +80,10 @@ RSS_START_MB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # befo
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from common import vm_hwm_mb  # noqa: E402  (torch-free: the driver stays small)
+
 #: manifest key paths (prefixes) that may differ between the runs: the time of writing, who decomposed what
 VOLATILE = ("created", "metrics.refine.decompose.world", "metrics.refine.decompose.shares")
-
-
-def vm_hwm_mb() -> float | None:
-    """This process's own peak RSS (VmHWM of /proc/self/status: the high-water mark of its address space,
-    which starts afresh at exec), or None where /proc is missing."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def reset_hwm() -> bool:

@@ -33,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import RESULTS, device_info, git_rev, md_table  # noqa: E402
+from common import RESULTS, device_info, git_rev, md_table, vm_hwm_mb  # noqa: E402
 from llama1b import TAIL, _low_rank, task_vector  # noqa: E402
 
 NAME = "model.embed_tokens.weight"
@@ -95,19 +95,10 @@ def measure(root: Path, T: int, K: int, rank: int, sweeps: int, power_iters: int
     out["refine_phases"] = dict(streamed.PHASES.seconds)
     out["rec_err_before"] = float(res[4].sum()) / tau_total
     out["rec_err_after"] = float(res[5].sum()) / tau_total
-    out["peak_rss_mb"] = peak_rss_mb()
+    out["peak_rss_mb"] = vm_hwm_mb() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["rss_after_imports_mb"] = rss0
     out["threads"] = torch.get_num_threads()
     return out
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM): not ru_maxrss, which keeps the parent's RSS at the fork across the
-    exec (a parent that has just built the zoo would count)."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def busy_s() -> float:

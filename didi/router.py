@@ -371,6 +371,7 @@ def confused_pairs(
     T = len(tasks)
     counts = torch.zeros(T, T, dtype=torch.float64)  # counts[i, j]: inputs of task i routed to task j
     counts.index_put_((y, top1), torch.ones(len(y), dtype=torch.float64), accumulate=True)
+    n = counts.sum(1).clamp_min(1)  # inputs per task
     out = []
     for i in range(T):
         for j in range(i + 1, T):
@@ -379,12 +380,11 @@ def confused_pairs(
                 continue
             acc = float((counts[i, i] + counts[j, j]) / within)
             if acc <= bound:
-                rows = counts.sum(1).clamp_min(1)
                 out.append(
                     {
                         "tasks": [tasks[i], tasks[j]],
                         "pair_accuracy": acc,
-                        "sent_to_other": [float(counts[i, j] / rows[i]), float(counts[j, i] / rows[j])],
+                        "sent_to_other": [float(counts[i, j] / n[i]), float(counts[j, i] / n[j])],
                     }
                 )
     return sorted(out, key=lambda c: c["pair_accuracy"])

@@ -8,10 +8,14 @@ thread on CPU. CUDA tensors are unaffected.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
+
+_X = TypeVar("_X")
+_Y = TypeVar("_Y")
 
 
 @contextmanager
@@ -39,6 +43,29 @@ def orthonormal(M: torch.Tensor) -> torch.Tensor:
         return torch.linalg.qr(M)[0]
 
 
+def each_on_one_thread(fn: Callable[[_X], _Y], xs: Sequence[_X]) -> list[_Y]:
+    """[fn(x) for x in xs], on the CPU several at once, each call on one thread of its own.
+
+    Why: `svd` and `orthonormal` run LAPACK on one thread (it was slower multi-threaded), so one call used one
+    core of the CPU's. Independent calls (the T+1 modules of a matrix) share the cores out with identical
+    results: each is the same single-threaded call."""
+    workers = min(len(xs), torch.get_num_threads())
+    if workers < 2 or any(getattr(x, "device", torch.device("cpu")).type != "cpu" for x in xs):
+        return [fn(x) for x in xs]
+    with one_cpu_thread(xs[0]), ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda x: _one_thread(fn, x), xs))
+
+
+def _one_thread(fn: Callable[[_X], _Y], x: _X) -> _Y:
+    torch.set_num_threads(1)  # this worker's own OpenMP setting (a new thread starts from the default)
+    return fn(x)
+
+
+def orthonormal_all(Ys: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`orthonormal` of each matrix, several at once (`each_on_one_thread`)."""
+    return each_on_one_thread(orthonormal, Ys)
+
+
 def randomized_svd(
     M: torch.Tensor, K: int, oversample: int = 32, power_iters: int = 4, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -54,12 +81,29 @@ def randomized_svd(
     power iterations keep σ_1..σ_{K/2} within 5e-4 relative in fp32 (benchmarks/svd_crossover.py); 16 and 2
     gave 6e-3.
     """
-    m, n = M.shape[-2:]
-    width = min(K + oversample, m, n)
-    g = torch.Generator(device=M.device).manual_seed(seed)
-    omega = torch.randn(n, width, generator=g, device=M.device, dtype=M.dtype)
-    Q = orthonormal(M @ omega)
+    return randomized_svds([M], K, oversample, power_iters, [seed])[0]
+
+
+def randomized_svds(
+    Ms: Sequence[torch.Tensor], K: int, oversample: int, power_iters: int, seeds: Sequence[int]
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`randomized_svd` of several matrices (each with its own seed) in lockstep: the same products, and the
+    QRs and small SVDs of all of them at once (`each_on_one_thread`), so the results are those of one call
+    per matrix, bit for bit. Why: those single-threaded LAPACK calls were 28 % of an 8192×2048 module's
+    decomposition on 2 cores (profiled), with the other core idle."""
+    out: list = []
+    Qs = []
+    for M, seed in zip(Ms, seeds):
+        m, n = M.shape[-2:]
+        width = min(K + oversample, m, n)
+        g = torch.Generator(device=M.device).manual_seed(seed)
+        omega = torch.randn(n, width, generator=g, device=M.device, dtype=M.dtype)
+        Qs.append(M @ omega)
+    Qs = orthonormal_all(Qs)
     for _ in range(power_iters):
-        Q = orthonormal(M @ orthonormal(M.mT @ Q))
-    Ub, S, Vh = svd(Q.mT @ M)
-    return (Q @ Ub[:, :K]), S[:K], Vh[:K]
+        Qs = orthonormal_all([M.mT @ Q for M, Q in zip(Ms, Qs)])
+        Qs = orthonormal_all([M @ Q for M, Q in zip(Ms, Qs)])
+    small = each_on_one_thread(svd, [Q.mT @ M for M, Q in zip(Ms, Qs)])
+    for Q, (Ub, S, Vh) in zip(Qs, small):
+        out.append((Q @ Ub[:, :K], S[:K], Vh[:K]))
+    return out

@@ -25,15 +25,15 @@ import hashlib
 import json
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import torch
 
+from didi import linalg
 from didi.backbones.base import TensorPlan, Zoo
 from didi.errors import DidiError
-from didi.linalg import one_cpu_thread, orthonormal, svd
+from didi.linalg import svd
 from didi.quantize import stored_pair
 from didi.sources import _ST_DTYPES, TensorSource
 
@@ -311,22 +311,9 @@ def _orthonormal_each(Y: torch.Tensor) -> torch.Tensor:
 
 
 def orthonormal_all(Ys: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """`linalg.orthonormal` of each matrix, on the CPU several at once, one single-threaded QR per thread.
-
-    Why: `orthonormal` runs LAPACK's QR on one thread (it was slower multi-threaded), so a tall m×w QR used
-    one core of the CPU's; the streamed paths QR T+1 (or T) independent sketches at a time, which threads can
-    share out with identical results (each QR is the same single-threaded call)."""
-    workers = min(len(Ys), torch.get_num_threads())
-    if workers < 2 or Ys[0].device.type != "cpu":
-        with PHASES("qr"):
-            return [orthonormal(Y) for Y in Ys]
-    with PHASES("qr"), one_cpu_thread(Ys[0]), ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(_qr_one_thread, Ys))
-
-
-def _qr_one_thread(Y: torch.Tensor) -> torch.Tensor:
-    torch.set_num_threads(1)  # this worker's own OpenMP setting (a new thread starts from the default)
-    return torch.linalg.qr(Y)[0]
+    """`linalg.orthonormal_all`, timed as the `qr` phase."""
+    with PHASES("qr"):
+        return linalg.orthonormal_all(Ys)
 
 
 def _projections(rows: _ModuleRows, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -79,8 +79,10 @@ def test_auto_choice_goes_both_ways(monkeypatch):
 
     assert dec.randomized_is_cheaper(4096, 14336, 256) and not dec.randomized_is_cheaper(768, 768, 256)
     calls = []
-    real = dec.randomized_svd
-    monkeypatch.setattr(dec, "randomized_svd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = dec.randomized_svds
+    monkeypatch.setattr(
+        dec, "randomized_svds", lambda Ms, *a, **k: calls.extend([1] * len(Ms)) or real(Ms, *a, **k)
+    )
     taus = _spectral_taus(2, 256, 192, seed=5)
     dec.decompose_matrix(taus.clone(), lambda x: x.mean(0), max_rank=8, svd_method="auto")
     assert len(calls) == 3  # 8 + 32 ≤ 192 / 4: the shared module and both experts by the range finder
@@ -127,3 +129,29 @@ def test_merge_error_with_randomized_factors_is_within_half_a_percent(tmp_path):
             )
             out[how] = alloc.error(*errs[how])
         assert out["randomized"] <= out["full"] * 1.005, (target, out)
+
+
+def test_lockstep_range_finders_equal_one_call_per_matrix():
+    """`randomized_svds` runs the range finders of several matrices side by side (their QRs and small SVDs on
+    threads of their own); a literal one-matrix-at-a-time range finder gives the same bits."""
+    from didi.linalg import orthonormal, randomized_svds
+
+    def literal(M, K, oversample, power_iters, seed):
+        w = min(K + oversample, *M.shape)
+        Q = orthonormal(M @ torch.randn(M.shape[1], w, generator=torch.Generator().manual_seed(seed)))
+        for _ in range(power_iters):
+            Q = orthonormal(M @ orthonormal(M.T @ Q))
+        Ub, S, Vh = svd(Q.T @ M)
+        return Q @ Ub[:, :K], S[:K], Vh[:K]
+
+    g = torch.Generator().manual_seed(3)
+    Ms = [torch.randn(300, 120, generator=g) * torch.logspace(0, -2, 120) for _ in range(3)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the threaded path, also on a 1-core runner
+    try:
+        got = randomized_svds(Ms, 16, 8, 2, seeds=[0, 1, 2])
+    finally:
+        torch.set_num_threads(threads)
+    for M, seed, triplet in zip(Ms, range(3), got):
+        for a, b in zip(triplet, literal(M, 16, 8, 2, seed)):
+            assert torch.equal(a, b)

@@ -498,8 +498,9 @@ def _pass(
                 for A, B in terms:
                     resid.addmm_(A[sl], B, alpha=-1)
                 # per row in the compute dtype, then float64: a float64 sum of float32 squares converts
-                # every element (15× slower than the block's matmuls); the rows' sums are exact to ~1e-9
-                err[j] += resid.square_().sum(-1).sum(dtype=torch.float64)
+                # every element (15× slower than the block's matmuls); the rows' norms are exact to ~1e-9
+                # and read the block once (`refine.residual_sq`)
+                err[j] += torch.linalg.vector_norm(resid, dim=-1).double().square().sum()
     return Y, W, err
 
 

@@ -14,7 +14,10 @@ Routing: probabilities p = softmax(logits / temperature) (the temperature fitted
 input whose confidence (its top probability; for a top-k mixture the top-k mass) is below the threshold gets
 the shared model only (`SHARED`: θ0 + fold + shared terms, the part every task of the artifact has);
 otherwise its top-k tasks, weights renormalised over the top-k, are mixed by the routed layers
-(`didi.routing.Mixture`); top-1 is hard routing.
+(`didi.routing.Mixture`); top-1 is hard routing. Tasks the router confuses on held-out inputs (`confused`
+groups, e.g. two tasks that share their inputs) have their within-group probabilities flattened by a factor
+fitted on those inputs: where the router is no better than chance there, the group's experts are mixed evenly
+instead of by its noise.
 
 Saved as `<artifact>/router/` (or anywhere): `router.safetensors` (the network and its feature
 standardisation) and `router.json` (tasks, adapter and θ0 identity, features, network, temperature,
@@ -81,6 +84,12 @@ class RouterOptions:
             input split between two experts gets half of each) or `max` (divided by the top one: the most
             probable expert at full strength, each other at its probability relative to it, so an input the
             router cannot place between two look-alike tasks gets both experts whole).
+        confused: how the router serves tasks it confuses (pair accuracy ≤ 75 % on held-out inputs; pairs that
+            share a task form one group): `calibrate` fits, per group on the held-out inputs, a factor s in
+            [0, 1] on its log-probabilities within the group (least NLL of which of the group's tasks an input
+            came from): 1 keeps its preference, 0 (a router no better than chance) spreads the group's
+            probability evenly, so a top-k ≥ 2 mixture serves its experts in equal parts; `keep` leaves the
+            probabilities as they are.
         threshold: `auto` (chosen on the held-out inputs, see fallback_value), `none` (never fall back), or a
             confidence in [0, 1]: an input whose top probability is below it gets the shared model only (1:
             every input does).
@@ -101,6 +110,7 @@ class RouterOptions:
     hidden: int = 0
     top_k: int = 1
     mixing: Literal["sum", "max"] = "sum"
+    confused: Literal["calibrate", "keep"] = "calibrate"
     threshold: Union[float, Literal["auto", "none"]] = "auto"
     fallback_value: float = 0.5
     calibration_fraction: float = 0.2
@@ -127,6 +137,8 @@ class RouterOptions:
         if self.top_k < 1 or (n_tasks is not None and self.top_k > n_tasks):
             raise DidiError(f"router.top_k: expected 1..{n_tasks or 'T'} (the tasks), found {self.top_k}")
         check_mixing(self.mixing, "router.mixing")
+        if self.confused not in ("calibrate", "keep"):
+            raise DidiError(f"router.confused: expected calibrate or keep, found {self.confused!r}")
         check_threshold(self.threshold, "router.threshold")
         if not 0.0 <= self.fallback_value <= 1.0:
             raise DidiError(f"router.fallback_value: expected a value in [0, 1], found {self.fallback_value}")
@@ -323,6 +335,7 @@ class FittedRouter:
     top_k: int
     mixing: str = "sum"
     record: dict = field(default_factory=dict)
+    groups: list[dict] = field(default_factory=list)  # [{"tasks": [...], "scale": s}] (`flatten_groups`)
 
 
 def _split(n: int, fraction: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -390,6 +403,60 @@ def confused_pairs(
     return sorted(out, key=lambda c: c["pair_accuracy"])
 
 
+def confused_groups(pairs: Sequence[dict], tasks: Sequence[str]) -> list[list[str]]:
+    """The confused pairs joined into groups (connected components), each in the task order `tasks`."""
+    parent = {t: t for t in tasks}
+
+    def root(t: str) -> str:
+        while parent[t] != t:
+            t = parent[t]
+        return t
+
+    for c in pairs:
+        a, b = (root(t) for t in c["tasks"])
+        parent[max(a, b, key=tasks.index)] = min(a, b, key=tasks.index)
+    groups: dict[str, list[str]] = {}
+    for t in tasks:
+        groups.setdefault(root(t), []).append(t)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def flatten_groups(
+    probs: torch.Tensor, groups: Sequence[Sequence[int]], scales: Sequence[float]
+) -> torch.Tensor:
+    """Within each group of task columns, p_i ← p_G · softmax(s · log p_i) over the group (p_G the group's
+    total, kept): s = 1 leaves the row as it is, s = 0 spreads p_G evenly over the group's tasks."""
+    out = probs.clone()
+    for idx, s in zip(groups, scales):
+        if s == 1.0:
+            continue
+        cols = torch.as_tensor(list(idx), device=probs.device)
+        p = probs[:, cols]
+        out[:, cols] = p.sum(-1, keepdim=True) * torch.softmax(s * p.clamp_min(1e-30).log(), -1)
+    return out
+
+
+def fit_group_scale(
+    probs: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, group: Sequence[int]
+) -> float:
+    """The factor s (0, 0.05, …, 1) on the within-group log-probabilities of least weighted NLL of which of
+    the group's tasks each held-out input of the group came from; ties keep the larger s (the router's
+    own)."""
+    cols = torch.as_tensor(list(group))
+    rows = torch.isin(y, cols)
+    if not bool(rows.any()):
+        return 1.0
+    logp = probs[rows][:, cols].clamp_min(1e-30).log()
+    target = (y[rows, None] == cols[None]).long().argmax(-1)
+    w = weights[rows]
+    best, best_nll = 1.0, math.inf
+    for s in [1.0 - i / 20 for i in range(21)]:
+        nll = float((F.cross_entropy(s * logp, target, reduction="none") * w).sum())
+        if nll < best_nll - 1e-9:
+            best, best_nll = s, nll
+    return best
+
+
 def fit_router(
     features: Mapping[str, torch.Tensor],
     opts: RouterOptions = RouterOptions(),
@@ -445,9 +512,19 @@ def fit_router(
     w_ca = (1.0 / (len(tasks) * cnt[cy])) if opts.balanced else torch.full((len(cy),), 1.0 / len(cy))
     temperature = fit_temperature(logits_ca, cy, w_ca)
     probs = torch.softmax(logits_ca / temperature, -1)
+    pairs = confused_pairs(logits_ca.argmax(-1), cy, tasks)
+    groups = []
+    if opts.confused == "calibrate":
+        for names in confused_groups(pairs, tasks):
+            idx = [tasks.index(t) for t in names]
+            groups.append({"tasks": names, "scale": fit_group_scale(probs, cy, w_ca, idx)})
+    top1 = probs.argmax(-1)  # the router's own choice (in a flattened group the top-1 is a tie)
+    probs = flatten_groups(
+        probs, [[tasks.index(t) for t in g_["tasks"]] for g_ in groups], [g_["scale"] for g_ in groups]
+    )
     p_k, ids_k = probs.topk(min(opts.top_k, len(tasks)), -1)
     conf = p_k.sum(-1)  # what the served mixture rests on: the top-k mass (top-1: the top probability)
-    correct = ids_k[:, 0] == cy
+    correct = top1 == cy
     if opts.threshold == "auto":  # an input is served well when its own task is among the k mixed
         threshold = choose_threshold(conf, (ids_k == cy[:, None]).any(-1), w_ca, opts.fallback_value)
     else:
@@ -470,9 +547,9 @@ def fit_router(
         "routing_accuracy": _share(correct, cy, len(tasks), opts.balanced),
         "fallback": _share(~routed, cy, len(tasks), opts.balanced),
         "tasks": per_task,
-        "confused_pairs": confused_pairs(logits_ca.argmax(-1), cy, tasks),
+        "confused_pairs": pairs,
     }
-    return FittedRouter(tasks, net, temperature, threshold, opts.top_k, opts.mixing, record)
+    return FittedRouter(tasks, net, temperature, threshold, opts.top_k, opts.mixing, record, groups)
 
 
 # ----------------------------------------------------------------------------------------------- routing
@@ -480,7 +557,8 @@ class LearnedRouter(nn.Module, Router):
     """A `Router` from a trained network: θ0's features of the batch → probabilities over the tasks →
     `SHARED` below the threshold, else the top-1 task (hard) or a `Mixture` of the top-k tasks, weights
     renormalised over them. Its tasks are the artifact's, in the artifact's order (`order`), whatever order
-    the network was trained in."""
+    the network was trained in. `groups` ([{"tasks", "scale"}]): confused tasks whose probabilities are
+    flattened (`flatten_groups`) before the top-k is taken."""
 
     def __init__(
         self,
@@ -492,6 +570,7 @@ class LearnedRouter(nn.Module, Router):
         top_k: int = 1,
         order: Sequence[str] | None = None,
         mixing: str = "sum",
+        groups: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         nn.Module.__init__(self)
         Router.__init__(self, order if order is not None else tasks)
@@ -502,6 +581,11 @@ class LearnedRouter(nn.Module, Router):
         check_threshold(threshold, "router.threshold")
         check_mixing(mixing, "router.mixing")
         self.mixing = mixing
+        unknown = sorted({t for g in groups for t in g["tasks"]} - set(self.tasks))
+        if unknown:
+            raise DidiError(f"router: a confused group names task {unknown[0]!r}, not one of {self.tasks}")
+        self.groups = [[self.tasks.index(t) for t in g["tasks"]] for g in groups]
+        self.group_scales = [float(g["scale"]) for g in groups]
         self.net, self.features = net.requires_grad_(False), features  # served, never trained here (DDP)
         self.temperature, self.threshold, self.top_k = float(temperature), float(threshold), int(top_k)
         self.register_buffer(
@@ -517,7 +601,9 @@ class LearnedRouter(nn.Module, Router):
     def decide(self, probs: torch.Tensor) -> torch.Tensor | Mixture:
         """Task ids (`SHARED` below the threshold) for top-1, else a Mixture of each row's top-k. The
         confidence held to the threshold is the probability mass of the experts served: the top probability
-        for top-1, the top-k mass for a mixture (two look-alike tasks at 0.45 each are a confident mix)."""
+        for top-1, the top-k mass for a mixture (two look-alike tasks at 0.45 each are a confident mix).
+        Confused groups are flattened first (`flatten_groups`)."""
+        probs = flatten_groups(probs, self.groups, self.group_scales)
         p, ids = probs.topk(self.top_k, -1)
         conf = p.sum(-1)
         low = conf < self.threshold if self.threshold < 1 else torch.ones_like(conf, dtype=torch.bool)
@@ -566,6 +652,7 @@ def save_router(fitted: FittedRouter, path: str | Path, info: dict, overwrite: b
             "threshold": fitted.threshold,
             "top_k": fitted.top_k,
             "mixing": fitted.mixing,
+            "confused_groups": fitted.groups,
             "training": fitted.record,
             "files": {WEIGHTS_FILE: file_sha256(tmp / WEIGHTS_FILE)},
             "versions": versions(),
@@ -674,6 +761,7 @@ def load_router(
         cfg.get("top_k", 1) if top_k is None else top_k,
         order=art.tasks,
         mixing=cfg.get("mixing", "sum") if mixing is None else mixing,
+        groups=cfg.get("confused_groups", []),
     )
 
 
@@ -875,6 +963,11 @@ def router_summary(path: str | Path) -> str:
         lines.append(
             f"    {t}: {100 * v['routing_accuracy']:.1f} % routed to itself, {100 * v['fallback']:.1f} % "
             f"to the shared model ({v['inputs']} inputs, {v['held_out']} held out)"
+        )
+    for g in cfg.get("confused_groups", []):
+        how = "spread evenly" if g["scale"] == 0 else f"preference kept at factor {g['scale']:.2f}"
+        lines.append(
+            f"  confused group {', '.join(g['tasks'])}: its probability is {how} (top-k ≥ 2 mixes them)"
         )
     lines += ["  " + w for w in confusion_warnings(tr)]
     return "\n".join(lines)

@@ -35,6 +35,8 @@ from didi.router import (
     confusion_warnings,
     fit_router,
     load_router,
+    router_summary,
+    save_router,
     train_router,
 )
 from didi.routing import SHARED, Mixture, RoutedLayerNorm, RoutedModel
@@ -576,3 +578,79 @@ def test_confused_pairs_by_hand():
     assert [p["tasks"] for p in pairs] == [["a", "b"], ["b", "c"]]
     assert [p["pair_accuracy"] for p in pairs] == pytest.approx([4 / 7, 0.75])
     assert pairs[0]["sent_to_other"] == pytest.approx([1 / 4, 2 / 4])
+
+
+def test_confused_groups_are_the_connected_pairs():
+    from didi.router import confused_groups
+
+    pairs = [{"tasks": ["c", "a"]}, {"tasks": ["d", "e"]}, {"tasks": ["a", "f"]}]
+    assert confused_groups(pairs, list("abcdef")) == [["a", "c", "f"], ["d", "e"]]
+    assert confused_groups([], list("ab")) == []
+
+
+def test_flattening_a_group_by_hand():
+    """p_i ← p_G · softmax(s · log p_i) within the group, the group's total and every other column kept."""
+    from didi.router import flatten_groups
+
+    p = torch.tensor([[0.6, 0.2, 0.2], [0.1, 0.3, 0.6]])
+    even = flatten_groups(p, [[0, 1]], [0.0])
+    torch.testing.assert_close(even, torch.tensor([[0.4, 0.4, 0.2], [0.2, 0.2, 0.6]]))
+    assert torch.equal(flatten_groups(p, [[0, 1]], [1.0]), p)
+    half = flatten_groups(p, [[0, 1]], [0.5])
+    w = torch.tensor([0.6, 0.2]).sqrt()
+    torch.testing.assert_close(half[0, :2], 0.8 * w / w.sum())
+
+
+def test_group_scale_follows_what_the_router_knows_within_the_group():
+    """On held-out inputs of a pair: a router whose preference inside the pair is right keeps it (s = 1); one
+    whose preference is unrelated to the task (identical inputs) is flattened (s = 0)."""
+    from didi.router import fit_group_scale
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0, 1] * 50 + [2] * 20)
+    w = torch.ones(len(y))
+    knows = torch.full((len(y), 3), 0.05)
+    knows[torch.arange(100), y[:100]] = 0.85
+    knows[100:, 2] = 0.9
+    assert fit_group_scale(knows, y, w, [0, 1]) == 1.0
+    noise = torch.rand(100, generator=g) * 0.9  # the share of the pair's mass on task 0, whatever the input
+    blind = torch.stack([noise, 0.9 - noise, torch.full((100,), 0.1)], -1)
+    blind = torch.cat([blind, knows[100:]])
+    assert fit_group_scale(blind, y, w, [0, 1]) == 0.0
+
+
+def test_tasks_sharing_their_inputs_get_their_experts_in_equal_parts(tmp_path):
+    """The fit flattens the pair of tasks that share their inputs (and nothing else); a saved router's
+    mixture then gives an input of that pair both experts at 0.5 each with top-2 sum mixing, while `confused:
+    keep` mixes by the router's noise."""
+    feats = toy_features(3, 60, gap=12.0, seed=2)
+    g = torch.Generator().manual_seed(3)
+    feats["t3"] = feats["t0"][torch.randperm(60, generator=g)]
+    opts = RouterOptions(threshold="none", steps=60, lr=0.05, top_k=2)
+    fitted = fit_router(feats, opts, CPU)
+    (group,) = fitted.groups
+    assert group["tasks"] == ["t0", "t3"] and group["scale"] <= 0.25
+    tasks = fitted.tasks
+    router = LearnedRouter(tasks, fitted.net, nn.Identity(), fitted.temperature, 0.0, 2, groups=fitted.groups)
+    x = feats["t0"][:20]
+    with torch.no_grad():
+        mix = router.decide(torch.softmax(fitted.net(x) / fitted.temperature, -1))
+    pair = {tasks.index("t0"), tasks.index("t3")}
+    assert all(set(r) == pair for r in mix.ids.tolist())
+    spread = (mix.weights[:, 0] - mix.weights[:, 1]).abs()
+    keep = fit_router(
+        feats, RouterOptions(threshold="none", steps=60, lr=0.05, top_k=2, confused="keep"), CPU
+    )
+    assert keep.groups == [] and keep.record["confused_pairs"] == fitted.record["confused_pairs"]
+    with torch.no_grad():
+        raw = LearnedRouter(tasks, keep.net, nn.Identity(), keep.temperature, 0.0, 2).decide(
+            torch.softmax(keep.net(x) / keep.temperature, -1)
+        )
+    assert float(spread.max()) < float((raw.weights[:, 0] - raw.weights[:, 1]).abs().max())
+    if group["scale"] == 0.0:
+        torch.testing.assert_close(mix.weights, torch.full_like(mix.weights, 0.5))
+    info = {"features": {"layer": "final", "pooling": "auto"}}
+    path = save_router(fitted, tmp_path / "router", info)
+    assert "confused group t0, t3: its probability is" in router_summary(path)
+    with pytest.raises(DidiError, match="router.confused"):
+        RouterOptions(confused="merge").validate(3)

@@ -620,13 +620,13 @@ def test_group_scale_follows_what_the_router_knows_within_the_group():
 
 
 def test_tasks_sharing_their_inputs_get_their_experts_in_equal_parts(tmp_path):
-    """The fit flattens the pair of tasks that share their inputs (and nothing else); a saved router's
-    mixture then gives an input of that pair both experts at 0.5 each with top-2 sum mixing, while `confused:
-    keep` mixes by the router's noise."""
+    """`confused: calibrate` flattens the pair of tasks that share their inputs (and nothing else); a saved
+    router's mixture then gives an input of that pair both experts at 0.5 each with top-2 sum mixing, while
+    `keep` (the default) mixes by the router's noise."""
     feats = toy_features(3, 60, gap=12.0, seed=2)
     g = torch.Generator().manual_seed(3)
     feats["t3"] = feats["t0"][torch.randperm(60, generator=g)]
-    opts = RouterOptions(threshold="none", steps=60, lr=0.05, top_k=2)
+    opts = RouterOptions(threshold="none", steps=60, lr=0.05, top_k=2, confused="calibrate")
     fitted = fit_router(feats, opts, CPU)
     (group,) = fitted.groups
     assert group["tasks"] == ["t0", "t3"] and group["scale"] <= 0.25

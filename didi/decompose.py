@@ -27,7 +27,7 @@ from didi.artifact import sweep_stale_temps, temp_sibling
 from didi.backbones.base import TensorPlan, Zoo
 from didi.closed_form import GroupTerms
 from didi.errors import DidiError
-from didi.linalg import randomized_svds, svd
+from didi.linalg import randomized_svds, squared_norm64, svd
 from didi.merges import shared_merge_fn
 from didi.progress import stage_bar
 from didi.sources import file_sha256, load_owned
@@ -204,16 +204,16 @@ def numerical_rank(S: torch.Tensor, tol: float) -> int:
 
 
 def _dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Σ x·y in float64: each row's product in the tensors' dtype (for x·x the row's norm, which is scaled
-    against overflow and exact to about 1e-9), the rows summed in float64. Why: converting the matrices to
-    float64 a chunk at a time took 116 ms per 8192×2048 pair, a sixth of a module's randomized decomposition;
-    the rows take 8 ms (x·y) and 2.5 ms (x·x), within 1e-9 of the float64 sum relative to ‖x‖·‖y‖. Small
-    tensors (up to 2^16 values) are summed in float64 outright, exactly."""
+    """Σ x·y in float64: each row's product in the tensors' dtype (for x·x the row's norm:
+    `linalg.squared_norm64`), the rows summed in float64. Why: converting the matrices to float64 a chunk at a
+    time took 116 ms per 8192×2048 pair, a sixth of a module's randomized decomposition; the rows take 8 ms
+    (x·y) and 2.5 ms (x·x), within 1e-9 of the float64 sum relative to ‖x‖·‖y‖. Small tensors (up to 2^16
+    values) are summed in float64 outright, exactly."""
     if x.numel() <= 1 << 16:
         return torch.dot(x.reshape(-1).double(), y.reshape(-1).double())
     X = x.reshape(-1, x.shape[-1])
     if y is x:
-        return torch.linalg.vector_norm(X, dim=-1).double().square().sum()
+        return squared_norm64(X)
     Y = y.reshape(X.shape)
     return (X.unsqueeze(1) @ Y.unsqueeze(2)).double().sum()
 

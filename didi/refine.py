@@ -32,7 +32,7 @@ from didi.allocation import Ranks
 from didi.backbones.base import Zoo
 from didi.datamodules.layers import LayerBatchDataModule
 from didi.decompose import FactorStore, too_big_for_memory
-from didi.linalg import orthonormal, svd
+from didi.linalg import orthonormal, squared_norm64, svd
 from didi.progress import StageProgressBar
 from didi.quantize import fake_quantize, fake_quantize_pair, stored_pair
 from didi.streamed import PHASES, BlockReader, refine_als_streamed
@@ -78,17 +78,16 @@ def shared_matrix(A_s: torch.Tensor, B_s: torch.Tensor | None) -> torch.Tensor:
 
 def residual_sq(X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, minus: torch.Tensor | None = None):
     """‖X − AB (− minus)‖² (float64), the product subtracted inside the GEMM (addmm, β = 1) and the squares
-    summed in one read: one m×n temporary instead of the three of `((X − A@B) ** 2).sum()`. Why: a sweep of
-    `refine_als` on an 8192×2048 matrix spent a third of its time in such element-wise passes (profiled: sub,
-    pow and stack against 48 % in the products). The rows' norms are summed in float64: one fp32 norm of the
-    whole matrix was 1e-3 off here, the rows' 3e-9 (and 14× faster than pow + sum). Under autograd (Adam) the
-    plain form, whose gradient stays finite at a zero residual."""
+    summed in one read (`linalg.squared_norm64`): one m×n temporary instead of the three of
+    `((X − A@B) ** 2).sum()`. Why: a sweep of `refine_als` on an 8192×2048 matrix spent a third of its time
+    in such element-wise passes (profiled: sub, pow and stack against 48 % in the products). Under autograd
+    (Adam) the plain form, whose gradient stays finite at a zero residual."""
     D = torch.addmm(X, A, B, alpha=-1) if A.shape[-1] else X.clone()
     if minus is not None:
         D.sub_(minus)
     if D.requires_grad:
         return D.pow(2).sum()
-    return torch.linalg.vector_norm(D, dim=-1).double().square().sum()
+    return squared_norm64(D)
 
 
 def task_errors(taus: torch.Tensor, A_s, B_s, A_t: list, B_t: list) -> torch.Tensor:
@@ -169,7 +168,9 @@ def refine_als(
     T = taus.shape[0]
     err = task_errors(taus, A_s, B_s, A_t, B_t)
     quantized = expert_dtype != "float32"
-    tau_mean = taus.mean(0) if sweeps else None  # the shared block's target: mean τ − mean_t A_tB_t
+    shared_step = B_s is None or A_s.shape[1] > 0  # a rank-0 shared part has no block to update
+    # the shared block's target is mean τ − mean_t A_tB_t
+    tau_mean = taus.mean(0) if sweeps and shared_step else None
     for _ in range(sweeps):
         Ms = shared_matrix(A_s, B_s)
         for t in range(T):
@@ -182,7 +183,7 @@ def refine_als(
             if e < err[t]:
                 A_t[t], B_t[t], err[t] = A, B, e
             del X
-        if B_s is None or A_s.shape[1]:
+        if shared_step:
             R = tau_mean.clone()  # mean_t(τ_t − A_tB_t), the products accumulated in place (no T×m×n stack)
             for a, b in zip(A_t, B_t):
                 if a.shape[1]:

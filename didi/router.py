@@ -514,15 +514,13 @@ def fit_router(
     temperature = fit_temperature(logits_ca, cy, w_ca)
     probs = torch.softmax(logits_ca / temperature, -1)
     pairs = confused_pairs(logits_ca.argmax(-1), cy, tasks)
-    groups = []
+    groups, columns = [], []
     if opts.confused == "calibrate":
         for names in confused_groups(pairs, tasks):
-            idx = [tasks.index(t) for t in names]
-            groups.append({"tasks": names, "scale": fit_group_scale(probs, cy, w_ca, idx)})
+            columns.append([tasks.index(t) for t in names])
+            groups.append({"tasks": names, "scale": fit_group_scale(probs, cy, w_ca, columns[-1])})
     top1 = probs.argmax(-1)  # the router's own choice (in a flattened group the top-1 is a tie)
-    probs = flatten_groups(
-        probs, [[tasks.index(t) for t in g_["tasks"]] for g_ in groups], [g_["scale"] for g_ in groups]
-    )
+    probs = flatten_groups(probs, columns, [g["scale"] for g in groups])
     p_k, ids_k = probs.topk(min(opts.top_k, len(tasks)), -1)
     conf = p_k.sum(-1)  # what the served mixture rests on: the top-k mass (top-1: the top probability)
     correct = top1 == cy

@@ -47,7 +47,11 @@ class RefineConfig:
     Args:
         optimizer: `als` (closed-form block updates), `adam`, or `none` (keep the truncated SVDs).
         sweeps: ALS sweeps (experts then shared) per matrix.
-        power_iters: subspace iterations per ALS block update.
+        power_iters: subspace iterations inside each ALS block update. 0 (default): one alternating
+            least-squares step per block and sweep, Q = orth(X·Bᵀ), B = QᵀX. Why: the error falls more per
+            product over sweeps than within a block (8192×2048, 4 tasks, ranks 32/96/160: 6 sweeps at 0
+            cost 0.55–0.6× of 4 sweeps at 2, within 0.35 % of its error; 8 sweeps at 0 beat it at every rank;
+            benchmarks/refine_settings.py).
         steps: Adam iterations per matrix.
         lr: Adam step relative to the RMS of each initial factor.
         layer_batch_size: matrices per training step.
@@ -55,8 +59,8 @@ class RefineConfig:
     """
 
     optimizer: Literal["als", "adam", "none"] = "als"
-    sweeps: int = 4
-    power_iters: int = 2
+    sweeps: int = 6
+    power_iters: int = 0
     steps: int = 200
     lr: float = 0.01
     layer_batch_size: int | None = 8
@@ -96,18 +100,57 @@ def task_errors(taus: torch.Tensor, A_s, B_s, A_t: list, B_t: list) -> torch.Ten
     return torch.stack([residual_sq(tau, A, B, minus=Ms) for tau, A, B in zip(taus, A_t, B_t)])
 
 
-def _best_rank_r(
-    X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, iters: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-r approximation of X by subspace iteration from the column space of A; returns (A', B')
-    with B' = QᵀX."""
-    r = A.shape[1]
-    if r == 0:
-        return A, B
-    Q = orthonormal(X @ B.T if B.abs().sum() > 0 else A)
+class _Target:
+    """The matrix X = D − Σ A·B a block update fits, given by D (τ_t or mean τ, m×n) and low-rank terms,
+    and used only through products: X·Z = D·Z − A(B·Z), Xᵀ·Q = Dᵀ·Q − Bᵀ(Aᵀ·Q). Why: forming X, and
+    the shared part A_sB_s or the experts' mean it subtracts, cost m×n passes per update that were as slow
+    as the products themselves at ranks near 32 (8192×2048, 4 tasks)."""
+
+    def __init__(self, D: torch.Tensor, terms: list) -> None:
+        self.D, self.terms = D, [(A, B) for A, B in terms if A.shape[1]]
+
+    def right(self, Z: torch.Tensor) -> torch.Tensor:
+        Y = self.D @ Z
+        for A, B in self.terms:
+            Y.sub_(A @ (B @ Z))
+        return Y
+
+    def left(self, Q: torch.Tensor) -> torch.Tensor:
+        W = self.D.T @ Q
+        for A, B in self.terms:
+            W.sub_(B.T @ (A.T @ Q))
+        return W
+
+    def dense(self) -> torch.Tensor:
+        X = self.D.clone()
+        for A, B in self.terms:
+            X.addmm_(A, B, alpha=-1)
+        return X
+
+
+def _best_rank_r(X: _Target, A: torch.Tensor, P: torch.Tensor | None, iters: int) -> tuple:
+    """Rank-r approximation of X by subspace iteration from P = X·Bᵀ, the product with the current factors
+    (from the column space of A when B is zero: P None); returns (Q, QᵀX), Q with orthonormal columns."""
+    Q = orthonormal(A if P is None else P)
     for _ in range(iters):
-        Q = orthonormal(X @ (X.T @ Q))
-    return Q, Q.T @ X
+        Q = orthonormal(X.right(X.left(Q)))
+    return Q, X.left(Q).T.contiguous()
+
+
+def _start(X: _Target, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor | None:
+    """X·Bᵀ, the product that starts a block's subspace iteration and gives its current fit (`explained`);
+    None when B is zero (a start from A alone)."""
+    return X.right(B.T) if bool(B.abs().sum() > 0) else None
+
+
+def explained(P: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """‖X‖² − ‖X − AB‖² = 2⟨X·Bᵀ, A⟩ − ⟨AᵀA, BBᵀ⟩ (float64), from P = X·Bᵀ (None: B is zero, nothing
+    explained): how much of X the factors explain, from m×r and r×r terms only. A fit Q, QᵀX with Q
+    orthonormal explains ‖QᵀX‖², so comparing the two decides an update without the m×n residual."""
+    if P is None:
+        return torch.zeros((), dtype=torch.float64, device=A.device)
+    cross = (P.double() * A.double()).sum()
+    return 2 * cross - ((A.T @ A).double() * (B @ B.T).double()).sum()
 
 
 def _solve_right(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
@@ -160,41 +203,56 @@ def refine_als(
 ):
     """Exact block-coordinate descent; each accepted block update lowers the total error.
 
+    No m×n matrix is formed (docs/method.md §6.1): a block's target, τ_t − A_sB_s for an expert and
+    mean_t(τ_t − A_tB_t) for the shared part, is used through its products (`_Target`), and an update is kept
+    when the new fit explains more of the target than the current factors do (`explained`: the same test as
+    comparing the errors, without the residuals). Why: residuals, targets and their norms were half of a
+    sweep's time at rank 32 on an 8192×2048 matrix with 4 tasks (benchmarks/refine_settings.py).
+
     `expert_dtype` int8 / nf4 / bfloat16: quantization-aware (docs/method.md §9.2). The experts come in and go
     out quantized (fake-quantized: dequantized values in the compute dtype); an expert's update is the float
-    best rank-r fit of its residual followed by `quantized_fit`, kept only if the error of the quantized pair
-    drops; the shared block is solved against the quantized experts. The errors compared are therefore those
-    of what is stored."""
+    best rank-r fit of its residual followed by `quantized_fit` (which needs the residual itself), kept if
+    the error of the quantized pair drops; the shared block is solved against the quantized experts. The
+    errors compared are therefore those of what is stored. A folded shared part (B_s None, dense) is the exact
+    optimum mean_t(τ_t − A_tB_t) at every sweep."""
     T = taus.shape[0]
-    err = task_errors(taus, A_s, B_s, A_t, B_t)
     quantized = expert_dtype != "float32"
-    shared_step = B_s is None or A_s.shape[1] > 0  # a rank-0 shared part has no block to update
-    # the shared block's target is mean τ − mean_t A_tB_t
+    folded = B_s is None
+    shared_step = folded or A_s.shape[1] > 0  # a rank-0 shared part has no block to update
     tau_mean = taus.mean(0) if sweeps and shared_step else None
     for _ in range(sweeps):
-        Ms = shared_matrix(A_s, B_s)
         for t in range(T):
-            X = taus[t] - Ms
-            A, B = _best_rank_r(X, A_t[t], B_t[t], power_iters)
-            if quantized and A.shape[1]:
-                A, B, e = quantized_fit(X, A, B, expert_dtype)
+            if not A_t[t].shape[1]:
+                continue
+            if folded:  # τ_t − M_s with M_s dense
+                X = _Target(taus[t] - A_s, [])
             else:
-                e = residual_sq(X, A, B)
-            if e < err[t]:
-                A_t[t], B_t[t], err[t] = A, B, e
+                X = _Target(taus[t], [(A_s, B_s)])
+            P = _start(X, A_t[t], B_t[t])
+            Q, B = _best_rank_r(X, A_t[t], P, power_iters)
+            if quantized:
+                D = X.dense()
+                x_sq = squared_norm64(D)
+                A, B, e = quantized_fit(D, Q, B, expert_dtype)
+                better = e < x_sq - explained(P, A_t[t], B_t[t])
+                del D
+            else:
+                A, better = Q, squared_norm64(B) > explained(P, A_t[t], B_t[t])
+            if better:
+                A_t[t], B_t[t] = A, B
             del X
-        if shared_step:
-            R = tau_mean.clone()  # mean_t(τ_t − A_tB_t), the products accumulated in place (no T×m×n stack)
-            for a, b in zip(A_t, B_t):
-                if a.shape[1]:
-                    R.addmm_(a, b, alpha=-1.0 / T)
-            # folded (B_s None): the dense optimum, no rank constraint; else the best rank-r_s fit of the mean
-            A, B = (R, None) if B_s is None else _best_rank_r(R, A_s, B_s, power_iters)
-            M = shared_matrix(A, B)
-            new = torch.stack([residual_sq(taus[t], A_t[t], B_t[t], minus=M) for t in range(T)])
-            del M
-            if new.sum() < err.sum():
-                A_s, B_s, err = A, B, new
+        if not shared_step:
+            continue
+        # Σ_t ‖τ_t − A_tB_t − M‖² = T·‖R − M‖² + const with R = mean_t(τ_t − A_tB_t): the total drops iff
+        # the shared fit of R explains more of it
+        R = _Target(tau_mean, [(a / T, b) for a, b in zip(A_t, B_t)])
+        if folded:
+            A_s = R.dense()
+            continue
+        P = _start(R, A_s, B_s)
+        Q, B = _best_rank_r(R, A_s, P, power_iters)
+        if squared_norm64(B) > explained(P, A_s, B_s):
+            A_s, B_s = Q, B
     return A_s, B_s, A_t, B_t
 
 

@@ -226,7 +226,7 @@ def decompose_batch(
     consume: bool = False,
     svd_method: str = "full",
     oversample: int = 32,
-    power_iters: int = 4,
+    power_iters: int = 3,
 ) -> list[tuple[dict[str, torch.Tensor], int, list[int]]]:
     """SVDs and inner products of B same-shape matrices, taus [B,T,m,n] on the compute device/dtype.
 
@@ -364,7 +364,7 @@ class DecomposeConfig:
     batch_mb: int | None = None
     svd: Literal["auto", "full", "randomized"] = "auto"
     oversample: int = 32
-    power_iters: int = 4
+    power_iters: int = 3
     stream_mb: int | None = 2048
 
     def validate(self) -> None:

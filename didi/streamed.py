@@ -337,7 +337,7 @@ def decompose_streamed(
     plan: TensorPlan,
     K: int,
     oversample: int = 32,
-    power_iters: int = 4,
+    power_iters: int = 3,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     row_block: int | None = None,

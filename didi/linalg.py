@@ -50,6 +50,17 @@ def squared_norm64(X: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(X, dim=-1).double().square().sum()
 
 
+def explained(P: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """‖X‖² − ‖X − AB‖² = 2⟨X·Bᵀ, A⟩ − ⟨AᵀA, BBᵀ⟩ (float64), from P = X·Bᵀ (None: B is zero, nothing
+    explained): how much of X the factors explain, from m×r and r×r terms only. A fit Q, QᵀX with Q
+    orthonormal explains ‖QᵀX‖², so comparing the two decides an ALS update without the m×n residual
+    (docs/method.md §6.1)."""
+    if P is None:
+        return torch.zeros((), dtype=torch.float64, device=A.device)
+    cross = (P.double() * A.double()).sum()
+    return 2 * cross - ((A.T @ A).double() * (B @ B.T).double()).sum()
+
+
 def each_on_one_thread(fn: Callable[[_X], _Y], xs: Sequence[_X]) -> list[_Y]:
     """[fn(x) for x in xs], on the CPU several at once, each call on one thread of its own.
 

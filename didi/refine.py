@@ -32,7 +32,7 @@ from didi.allocation import Ranks
 from didi.backbones.base import Zoo
 from didi.datamodules.layers import LayerBatchDataModule
 from didi.decompose import FactorStore, too_big_for_memory
-from didi.linalg import orthonormal, squared_norm64, svd
+from didi.linalg import explained, orthonormal, squared_norm64, svd
 from didi.progress import StageProgressBar
 from didi.quantize import fake_quantize, fake_quantize_pair, stored_pair
 from didi.streamed import PHASES, BlockReader, refine_als_streamed
@@ -141,16 +141,6 @@ def _start(X: _Target, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor | None:
     """X·Bᵀ, the product that starts a block's subspace iteration and gives its current fit (`explained`);
     None when B is zero (a start from A alone)."""
     return X.right(B.T) if bool(B.abs().sum() > 0) else None
-
-
-def explained(P: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """‖X‖² − ‖X − AB‖² = 2⟨X·Bᵀ, A⟩ − ⟨AᵀA, BBᵀ⟩ (float64), from P = X·Bᵀ (None: B is zero, nothing
-    explained): how much of X the factors explain, from m×r and r×r terms only. A fit Q, QᵀX with Q
-    orthonormal explains ‖QᵀX‖², so comparing the two decides an update without the m×n residual."""
-    if P is None:
-        return torch.zeros((), dtype=torch.float64, device=A.device)
-    cross = (P.double() * A.double()).sum()
-    return 2 * cross - ((A.T @ A).double() * (B @ B.T).double()).sum()
 
 
 def _solve_right(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 from didi import linalg
 from didi.backbones.base import TensorPlan, Zoo
 from didi.errors import DidiError
-from didi.linalg import squared_norm64, svd
+from didi.linalg import explained, squared_norm64, svd
 from didi.quantize import stored_pair
 from didi.sources import _ST_DTYPES, TensorSource
 
@@ -463,8 +463,8 @@ def _pass(
     - right {key: (source, Z n×w)}: Y = source·Z [m, w], row block by row block;
     - left {key: (source, Q m×w)}: W = sourceᵀ·Q [n, w], summed over the blocks;
     - residuals [(t, terms)]: ‖τ_t − Σ common − Σ terms‖² [J] float64, summed over the blocks, each block's
-      residual formed in full (never expanded as ‖X‖² − ‖QᵀX‖², which cancels: the accept tests compare
-      errors that differ in their last digits).
+      residual formed in full (never expanded as ‖X‖² − ‖QᵀX‖², which cancels): the errors reported before
+      and after the refinement. The accept tests between need none (`linalg.explained`).
 
     Why products with τ_t and their mean, not with the targets (τ_t − A_sB_s, mean_t(τ_t − A_tB_t)): a target
     differs from them by low-rank terms whose products cost (m + n)·r·w instead of m·n·r per pass, so the
@@ -510,10 +510,12 @@ def _best_rank_r(
     A: dict[int, torch.Tensor],
     Y0: dict[int, torch.Tensor],
     iters: int,
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    right: dict | None = None,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], dict]:
     """`refine._best_rank_r` of the matrices X_j = source_j − Σ minus_j (all in lockstep, so that each pass
     reads each row block once): Q = orth(X_j B_jᵀ) (`Y0[j]`, that product, computed by the caller's previous
-    pass) or orth(A_j) where j has no Y0, then `iters` times Q = orth(X (XᵀQ)); returns (Q, QᵀX).
+    pass) or orth(A_j) where j has no Y0, then `iters` times Q = orth(X (XᵀQ)); returns (Q, QᵀX, Y) with Y
+    the `right` products (`_pass`) taken in the last pass, which the caller's next step starts from.
 
     The products with X_j are those with source_j less the low-rank terms' (`_pass`)."""
     Q = dict(zip(A, orthonormal_all([Y0[j] if j in Y0 else A[j] for j in A])))
@@ -522,8 +524,8 @@ def _best_rank_r(
         Z = {j: _minus_left(W[j], minus[j], Q[j]) for j in Q}
         Y, _, _ = _pass(rows, right={j: (source[j], Z[j]) for j in Q})
         Q = dict(zip(Q, orthonormal_all([_minus_right(Y[j], minus[j], Z[j]) for j in Q])))
-    _, W, _ = _pass(rows, left={j: (source[j], Q[j]) for j in Q})
-    return Q, {j: _minus_left(W[j], minus[j], Q[j]).T.contiguous() for j in Q}
+    Y, W, _ = _pass(rows, right=right, left={j: (source[j], Q[j]) for j in Q})
+    return Q, {j: _minus_left(W[j], minus[j], Q[j]).T.contiguous() for j in Q}, Y
 
 
 def _minus_right(Y: torch.Tensor, terms: Terms, Z: torch.Tensor) -> torch.Tensor:
@@ -565,10 +567,11 @@ def refine_als_streamed(
     the total error. So the error never increases. Every product (X Bᵀ, XᵀQ, QᵀX, the errors) is accumulated
     over row blocks of τ_t = task rows − base rows (`read_rows(start, stop)` → [T, rows, n]; it may return a
     buffer that its next call overwrites); the T experts iterate in lockstep, so a pass reads each block once
-    for all of them. A step's first product X·Bᵀ is taken in the previous step's error pass (`_pass`), so
-    a sweep is 2·(2·power_iters + 2) passes, plus one for the starting errors. The results equal
-    `refine_als` on the same inputs up to float rounding (an accept test that ties to the last digit may go
-    either way). `read_rows.close()`, where it has one, is called at the end.
+    for all of them. A step's first product X·Bᵀ is taken in the previous step's last pass (`_pass`), and an
+    update is kept when it explains more of its target (`linalg.explained`), which needs no residual, so a
+    sweep is 2·(2·power_iters + 1) passes, plus one for the starting errors and one for the final ones. The
+    results equal `refine_als` on the same inputs up to float rounding (an accept test that ties to the last
+    digit may go either way). `read_rows.close()`, where it has one, is called at the end.
 
     Factors are low-rank only: a folded shared part (B_s None, a dense m×n M_s) is not streamed, since it is
     the very m×n matrix streaming avoids holding. Compute dtype and device are A_s's. `row_block` default:
@@ -596,13 +599,15 @@ def refine_als_streamed(
         err_before = err.clone()
         for sweep in range(sweeps):
             last = sweep == sweeps - 1
-            A_t, B_t, err, Y0 = _expert_step(rows, A_s, B_s, A_t, B_t, err, power_iters, Y0)
+            A_t, B_t, Y0 = _expert_step(rows, A_s, B_s, A_t, B_t, power_iters, Y0)
             if A_s.shape[1]:
-                A_s, B_s, err, Y0 = _shared_step(rows, A_s, B_s, A_t, B_t, err, power_iters, Y0, last)
+                A_s, B_s, Y0 = _shared_step(rows, A_s, B_s, A_t, B_t, power_iters, Y0, last)
         if expert_dtype != "float32":
             pairs = [stored_pair(A, B, expert_dtype) for A, B in zip(A_t, B_t)]
             A_t, B_t = [p[1] for p in pairs], [p[2] for p in pairs]
+        if sweeps or expert_dtype != "float32":  # the errors of what is returned
             _, _, err = _pass(rows, residuals=_errors(A_s, B_s, A_t, B_t))
+        if expert_dtype != "float32":
             if float(err.sum()) >= float(err_before.sum()):
                 A_s, B_s, A_t, B_t = start
                 err = err_before.clone()
@@ -622,45 +627,43 @@ def _expert_starts(B_t: list) -> dict:
 
 
 def _expert_step(
-    rows: _TaskRows, A_s, B_s, A_t: list, B_t: list, err: torch.Tensor, iters: int, Y0: dict
-) -> tuple[list, list, torch.Tensor, dict]:
-    """Every expert of rank > 0 refitted to X_t = τ_t − A_sB_s together; each kept if its error drops.
-    `Y0`: τ_t·B_tᵀ from the previous pass; returns the shared step's τ̄·B_sᵀ (key "s") from the error pass."""
+    rows: _TaskRows, A_s, B_s, A_t: list, B_t: list, iters: int, Y0: dict
+) -> tuple[list, list, dict]:
+    """Every expert of rank > 0 refitted to X_t = τ_t − A_sB_s together; each kept if it explains more of X_t
+    than the current factors (`linalg.explained`: its error drops). `Y0`: τ_t·B_tᵀ from the previous pass;
+    returns the shared step's τ̄·B_sᵀ (key "s"), taken in this step's last pass."""
     active = [t for t in range(rows.T) if A_t[t].shape[1]]
     shared_start = {"s": ("mean", B_s.T)} if A_s.shape[1] and B_s.abs().sum() > 0 else {}
     if not active:
         Y, _, _ = _pass(rows, right=shared_start) if shared_start else ({}, None, None)
-        return A_t, B_t, err, Y
+        return A_t, B_t, Y
     missing = {k: v for k, v in _expert_starts(B_t).items() if k not in Y0 and k[1] in active}
     if missing:  # no previous pass took them (no shared step before this one)
         Y0 = {**Y0, **_pass(rows, right=missing)[0]}
     minus = {t: [(A_s, B_s)] for t in active}
     starts = {t: _minus_right(Y0[("x", t)], minus[t], B_t[t].T) for t in active if ("x", t) in Y0}
-    Q, Bn = _best_rank_r(rows, {t: t for t in active}, minus, {t: A_t[t] for t in active}, starts, iters)
-    candidates = [(t, [(Q[t], Bn[t])]) for t in active]
-    Y, _, e = _pass(rows, right=shared_start, common=[(A_s, B_s)], residuals=candidates)
-    A_t, B_t, err = list(A_t), list(B_t), err.clone()
-    for j, t in enumerate(active):
-        if e[j] < err[t]:
-            A_t[t], B_t[t], err[t] = Q[t], Bn[t], e[j]
-    return A_t, B_t, err, Y
+    Q, Bn, Y = _best_rank_r(
+        rows, {t: t for t in active}, minus, {t: A_t[t] for t in active}, starts, iters, right=shared_start
+    )
+    A_t, B_t = list(A_t), list(B_t)
+    for t in active:
+        if squared_norm64(Bn[t]) > explained(starts.get(t), A_t[t], B_t[t]):
+            A_t[t], B_t[t] = Q[t], Bn[t]
+    return A_t, B_t, Y
 
 
 def _shared_step(
-    rows: _TaskRows, A_s, B_s, A_t: list, B_t: list, err: torch.Tensor, iters: int, Y0: dict, last: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-    """The shared factors refitted to mean_t(τ_t − A_tB_t); kept if the total error drops. `Y0`: τ̄·B_sᵀ
-    from the previous pass; returns the next sweep's expert starts τ_t·B_tᵀ (none after the `last` sweep)."""
+    rows: _TaskRows, A_s, B_s, A_t: list, B_t: list, iters: int, Y0: dict, last: bool
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The shared factors refitted to R = mean_t(τ_t − A_tB_t); kept if they explain more of R than the
+    current ones (the total error drops: Σ_t ‖τ_t − A_tB_t − M‖² = T·‖R − M‖² + const). `Y0`: τ̄·B_sᵀ from
+    the previous pass; returns the next sweep's expert starts τ_t·B_tᵀ (none after the `last` sweep), taken in
+    this step's last pass."""
     T = rows.T
     minus = {0: [(A / T, B) for A, B in zip(A_t, B_t) if A.shape[1]]}
     starts = {0: _minus_right(Y0["s"], minus[0], B_s.T)} if "s" in Y0 else {}
-    (Q,), (Bn,) = (list(d.values()) for d in _best_rank_r(rows, {0: "mean"}, minus, {0: A_s}, starts, iters))
-    Y, _, new = _pass(
-        rows,
-        right={} if last else _expert_starts(B_t),
-        common=[(Q, Bn)],
-        residuals=[(t, [(A_t[t], B_t[t])]) for t in range(T)],
-    )
-    if new.sum() < err.sum():
-        return Q, Bn, new, Y
-    return A_s, B_s, err, Y
+    nxt = {} if last else _expert_starts(B_t)
+    Q, Bn, Y = _best_rank_r(rows, {0: "mean"}, minus, {0: A_s}, starts, iters, right=nxt)
+    if squared_norm64(Bn[0]) > explained(starts.get(0), A_s, B_s):
+        return Q[0], Bn[0], Y
+    return A_s, B_s, Y

@@ -175,15 +175,26 @@ def _widths(store: FactorStore, cap: int) -> list[int]:
 
 
 def greedy_ranks(
-    store: FactorStore, target: float, policy: Policy, cap: int | None = None, pricing: Pricing | None = None
+    store: FactorStore,
+    target: float,
+    policy: Policy,
+    cap: int | None = None,
+    pricing: Pricing | None = None,
+    caches: dict | None = None,
 ):
-    """Greedy marginal-gain allocation from zero at width `cap` (grown until no module is cut by it)."""
+    """Greedy marginal-gain allocation from zero at width `cap` (grown until no module is cut by it).
+    `caches`: receives the TermsCache of the last widths, for the caller to reuse (the search usually runs
+    at the greedy's last widths: computing the closed-form terms again was a tenth of a Llama-1B-shaped
+    search)."""
     K_max = max(e.K for e in store.matrices)
     cap = min(K_max, cap or 128)
+    caches = {} if caches is None else caches
     while True:
         widths = _widths(store, cap)
         problem = rank_problem(store, widths, policy, pricing)
-        cache = TermsCache(store, widths)
+        cache = caches.get(tuple(widths)) or TermsCache(store, widths)
+        caches.clear()  # only the last widths' terms are kept: an earlier width's are never asked for again
+        caches[tuple(widths)] = cache
         alloc = Allocator(cache.groups(list(range(len(widths))), torch.float64), problem)
         budget = problem.max_elements(target)
         L_, T = problem.bound_t.shape
@@ -277,7 +288,8 @@ def allocate(
     K_max = max(e.K for e in store.matrices)
     problem_full = rank_problem(store, [e.K for e in store.matrices], policy, pricing)
     problem_full.check(target)
-    g_s, g_t, g_cap, lam = greedy_ranks(store, target, policy, pricing=pricing)
+    caches: dict = {}
+    g_s, g_t, g_cap, lam = greedy_ranks(store, target, policy, pricing=pricing, caches=caches)
     cap = min(K_max, scfg.rank_cap or max(32, 2 * int(max(g_s.max(), g_t.max()))))
     widths = _widths(store, cap)
     problem = rank_problem(store, widths, policy, pricing)
@@ -288,7 +300,7 @@ def allocate(
         widths = _widths(store, cap)
         problem = rank_problem(store, widths, policy, pricing)
     problem.check(target)
-    cache = TermsCache(store, widths)
+    cache = caches.get(tuple(widths)) or TermsCache(store, widths)
     everything = list(range(len(widths)))
     alloc = Allocator(cache.groups(everything, torch.float64), problem)
     budget = problem.max_elements(target)

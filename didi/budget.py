@@ -178,53 +178,61 @@ class Allocator:
     def greedy_fill(
         self, r_s: torch.Tensor, r_t: torch.Tensor, max_elements: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add single rank units by largest gain per element while they fit; returns new integer ranks."""
+        """Add single rank units by largest gain per element while they fit; returns new integer ranks.
+
+        A heap of candidates (gain per element, matrix, module); accepting a unit changes every candidate of
+        its matrix (cross terms), so the matrix's version is bumped, its older entries are skipped when they
+        come up, and its new candidates are pushed. Why versions, and Python lists beside the tensors: the
+        filtered re-heapify and the per-element tensor reads of an earlier form made this loop half of a
+        Llama-1B-shaped search (profiled)."""
         p = self.problem
         r_s, r_t = r_s.clone().long(), r_t.clone().long()
         left = max_elements - int(p.elements(r_s, r_t) - p.fixed_elements)
-        unit_s, unit_t = p.unit_s, p.unit_t
+        unit_s, unit_t = p.unit_s.tolist(), p.unit_t.tolist()
+        bound_s, bound_t = p.bound_s.tolist(), p.bound_t.tolist()
+        rank_s, rank_t = r_s.tolist(), r_t.tolist()  # the ranks as Python ints, kept equal to r_s, r_t
+        version = [0] * len(rank_s)
         heap: list = []
         where = {}  # global matrix -> (group, position)
         for g, (idx, _) in enumerate(self.groups):
             for pos, l in enumerate(idx.tolist()):
                 where[l] = (g, pos)
 
-        def push_gains(ls: list[int], gs: torch.Tensor, gt: torch.Tensor) -> None:
-            for i, l in enumerate(ls):
-                us, ut = float(unit_s[l]), float(unit_t[l])
-                if r_s[l] < p.bound_s[l] and gs[i] > 0:
-                    heap.append((-float(gs[i]) / us, l, -1, int(r_s[l])))
-                for t in range(self.T):
-                    if r_t[l, t] < p.bound_t[l, t] and gt[i, t] > 0:
-                        heap.append((-float(gt[i, t]) / ut, l, t, int(r_t[l, t])))
-
-        def push(l: int) -> None:
-            g, pos = where[l]
-            idx, terms = self.groups[g]
-            one = GroupTerms(*(getattr(terms, f)[pos : pos + 1] for f in GroupTerms.__dataclass_fields__))
-            push_gains([l], *self._gains(idx[pos : pos + 1], one, r_s, r_t))
-            heapq.heapify(heap)
+        def candidates(ls: list[int], gs: torch.Tensor, gt: torch.Tensor) -> list:
+            out = []
+            for l, g_s, g_t in zip(ls, gs.tolist(), gt.tolist()):
+                v = version[l]
+                if rank_s[l] < bound_s[l] and g_s > 0:
+                    out.append((-g_s / unit_s[l], l, -1, v))
+                for t, g in enumerate(g_t):
+                    if rank_t[l][t] < bound_t[l][t] and g > 0:
+                        out.append((-g / unit_t[l], l, t, v))
+            return out
 
         for idx, terms in self.groups:  # all matrices at once, then one matrix per accepted unit
-            push_gains(idx.tolist(), *self._gains(idx, terms, r_s, r_t))
+            heap += candidates(idx.tolist(), *self._gains(idx, terms, r_s, r_t))
         heapq.heapify(heap)
         while heap:
-            neg_gain, l, t, r_then = heapq.heappop(heap)
-            current = int(r_s[l]) if t < 0 else int(r_t[l, t])
-            if current != r_then:
+            neg_gain, l, t, v = heapq.heappop(heap)
+            if v != version[l]:
                 continue  # stale entry (the matrix changed since)
             u = int(unit_s[l] if t < 0 else unit_t[l])
             if u > left:
                 continue
             if t < 0:
                 r_s[l] += 1
+                rank_s[l] += 1
             else:
                 r_t[l, t] += 1
+                rank_t[l][t] += 1
             left -= u
             self.last_gain = -neg_gain
-            # every candidate of matrix l changes (cross terms): drop its stale entries lazily and re-push
-            heap = [h for h in heap if h[1] != l]
-            push(l)
+            version[l] += 1
+            g, pos = where[l]
+            idx, terms = self.groups[g]
+            one = GroupTerms(*(getattr(terms, f)[pos : pos + 1] for f in GroupTerms.__dataclass_fields__))
+            for entry in candidates([l], *self._gains(idx[pos : pos + 1], one, r_s, r_t)):
+                heapq.heappush(heap, entry)
         return r_s, r_t
 
     def removal_losses(self, r_s: torch.Tensor, r_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,3 +106,53 @@ def test_marginal_gains_are_exact_error_differences(tmp_path, fast):
                 assert float(gt[pos, t]) == pytest.approx(
                     e0 - alloc.error(r_s, b) * alloc.tau_total, rel=1e-7, abs=1e-9
                 )
+
+
+@pytest.mark.parametrize("target", [1.05, 1.2])
+def test_greedy_fill_equals_a_literal_greedy(tmp_path, fast, target):
+    """The heap with versioned entries takes the units a literal greedy takes: every step recomputes every
+    module's exact gain (`Allocator.error`), takes the best gain per element among those that fit, and
+    drops for good a unit that does not fit until its matrix changes (as the heap discards it)."""
+    zoo, store = _store(tmp_path, fast, T=3, width=12, layers=2, noise=0.1)
+    widths = [e.K for e in store.matrices]
+    problem = rank_problem(store, widths, "shared")
+    cache = TermsCache(store, widths)
+    alloc = Allocator(cache.groups(list(range(len(widths))), torch.float64), problem)
+    L, T = problem.bound_t.shape
+    budget = problem.max_elements(target)
+    got = alloc.greedy_fill(torch.zeros(L, dtype=torch.long), torch.zeros(L, T, dtype=torch.long), budget)
+
+    r_s, r_t = torch.zeros(L, dtype=torch.long), torch.zeros(L, T, dtype=torch.long)
+    left = budget - int(problem.elements(r_s, r_t) - problem.fixed_elements)
+    dead: set = set()  # (matrix, module) that did not fit, until the matrix changes
+    while True:
+        e0 = alloc.error(r_s, r_t) * alloc.tau_total
+        best = None
+        for l in range(L):
+            for t in range(-1, T):
+                if (l, t) in dead:
+                    continue
+                a, b = r_s.clone(), r_t.clone()
+                if t < 0:
+                    if r_s[l] >= problem.bound_s[l]:
+                        continue
+                    a[l] += 1
+                    unit = int(problem.unit_s[l])
+                else:
+                    if r_t[l, t] >= problem.bound_t[l, t]:
+                        continue
+                    b[l, t] += 1
+                    unit = int(problem.unit_t[l])
+                gain = e0 - alloc.error(a, b) * alloc.tau_total
+                if gain > 1e-9 * e0 and (best is None or (-gain / unit, l, t) < best[0]):
+                    best = ((-gain / unit, l, t), l, t, unit, a, b)
+        if best is None:
+            break
+        _, l, t, unit, a, b = best
+        if unit > left:
+            dead.add((l, t))
+            continue
+        r_s, r_t, left = a, b, left - unit
+        dead = {d for d in dead if d[0] != l}
+    assert torch.equal(got[0], r_s) and torch.equal(got[1], r_t)
+    assert int(problem.elements(r_s, r_t) - problem.fixed_elements) <= budget

@@ -304,7 +304,7 @@ def child(args: list[str]) -> dict:
 
 #: Llama-3.1-8B: one decoder layer's projections, 32 layers, its two untied 128256×4096 embeddings
 L8B = {"layer": L8B_LAYER, "layers": L8B_LAYERS, "embeddings": L8B_EMB, "params": 8_030_261_248}
-OVERSAMPLE, POWER_ITERS = 32, 4  # DecomposeConfig's defaults, which the measured rows ran with
+OVERSAMPLE = 32  # DecomposeConfig.oversample, which the measured rows ran with
 
 
 def width(budget: float, params: int, shapes: list[tuple[int, int]], T: int) -> int:

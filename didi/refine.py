@@ -49,9 +49,10 @@ class RefineConfig:
         sweeps: ALS sweeps (experts then shared) per matrix.
         power_iters: subspace iterations inside each ALS block update. 0 (default): one alternating
             least-squares step per block and sweep, Q = orth(X·Bᵀ), B = QᵀX. Why: the error falls more per
-            product over sweeps than within a block (8192×2048, 4 tasks, ranks 32/96/160: 6 sweeps at 0
-            cost 0.55–0.6× of 4 sweeps at 2, within 0.35 % of its error; 8 sweeps at 0 beat it at every rank;
-            benchmarks/refine_settings.py).
+            product over sweeps than within a block: 8 sweeps at 0 take 80 products with the task vectors
+            per matrix (T = 4) where 4 sweeps at 2 took 120, and end lower at ranks 32, 96 and 160 of an
+            8192×2048 matrix (benchmarks/refine_settings.py) and on a Llama-1B-shaped 2-layer zoo at 1.05×
+            (ranks near 12); 6 sweeps ended 1.1 % higher there.
         steps: Adam iterations per matrix.
         lr: Adam step relative to the RMS of each initial factor.
         layer_batch_size: matrices per training step.
@@ -59,7 +60,7 @@ class RefineConfig:
     """
 
     optimizer: Literal["als", "adam", "none"] = "als"
-    sweeps: int = 6
+    sweeps: int = 8
     power_iters: int = 0
     steps: int = 200
     lr: float = 0.01

@@ -97,8 +97,8 @@ def randomized_svd(
     to the true ones depends on the spectrum (they are never larger). The seed makes the factors reproducible.
     Defaults: 32 extra columns and 3 power iterations keep σ_1..σ_{K/2} within 5e-4 relative on power-law
     spectra σ_i ∝ i^−0.5 to −0.9 (tests/test_randomized_svd.py; 2 iterations: 3e-3, 4: 6e-5). The refinement
-    re-fits the factors, so fewer iterations cost the merge nothing beyond the σ's the search reads
-    (benchmarks/refine_settings.py: the refined error is the same from 2, 3 or 4).
+    re-fits the factors, so fewer iterations cost the merge little beyond the σ's the search reads
+    (benchmarks/refine_settings.py: at fixed ranks the refined error is the same from 2, 3 or 4).
     """
     return randomized_svds([M], K, oversample, power_iters, [seed])[0]
 

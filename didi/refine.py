@@ -52,7 +52,7 @@ class RefineConfig:
             product over sweeps than within a block: 8 sweeps at 0 take 80 products with the task vectors
             per matrix (T = 4) where 4 sweeps at 2 took 120, and end lower at ranks 32, 96 and 160 of an
             8192×2048 matrix (benchmarks/refine_settings.py) and on a Llama-1B-shaped 2-layer zoo at 1.05×
-            (ranks near 12); 6 sweeps ended 1.1 % higher there.
+            (ranks near 12; a one-off run); 6 sweeps ended higher there.
         steps: Adam iterations per matrix.
         lr: Adam step relative to the RMS of each initial factor.
         layer_batch_size: matrices per training step.

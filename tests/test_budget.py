@@ -26,6 +26,15 @@ def _store(tmp_path, fast, **kw):
     return zoo, decompose(zoo, fast[0], progress=False)
 
 
+def _allocator(tmp_path, fast, layers: int):
+    """The exact allocator of a 3-task zoo's store at full width: (problem, allocator, L, T)."""
+    _, store = _store(tmp_path, fast, T=3, width=12, layers=layers, noise=0.1)
+    widths = [e.K for e in store.matrices]
+    problem = rank_problem(store, widths, "shared")
+    alloc = Allocator(TermsCache(store, widths).groups(list(range(len(widths))), torch.float64), problem)
+    return (problem, alloc, *problem.bound_t.shape)
+
+
 @pytest.mark.parametrize("target", [1.02, 1.1, 1.24, 1.5])
 @pytest.mark.parametrize("allocation", ["search", "greedy", "uniform"])
 def test_budget_never_exceeded_and_within_one_unit(tmp_path, fast, target, allocation):
@@ -82,12 +91,7 @@ def test_planted_ranks_recovered_when_budget_fits_them(tmp_path, fast, allocatio
 
 
 def test_marginal_gains_are_exact_error_differences(tmp_path, fast):
-    zoo, store = _store(tmp_path, fast, T=3, width=12, layers=1, noise=0.1)
-    widths = [e.K for e in store.matrices]
-    problem = rank_problem(store, widths, "shared")
-    cache = TermsCache(store, widths)
-    alloc = Allocator(cache.groups(list(range(len(widths))), torch.float64), problem)
-    L, T = problem.bound_t.shape
+    problem, alloc, L, T = _allocator(tmp_path, fast, layers=1)
     g = torch.Generator().manual_seed(0)
     r_s = torch.randint(0, 5, (L,), generator=g)
     r_t = torch.randint(0, 5, (L, T), generator=g)
@@ -113,12 +117,7 @@ def test_greedy_fill_equals_a_literal_greedy(tmp_path, fast, target):
     """The heap with versioned entries takes the units a literal greedy takes: every step recomputes every
     module's exact gain (`Allocator.error`), takes the best gain per element among those that fit, and
     drops for good a unit that does not fit until its matrix changes (as the heap discards it)."""
-    zoo, store = _store(tmp_path, fast, T=3, width=12, layers=2, noise=0.1)
-    widths = [e.K for e in store.matrices]
-    problem = rank_problem(store, widths, "shared")
-    cache = TermsCache(store, widths)
-    alloc = Allocator(cache.groups(list(range(len(widths))), torch.float64), problem)
-    L, T = problem.bound_t.shape
+    problem, alloc, L, T = _allocator(tmp_path, fast, layers=2)
     budget = problem.max_elements(target)
     got = alloc.greedy_fill(torch.zeros(L, dtype=torch.long), torch.zeros(L, T, dtype=torch.long), budget)
 

@@ -197,8 +197,9 @@ def refine_als(
     No m×n matrix is formed (docs/method.md §6.1): a block's target, τ_t − A_sB_s for an expert and
     mean_t(τ_t − A_tB_t) for the shared part, is used through its products (`_Target`), and an update is kept
     when the new fit explains more of the target than the current factors do (`explained`: the same test as
-    comparing the errors, without the residuals). Why: residuals, targets and their norms were half of a
-    sweep's time at rank 32 on an 8192×2048 matrix with 4 tasks (benchmarks/refine_settings.py).
+    comparing the errors, without the residuals). Why: residuals, targets and their norms took about half of
+    a sweep's time at rank 32 on the 8192×2048 matrix of benchmarks/refine_settings.py (timed before and
+    after the change).
 
     `expert_dtype` int8 / nf4 / bfloat16: quantization-aware (docs/method.md §9.2). The experts come in and go
     out quantized (fake-quantized: dequantized values in the compute dtype); an expert's update is the float

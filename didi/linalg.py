@@ -50,6 +50,21 @@ def squared_norm64(X: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(X, dim=-1).double().square().sum()
 
 
+def minus_right(Y: torch.Tensor, terms: Sequence, Z: torch.Tensor) -> torch.Tensor:
+    """Y − (Σ A·B)·Z in place, for Y = D·Z already taken: the product of Z with D − Σ A·B at (m + n)·r·w
+    flops per low-rank term (A m×r, B r×n) instead of forming the m×n difference."""
+    for A, B in terms:
+        Y.sub_(A @ (B @ Z))
+    return Y
+
+
+def minus_left(W: torch.Tensor, terms: Sequence, Q: torch.Tensor) -> torch.Tensor:
+    """W − (Σ A·B)ᵀ·Q in place, for W = Dᵀ·Q already taken (`minus_right`'s transpose)."""
+    for A, B in terms:
+        W.sub_(B.T @ (A.T @ Q))
+    return W
+
+
 def explained(P: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """‖X‖² − ‖X − AB‖² = 2⟨X·Bᵀ, A⟩ − ⟨AᵀA, BBᵀ⟩ (float64), from P = X·Bᵀ (None: B is zero, nothing
     explained): how much of X the factors explain, from m×r and r×r terms only. A fit Q, QᵀX with Q

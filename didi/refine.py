@@ -32,7 +32,7 @@ from didi.allocation import Ranks
 from didi.backbones.base import Zoo
 from didi.datamodules.layers import LayerBatchDataModule
 from didi.decompose import FactorStore, too_big_for_memory
-from didi.linalg import explained, orthonormal, squared_norm64, svd
+from didi.linalg import explained, minus_left, minus_right, orthonormal, squared_norm64, svd
 from didi.progress import StageProgressBar
 from didi.quantize import fake_quantize, fake_quantize_pair, stored_pair
 from didi.streamed import PHASES, BlockReader, refine_als_streamed
@@ -84,9 +84,10 @@ def shared_matrix(A_s: torch.Tensor, B_s: torch.Tensor | None) -> torch.Tensor:
 def residual_sq(X: torch.Tensor, A: torch.Tensor, B: torch.Tensor, minus: torch.Tensor | None = None):
     """‖X − AB (− minus)‖² (float64), the product subtracted inside the GEMM (addmm, β = 1) and the squares
     summed in one read (`linalg.squared_norm64`): one m×n temporary instead of the three of
-    `((X − A@B) ** 2).sum()`. Why: a sweep of `refine_als` on an 8192×2048 matrix spent a third of its time
-    in such element-wise passes (profiled: sub, pow and stack against 48 % in the products). Under autograd
-    (Adam) the plain form, whose gradient stays finite at a zero residual."""
+    `((X − A@B) ** 2).sum()`. Why: the errors reported before and after stage 2 (`task_errors`) and the
+    quantized fits read every residual, and such element-wise passes were a third of an ALS sweep when the
+    sweeps still formed residuals (profiled, 8192×2048). Under autograd (Adam) the plain form, whose gradient
+    stays finite at a zero residual."""
     D = torch.addmm(X, A, B, alpha=-1) if A.shape[-1] else X.clone()
     if minus is not None:
         D.sub_(minus)
@@ -111,16 +112,10 @@ class _Target:
         self.D, self.terms = D, [(A, B) for A, B in terms if A.shape[1]]
 
     def right(self, Z: torch.Tensor) -> torch.Tensor:
-        Y = self.D @ Z
-        for A, B in self.terms:
-            Y.sub_(A @ (B @ Z))
-        return Y
+        return minus_right(self.D @ Z, self.terms, Z)
 
     def left(self, Q: torch.Tensor) -> torch.Tensor:
-        W = self.D.T @ Q
-        for A, B in self.terms:
-            W.sub_(B.T @ (A.T @ Q))
-        return W
+        return minus_left(self.D.T @ Q, self.terms, Q)
 
     def dense(self) -> torch.Tensor:
         X = self.D.clone()

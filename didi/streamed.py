@@ -33,7 +33,7 @@ import torch
 from didi import linalg
 from didi.backbones.base import TensorPlan, Zoo
 from didi.errors import DidiError
-from didi.linalg import explained, squared_norm64, svd
+from didi.linalg import explained, minus_left, minus_right, squared_norm64, svd
 from didi.quantize import stored_pair
 from didi.sources import _ST_DTYPES, TensorSource
 
@@ -521,25 +521,11 @@ def _best_rank_r(
     Q = dict(zip(A, orthonormal_all([Y0[j] if j in Y0 else A[j] for j in A])))
     for _ in range(iters):
         _, W, _ = _pass(rows, left={j: (source[j], Q[j]) for j in Q})
-        Z = {j: _minus_left(W[j], minus[j], Q[j]) for j in Q}
+        Z = {j: minus_left(W[j], minus[j], Q[j]) for j in Q}
         Y, _, _ = _pass(rows, right={j: (source[j], Z[j]) for j in Q})
-        Q = dict(zip(Q, orthonormal_all([_minus_right(Y[j], minus[j], Z[j]) for j in Q])))
+        Q = dict(zip(Q, orthonormal_all([minus_right(Y[j], minus[j], Z[j]) for j in Q])))
     Y, W, _ = _pass(rows, right=right, left={j: (source[j], Q[j]) for j in Q})
-    return Q, {j: _minus_left(W[j], minus[j], Q[j]).T.contiguous() for j in Q}, Y
-
-
-def _minus_right(Y: torch.Tensor, terms: Terms, Z: torch.Tensor) -> torch.Tensor:
-    """Y − (Σ A·B)·Z in place, at (m + n)·r·w flops per term."""
-    for A, B in terms:
-        Y.sub_(A @ (B @ Z))
-    return Y
-
-
-def _minus_left(W: torch.Tensor, terms: Terms, Q: torch.Tensor) -> torch.Tensor:
-    """W − (Σ A·B)ᵀ·Q in place."""
-    for A, B in terms:
-        W.sub_(B.T @ (A.T @ Q))
-    return W
+    return Q, {j: minus_left(W[j], minus[j], Q[j]).T.contiguous() for j in Q}, Y
 
 
 def refine_als_streamed(
@@ -641,7 +627,7 @@ def _expert_step(
     if missing:  # no previous pass took them (no shared step before this one)
         Y0 = {**Y0, **_pass(rows, right=missing)[0]}
     minus = {t: [(A_s, B_s)] for t in active}
-    starts = {t: _minus_right(Y0[("x", t)], minus[t], B_t[t].T) for t in active if ("x", t) in Y0}
+    starts = {t: minus_right(Y0[("x", t)], minus[t], B_t[t].T) for t in active if ("x", t) in Y0}
     Q, Bn, Y = _best_rank_r(
         rows, {t: t for t in active}, minus, {t: A_t[t] for t in active}, starts, iters, right=shared_start
     )
@@ -661,7 +647,7 @@ def _shared_step(
     this step's last pass."""
     T = rows.T
     minus = {0: [(A / T, B) for A, B in zip(A_t, B_t) if A.shape[1]]}
-    starts = {0: _minus_right(Y0["s"], minus[0], B_s.T)} if "s" in Y0 else {}
+    starts = {0: minus_right(Y0["s"], minus[0], B_s.T)} if "s" in Y0 else {}
     nxt = {} if last else _expert_starts(B_t)
     Q, Bn, Y = _best_rank_r(rows, {0: "mean"}, minus, {0: A_s}, starts, iters, right=nxt)
     if squared_norm64(Bn[0]) > explained(starts.get(0), A_s, B_s):

@@ -17,7 +17,9 @@ otherwise its top-k tasks, weights renormalised over the top-k, are mixed by the
 (`didi.routing.Mixture`); top-1 is hard routing. With `confused: calibrate`, tasks the router confuses on
 held-out inputs (groups such as two tasks that share their inputs) have their within-group probabilities
 flattened by a factor fitted on those inputs: where the router is no better than chance there, the group's
-experts are mixed evenly instead of by its noise.
+experts are mixed evenly instead of by its noise. With `confused: task_id` the router decides only whether an
+input belongs to such a group; which of the group's tasks serves it is the input's task id (the question its
+caller asks, which also picks the head), so a batch must carry `task_id` for those inputs.
 
 Saved as `<artifact>/router/` (or anywhere): `router.safetensors` (the network and its feature
 standardisation) and `router.json` (tasks, adapter and θ0 identity, features, network, temperature,
@@ -59,6 +61,8 @@ CONFIG_FILE = "router.json"
 #: where a task's validation inputs are looked for, in order (a directory); the test split never is
 VALIDATION_SPLITS = ("validation", "val", "train")
 MIXINGS = ("sum", "max")
+#: how a group of tasks the router confuses is served (RouterOptions.confused)
+CONFUSED = ("keep", "calibrate", "task_id")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _ENCODER_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 #: two tasks whose held-out inputs the router tells apart no better than this (chance: 0.5) are reported as
@@ -89,8 +93,11 @@ class RouterOptions:
             [0, 1] on its log-probabilities within the group (least NLL of which of the group's tasks an input
             came from): 1 keeps its preference, 0 (a router no better than chance) spreads the group's
             probability evenly, so a top-k ≥ 2 mixture serves its experts in equal parts; `keep` (default)
-            leaves the probabilities as they are. On the 8-task zoo `calibrate` gains 1.6-3.4 points on two
-            tasks that share their inputs and loses 0.2-0.6 on the others (docs/routing.md).
+            leaves the probabilities as they are; `task_id` gives a group's whole probability to the task
+            id the input carries, when that task is in the group (the router still decides whether the
+            input belongs to the group; a batch must then carry `task_id`, -1 for an input without one).
+            On the 8-task zoo `calibrate` gains 1.6-3.4 points on two tasks that share their inputs and
+            loses 0.2-0.6 on the others (docs/routing.md).
         threshold: `auto` (chosen on the held-out inputs, see fallback_value), `none` (never fall back), or a
             confidence in [0, 1]: an input whose top probability is below it gets the shared model only (1:
             every input does).
@@ -111,7 +118,7 @@ class RouterOptions:
     hidden: int = 0
     top_k: int = 1
     mixing: Literal["sum", "max"] = "sum"
-    confused: Literal["calibrate", "keep"] = "keep"
+    confused: Literal["calibrate", "keep", "task_id"] = "keep"
     threshold: Union[float, Literal["auto", "none"]] = "auto"
     fallback_value: float = 0.5
     calibration_fraction: float = 0.2
@@ -138,8 +145,10 @@ class RouterOptions:
         if self.top_k < 1 or (n_tasks is not None and self.top_k > n_tasks):
             raise DidiError(f"router.top_k: expected 1..{n_tasks or 'T'} (the tasks), found {self.top_k}")
         check_mixing(self.mixing, "router.mixing")
-        if self.confused not in ("calibrate", "keep"):
-            raise DidiError(f"router.confused: expected calibrate or keep, found {self.confused!r}")
+        if self.confused not in CONFUSED:
+            raise DidiError(
+                f"router.confused: expected one of {', '.join(CONFUSED)}, found {self.confused!r}"
+            )
         check_threshold(self.threshold, "router.threshold")
         if not 0.0 <= self.fallback_value <= 1.0:
             raise DidiError(f"router.fallback_value: expected a value in [0, 1], found {self.fallback_value}")
@@ -336,7 +345,9 @@ class FittedRouter:
     top_k: int
     mixing: str = "sum"
     record: dict = field(default_factory=dict)
-    groups: list[dict] = field(default_factory=list)  # [{"tasks": [...], "scale": s}] (`flatten_groups`)
+    #: [{"tasks": [...], "scale": s}] (`flatten_groups`), or {"tasks", "scale": 1, "by": "task_id"}
+    #: (`pick_by_task_id`)
+    groups: list[dict] = field(default_factory=list)
 
 
 def _split(n: int, fraction: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -437,6 +448,23 @@ def flatten_groups(
     return out
 
 
+def pick_by_task_id(probs: torch.Tensor, groups: Sequence[Sequence[int]], ids: torch.Tensor) -> torch.Tensor:
+    """Within each group of task columns, a row whose task id is in the group gets the group's whole
+    probability p_G on that task (the router placed the input in the group; its task id says which of the
+    group's tasks it asks); other rows (task outside the group, or -1 for none) are left as they are."""
+    out = probs.clone()
+    ids = torch.as_tensor(ids, device=probs.device).long().reshape(-1)
+    for idx in groups:
+        cols = torch.as_tensor(list(idx), device=probs.device)
+        rows = torch.isin(ids, cols).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        p_g = probs[rows][:, cols].sum(-1)
+        out[rows[:, None], cols[None]] = 0.0
+        out[rows, ids[rows]] = p_g
+    return out
+
+
 def fit_group_scale(
     probs: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, group: Sequence[int]
 ) -> float:
@@ -515,12 +543,18 @@ def fit_router(
     probs = torch.softmax(logits_ca / temperature, -1)
     pairs = confused_pairs(logits_ca.argmax(-1), cy, tasks)
     groups, columns = [], []
-    if opts.confused == "calibrate":
+    if opts.confused != "keep":
         for names in confused_groups(pairs, tasks):
             columns.append([tasks.index(t) for t in names])
-            groups.append({"tasks": names, "scale": fit_group_scale(probs, cy, w_ca, columns[-1])})
+            if opts.confused == "calibrate":
+                groups.append({"tasks": names, "scale": fit_group_scale(probs, cy, w_ca, columns[-1])})
+            else:
+                groups.append({"tasks": names, "scale": 1.0, "by": "task_id"})
     top1 = probs.argmax(-1)  # the router's own choice (in a flattened group the top-1 is a tie)
-    probs = flatten_groups(probs, columns, [g["scale"] for g in groups])
+    if opts.confused == "task_id":  # served as it will be: the held-out inputs carry their task ids
+        probs = pick_by_task_id(probs, columns, cy)
+    else:
+        probs = flatten_groups(probs, columns, [g["scale"] for g in groups])
     p_k, ids_k = probs.topk(min(opts.top_k, len(tasks)), -1)
     conf = p_k.sum(-1)  # what the served mixture rests on: the top-k mass (top-1: the top probability)
     correct = top1 == cy
@@ -557,7 +591,8 @@ class LearnedRouter(nn.Module, Router):
     `SHARED` below the threshold, else the top-1 task (hard) or a `Mixture` of the top-k tasks, weights
     renormalised over them. Its tasks are the artifact's, in the artifact's order (`order`), whatever order
     the network was trained in. `groups` ([{"tasks", "scale"}]): confused tasks whose probabilities are
-    flattened (`flatten_groups`) before the top-k is taken."""
+    flattened (`flatten_groups`) before the top-k is taken; a group with `"by": "task_id"` gives its
+    probability to the task id each input of the batch carries (`pick_by_task_id`)."""
 
     def __init__(
         self,
@@ -583,8 +618,13 @@ class LearnedRouter(nn.Module, Router):
         unknown = sorted({t for g in groups for t in g["tasks"]} - set(self.tasks))
         if unknown:
             raise DidiError(f"router: a confused group names task {unknown[0]!r}, not one of {self.tasks}")
-        self.groups = [[self.tasks.index(t) for t in g["tasks"]] for g in groups]
-        self.group_scales = [float(g["scale"]) for g in groups]
+        by = [g.get("by", "router") for g in groups]
+        if any(b not in ("router", "task_id") for b in by):
+            raise DidiError(f"router: a confused group is served by {by!r}; expected router or task_id")
+        index = [[self.tasks.index(t) for t in g["tasks"]] for g in groups]
+        self.groups = [c for c, b in zip(index, by) if b == "router"]
+        self.group_scales = [float(g["scale"]) for g, b in zip(groups, by) if b == "router"]
+        self.asked = [c for c, b in zip(index, by) if b == "task_id"]  # served by each input's task id
         self.net, self.features = net.requires_grad_(False), features  # served, never trained here (DDP)
         self.temperature, self.threshold, self.top_k = float(temperature), float(threshold), int(top_k)
         self.register_buffer(
@@ -612,8 +652,31 @@ class LearnedRouter(nn.Module, Router):
         w = torch.where(low[:, None], torch.zeros_like(w), w)
         return Mixture(torch.where(low[:, None], torch.full_like(ids, SHARED), ids), w)
 
+    def task_ids(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The task id each input carries (names or indices; -1 for an input without one), for the groups
+        served by task id."""
+        if "task_id" not in batch:
+            names = "; ".join(", ".join(self.tasks[i] for i in g) for g in self.asked)
+            raise DidiError(
+                f"router: the confused group(s) {names} are served by each input's task id (router.confused "
+                f"task_id), but the batch has no 'task_id' field (keys: {sorted(batch)}); pass each input's "
+                f"task (-1 where it has none), or train the router with --router.confused keep"
+            )
+        ids = batch["task_id"]
+        if isinstance(ids, (list, tuple)) and ids and not isinstance(ids[0], (int, torch.Tensor)):
+            unknown = sorted({t for t in ids if t is not None and t not in self.tasks})
+            if unknown:
+                raise DidiError(
+                    f"router: unknown task {unknown[0]!r} in 'task_id'; the artifact has {self.tasks}"
+                )
+            ids = [-1 if t is None else self.tasks.index(t) for t in ids]
+        return torch.as_tensor(ids).long().reshape(-1)
+
     def forward(self, batch: Mapping[str, Any]) -> torch.Tensor | Mixture:
-        return self.decide(self.probabilities(batch))
+        probs = self.probabilities(batch)
+        if self.asked:
+            probs = pick_by_task_id(probs, self.asked, self.task_ids(batch))
+        return self.decide(probs)
 
 
 # ------------------------------------------------------------------------------------------ identity, I/O
@@ -964,10 +1027,15 @@ def router_summary(path: str | Path) -> str:
             f"to the shared model ({v['inputs']} inputs, {v['held_out']} held out)"
         )
     for g in cfg.get("confused_groups", []):
-        how = "spread evenly" if g["scale"] == 0 else f"preference kept at factor {g['scale']:.2f}"
-        lines.append(
-            f"  confused group {', '.join(g['tasks'])}: its probability is {how} (top-k ≥ 2 mixes them)"
+        how = (
+            "given to each input's task id"
+            if g.get("by") == "task_id"
+            else "spread evenly"
+            if g["scale"] == 0
+            else f"preference kept at factor {g['scale']:.2f}"
         )
+        mixes = "" if g.get("by") == "task_id" else " (top-k ≥ 2 mixes them)"
+        lines.append(f"  confused group {', '.join(g['tasks'])}: its probability is {how}{mixes}")
     lines += ["  " + w for w in confusion_warnings(tr)]
     return "\n".join(lines)
 
@@ -981,6 +1049,6 @@ def confusion_warnings(training: dict) -> list[str]:
             f"warning: {a} and {b} are confused (pair accuracy {100 * c['pair_accuracy']:.1f} %, chance "
             f"50 %; {100 * ab:.1f} % of {a}'s inputs go to {b}, {100 * ba:.1f} % the other way): "
             "if they share their inputs, no input router can separate them; serve them with their task ids "
-            "(`didi evaluate --router oracle`) or expect them to lose accuracy"
+            "(train the router with --router.confused task_id) or expect them to lose accuracy"
         )
     return out

@@ -563,7 +563,7 @@ def test_tasks_sharing_their_inputs_are_reported_as_confused():
     assert [p["tasks"] for p in pairs] == [["t0", "t3"]], pairs
     assert pairs[0]["pair_accuracy"] <= 0.75
     (warning,) = confusion_warnings(fitted.record)
-    assert warning.startswith("warning: t0 and t3 are confused") and "--router oracle" in warning
+    assert warning.startswith("warning: t0 and t3 are confused") and "--router.confused task_id" in warning
     assert confusion_warnings(fit_router(toy_features(3, 60, 12.0, 2), FAST, CPU).record) == []
 
 
@@ -654,3 +654,89 @@ def test_tasks_sharing_their_inputs_get_their_experts_in_equal_parts(tmp_path):
     assert "confused group t0, t3: its probability is" in router_summary(path)
     with pytest.raises(DidiError, match="router.confused"):
         RouterOptions(confused="merge").validate(3)
+
+
+def test_picking_a_group_task_by_task_id_by_hand():
+    """A row whose task id is in the group gets the group's whole probability on that task; a row whose task
+    is outside the group, or without one (-1), keeps the router's probabilities."""
+    from didi.router import pick_by_task_id
+
+    probs = torch.tensor(
+        [[0.3, 0.1, 0.2, 0.4], [0.3, 0.1, 0.2, 0.4], [0.3, 0.1, 0.2, 0.4], [0.3, 0.1, 0.2, 0.4]]
+    )
+    out = pick_by_task_id(probs, [[0, 3]], torch.tensor([0, 3, 1, -1]))
+    torch.testing.assert_close(out[0], torch.tensor([0.7, 0.1, 0.2, 0.0]))
+    torch.testing.assert_close(out[1], torch.tensor([0.0, 0.1, 0.2, 0.7]))
+    torch.testing.assert_close(out[2:], probs[2:])
+    torch.testing.assert_close(probs[0], torch.tensor([0.3, 0.1, 0.2, 0.4]))  # the input is not modified
+
+
+class _Read(nn.Module):
+    """Features of a test batch: its "x" field (the feature vectors themselves)."""
+
+    def forward(self, batch):
+        return batch["x"]
+
+
+def test_tasks_sharing_their_inputs_are_served_by_their_task_ids(tmp_path):
+    """`confused: task_id`: the router still places each input (here: in the pair of tasks that share their
+    inputs, or elsewhere); inside the pair the input's task id picks the expert. Inputs of the pair then go
+    to their own task as with the oracle, a row without a task id (-1) is routed as `keep` routes it, and a
+    batch without `task_id` is refused."""
+    feats = toy_features(3, 60, gap=12.0, seed=2)
+    g = torch.Generator().manual_seed(3)
+    feats["t3"] = feats["t0"][torch.randperm(60, generator=g)]
+    fitted = fit_router(feats, RouterOptions(threshold="none", steps=60, lr=0.05, confused="task_id"), CPU)
+    (group,) = fitted.groups
+    assert group == {"tasks": ["t0", "t3"], "scale": 1.0, "by": "task_id"}
+    tasks = fitted.tasks
+    i0, i3 = tasks.index("t0"), tasks.index("t3")
+    router = LearnedRouter(tasks, fitted.net, _Read(), fitted.temperature, 0.0, 1, groups=fitted.groups)
+    x = torch.cat([feats["t0"][:20], feats["t1"][:20]])
+    for own in (i0, i3):
+        ids = router({"x": x[:20], "task_id": [tasks[own]] * 20})
+        assert ids.tolist() == [own] * 20  # the oracle's choice for every input of the pair
+    assert router({"x": x[20:], "task_id": torch.full((20,), i0)}).tolist() == [tasks.index("t1")] * 20
+    with torch.no_grad():
+        own_choice = router.decide(router.probabilities({"x": x[:20]}))
+    assert router({"x": x[:20], "task_id": [-1] * 20}).tolist() == own_choice.tolist()
+    assert set(own_choice.tolist()) == {i0, i3}  # by the input alone the pair is split by noise
+    with pytest.raises(DidiError, match="no 'task_id' field"):
+        router({"x": x[:20]})
+    with pytest.raises(DidiError, match="unknown task 'nope'"):
+        router({"x": x[:2], "task_id": ["t0", "nope"]})
+    two = LearnedRouter(tasks, fitted.net, _Read(), fitted.temperature, 0.0, 2, groups=fitted.groups)
+    mix = two({"x": x[:20], "task_id": [i3] * 20})
+    assert (mix.top1() == i3).all() and not (mix.ids == i0).any()  # the other task of the pair gets nothing
+    path = save_router(fitted, tmp_path / "router", {"features": {"layer": "final", "pooling": "auto"}})
+    assert "confused group t0, t3: its probability is given to each input's task id" in router_summary(path)
+    assert json.loads((path / "router.json").read_text())["confused_groups"] == [group]
+
+
+def test_learned_evaluation_with_task_ids_for_a_shared_input_pair_equals_oracle(bert, tmp_path):
+    """End to end on the tiny BERT zoo with task2's inputs replaced by task0's (the two tasks share their
+    inputs): a router trained with `confused: task_id` serves every task as the oracle does, a `keep` router
+    does not route the pair right."""
+    data = dict(bert["data"])
+    same = tmp_path / "task2"
+    same.mkdir()
+    for name in ("train.jsonl", "test.jsonl"):
+        (same / name).write_text(open(os.path.join(data["task0"], name)).read())
+    data["task2"] = str(same)
+    art = bert["arts"]["didi"]
+    opts = dict(layer="embedding", steps=100)
+    by_id = train_router(
+        art, data, tmp_path / "by_id", RouterOptions(confused="task_id", **opts), trainer=CPU
+    )
+    keep = train_router(art, data, tmp_path / "keep", RouterOptions(**opts), trainer=CPU)
+    cfg = json.loads((by_id / "router.json").read_text())
+    assert cfg["confused_groups"] == [{"tasks": ["task0", "task2"], "scale": 1.0, "by": "task_id"}]
+    oracle = evaluate_artifact(art, data, batch_size=4, trainer=CPU)
+    rep = evaluate_artifact(art, data, batch_size=4, trainer=CPU, router=str(by_id))
+    for t, v in rep["tasks"].items():
+        assert v["routing_accuracy"] == 1.0 and v["accuracy"] == oracle["tasks"][t]["accuracy"]
+    rep_keep = evaluate_artifact(art, data, batch_size=4, trainer=CPU, router=str(keep))
+    assert (
+        rep_keep["tasks"]["task0"]["routing_accuracy"] < 1.0
+        or rep_keep["tasks"]["task2"]["routing_accuracy"] < 1.0
+    )

@@ -23,11 +23,17 @@ from didi.trainer import TrainerConfig, Trainers
 
 # ----------------------------------------------------------------------------------------------- heads
 def load_head(path: str | Path) -> nn.Linear:
-    """A classification head: safetensors with "weight" (classes × hidden) and optional "bias"."""
+    """A classification head: safetensors with "weight" (classes × hidden) and optional "bias"; a directory
+    (a fine-tune's) is read at its head.safetensors."""
     p = Path(path)
+    if p.is_dir():
+        p = p / "head.safetensors"
     if not p.exists():
         raise DidiError(f"{p}: no such head file (expected head.safetensors with 'weight' and 'bias')")
-    sd = load_file(str(p))
+    try:
+        sd = load_file(str(p))
+    except Exception as e:  # safetensors raises its own error types (and OSError) for a file it cannot read
+        raise DidiError(f"{p}: not a readable safetensors head ({e})") from e
     if "weight" not in sd or sd["weight"].dim() != 2:
         raise DidiError(f"{p}: a head needs a 2-D 'weight' (classes × hidden); found {sorted(sd)}")
     C, H = sd["weight"].shape

@@ -257,3 +257,20 @@ def test_tall_masks_lambda_chosen_per_task_on_validation(setup, tmp_path):
         apply_method("tall_masks", zoo, tmp_path / "bad", {"validation": {"nope": "x.jsonl"}})
     with pytest.raises(DidiError, match="evaluation: unknown option 'trainer'"):
         apply_method("tall_masks", zoo, tmp_path / "bad2", {"validation": val, "evaluation": {"trainer": 1}})
+
+
+def test_head_from_a_directory_or_a_bad_file(tmp_path):
+    """A head is read from its file or from the directory that holds head.safetensors; a file that is not
+    safetensors, or a directory without a head, is a DidiError naming the path."""
+    w, b = torch.randn(3, 5), torch.randn(3)
+    save_file({"weight": w, "bias": b}, str(tmp_path / "head.safetensors"))
+    for where in (tmp_path, tmp_path / "head.safetensors"):
+        head = load_head(where)
+        torch.testing.assert_close(head.weight, w)
+        torch.testing.assert_close(head.bias, b)
+    (tmp_path / "bad.safetensors").write_text("not a tensor file")
+    with pytest.raises(DidiError, match="bad.safetensors: not a readable safetensors head"):
+        load_head(tmp_path / "bad.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DidiError, match="empty/head.safetensors: no such head file"):
+        load_head(tmp_path / "empty")

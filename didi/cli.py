@@ -624,6 +624,7 @@ def router_train(
       didi router train merged/ --data '{cars: data/cars, dtd: data/dtd}'   # data/<task>/validation.jsonl
       didi router train merged/ --data ... --router.layer embedding --router.hidden 64   # cheap, an MLP
       didi router train merged/ --data ... --router.top_k 2 --router.threshold 0.6   # soft, your threshold
+      didi router train merged/ --data ... --router.confused task_id   # shared inputs: the task id picks
       didi router train merged/ --data ... --overwrite true                 # replace the saved router
 
     Args:

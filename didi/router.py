@@ -1041,14 +1041,22 @@ def router_summary(path: str | Path) -> str:
 
 
 def confusion_warnings(training: dict) -> list[str]:
-    """One warning per confused task pair of a router's training record (`confused_pairs`)."""
+    """One warning per confused task pair of a router's training record (`confused_pairs`), or, for a router
+    trained with `confused: task_id`, a note that the pair is served by its inputs' task ids."""
+    by_id = training.get("options", {}).get("confused") == "task_id"
     out = []
     for c in training.get("confused_pairs", []):
         (a, b), (ab, ba) = c["tasks"], c["sent_to_other"]
+        seen = (
+            f"{a} and {b} are confused (pair accuracy {100 * c['pair_accuracy']:.1f} %, chance 50 %; "
+            f"{100 * ab:.1f} % of {a}'s inputs go to {b}, {100 * ba:.1f} % the other way)"
+        )
         out.append(
-            f"warning: {a} and {b} are confused (pair accuracy {100 * c['pair_accuracy']:.1f} %, chance "
-            f"50 %; {100 * ab:.1f} % of {a}'s inputs go to {b}, {100 * ba:.1f} % the other way): "
-            "if they share their inputs, no input router can separate them; serve them with their task ids "
-            "(train the router with --router.confused task_id) or expect them to lose accuracy"
+            f"note: {seen}: each input of the two is served by its task id (router.confused task_id), "
+            "which the batches must carry"
+            if by_id
+            else f"warning: {seen}: if they share their inputs, no input router can separate them; serve "
+            "them with their task ids (train the router with --router.confused task_id) or expect them to "
+            "lose accuracy"
         )
     return out

@@ -689,6 +689,8 @@ def test_tasks_sharing_their_inputs_are_served_by_their_task_ids(tmp_path):
     fitted = fit_router(feats, RouterOptions(threshold="none", steps=60, lr=0.05, confused="task_id"), CPU)
     (group,) = fitted.groups
     assert group == {"tasks": ["t0", "t3"], "scale": 1.0, "by": "task_id"}
+    (note,) = confusion_warnings(fitted.record)
+    assert note.startswith("note: t0 and t3 are confused") and "served by its task id" in note
     tasks = fitted.tasks
     i0, i3 = tasks.index("t0"), tasks.index("t3")
     router = LearnedRouter(tasks, fitted.net, _Read(), fitted.temperature, 0.0, 1, groups=fitted.groups)

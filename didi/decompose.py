@@ -28,7 +28,7 @@ from didi.backbones.base import TensorPlan, Zoo
 from didi.closed_form import GroupTerms
 from didi.errors import DidiError
 from didi.linalg import randomized_svds, squared_norm64, svd
-from didi.merges import shared_merge_fn
+from didi.merges import mean_merge, shared_merge_fn
 from didi.progress import stage_bar
 from didi.sources import file_sha256, load_owned
 from didi.streamed import STREAMABLE_MERGES, decompose_streamed
@@ -249,6 +249,9 @@ def decompose_batch(
     )
     if randomized and K + oversample >= k:  # the range finder would cost more than the SVD it replaces
         randomized = False
+    # the mean's residuals sum to zero: the last expert's first range-finder product and its a_t follow
+    # from the others' (one product of width K + oversample and one of width K fewer per matrix)
+    zero_sum = merge is mean_merge and T > 1
     if B > 1 and not randomized:
         U, S, Vh = svd(torch.cat([Ms[:, None], Mt], 1).reshape(B * (T + 1), m, n))
         U = U[..., :K].reshape(B, T + 1, m, K)
@@ -261,10 +264,13 @@ def decompose_batch(
         S = Ms.new_empty(B, T + 1, K)
         for j in range(B):
             modules = [Ms[j], *Mt[j]]
-            # the range finder is seeded by the module index: every run and process gets the same factors;
-            # the T+1 range finders run in lockstep, their single-threaded QRs side by side
+            # the range finder is seeded by the module index (the experts share seed 1 under the mean merge):
+            # every run and process gets the same factors; the T+1 range finders run in lockstep, their
+            # single-threaded QRs side by side
             if randomized:
-                triplets = randomized_svds(modules, K, oversample, power_iters, seeds=range(T + 1))
+                triplets = randomized_svds(
+                    modules, K, oversample, power_iters, seeds=range(T + 1), zero_sum=zero_sum
+                )
             else:
                 triplets = (svd(X) for X in modules)
             for i, (u, s_, vh) in enumerate(triplets):
@@ -276,7 +282,8 @@ def decompose_batch(
     for j in range(B):
         U_s, S_s, V_s, U_t, S_t, V_t = U[j, 0], S[j, 0], V[j, 0], U[j, 1:], S[j, 1:], V[j, 1:]
         ms, mt = Ms[j], Mt[j]
-        a = torch.stack([((U_s * (mt[t] @ V_s)).sum(0)) for t in range(T)])  # diag(U_sᵀ M_t V_s)
+        a = [(U_s * (mt[t] @ V_s)).sum(0) for t in range(T - 1 if zero_sum else T)]  # diag(U_sᵀ M_t V_s)
+        a = torch.stack(a + [-torch.stack(a).sum(0)] if zero_sum else a)  # Σ_t M_t = 0 ⇒ Σ_t a_t = 0
         b = torch.stack([((U_t[t] * (ms @ V_t[t])).sum(0)) for t in range(T)])  # diag(U_tᵀ M_s V_t)
         scale = float(S[j, :, 0].max()) if K else 0.0
         tol = (rtol if rtol is not None else max(m, n) * eps) * scale

@@ -119,19 +119,34 @@ def randomized_svd(
 
 
 def randomized_svds(
-    Ms: Sequence[torch.Tensor], K: int, oversample: int, power_iters: int, seeds: Sequence[int]
+    Ms: Sequence[torch.Tensor],
+    K: int,
+    oversample: int,
+    power_iters: int,
+    seeds: Sequence[int],
+    zero_sum: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """`randomized_svd` of several matrices (each with its own seed) in lockstep: the same products, and the
     QRs and small SVDs of all of them at once (`each_on_one_thread`), so the results are those of one call
     per matrix, bit for bit. Why: those single-threaded LAPACK calls were 28 % of an 8192×2048 module's
-    decomposition on 2 cores (profiled), with the other core idle."""
+    decomposition on 2 cores (profiled), with the other core idle.
+
+    `zero_sum`: Ms[1:] sum to zero (the experts' residuals M_t = τ_t − mean_u τ_u). They then share one test
+    matrix Ω (seeds[1]'s), so the last one's first product is minus the sum of the others' (Σ_t M_tΩ = 0):
+    one product of the (2·power_iters + 2)·len(Ms) fewer, and the same factors as drawing Ω from seeds[1]
+    for each of them, up to rounding."""
     out: list = []
-    Qs = []
-    for M, seed in zip(Ms, seeds):
+    Qs: list[torch.Tensor] = []
+    omega = None
+    for i, (M, seed) in enumerate(zip(Ms, seeds)):
         m, n = M.shape[-2:]
         width = min(K + oversample, m, n)
-        g = torch.Generator(device=M.device).manual_seed(seed)
-        omega = torch.randn(n, width, generator=g, device=M.device, dtype=M.dtype)
+        if zero_sum and i == len(Ms) - 1 and i >= 2:
+            Qs.append(-torch.stack(Qs[1:]).sum(0))
+            continue
+        if omega is None or not (zero_sum and i >= 2):  # with zero_sum the experts share seeds[1]'s draw
+            g = torch.Generator(device=M.device).manual_seed(seed)
+            omega = torch.randn(n, width, generator=g, device=M.device, dtype=M.dtype)
         Qs.append(M @ omega)
     Qs = orthonormal_all(Qs)
     for _ in range(power_iters):

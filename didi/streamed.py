@@ -285,12 +285,16 @@ def _row_separable_shape(plan: TensorPlan) -> tuple[int, int]:
     return m, n
 
 
-def _sketch(rows: _ModuleRows, Z: torch.Tensor, first: bool = False) -> torch.Tensor:
-    """Y_i = M_i·Z_i for every module, [T+1, m, w], one pass."""
+def _sketch(rows: _ModuleRows, Z: torch.Tensor, first: bool = False, zero_sum: bool = False) -> torch.Tensor:
+    """Y_i = M_i·Z_i for every module, [T+1, m, w], one pass. `zero_sum` (the experts share one Z, and
+    Σ_t M_t = 0): the last expert's rows are minus the sum of the others' (one product fewer)."""
     Y = Z.new_empty(Z.shape[0], rows.m, Z.shape[-1])
+    last = Z.shape[0] - 1 if zero_sum and Z.shape[0] > 2 else Z.shape[0]
     for sl, X in rows.blocks(first):
         with PHASES("matmul"):
-            Y[:, sl] = X @ Z
+            Y[:last, sl] = X[:last] @ Z[:last]
+            if last < Z.shape[0]:
+                torch.sum(Y[1:last, sl], 0, out=Y[last, sl]).neg_()
     return Y
 
 
@@ -319,16 +323,19 @@ def orthonormal_all(Ys: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def _projections(rows: _ModuleRows, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass for Q_iᵀM_i [T+1, w, n] (whose SVD gives the factors) and the cross projections Q_sᵀM_t and
     Q_tᵀM_s [T, w, n]: a_t = diag(U_sᵀM_tV_s) and b_t = diag(U_tᵀM_sV_t) follow from them once V is known,
-    without another pass over the matrix."""
+    without another pass over the matrix. Σ_t M_t = 0, so the last Q_sᵀM_t is minus the sum of the others."""
     T, w = rows.T, Q.shape[-1]
     P = Q.new_zeros(T + 1, w, rows.n)
     Ps, Pt = Q.new_zeros(T, w, rows.n), Q.new_zeros(T, w, rows.n)
+    known = T - 1 if T > 1 else T
     for sl, X in rows.blocks():
         with PHASES("matmul"):
             q = Q[:, sl]
             P.baddbmm_(q.mT, X)
-            Ps += q[0].mT @ X[1:]
+            Ps[:known] += q[0].mT @ X[1 : 1 + known]
             Pt.baddbmm_(q[1:].mT, X[0].expand(T, *X[0].shape))
+    if known < T:
+        torch.sum(Ps[:known], 0, out=Ps[known]).neg_()
     return P, Ps, Pt
 
 
@@ -352,9 +359,10 @@ def decompose_streamed(
     Why: the T+1 modules of Llama's embeddings do not fit in host memory (module docstring). Each pass reads
     every row block of θ0 and the T tasks once and updates all T+1 range finders together: Y = MΩ row by row,
     MᵀQ summed over the blocks, each power iteration re-orthonormalised on both sides, then the SVD of QᵀM, as
-    `linalg.randomized_svd` does, with the same Ω per module (a generator seeded with the module index,
-    0 = shared, 1..T = experts), so the factors match the in-memory path up to float summation order. The
-    squared norms (float64) and the hashes come from the first pass; a and b from the projection pass.
+    `linalg.randomized_svds(..., zero_sum=True)` does, with the same Ω per module (a generator seeded with 0
+    for the shared part, 1 for every expert), so the factors match the in-memory path up to float summation
+    order. As there, Σ_t M_t = 0 gives the last expert's first product and its Q_sᵀM_t from the others'.
+    The squared norms (float64) and the hashes come from the first pass; a and b from the projection pass.
 
     Only the `mean` shared merge is row-separable; the caller decides when to stream. Memory is
     O((m + n)·(K + oversample)·(T+1)) (the projections hold (3T+1)·(K + oversample)·n) plus one row block
@@ -372,8 +380,9 @@ def decompose_streamed(
     device = torch.device(device)
     itemsize = torch.empty((), dtype=dtype).element_size()
     with _ModuleRows(zoo, plan, dtype, device, row_block or block_rows(n, T + 1, itemsize)) as rows:
-        omega = torch.stack([_omega(n, w, i, dtype, device) for i in range(T + 1)])
-        Q = _orthonormal_each(_sketch(rows, omega, first=True))
+        # the experts share one Ω (seed 1), as `linalg.randomized_svds(..., zero_sum=True)` draws them
+        omega = torch.stack([_omega(n, w, min(i, 1), dtype, device) for i in range(T + 1)])
+        Q = _orthonormal_each(_sketch(rows, omega, first=True, zero_sum=True))
         del omega
         for _ in range(power_iters):
             Z = _orthonormal_each(_co_sketch(rows, Q))

@@ -155,3 +155,38 @@ def test_lockstep_range_finders_equal_one_call_per_matrix():
     for M, seed, triplet in zip(Ms, range(3), got):
         for a, b in zip(triplet, literal(M, 16, 8, 2, seed)):
             assert torch.equal(a, b)
+
+
+def test_zero_sum_range_finders_equal_drawing_one_test_matrix_for_the_experts():
+    """With `zero_sum` (the residuals of the mean sum to zero), the last expert's first product comes from
+    the others'; the factors equal plain range finders that draw every expert's Ω from seed 1 (float64, to
+    rounding)."""
+    from didi.linalg import randomized_svds
+
+    g = torch.Generator().manual_seed(4)
+    taus = torch.stack([spectral(200, 90, decay=0.6, scale=1.0, g=g).double() for _ in range(4)])
+    Ms = [taus.mean(0), *(taus - taus.mean(0))]
+    got = randomized_svds(Ms, 20, 8, 2, seeds=range(5), zero_sum=True)
+    want = randomized_svds(Ms, 20, 8, 2, seeds=[0, 1, 1, 1, 1])
+    for (U, S, Vh), (U2, S2, Vh2) in zip(got, want):
+        torch.testing.assert_close(S, S2, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(U * Vh[:, :1].T.sign(), U2 * Vh2[:, :1].T.sign(), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("svd_method", ["full", "randomized"])
+def test_cross_terms_of_the_mean_merge_equal_their_definition(svd_method):
+    """a_t = diag(U_sᵀ M_t V_s) and b_t = diag(U_tᵀ M_s V_t), computed directly from the stored factors, for
+    every task (the last a_t is taken from Σ_t a_t = 0 under the mean merge)."""
+    from didi.decompose import decompose_matrix
+    from didi.merges import mean_merge
+
+    g = torch.Generator().manual_seed(5)
+    taus = torch.stack([spectral(160, 120, decay=0.5, scale=1.0, g=g).double() for _ in range(3)])
+    f, _, _ = decompose_matrix(taus.clone(), mean_merge, 24, svd_method=svd_method, oversample=8)
+    Ms = taus.mean(0)
+    for t in range(3):
+        Mt = taus[t] - Ms
+        a = ((f["U_s"] * (Mt @ f["V_s"])).sum(0)).double()
+        b = ((f["U_t"][t] * (Ms @ f["V_t"][t])).sum(0)).double()
+        torch.testing.assert_close(f["a"][t], a, rtol=0, atol=1e-10)
+        torch.testing.assert_close(f["b"][t], b, rtol=0, atol=1e-10)

@@ -40,6 +40,7 @@ def child() -> dict:
 
     import didi
     from didi.decompose import decompose_batch
+    from didi.merges import mean_merge  # the registry's own function, as a merge passes it
     from didi.refine import init_factors, refine_als, task_errors
 
     g = torch.Generator().manual_seed(0)
@@ -47,7 +48,7 @@ def child() -> dict:
     taus = torch.stack([task_vector(M, N, g, common) for _ in range(T)]).float()
     work = taus.clone()[None]
     t0 = time.perf_counter()
-    ((factors, _, _),) = decompose_batch(work, lambda x: x.mean(0), K, svd_method="auto", consume=True)
+    ((factors, _, _),) = decompose_batch(work, mean_merge, K, svd_method="auto", consume=True)
     t1 = time.perf_counter()
     A_s, B_s = init_factors(factors["U_s"], factors["S_s"].float(), factors["V_s"], R)
     pairs = [

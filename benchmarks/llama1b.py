@@ -215,6 +215,8 @@ def merge(root: Path, row: str, T: int) -> dict:
     )
     out = root / "out" / row
     shutil.rmtree(out, ignore_errors=True)
+    # the row times its decomposition: a factor store cached by an earlier row or run would be read instead
+    shutil.rmtree(root / "cache", ignore_errors=True)
     shutil.rmtree(out.with_name(f".{out.name}.work"), ignore_errors=True)
     trainers = Trainers(opts.trainer)
     times = {}

@@ -53,6 +53,10 @@ def run(args: argparse.Namespace, root: Path) -> None:
     zoo = Zoo(Adapter(), str(base), {k: str(v) for k, v in paths.items()})
     tc = TrainerConfig(accelerator="cpu", logger="none", progress_bar=False)
     times = {}
+    # timed from scratch: an earlier run in the same --workdir left a factor store that would be read instead
+    # of decomposed, and an artifact the writer refuses to overwrite
+    for d in ("cache", "work", "merged"):
+        shutil.rmtree(root / d, ignore_errors=True)
     t = time.perf_counter()
     store = decompose(zoo, DecomposeConfig(cache_dir=str(root / "cache"), device="cpu"), progress=False)
     times["decompose"] = time.perf_counter() - t

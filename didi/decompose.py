@@ -27,7 +27,7 @@ from didi.artifact import sweep_stale_temps, temp_sibling
 from didi.backbones.base import TensorPlan, Zoo
 from didi.closed_form import GroupTerms
 from didi.errors import DidiError
-from didi.linalg import randomized_svds, squared_norm64, svd
+from didi.linalg import krylov_shape, randomized_svds, squared_norm64, svd
 from didi.merges import mean_merge, shared_merge_fn
 from didi.progress import stage_bar
 from didi.sources import file_sha256, load_owned
@@ -584,13 +584,16 @@ def streams(plan: TensorPlan, T: int, cfg: DecomposeConfig) -> bool:
 
 
 def svd_flops(m: int, n: int, K: int, randomized: bool, oversample: int, power_iters: int) -> float:
-    """Estimated flops of one module's SVD: a full thin SVD ≈ 4·m·n·k + 8·k³ (k = min(m, n)); the range
-    finder ≈ (2·power_iters + 2)·2·m·n·l + QR's 4·(m + n)·l²·(power_iters + 1), l = K + oversample."""
+    """Estimated flops of one module's SVD: a full thin SVD ≈ 4·m·n·k + 8·k³ (k = min(m, n)); the block
+    Krylov range finder (`linalg.krylov_shape`: `blocks` blocks of b columns) ≈ 2·m·n·b·(2·power_iters + 1)
+    for its products, 2·m·n·b·blocks for the projection on the basis, QRs 4·(m + n)·b²·(power_iters + 1) and
+    the re-orthogonalisation 8·m·b²·i of block i against the i before it."""
     k = min(m, n)
     if not randomized:
         return 4.0 * m * n * k + 8.0 * k**3
-    w = min(K + oversample, k)
-    return (2 * power_iters + 2) * 2.0 * m * n * w + 4.0 * (m + n) * w * w * (power_iters + 1)
+    b, blocks = krylov_shape(m, n, K, oversample, power_iters)
+    products = 2.0 * m * n * b * (2 * power_iters + 1 + blocks)
+    return products + 4.0 * (m + n) * b * b * (power_iters + 1) + 8.0 * m * b * b * sum(range(blocks))
 
 
 def tensor_cost(plan: TensorPlan, T: int, cfg: DecomposeConfig) -> float:

@@ -99,21 +99,40 @@ def orthonormal_all(Ys: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return each_on_one_thread(orthonormal, Ys)
 
 
+def krylov_shape(m: int, n: int, K: int, oversample: int, power_iters: int) -> tuple[int, int]:
+    """(block width b, blocks) of the range finder of an m×n module kept at width K: with power iterations,
+    blocks of b = ⌈(K + oversample)/2⌉ columns, one per iteration and the first, so the basis holds
+    2·(K + oversample) columns after 3; one block of K + oversample without, or where two blocks would not fit
+    in min(m, n) (then the iterations replace the block: subspace iteration)."""
+    k = min(m, n)
+    w = min(K + oversample, k)
+    if power_iters < 1:
+        return w, 1
+    b = -(-w // 2)
+    blocks = min(power_iters + 1, k // b)
+    return (b, blocks) if blocks >= 2 else (w, 1)
+
+
 def randomized_svd(
     M: torch.Tensor, K: int, oversample: int = 32, power_iters: int = 3, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The top-K singular triplets (U m×K, S K, Vh K×n) of one matrix by a randomized range finder
-    (Halko, Martinsson, Tropp: Y = MΩ with K + oversample columns, `power_iters` re-orthonormalised power
-    iterations, then the SVD of the small QᵀM), at about (2·power_iters + 2)·m·n·(K + oversample) flops
+    """The top-K singular triplets (U m×K, S K, Vh K×n) of one matrix by a randomized block Krylov range
+    finder (Halko, Martinsson, Tropp; Musco and Musco): Y = MΩ with b = ⌈(K + oversample)/2⌉ columns, then
+    `power_iters` times Y = M·orth(MᵀQ), each block orthonormalised against the basis so far and kept, and the
+    SVD of the small BᵀM on the whole basis B (`krylov_shape`), at about 2·m·n·b·(3·power_iters + 2) flops
     instead of a full SVD's ~m·n·min(m, n).
 
-    Exact on one side, as the closed form needs (docs/method.md §3.2): U = Q·Ũ with Ũ Σ Vh the SVD of QᵀM, so
+    Why the Krylov basis, not subspace iteration (which keeps only the last block, width K + oversample):
+    the earlier blocks are products already paid for. On fine-tune-like spectra (an 8192×2048 matrix, K 192)
+    it is 1.3× faster than subspace iteration with 3 iterations and its σ's are closer at every rank up to K
+    (docs/method.md §3.2; benchmarks/svd_accuracy.py).
+
+    Exact on one side, as the closed form needs (docs/method.md §3.2): U = B·Ũ with Ũ Σ Vh the SVD of BᵀM, so
     UᵀM = Σ·Vh exactly and ‖M − U_rΣ_rVh_r‖² = ‖M‖² − Σ_{j≤r} σ_j² for every r ≤ K; only how close the σ's are
     to the true ones depends on the spectrum (they are never larger). The seed makes the factors reproducible.
-    Defaults: 32 extra columns and 3 power iterations keep σ_1..σ_{K/2} within 5e-4 relative on power-law
-    spectra σ_i ∝ i^−0.5 to −0.9 (tests/test_randomized_svd.py; 2 iterations: 3e-3, 4: 6e-5). The refinement
-    re-fits the factors, so fewer iterations cost the merge little beyond the σ's the search reads
-    (benchmarks/refine_settings.py: at fixed ranks the refined error is the same from 2, 3 or 4).
+    Defaults: 32 extra columns and 3 iterations keep σ_1..σ_{K/2} within 5e-4 relative on power-law spectra
+    σ_i ∝ i^−0.5 to −0.9 (tests/test_randomized_svd.py). The refinement re-fits the factors, so the σ's the
+    search reads matter most.
     """
     return randomized_svds([M], K, oversample, power_iters, [seed])[0]
 
@@ -126,33 +145,48 @@ def randomized_svds(
     seeds: Sequence[int],
     zero_sum: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """`randomized_svd` of several matrices (each with its own seed) in lockstep: the same products, and the
-    QRs and small SVDs of all of them at once (`each_on_one_thread`), so the results are those of one call
-    per matrix, bit for bit. Why: those single-threaded LAPACK calls were 28 % of an 8192×2048 module's
-    decomposition on 2 cores (profiled), with the other core idle.
+    """`randomized_svd` of several same-shape matrices (each with its own seed) in lockstep: the same
+    products, and the QRs and small SVDs of all of them at once (`each_on_one_thread`), so the results are
+    those of one call per matrix, bit for bit. Why: those single-threaded LAPACK calls were 28 % of an
+    8192×2048 module's decomposition on 2 cores (profiled), with the other core idle.
 
     `zero_sum`: Ms[1:] sum to zero (the experts' residuals M_t = τ_t − mean_u τ_u). They then share one test
     matrix Ω (seeds[1]'s), so the last one's first product is minus the sum of the others' (Σ_t M_tΩ = 0):
     one product of the (2·power_iters + 2)·len(Ms) fewer, and the same factors as drawing Ω from seeds[1]
     for each of them, up to rounding."""
-    out: list = []
-    Qs: list[torch.Tensor] = []
+    m, n = Ms[0].shape[-2:]
+    if any(M.shape[-2:] != (m, n) for M in Ms):
+        raise ValueError(f"randomized_svds: matrices of different shapes {[tuple(M.shape) for M in Ms]}")
+    b, blocks = krylov_shape(m, n, K, oversample, power_iters)
+    Ys: list[torch.Tensor] = []
     omega = None
     for i, (M, seed) in enumerate(zip(Ms, seeds)):
-        m, n = M.shape[-2:]
-        width = min(K + oversample, m, n)
         if zero_sum and i == len(Ms) - 1 and i >= 2:
-            Qs.append(-torch.stack(Qs[1:]).sum(0))
+            Ys.append(-torch.stack(Ys[1:]).sum(0))
             continue
         if omega is None or not (zero_sum and i >= 2):  # with zero_sum the experts share seeds[1]'s draw
             g = torch.Generator(device=M.device).manual_seed(seed)
-            omega = torch.randn(n, width, generator=g, device=M.device, dtype=M.dtype)
-        Qs.append(M @ omega)
-    Qs = orthonormal_all(Qs)
-    for _ in range(power_iters):
-        Qs = orthonormal_all([M.mT @ Q for M, Q in zip(Ms, Qs)])
-        Qs = orthonormal_all([M @ Q for M, Q in zip(Ms, Qs)])
-    small = each_on_one_thread(svd, [Q.mT @ M for M, Q in zip(Ms, Qs)])
-    for Q, (Ub, S, Vh) in zip(Qs, small):
-        out.append((Q @ Ub[:, :K], S[:K], Vh[:K]))
-    return out
+            omega = torch.randn(n, b, generator=g, device=M.device, dtype=M.dtype)
+        Ys.append(M @ omega)
+    Qs = orthonormal_all(Ys)
+    bases = [Q.new_empty(m, b * blocks) for Q in Qs]
+    for B, Q in zip(bases, Qs):
+        B[:, :b] = Q
+    for i in range(1, blocks if blocks > 1 else power_iters + 1):
+        Zs = orthonormal_all([M.mT @ Q for M, Q in zip(Ms, Qs)])
+        Ys = [M @ Z for M, Z in zip(Ms, Zs)]
+        if blocks > 1:
+            Ys = [against(Y, B[:, : i * b]) for Y, B in zip(Ys, bases)]
+        Qs = orthonormal_all(Ys)
+        for B, Q in zip(bases, Qs):
+            B[:, (i if blocks > 1 else 0) * b : (i if blocks > 1 else 0) * b + b] = Q
+    small = each_on_one_thread(svd, [B.mT @ M for M, B in zip(Ms, bases)])
+    return [(B @ Ub[:, :K], S[:K], Vh[:K]) for B, (Ub, S, Vh) in zip(bases, small)]
+
+
+def against(Y: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Y with its components along the orthonormal columns of B removed, twice (one classical Gram–Schmidt
+    pass leaves about ε·κ of them; the second brings that to ε), in place; batched over leading dims."""
+    for _ in range(2):
+        Y.sub_(B @ (B.mT @ Y))
+    return Y

@@ -10,8 +10,8 @@ randomized path (docs/method.md §3.2) and `refine_als` up to float rounding (th
 the refinement products with τ from which the low-rank terms' are subtracted).
 
 The price is reads: every product with a whole matrix is one pass over its rows. `decompose_streamed`
-makes 2·power_iters + 2 passes (10 at the defaults); `refine_als_streamed` 2·(2·power_iters + 2) per sweep,
-plus one. A pass costs its matmuls plus reading and casting the T+1 blocks (a block is read into buffers
+makes 2·power_iters + 3 passes (9 at the defaults); `refine_als_streamed` 2·(2·power_iters + 1) per sweep,
+plus two. A pass costs its matmuls plus reading and casting the T+1 blocks (a block is read into buffers
 allocated once, since a fresh block-sized allocation is page-faulted in again every time) and QRs of the
 tall sketches (several on threads at once). benchmarks/streamed_embedding.py times each phase.
 
@@ -320,23 +320,30 @@ def orthonormal_all(Ys: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return linalg.orthonormal_all(Ys)
 
 
-def _projections(rows: _ModuleRows, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass for Q_iᵀM_i [T+1, w, n] (whose SVD gives the factors) and the cross projections Q_sᵀM_t and
-    Q_tᵀM_s [T, w, n]: a_t = diag(U_sᵀM_tV_s) and b_t = diag(U_tᵀM_sV_t) follow from them once V is known,
-    without another pass over the matrix. Σ_t M_t = 0, so the last Q_sᵀM_t is minus the sum of the others."""
-    T, w = rows.T, Q.shape[-1]
-    P = Q.new_zeros(T + 1, w, rows.n)
-    Ps, Pt = Q.new_zeros(T, w, rows.n), Q.new_zeros(T, w, rows.n)
+def _projections(rows: _ModuleRows, B: torch.Tensor) -> torch.Tensor:
+    """B_iᵀM_i [T+1, basis, n] for every module (whose SVDs give the factors), summed over the row blocks."""
+    P = B.new_zeros(B.shape[0], B.shape[-1], rows.n)
+    for sl, X in rows.blocks():
+        with PHASES("matmul"):
+            P.baddbmm_(B[:, sl].mT, X)
+    return P
+
+
+def _cross_terms(rows: _ModuleRows, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a_t = diag(U_sᵀM_tV_s) and b_t = diag(U_tᵀM_sV_t) [T, K] (float64), as `decompose_batch` forms them:
+    the row sums of U ∘ (M·V), accumulated over the row blocks in one pass at width K. Σ_t M_t = 0, so the
+    last a_t is minus the sum of the others."""
+    T, K = rows.T, U.shape[-1]
+    f64 = dict(dtype=torch.float64, device=U.device)
+    a, b = torch.zeros(T, K, **f64), torch.zeros(T, K, **f64)
     known = T - 1 if T > 1 else T
     for sl, X in rows.blocks():
         with PHASES("matmul"):
-            q = Q[:, sl]
-            P.baddbmm_(q.mT, X)
-            Ps[:known] += q[0].mT @ X[1 : 1 + known]
-            Pt.baddbmm_(q[1:].mT, X[0].expand(T, *X[0].shape))
+            a[:known] += (U[0, sl] * (X[1 : 1 + known] @ V[0])).sum(1)
+            b += (U[1:, sl] * (X[0] @ V[1:])).sum(1)
     if known < T:
-        torch.sum(Ps[:known], 0, out=Ps[known]).neg_()
-    return P, Ps, Pt
+        a[known] = -a[:known].sum(0)
+    return a, b
 
 
 def decompose_streamed(
@@ -357,15 +364,17 @@ def decompose_streamed(
     in `dtype` (what the manifest records).
 
     Why: the T+1 modules of Llama's embeddings do not fit in host memory (module docstring). Each pass reads
-    every row block of θ0 and the T tasks once and updates all T+1 range finders together: Y = MΩ row by row,
-    MᵀQ summed over the blocks, each power iteration re-orthonormalised on both sides, then the SVD of QᵀM, as
-    `linalg.randomized_svds(..., zero_sum=True)` does, with the same Ω per module (a generator seeded with 0
-    for the shared part, 1 for every expert), so the factors match the in-memory path up to float summation
-    order. As there, Σ_t M_t = 0 gives the last expert's first product and its Q_sᵀM_t from the others'.
-    The squared norms (float64) and the hashes come from the first pass; a and b from the projection pass.
+    every row block of θ0 and the T tasks once and updates all T+1 block Krylov range finders together: Y = MΩ
+    row by row, MᵀQ summed over the blocks, each iteration's block orthonormalised against the basis so far,
+    then the SVD of BᵀM on the whole basis, as `linalg.randomized_svds(..., zero_sum=True)` does, with the
+    same Ω per module (a generator seeded with 0 for the shared part, 1 for every expert), so the factors
+    match the in-memory path up to float summation order. As there, Σ_t M_t = 0 gives the last expert's
+    first product and its a_t from the others'. The squared norms (float64) and the hashes come from the
+    first pass; a and b from one more pass at width K (`_cross_terms`).
 
     Only the `mean` shared merge is row-separable; the caller decides when to stream. Memory is
-    O((m + n)·(K + oversample)·(T+1)) (the projections hold (3T+1)·(K + oversample)·n) plus one row block
+    O((m + n)·(K + oversample)·(T+1)) (the basis holds 2·(K + oversample) columns per module, and so do the
+    projections BᵀM, as rows of length n) plus one row block
     (`row_block` rows; default: about 256 MB for the T+1 tensors). With K + oversample ≥ min(m, n) the range
     finder spans the whole range (a full SVD up to rounding) and the saving is gone: stream only K ≪ min(m,n).
     NaN/Inf in any block is a DidiError naming the source and tensor (checked in the first pass). A tensor
@@ -376,26 +385,34 @@ def decompose_streamed(
     if K < 1:
         raise DidiError(f"tensor '{plan.name}': K={K}; a decomposition keeps at least one component")
     K = min(K, m, n)
-    w = min(K + oversample, m, n)
     device = torch.device(device)
     itemsize = torch.empty((), dtype=dtype).element_size()
+    b, blocks = linalg.krylov_shape(m, n, K, oversample, power_iters)
     with _ModuleRows(zoo, plan, dtype, device, row_block or block_rows(n, T + 1, itemsize)) as rows:
         # the experts share one Ω (seed 1), as `linalg.randomized_svds(..., zero_sum=True)` draws them
-        omega = torch.stack([_omega(n, w, min(i, 1), dtype, device) for i in range(T + 1)])
+        omega = torch.stack([_omega(n, b, min(i, 1), dtype, device) for i in range(T + 1)])
         Q = _orthonormal_each(_sketch(rows, omega, first=True, zero_sum=True))
         del omega
-        for _ in range(power_iters):
+        basis = Q.new_empty(T + 1, m, b * blocks)
+        basis[..., :b] = Q
+        for i in range(1, blocks if blocks > 1 else power_iters + 1):
             Z = _orthonormal_each(_co_sketch(rows, Q))
             del Q
-            Q = _orthonormal_each(_sketch(rows, Z))
+            Y = _sketch(rows, Z)
             del Z
-        P, Ps, Pt = _projections(rows, Q)
-    with PHASES("svd"):
-        U, S, V, Ub = _factor(Q, P, K)
-    del Q, P
+            j = i if blocks > 1 else 0  # one block: subspace iteration replaces it
+            if blocks > 1:
+                with PHASES("qr"):
+                    linalg.against(Y, basis[..., : i * b])
+            Q = _orthonormal_each(Y)
+            basis[..., j * b : (j + 1) * b] = Q
+        del Q
+        P = _projections(rows, basis)
+        with PHASES("svd"):
+            U, S, V = _factor(basis, P, K)
+        del basis, P
+        a, b_ = _cross_terms(rows, U, V)
     f64 = torch.float64
-    a = torch.stack([(Ub[0].to(f64) * (Ps[t].to(f64) @ V[0].to(f64))).sum(0) for t in range(T)])
-    b = torch.stack([(Ub[1 + t].to(f64) * (Pt[t].to(f64) @ V[1 + t].to(f64))).sum(0) for t in range(T)])
     tol = (rtol if rtol is not None else max(m, n) * torch.finfo(dtype).eps) * float(S[:, 0].max())
     factors = {
         "U_s": U[0],
@@ -405,7 +422,7 @@ def decompose_streamed(
         "S_t": S[1:].to(f64),
         "V_t": V[1:],
         "a": a,
-        "b": b,
+        "b": b_,
         "ms_sq": rows.ms_sq,
         "mt_sq": rows.mt_sq,
         "inner": rows.inner,
@@ -421,18 +438,14 @@ def _omega(n: int, w: int, seed: int, dtype: torch.dtype, device: torch.device) 
     return torch.randn(n, w, generator=g, device=device, dtype=dtype)
 
 
-def _factor(
-    Q: torch.Tensor, P: torch.Tensor, K: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U = Q·Ũ [T+1, m, K], σ [T+1, K], V [T+1, n, K] and Ũ [T+1, w, K] from the SVDs Ũ Σ Vᵀ of QᵀM."""
-    U, S, V, Ub = [], [], [], []
-    for i in range(Q.shape[0]):
-        ub, s, vh = svd(P[i])
-        Ub.append(ub[:, :K])
-        U.append(Q[i] @ ub[:, :K])
-        S.append(s[:K])
-        V.append(vh[:K].T)
-    return torch.stack(U), torch.stack(S), torch.stack(V), torch.stack(Ub)
+def _factor(B: torch.Tensor, P: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U = B·Ũ [T+1, m, K], σ [T+1, K] and V [T+1, n, K] from the SVDs Ũ Σ Vᵀ of P = BᵀM (side by side, as
+    `linalg.randomized_svds` takes them)."""
+    small = linalg.each_on_one_thread(svd, list(P))
+    U = torch.stack([B[i] @ ub[:, :K] for i, (ub, _, _) in enumerate(small)])
+    S = torch.stack([s[:K] for _, s, _ in small])
+    V = torch.stack([vh[:K].T for _, _, vh in small])
+    return U, S, V
 
 
 # ------------------------------------------------------------------------------------------------- refine

@@ -235,7 +235,7 @@ def decompose_batch(
     cap) runs its T+1 SVDs one after the other, each truncated to K at once: the working set stays near
     2·(T+1) copies of the matrix instead of about 10 for the batched call (measured on Llama's embeddings).
     `consume=True` lets the residuals M_t overwrite `taus` in place. `svd_method`: `full`, or `randomized`
-    (`linalg.randomized_svds`: the range finders of a matrix's T+1 modules in lockstep, at width K), or
+    (`linalg.randomized_svds`: the block Krylov range finders of a matrix's T+1 modules in lockstep), or
     `auto`: randomized when K + oversample ≤ min(m, n) / 4 (see `randomized_is_cheaper`), else full.
     """
     B, T, m, n = taus.shape
@@ -356,8 +356,8 @@ class DecomposeConfig:
             exact on one side so the closed form and the allocators stay exact for the factors stored), or
             `auto`: randomized for a module when max_rank + oversample ≤ min(m, n) / 4, where it is several
             times cheaper, else full. Without max_rank every SVD is full.
-        oversample: extra columns of the range finder.
-        power_iters: power iterations of the range finder.
+        oversample: extra columns of the range finder (its blocks are (max_rank + oversample)/2 wide).
+        power_iters: iterations of the block Krylov range finder, each adding a block to its basis.
         stream_mb: a matrix whose T+1 copies in the compute dtype pass this many MB (Llama's embeddings) is
             decomposed from row blocks read straight from the checkpoints (`didi.streamed`), so host memory
             stays O((m + n)·K·T) for it; it needs the randomized SVD and the `mean` shared merge. None: never.

@@ -122,10 +122,10 @@ def randomized_svd(
     SVD of the small BᵀM on the whole basis B (`krylov_shape`), at about 2·m·n·b·(3·power_iters + 2) flops
     instead of a full SVD's ~m·n·min(m, n).
 
-    Why the Krylov basis, not subspace iteration (which keeps only the last block, width K + oversample):
-    the earlier blocks are products already paid for. On fine-tune-like spectra (an 8192×2048 matrix, K 192)
-    it is 1.3× faster than subspace iteration with 3 iterations and its σ's are closer at every rank up to K
-    (docs/method.md §3.2; benchmarks/svd_accuracy.py).
+    Why the Krylov basis, not subspace iteration (one block of K + oversample columns, only the last kept):
+    the earlier blocks are products already paid for, so the blocks can be half as wide. On fine-tune-like
+    spectra (an 8192×2048 matrix, 4 tasks, K 192, 3 iterations each) it took 2.04 s against 2.71 s, with
+    σ's closer at every rank up to K (docs/method.md §3.2; benchmarks/svd_accuracy.py).
 
     Exact on one side, as the closed form needs (docs/method.md §3.2): U = B·Ũ with Ũ Σ Vh the SVD of BᵀM, so
     UᵀM = Σ·Vh exactly and ‖M − U_rΣ_rVh_r‖² = ‖M‖² − Σ_{j≤r} σ_j² for every r ≤ K; only how close the σ's are
@@ -152,8 +152,8 @@ def randomized_svds(
 
     `zero_sum`: Ms[1:] sum to zero (the experts' residuals M_t = τ_t − mean_u τ_u). They then share one test
     matrix Ω (seeds[1]'s), so the last one's first product is minus the sum of the others' (Σ_t M_tΩ = 0):
-    one product of the (2·power_iters + 2)·len(Ms) fewer, and the same factors as drawing Ω from seeds[1]
-    for each of them, up to rounding."""
+    one product of the (3·power_iters + 2)·len(Ms) of width b fewer, and the same factors as drawing Ω from
+    seeds[1] for each of them, up to rounding."""
     m, n = Ms[0].shape[-2:]
     if any(M.shape[-2:] != (m, n) for M in Ms):
         raise ValueError(f"randomized_svds: matrices of different shapes {[tuple(M.shape) for M in Ms]}")
@@ -178,8 +178,9 @@ def randomized_svds(
         if blocks > 1:
             Ys = [against(Y, B[:, : i * b]) for Y, B in zip(Ys, bases)]
         Qs = orthonormal_all(Ys)
+        j = i if blocks > 1 else 0  # one block: subspace iteration replaces it
         for B, Q in zip(bases, Qs):
-            B[:, (i if blocks > 1 else 0) * b : (i if blocks > 1 else 0) * b + b] = Q
+            B[:, j * b : (j + 1) * b] = Q
     small = each_on_one_thread(svd, [B.mT @ M for M, B in zip(Ms, bases)])
     return [(B @ Ub[:, :K], S[:K], Vh[:K]) for B, (Ub, S, Vh) in zip(bases, small)]
 

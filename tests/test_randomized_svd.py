@@ -10,15 +10,17 @@ from didi.linalg import randomized_svd, svd
 from didi.synthetic import spectral
 
 
-@pytest.mark.parametrize("shape,decay", [((512, 256), 0.6), ((256, 768), 0.5), ((384, 384), 0.9)])
+@pytest.mark.parametrize("shape,decay", [((1536, 768), 0.6), ((768, 1536), 0.5), ((1024, 1024), 0.9)])
 def test_top_singular_values_match_the_full_svd(shape, decay):
+    """Shapes whose min(m, n) is three times the Krylov basis (2·(96 + 32) columns), so that it samples the
+    range (on a 256-wide matrix it would span all of it and be exact); measured: at most 2.3e-4."""
     g = torch.Generator().manual_seed(1)
     M = spectral(*shape, decay=decay, scale=1.0, g=g).double()
     K, keep = 96, 48  # the store keeps K; a merge uses at most about half of it (the search width margin)
     U, S, Vh = randomized_svd(M, K)
     S_full = svd(M)[1]
     rel = ((S[:keep] - S_full[:keep]).abs() / S_full[:keep]).max()
-    assert rel < 1e-3, float(rel)
+    assert rel < 5e-4, float(rel)
     assert (S <= S_full[:K] * (1 + 1e-12)).all()  # a range finder never overestimates
     assert U.shape == (shape[0], K) and Vh.shape == (K, shape[1])
 

@@ -1,7 +1,7 @@
 """Full SVD vs the randomized truncated SVD (`didi.linalg.randomized_svd` at its defaults: the block Krylov
 range finder, 32 extra columns, 3 iterations) per module shape and kept width K: seconds, speed-up, and the
-largest relative error of σ_1..σ_{K/2} on a fine-tune-like power-law spectrum (σ_i ∝ i^−0.5). Where the speed-up crosses 1 is what
-`decompose.randomized_is_cheaper` (the `svd: auto` rule) is set from.
+largest relative error of σ_1..σ_{K/2} on a fine-tune-like power-law spectrum (σ_i ∝ i^−0.5). Where the
+speed-up crosses 1 is what `decompose.randomized_is_cheaper` (the `svd: auto` rule) is set from.
 
     python benchmarks/svd_crossover.py [--repeats 3]
 """

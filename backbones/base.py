@@ -242,7 +242,7 @@ class Zoo:
     def read(self, name: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """θ0's tensor and every task's, cast to `dtype`; NaN/Inf anywhere is an error naming the source."""
         out = [
-            _finite(label, s, name, s.get(name), dtype)
+            _finite(label, s, name, s.get(name, dtype) if isinstance(s, TensorSource) else s.get(name), dtype)
             for label, s in [("base", self.base_source), *self.task_sources.items()]
         ]
         return out[0], out[1:]
@@ -256,14 +256,15 @@ class Zoo:
         time; only the bytes of those rows are read from each checkpoint.
         """
         out = [
-            _finite(label, s, name, s.get_rows(name, start, stop), dtype)
+            _finite(label, s, name, s.get_rows(name, start, stop, dtype), dtype)  # a TensorSource
             for label, s in [("base", self.base_source), *self.task_sources.items()]
         ]
         return out[0], out[1:]
 
 
 def _finite(label: str, source: TensorSource, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A floating tensor (or rows of one) cast to `dtype`; NaN/Inf is an error naming the source, so that a
+    """A floating tensor (or rows of one) cast to `dtype` (a `TensorSource` casts as it copies out of the map;
+    an adapter's own source view may return any dtype); NaN/Inf is an error naming the source, so that a
     broken checkpoint is named instead of poisoning every SVD."""
     if t.dtype.is_floating_point:
         t = t.to(dtype)

@@ -38,6 +38,7 @@ from didi.backbones.base import Zoo
 from didi.errors import DidiError
 from didi.merges import SHARED_MERGES, shared_merge_fn
 from didi.sources import tensor_sha256
+from didi.task_vectors import stack_taus
 from didi.tensorfile import LazyTensor
 
 MODES = ("pooled", "per_task")
@@ -482,7 +483,7 @@ class _SharedMerge:
     def __call__(self) -> torch.Tensor:
         base, xs = self.zoo.original.read(self.name, torch.float64)
         plan = next(p for p in self.zoo.original.matrices if p.name == self.name)
-        taus = torch.stack(xs).sub_(base).reshape(len(xs), *plan.matrix_shape)
+        taus = stack_taus(base, xs).reshape(len(xs), *plan.matrix_shape)
         return shared_merge_fn(self.zoo.shared_merge)(taus).float().reshape(self.shape)
 
 

@@ -36,6 +36,7 @@ from didi.linalg import explained, minus_left, minus_right, orthonormal, squared
 from didi.progress import StageProgressBar
 from didi.quantize import fake_quantize, fake_quantize_pair, stored_pair
 from didi.streamed import PHASES, BlockReader, refine_als_streamed
+from didi.task_vectors import stack_taus
 from didi.tensorfile import LazyTensor, lazy_tensors
 from didi.trainer import TrainerConfig, Trainers, barrier
 
@@ -483,7 +484,7 @@ class RefineJobs:
                 jobs[-1].update(self.store.factors(i, r_s, max(r_t, default=0)))
                 continue
             base, taus = self.zoo.read(e.name)
-            taus = torch.stack(taus).sub_(base).reshape(-1, e.m, e.n)
+            taus = stack_taus(base, taus).reshape(-1, e.m, e.n)
             del base
             # only the leading r columns are used (the initial truncated-SVD factors): a job holds rank-r
             # factors, not the store's width K (for Llama's embeddings, 128256×K per task)

@@ -26,7 +26,7 @@ def tensor_sha256(t: torch.Tensor) -> str:
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
     t = t.detach().contiguous().cpu()
     if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no bytes copy
     return h.hexdigest()
 
 
@@ -191,7 +191,9 @@ class TensorSource:
     def dtype(self, name: str) -> torch.dtype:
         return self._meta[name][1]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor `name` as an owned tensor; a floating one cast to `dtype` if given (one copy out of the map
+        instead of a copy and then a cast)."""
         if name not in self._files:
             raise DidiError(f"{self.path}: no tensor named '{name}'")
         if self._pickled is not None:
@@ -199,11 +201,11 @@ class TensorSource:
         try:  # opened per read, not kept: a kept handle maps its whole shard, and every page read stays
             # resident, so a 16 GB Llama would make the process look 16 GB larger per checkpoint
             with safe_open(str(self._files[name]), framework="pt", device="cpu") as h:
-                return h.get_tensor(name).clone()
+                return _owned(h.get_tensor(name), dtype)
         except Exception as e:
             raise DidiError(f"{self._files[name]}: tensor '{name}' could not be read ({e})") from e
 
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def get_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows [start:stop) along dim 0 of tensor `name`, as an owned tensor.
 
         Why: a matrix too large to hold T+1 times over (Llama's 128256×4096 embeddings) is decomposed and
@@ -219,16 +221,24 @@ class TensorSource:
                 f"{self._files[name]}: tensor '{name}' of shape {list(shape)} has no rows [{start}:{stop})"
             )
         if self._pickled is not None:
-            return self._pickled[name][start:stop].clone()
+            return _owned(self._pickled[name][start:stop], dtype)
         try:
             with safe_open(str(self._files[name]), framework="pt", device="cpu") as h:
-                return h.get_slice(name)[start:stop].clone()
+                return _owned(h.get_slice(name)[start:stop], dtype)
         except Exception as e:
             raise DidiError(f"{self._files[name]}: tensor '{name}' could not be read ({e})") from e
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._files:
             yield name, self.get(name)
+
+
+def _owned(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A copy of `t` that owns its memory (not a view of a mapped shard), cast to `dtype` when it is floating
+    and `dtype` is given."""
+    if dtype is not None and t.dtype.is_floating_point and t.dtype != dtype:
+        return t.to(dtype)
+    return t.clone()
 
 
 _ST_DTYPES = {

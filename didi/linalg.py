@@ -104,9 +104,9 @@ def krylov_shape(m: int, n: int, K: int, oversample: int, power_iters: int) -> t
     blocks of b = ⌈(K + oversample)/2⌉ columns, one per iteration and the first, so the basis holds
     2·(K + oversample) columns after 3; one block of K + oversample without, or where the power_iters + 1
     blocks would not fit in min(m, n) (then the iterations replace the block: subspace iteration). Why not
-    fewer blocks there: a basis cut to two blocks is one iteration's worth, and a forced `svd: randomized` at
-    K = 512 on a 768×768 module kept σ_1..σ_256 within 4.6e-2 that way (benchmarks/svd_crossover.py at
-    aa8dc05); `svd: auto` never gets near (K + oversample ≤ min(m, n)/4)."""
+    fewer blocks there: a basis cut to two blocks is one iteration's worth (σ_1..σ_128 within 3.5e-2 that way
+    against 1.1e-3 now at K = 256 on a 400×400 module, tests/test_randomized_svd.py); only a forced
+    `svd: randomized` gets there (`auto`: K + oversample ≤ min(m, n)/4)."""
     k = min(m, n)
     w = min(K + oversample, k)
     b = -(-w // 2)

@@ -122,9 +122,9 @@ def merge_child(root: Path, a: argparse.Namespace) -> None:
     steps: list[tuple[int, float, float]] = []  # (plan position, start (unix time), seconds) per tensor
     add = ShareWriter.add
 
-    def timed_add(self, pos: int) -> None:  # measures this rank's own work, step by step
+    def timed_add(self, pos: int, modules=None) -> None:  # measures this rank's own work, step by step
         t, wall = time.perf_counter(), time.time()
-        add(self, pos)
+        add(self, pos, modules)
         steps.append((int(pos), wall, time.perf_counter() - t))
 
     ShareWriter.add = timed_add

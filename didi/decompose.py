@@ -31,7 +31,7 @@ from didi.linalg import krylov_shape, randomized_svds, squared_norm64, svd
 from didi.merges import mean_merge, shared_merge_fn
 from didi.progress import stage_bar
 from didi.sources import file_sha256, load_owned
-from didi.streamed import STREAMABLE_MERGES, decompose_streamed
+from didi.streamed import STREAMABLE_MERGES, decompose_streamed, decompose_streamed_part, join_parts
 from didi.task_vectors import DeltaReader
 
 STORE_VERSION = 3  # 3: sha256 of every file in index.json ("file_sha256"), checked when a store is opened
@@ -169,6 +169,23 @@ class FactorStore:
         return terms_from_factors(f, K, device=device, dtype=dtype)
 
 
+def cross_gram64(A: torch.Tensor, B: torch.Tensor, device=None, chunk: int = 1 << 22) -> torch.Tensor:
+    """AᵀB_t for every t [T, k, j] in float64, from A [m, k] and B [T, m, j] converted a block of about
+    `chunk` elements of rows at a time. Why: a float64 copy of the whole factors was the search's peak for
+    Llama's embedding (1.2 GB beside the 0.6 GB fp32 file at K = 224, T = 4, twice that for the 8B's); a
+    matrix within one block is one product, as before."""
+    m = A.shape[0]
+    rows = max(1, chunk // max(1, A.shape[1] + B.shape[0] * B.shape[2]))
+    out = None
+    for s in range(0, m, rows):
+        a = A[s : s + rows].to(device, torch.float64)
+        part = torch.einsum("mk,tmj->tkj", a, B[:, s : s + rows].to(device, torch.float64))
+        out = part if out is None else out.add_(part)
+    if out is None:  # no rows
+        return torch.zeros(B.shape[0], A.shape[1], B.shape[2], dtype=torch.float64, device=device)
+    return out
+
+
 def terms_from_factors(f: dict[str, torch.Tensor], K: int, device=None, dtype=torch.float32) -> GroupTerms:
     """C_t, p_t, q_t and c_t = ‖R_s + R_t‖² at width K from the stored factors
     (docs/method.md §3, truncated case)."""
@@ -176,11 +193,11 @@ def terms_from_factors(f: dict[str, torch.Tensor], K: int, device=None, dtype=to
     if K > Ks:
         raise DidiError(f"search width K={K} exceeds the {Ks} singular components kept in the factor store")
     wdt = torch.float64
-    U_s, V_s = f["U_s"][:, :K].to(device, wdt), f["V_s"][:, :K].to(device, wdt)
-    U_t, V_t = f["U_t"][..., :K].to(device, wdt), f["V_t"][..., :K].to(device, wdt)
     S_s, S_t = f["S_s"][:K].to(device, wdt), f["S_t"][:, :K].to(device, wdt)
     a, b = f["a"][:, :K].to(device, wdt), f["b"][:, :K].to(device, wdt)
-    C = torch.einsum("mk,tmj->tkj", U_s, U_t) * torch.einsum("nk,tnj->tkj", V_s, V_t)  # [T,K,K]
+    C = cross_gram64(f["U_s"][:, :K], f["U_t"][..., :K], device) * cross_gram64(
+        f["V_s"][:, :K], f["V_t"][..., :K], device
+    )  # [T,K,K]
     Cs_t = torch.einsum("tkj,tj->tk", C, S_t)
     Cts = torch.einsum("tkj,k->tj", C, S_s)
     p = a - Cs_t
@@ -597,16 +614,59 @@ def svd_flops(m: int, n: int, K: int, randomized: bool, oversample: int, power_i
 
 
 def tensor_cost(plan: TensorPlan, T: int, cfg: DecomposeConfig) -> float:
-    """Estimated flops of decomposing one tensor (what the shards balance): T+1 SVDs of a matrix, or a read
-    per element of anything else."""
+    """Estimated flops of decomposing one tensor (what the shards balance): T+1 SVDs of a matrix and the
+    inner products a, b (`module_cost` summed), or a read per element of anything else."""
     if plan.matrix_shape is None:
         return float((T + 1) * plan.numel)
+    return sum(module_cost(plan, T, cfg, i) for i in range(T + 1))
+
+
+def module_cost(plan: TensorPlan, T: int, cfg: DecomposeConfig, module: int) -> float:
+    """Estimated flops of one module of a matrix: its SVD, and for module 0 (the shared part) the T
+    products of a_t, for module t + 1 (expert t) that of b_t (2·m·n·K each)."""
     m, n = plan.matrix_shape
     K = width_of(m, n, cfg)
     one = svd_flops(
         m, n, K, uses_randomized(m, n, K, cfg.svd, cfg.oversample), cfg.oversample, cfg.power_iters
     )
-    return (T + 1) * one + 4.0 * T * m * n * K  # + the inner products a, b
+    return one + 2.0 * (T if module == 0 else 1) * m * n * K
+
+
+#: a unit of the decomposition's work: a tensor's plan position, and which module of a row-streamed matrix
+#: (None: the whole tensor)
+Unit = tuple[int, int | None]
+
+
+def work_units(zoo: Zoo, cfg: DecomposeConfig, world: int) -> tuple[list[Unit], list[float]]:
+    """What the shards balance, with the estimated cost of each: every tensor whole, except that with
+    several processes each of a row-streamed matrix's T+1 modules is a unit of its own. Why: Llama's
+    embedding is the largest piece of work and of memory (its T+1 range finders); whole, it lands on one
+    process, whose peak then does not fall with the number of processes (`decompose_streamed_part`)."""
+    cfg = unbudgeted(cfg)
+    T = len(zoo.tasks)
+    units: list[Unit] = []
+    costs: list[float] = []
+    for pos, plan in enumerate(zoo.plan):
+        if world > 1 and streams(plan, T, cfg):
+            units += [(pos, i) for i in range(T + 1)]
+            costs += [module_cost(plan, T, cfg, i) for i in range(T + 1)]
+        else:
+            units.append((pos, None))
+            costs.append(tensor_cost(plan, T, cfg))
+    return units, costs
+
+
+def share_of(units: list[Unit], picked: list[int]) -> list[tuple[int, tuple[int, ...] | None]]:
+    """One process's units (indices into `units`) as its work in plan order: (position, None) for a whole
+    tensor, (position, modules) for the modules it holds of a row-streamed matrix."""
+    held: dict[int, list[int] | None] = {}
+    for u in picked:
+        pos, module = units[u]
+        if module is None:
+            held[pos] = None
+        else:
+            held.setdefault(pos, []).append(module)
+    return [(pos, None if mods is None else tuple(sorted(mods))) for pos, mods in sorted(held.items())]
 
 
 def assign_shares(costs: list[float], world: int) -> list[list[int]]:
@@ -676,28 +736,37 @@ class ShareWriter:
         self.pending: dict[tuple[int, int], list] = {}  # matrix shape -> [(pos, plan, taus)]
         self.matrices: dict[int, dict] = {}
         self.nonmatrix: dict[int, dict] = {}
+        self.parts: dict[int, dict] = {}  # position -> the modules of a streamed matrix this share holds
         self.sha: dict[str, str] = {}  # file name -> sha256, hashed right after it is written
         self.flops = 0.0
         self.busy = 0.0  # seconds spent in `add` and `finish`: this share's own work
         gpu = self.device.type == "cuda"
         self.cap = (cfg.batch_mb if cfg.batch_mb is not None else 64 if gpu else 0) * 2**20
 
-    def _save(self, tensors: dict, sub: str, pos: int) -> None:
-        name = f"p{pos:06d}.safetensors"
+    def _save(self, tensors: dict, sub: str, pos: int, name: str | None = None) -> None:
+        name = name or f"p{pos:06d}.safetensors"
         path = self.out / sub / name
         save_file(tensors, str(path))
         self.sha[f"{sub}/{name}"] = file_sha256(path)
 
-    def add(self, pos: int) -> None:
+    def add(self, pos: int, modules: tuple[int, ...] | None = None) -> None:
+        """Decompose tensor `pos`, or only the given `modules` (0: shared, t + 1: expert t) of a row-streamed
+        matrix, which `assemble` joins with the other processes' parts."""
         t0 = time.perf_counter()
         try:
-            self._add(pos)
+            self._add(pos, modules)
         finally:
             self.busy += time.perf_counter() - t0
 
-    def _add(self, pos: int) -> None:
+    def _add(self, pos: int, modules: tuple[int, ...] | None = None) -> None:
         plan = self.zoo.plan[pos]
         T = len(self.zoo.tasks)
+        if modules is not None and len(set(modules)) < T + 1:
+            if not streams(plan, T, self.cfg):
+                raise DidiError(f"decompose: '{plan.name}' is not row-streamed; only its whole can be added")
+            self.flops += sum(module_cost(plan, T, self.cfg, i) for i in set(modules))
+            self._add_part(pos, plan, sorted(set(modules)))
+            return
         self.flops += tensor_cost(plan, T, self.cfg)
         if streams(plan, T, self.cfg):
             self._add_streamed(pos, plan)
@@ -754,6 +823,27 @@ class ShareWriter:
             return
         self._entry(pos, plan, factors, bound_s, bound_t)
 
+    def _add_part(self, pos: int, plan: TensorPlan, modules: list[int]) -> None:
+        m, n = plan.matrix_shape
+        try:
+            part, sha = decompose_streamed_part(
+                self.zoo,
+                plan,
+                width_of(m, n, self.cfg),
+                modules,
+                oversample=self.cfg.oversample,
+                power_iters=self.cfg.power_iters,
+                dtype=self.dtype,
+                device=self.device,
+            )
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory([plan.name], (m, n), self.device, self.cfg, streamed=True) from e
+        for source, digest in (sha or {}).items():
+            self.reader.sha256[source][plan.name] = digest
+        name = f"p{pos:06d}.modules-{'-'.join(map(str, modules))}.safetensors"
+        self._save(part, "matrices", pos, name)
+        self.parts[pos] = {"name": plan.name, "modules": modules, "file": f"matrices/{name}"}
+
     @staticmethod
     def _held(groups: dict) -> int:
         return sum(t.numel() * t.element_size() for batch in groups.values() for _, _, t in batch)
@@ -785,18 +875,7 @@ class ShareWriter:
 
     def _entry(self, pos: int, plan: TensorPlan, factors: dict, bound_s: int, bound_t: list[int]) -> None:
         self._save(factors, "matrices", pos)
-        m, n = plan.matrix_shape
-        self.matrices[pos] = {
-            "name": plan.name,
-            "shape": list(plan.shape),
-            "m": m,
-            "n": n,
-            "K": int(factors["S_s"].shape[0]),
-            "bound_s": bound_s,
-            "bound_t": list(bound_t),
-            "layer": plan.layer,
-            "kind": plan.kind,
-        }
+        self.matrices[pos] = matrix_record(plan, factors, bound_s, bound_t)
 
     def finish(self, rank: int) -> dict:
         """Decompose what still waits and return this share's record (JSON-able)."""
@@ -810,6 +889,7 @@ class ShareWriter:
             "rank": rank,
             "matrices": {str(k): v for k, v in self.matrices.items()},
             "nonmatrix": {str(k): v for k, v in self.nonmatrix.items()},
+            "parts": {str(k): v for k, v in self.parts.items()},
             "sha256": self.reader.sha256,
             "file_sha256": self.sha,
             "tensors": len(self.matrices) + len(self.nonmatrix),
@@ -818,12 +898,73 @@ class ShareWriter:
         }
 
 
+def matrix_record(plan: TensorPlan, factors: dict, bound_s: int, bound_t: list[int]) -> dict:
+    """A decomposed matrix's entry in a share's record (the index's `MatrixEntry` without its number)."""
+    m, n = plan.matrix_shape
+    return {
+        "name": plan.name,
+        "shape": list(plan.shape),
+        "m": m,
+        "n": n,
+        "K": int(factors["S_s"].shape[0]),
+        "bound_s": bound_s,
+        "bound_t": list(bound_t),
+        "layer": plan.layer,
+        "kind": plan.kind,
+    }
+
+
+def _unseen(out: Path, rank: int, file: str, name: str) -> DidiError:
+    return DidiError(
+        f"{out}: rank {rank}'s file {file} ({name}) is not visible to rank 0; decompose.cache_dir must be on "
+        f"a file system every rank (every node) sees"
+    )
+
+
+def join_streamed(out: Path, zoo: Zoo, cfg: DecomposeConfig, records: list[dict]) -> None:
+    """Join the parts of each row-streamed matrix whose modules several shares decomposed into its factor
+    file, as the whole matrix's would be written (`join_parts`), recorded in the share that holds its shared
+    module (which hashed the sources); the part files are removed."""
+    held: dict[int, list[tuple[dict, dict]]] = {}
+    for r in records:
+        for pos, e in r.get("parts", {}).items():
+            held.setdefault(int(pos), []).append((r, e))
+    T = len(zoo.tasks)
+    for pos, pieces in sorted(held.items()):
+        plan = zoo.plan[pos]
+        for r, e in pieces:
+            if not (out / e["file"]).is_file():
+                raise _unseen(out, r["rank"], e["file"], e["name"])
+        try:
+            factors, bound_s, bound_t = join_parts(
+                [load_file(str(out / e["file"])) for _, e in pieces],
+                T,
+                *plan.matrix_shape,
+                cfg.torch_dtype(),
+            )
+        except DidiError as err:
+            raise DidiError(f"{out}: '{plan.name}': {err}") from None
+        owner = next(r for r, e in pieces if 0 in e["modules"])
+        if not bool((factors["tau_sq"] > 0).any()):
+            owner["nonmatrix"][str(pos)] = {"name": plan.name, "shape": list(plan.shape), "zero": True}
+        else:
+            name = f"p{pos:06d}.safetensors"
+            save_file(factors, str(out / "matrices" / name))
+            owner["file_sha256"][f"matrices/{name}"] = file_sha256(out / "matrices" / name)
+            owner["matrices"][str(pos)] = matrix_record(plan, factors, bound_s, bound_t)
+        del factors
+        for _, e in pieces:
+            (out / e["file"]).unlink()
+
+
 def assemble(out: Path, zoo: Zoo, cfg: DecomposeConfig, records: list[dict]) -> None:
-    """Turn the shares' records and files in `out` into the store: files renamed to their index in plan
-    order, index.json written last (so a store without it is unfinished). Whoever computed which share, the
-    store is the same bytes. A file a record names but `out` lacks is an error naming the directory: the
-    cache must be on a file system every rank sees."""
+    """Turn the shares' records and files in `out` into the store: streamed matrices' parts joined
+    (`join_streamed`), files renamed to their index in plan order, index.json written last (so a store
+    without it is unfinished). Whoever computed which share, the store is the same bytes. A file a record
+    names but `out` lacks is an error naming the directory: the cache must be on a file system every rank
+    sees."""
     cfg = unbudgeted(cfg)
+    join_streamed(out, zoo, cfg, records)
     for sub, kind in (("matrices", "matrices"), ("nonmatrix", "nonmatrix")):
         for r in records:
             for pos, e in r[kind].items():
@@ -831,10 +972,7 @@ def assemble(out: Path, zoo: Zoo, cfg: DecomposeConfig, records: list[dict]) -> 
                     continue
                 f = out / sub / f"p{int(pos):06d}.safetensors"
                 if not f.is_file():
-                    raise DidiError(
-                        f"{out}: rank {r['rank']}'s file {sub}/{f.name} ({e['name']}) is not visible to "
-                        f"rank 0; decompose.cache_dir must be on a file system every rank (every node) sees"
-                    )
+                    raise _unseen(out, r["rank"], f"{sub}/{f.name}", e["name"])
     mats = sorted((int(pos), e, r) for r in records for pos, e in r["matrices"].items())
     file_sha = {}
     matrices = []
@@ -883,6 +1021,13 @@ def assemble(out: Path, zoo: Zoo, cfg: DecomposeConfig, records: list[dict]) -> 
         "sha256": sha256,
         "file_sha256": dict(sorted(file_sha.items())),
     }
-    shares = [{k: r[k] for k in ("rank", "tensors", "flops_est", "seconds")} for r in records]
+    shares = [
+        {
+            **{k: r[k] for k in ("rank", "tensors", "flops_est", "seconds")},
+            # the modules (0: shared, t + 1: expert t) it decomposed of matrices split between processes
+            "modules": {e["name"]: e["modules"] for e in r.get("parts", {}).values()},
+        }
+        for r in records
+    ]
     (out / "shares.json").write_text(json.dumps({"world": len(records), "shares": shares}, indent=1))
     (out / "index.json").write_text(json.dumps(meta))

@@ -319,7 +319,9 @@ class LoRARefine(L.LightningModule):
         if self._sums is None:  # the earlier run's matrices are counted once, by rank 0
             self._sums = list(self.prior) if self.global_rank == 0 else [0.0, 0.0]
         for job in batch:
-            mv = {k: job[k].to(self.device, dt) for k in ("U_s", "S_s", "V_s", "U_t", "S_t", "V_t")}
+            # taken out of the job: once A = U√Σ is formed nothing holds the store's factors (for Llama's
+            # embedding (T+1)·m·r floats beside the refinement's own)
+            mv = {k: job.pop(k).to(self.device, dt) for k in ("U_s", "S_s", "V_s", "U_t", "S_t", "V_t")}
             if "M_s" in job:
                 A_s, B_s = job["M_s"].to(self.device, dt), None
             else:
@@ -329,6 +331,7 @@ class LoRARefine(L.LightningModule):
                 for t, r in enumerate(job["r_t"])
             ]
             A_t, B_t = [a for a, _ in pairs], [b for _, b in pairs]
+            del mv, pairs
             q = self.expert_dtype
             stored: list[dict] = []
             if q != "float32":  # the start is the truncated SVD as it would be stored
@@ -336,7 +339,7 @@ class LoRARefine(L.LightningModule):
             if "rows" in job:  # a matrix too large for memory: row blocks read from the checkpoints
                 A_s, B_s, A_t, B_t, err0, err1 = refine_als_streamed(
                     job["rows"], job["m"], job["n"], len(A_t), A_s, B_s, A_t, B_t,
-                    self.cfg.sweeps, self.cfg.power_iters, expert_dtype=q,
+                    self.cfg.sweeps, self.cfg.power_iters, expert_dtype=q, consume=True,
                 )  # fmt: skip
                 e0, e1 = float(err0.sum()), float(err1.sum())
                 if q != "float32":

@@ -2,10 +2,12 @@
 
 Under any launcher didi supports (the Trainer's `ddp` / `ddp_spawn`, torchrun, `fabric run`) every process
 decomposes its own share of the zoo's tensors, balanced by estimated flops (`assign_shares`: deterministic,
-so no process has to be told its share), into one temporary directory that rank 0 names; after a barrier
-rank 0 checks it sees every process's files, assembles the index in plan order and renames the store into
-place. The store is the same bytes whatever the number of processes. Each process says its share on stderr
-and the store's `shares.json` records them (matrices, tensors, estimated flops, seconds).
+so no process has to be told its share), into one temporary directory that rank 0 names; a row-streamed
+matrix (Llama's embedding) is shared out by module, so that its range finders do not all land on one
+process (`work_units`). After a barrier rank 0 checks it sees every process's files, joins the streamed
+matrices' parts, assembles the index in plan order and renames the store into place. The store is the same
+bytes whatever the number of processes. Each process says its share on stderr and the store's `shares.json`
+records them (matrices, tensors, estimated flops, seconds).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from didi.decompose import (
     decompose,
     install,
     make_layout,
+    share_of,
     store_root,
-    tensor_cost,
     unbudgeted,
+    work_units,
 )
 from didi.errors import DidiError
 from didi.progress import StageProgressBar
@@ -118,16 +121,20 @@ class DecomposeShards(L.LightningModule):
                 f"{self.tmp}: rank {rank} does not see the directory rank 0 made; decompose.cache_dir "
                 f"must be on a file system every rank (every node) sees"
             )
-        T = len(self.zoo.tasks)
-        costs = [tensor_cost(p, T, self.cfg) for p in self.zoo.plan]
-        shares = assign_shares(costs, world)
-        self.steps.share = shares[rank]
+        units, costs = work_units(self.zoo, self.cfg, world)
+        picked = assign_shares(costs, world)[rank]
+        share = share_of(units, picked)
+        self.steps.share = share
         total = sum(costs) or 1.0
-        mats = sum(1 for p in shares[rank] if self.zoo.plan[p].matrix_shape is not None)
-        flops = sum(costs[p] for p in shares[rank])
+        whole = [p for p, mods in share if mods is None]
+        mats = sum(1 for p in whole if self.zoo.plan[p].matrix_shape is not None)
+        flops = sum(costs[u] for u in picked)
         if world > 1:
+            split = "".join(
+                f", modules {list(mods)} of {self.zoo.plan[p].name}" for p, mods in share if mods is not None
+            )
             print(
-                f"decompose: rank {rank}/{world} takes {len(shares[rank])} tensors ({mats} matrices), "
+                f"decompose: rank {rank}/{world} takes {len(whole)} tensors ({mats} matrices){split}, "
                 f"{flops:.3g} estimated flops ({100 * flops / total:.1f} % of the work)",
                 file=sys.stderr,
                 flush=True,
@@ -135,16 +142,16 @@ class DecomposeShards(L.LightningModule):
         self.bar = None
         for cb in self.trainer.callbacks:
             if isinstance(cb, StageProgressBar) and cb.stage == "decompose":
-                cb.batch_units, self.bar = [len(shares[rank])], cb  # counted per tensor by `advance`
+                cb.batch_units, self.bar = [len(share)], cb  # counted per item by `advance`
         # one device per rank: a GPU run decomposes on this rank's own GPU (`auto` would be cuda:0 for all)
         device = self.cfg.torch_device()
         if self.cfg.device == "auto" and self.trainer.strategy.root_device.type == "cuda":
             device = self.trainer.strategy.root_device
-        self.writer = ShareWriter(self.zoo, self.cfg, self.tmp, device=device, share=shares[rank])
+        self.writer = ShareWriter(self.zoo, self.cfg, self.tmp, device=device, share=[p for p, _ in share])
 
-    def training_step(self, batch: list[int], batch_idx: int) -> None:
-        for pos in batch:
-            self.writer.add(int(pos))
+    def training_step(self, batch: list[tuple], batch_idx: int) -> None:
+        for pos, modules in batch:
+            self.writer.add(int(pos), None if modules is None else tuple(int(i) for i in modules))
             if self.bar is not None:
                 self.bar.advance()
 

@@ -209,14 +209,20 @@ class _ModuleRows:
     the shared part (mean of the τ's), 1..T the experts M_t = τ_t − M_s. A block is a view of a buffer that
     the next block overwrites; a context manager (the reader's files).
 
-    The first pass (`first=True`) also hashes every source's rows, checks them for NaN/Inf and accumulates
-    the float64 norms, so that no pass is spent on them alone.
+    The first pass (`first=True`) checks every source's rows for NaN/Inf and, with `stats`, also hashes them
+    and accumulates the float64 norms, so that no pass is spent on them alone.
     """
 
     def __init__(
-        self, zoo: Zoo, plan: TensorPlan, dtype: torch.dtype, device: torch.device, row_block: int
+        self,
+        zoo: Zoo,
+        plan: TensorPlan,
+        dtype: torch.dtype,
+        device: torch.device,
+        row_block: int,
+        stats: bool = True,
     ) -> None:
-        self.zoo, self.name, self.dtype, self.device = zoo, plan.name, dtype, device
+        self.zoo, self.name, self.dtype, self.device, self.stats = zoo, plan.name, dtype, device, stats
         self.m, self.n = _row_separable_shape(plan)
         self.T = len(zoo.task_names)
         self.row_block = row_block
@@ -235,9 +241,10 @@ class _ModuleRows:
         self.reader.close()
 
     def blocks(self, first: bool = False) -> Iterator[tuple[slice, torch.Tensor]]:
+        stats = first and self.stats
         for sl in row_slices(self.m, self.row_block):
             X = self.reader.read(sl.start, sl.stop, check=first)  # θ0, then the tasks
-            if first:
+            if stats:
                 with PHASES("hash"):
                     for h, t in zip(self.hashes, X):
                         h.update(t.view(torch.uint8).numpy())
@@ -247,12 +254,12 @@ class _ModuleRows:
             with PHASES("modules"):
                 X[1:] -= X[0]
                 torch.mean(X[1:], 0, out=X[0])
-            if first:
+            if stats:
                 with PHASES("gram64"):
                     self.tau_sq += gram64(X[1:], buffer=self._f64()).diagonal()
             with PHASES("modules"):
                 X[1:] -= X[0]
-            if first:
+            if stats:
                 with PHASES("gram64"):
                     G = gram64(X, buffer=self._f64())
                     self.ms_sq += G[0, 0]
@@ -285,25 +292,27 @@ def _row_separable_shape(plan: TensorPlan) -> tuple[int, int]:
     return m, n
 
 
-def _sketch(rows: _ModuleRows, Z: torch.Tensor, first: bool = False, zero_sum: bool = False) -> torch.Tensor:
-    """Y_i = M_i·Z_i for every module, [T+1, m, w], one pass. `zero_sum` (the experts share one Z, and
-    Σ_t M_t = 0): the last expert's rows are minus the sum of the others' (one product fewer)."""
-    Y = Z.new_empty(Z.shape[0], rows.m, Z.shape[-1])
-    last = Z.shape[0] - 1 if zero_sum and Z.shape[0] > 2 else Z.shape[0]
+# Every product below is taken module by module (a loop of 2-D matmuls, never one batched or broadcast
+# product over the modules): a module's factors are then the same bits whichever other modules are computed
+# beside it, which is what lets the processes of a sharded run split one matrix's modules between them and
+# still write the 1-process store byte for byte (`decompose_streamed_part`).
+def _sketch(rows: _ModuleRows, mods: list[int], Z: torch.Tensor, first: bool = False) -> torch.Tensor:
+    """Y_j = M_{mods[j]}·Z_j for each module asked, [J, m, w], one pass."""
+    Y = Z.new_empty(len(mods), rows.m, Z.shape[-1])
     for sl, X in rows.blocks(first):
         with PHASES("matmul"):
-            Y[:last, sl] = X[:last] @ Z[:last]
-            if last < Z.shape[0]:
-                torch.sum(Y[1:last, sl], 0, out=Y[last, sl]).neg_()
+            for j, i in enumerate(mods):
+                torch.matmul(X[i], Z[j], out=Y[j, sl])
     return Y
 
 
-def _co_sketch(rows: _ModuleRows, Q: torch.Tensor) -> torch.Tensor:
-    """Z_i = M_iᵀ·Q_i for every module, [T+1, n, w], summed over the row blocks in one pass."""
-    Z = Q.new_zeros(Q.shape[0], rows.n, Q.shape[-1])
+def _co_sketch(rows: _ModuleRows, mods: list[int], Q: torch.Tensor) -> torch.Tensor:
+    """Z_j = M_{mods[j]}ᵀ·Q_j, [J, n, w], summed over the row blocks in one pass."""
+    Z = Q.new_zeros(len(mods), rows.n, Q.shape[-1])
     for sl, X in rows.blocks():
         with PHASES("matmul"):
-            Z.baddbmm_(X.mT, Q[:, sl])
+            for j, i in enumerate(mods):
+                Z[j].addmm_(X[i].T, Q[j, sl])
     return Z
 
 
@@ -320,28 +329,50 @@ def orthonormal_all(Ys: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return linalg.orthonormal_all(Ys)
 
 
-def _projections(rows: _ModuleRows, B: torch.Tensor) -> torch.Tensor:
-    """B_iᵀM_i [T+1, basis, n] for every module (whose SVDs give the factors), summed over the row blocks."""
-    P = B.new_zeros(B.shape[0], B.shape[-1], rows.n)
+def orthonormal_over(Ys: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`orthonormal_all` written over the Y's own memory (the same Q's): the sketches are not needed after
+    their QR, and a second set of m×w matrices beside them is what a streamed matrix's peak is made of."""
+    with PHASES("qr"):
+        return linalg.each_on_one_thread(_orthonormal_over, Ys)
+
+
+def _orthonormal_over(Y: torch.Tensor) -> torch.Tensor:
+    Q = linalg.orthonormal(Y)
+    return Y.copy_(Q) if Q.shape == Y.shape else Q
+
+
+def _projections(rows: _ModuleRows, mods: list[int], B: torch.Tensor) -> torch.Tensor:
+    """B_jᵀM_{mods[j]} [J, basis, n] (whose SVDs give the factors), summed over the row blocks."""
+    P = B.new_zeros(len(mods), B.shape[-1], rows.n)
     for sl, X in rows.blocks():
         with PHASES("matmul"):
-            P.baddbmm_(B[:, sl].mT, X)
+            for j, i in enumerate(mods):
+                P[j].addmm_(B[j, sl].T, X[i])
     return P
 
 
-def _cross_terms(rows: _ModuleRows, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """a_t = diag(U_sᵀM_tV_s) and b_t = diag(U_tᵀM_sV_t) [T, K] (float64), as `decompose_batch` forms them:
-    the row sums of U ∘ (M·V), accumulated over the row blocks in one pass at width K. Σ_t M_t = 0, so the
-    last a_t is minus the sum of the others."""
+def _cross_terms(
+    rows: _ModuleRows, mods: list[int], U: torch.Tensor, V: torch.Tensor
+) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+    """a_t = diag(U_sᵀM_tV_s) [T, K] when the shared part (module 0) is among `mods`, and b_t =
+    diag(U_tᵀM_sV_t) [K] for each expert among them (float64), as `decompose_batch` forms them: the sums
+    over rows of U ∘ (M·V), accumulated over the row blocks in one pass at width K. Σ_t M_t = 0, so the last
+    a_t is minus the sum of the others."""
     T, K = rows.T, U.shape[-1]
     f64 = dict(dtype=torch.float64, device=U.device)
-    a, b = torch.zeros(T, K, **f64), torch.zeros(T, K, **f64)
+    s = mods.index(0) if 0 in mods else None
+    a = torch.zeros(T, K, **f64) if s is not None else None
+    b = {i: torch.zeros(K, **f64) for i in mods if i}
     known = T - 1 if T > 1 else T
     for sl, X in rows.blocks():
         with PHASES("matmul"):
-            a[:known] += (U[0, sl] * (X[1 : 1 + known] @ V[0])).sum(1)
-            b += (U[1:, sl] * (X[0] @ V[1:])).sum(1)
-    if known < T:
+            if a is not None:
+                for t in range(known):
+                    a[t] += (U[s, sl] * (X[1 + t] @ V[s])).sum(0)
+            for j, i in enumerate(mods):
+                if i:
+                    b[i] += (U[j, sl] * (X[0] @ V[j])).sum(0)
+    if a is not None and known < T:
         a[known] = -a[:known].sum(0)
     return a, b
 
@@ -366,11 +397,12 @@ def decompose_streamed(
     Why: the T+1 modules of Llama's embeddings do not fit in host memory (module docstring). Each pass reads
     every row block of θ0 and the T tasks once and updates all T+1 block Krylov range finders together: Y = MΩ
     row by row, MᵀQ summed over the blocks, each iteration's block orthonormalised against the basis so far,
-    then the SVD of BᵀM on the whole basis, as `linalg.randomized_svds(..., zero_sum=True)` does, with the
-    same Ω per module (a generator seeded with 0 for the shared part, 1 for every expert), so the factors
-    match the in-memory path up to float summation order. As there, Σ_t M_t = 0 gives the last expert's
-    first product and its a_t from the others'. The squared norms (float64) and the hashes come from the
-    first pass; a and b from one more pass at width K (`_cross_terms`).
+    then the SVD of BᵀM on the whole basis, as `linalg.randomized_svds` does, with the same Ω per module (a
+    generator seeded with 0 for the shared part, 1 for every expert), so the factors match the in-memory path
+    up to float summation order (that path takes the last expert's first product as minus the others'; here
+    every module's own). The squared norms (float64) and the hashes come from the first pass; a and b from
+    one more pass at width K (`_cross_terms`). It is `join_parts` of the one part holding every module
+    (`decompose_streamed_part`).
 
     Only the `mean` shared merge is row-separable; the caller decides when to stream. Memory is
     O((m + n)·(K + oversample)·(T+1)) (the basis holds 2·(K + oversample) columns per module, and so do the
@@ -382,54 +414,123 @@ def decompose_streamed(
     """
     m, n = _row_separable_shape(plan)
     T = len(zoo.task_names)
+    part, sha = decompose_streamed_part(
+        zoo, plan, K, range(T + 1), oversample, power_iters, dtype, device, row_block
+    )
+    factors, bound_s, bound_t = join_parts([part], T, m, n, dtype, rtol)
+    return factors, bound_s, bound_t, sha
+
+
+def decompose_streamed_part(
+    zoo: Zoo,
+    plan: TensorPlan,
+    K: int,
+    modules: Sequence[int],
+    oversample: int = 32,
+    power_iters: int = 3,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    row_block: int | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    """The factors of some of one streamed matrix's T+1 modules (0: the shared part, t + 1: expert t), as a
+    flat dict of CPU tensors (`U.i`, `S.i` in `dtype`, `V.i`; `b.i` for an expert; with module 0 also `a`
+    and the float64 norms `ms_sq`, `mt_sq`, `inner`, `tau_sq`) and, with module 0, the sources' sha256.
+
+    Why parts: a sharded run gives the processes different modules of the largest matrix (Llama's
+    embedding), so that no process holds every module's range finder; `join_parts` of the parts is the
+    factor dict of `decompose_streamed`, byte for byte, since every product is taken module by module. Every
+    part reads all T+1 sources in every pass (a module is formed from all of them); memory is the modules'
+    share of `decompose_streamed`'s plus one row block."""
+    m, n = _row_separable_shape(plan)
+    T = len(zoo.task_names)
+    mods = sorted(set(int(i) for i in modules))
+    if not mods or mods[0] < 0 or mods[-1] > T:
+        raise DidiError(f"tensor '{plan.name}': modules {mods}; expected a non-empty subset of 0..{T}")
     if K < 1:
         raise DidiError(f"tensor '{plan.name}': K={K}; a decomposition keeps at least one component")
     K = min(K, m, n)
     device = torch.device(device)
     itemsize = torch.empty((), dtype=dtype).element_size()
     b, blocks = linalg.krylov_shape(m, n, K, oversample, power_iters)
-    with _ModuleRows(zoo, plan, dtype, device, row_block or block_rows(n, T + 1, itemsize)) as rows:
+    J = len(mods)
+    block = row_block or block_rows(n, T + 1, itemsize)
+    with _ModuleRows(zoo, plan, dtype, device, block, stats=0 in mods) as rows:
         # the experts share one Ω (seed 1), as `linalg.randomized_svds(..., zero_sum=True)` draws them
-        omega = torch.stack([_omega(n, b, min(i, 1), dtype, device) for i in range(T + 1)])
-        Q = _orthonormal_each(_sketch(rows, omega, first=True, zero_sum=True))
+        omega = torch.stack([_omega(n, b, min(i, 1), dtype, device) for i in mods])
+        Y = _orthonormal_each(_sketch(rows, mods, omega, first=True))
         del omega
-        basis = Q.new_empty(T + 1, m, b * blocks)
-        basis[..., :b] = Q
+        basis = Y.new_empty(J, m, b * blocks)
+        basis[..., :b] = Y
+        del Y
+        Q = basis[..., :b]  # each block is used from the basis: no second copy of it is held
         for i in range(1, blocks if blocks > 1 else power_iters + 1):
-            Z = _orthonormal_each(_co_sketch(rows, Q))
+            Z = _orthonormal_each(_co_sketch(rows, mods, Q))
             del Q
-            Y = _sketch(rows, Z)
+            Y = _sketch(rows, mods, Z)
             del Z
             j = i if blocks > 1 else 0  # one block: subspace iteration replaces it
             if blocks > 1:
                 with PHASES("qr"):
-                    linalg.against(Y, basis[..., : i * b])
-            Q = _orthonormal_each(Y)
-            basis[..., j * b : (j + 1) * b] = Q
+                    for k in range(J):
+                        linalg.against(Y[k], basis[k, :, : i * b])
+            basis[..., j * b : (j + 1) * b] = _orthonormal_each(Y)
+            del Y
+            Q = basis[..., j * b : (j + 1) * b]
         del Q
-        P = _projections(rows, basis)
+        P = _projections(rows, mods, basis)
         with PHASES("svd"):
             U, S, V = _factor(basis, P, K)
         del basis, P
-        a, b_ = _cross_terms(rows, U, V)
+        a, b_ = _cross_terms(rows, mods, U, V)
+    part = {}
+    for j, i in enumerate(mods):
+        part.update({f"U.{i}": U[j], f"S.{i}": S[j], f"V.{i}": V[j]})
+        if i:
+            part[f"b.{i}"] = b_[i]
+    if a is not None:
+        part.update(a=a, ms_sq=rows.ms_sq, mt_sq=rows.mt_sq, inner=rows.inner, tau_sq=rows.tau_sq)
+    part = {k: v.detach().contiguous().cpu() for k, v in part.items()}
+    return part, (rows.sha256() if 0 in mods else None)
+
+
+def join_parts(
+    parts: Sequence[dict[str, torch.Tensor]],
+    T: int,
+    m: int,
+    n: int,
+    dtype: torch.dtype = torch.float32,
+    rtol: float | None = None,
+) -> tuple[dict[str, torch.Tensor], int, list[int]]:
+    """The factor dict of one streamed matrix and its numerical ranks (bound_s, bound_t) from the parts
+    `decompose_streamed_part` wrote, which together hold every module once; the tolerance of the ranks is
+    relative to the largest σ of all modules, as `decompose_batch`'s."""
+    held: dict[str, torch.Tensor] = {}
+    for part in parts:
+        clash = held.keys() & part.keys()
+        if clash:
+            raise DidiError(f"streamed parts: {sorted(clash)[0]} is in two parts; each module belongs to one")
+        held.update(part)
+    missing = [k for k in ("a", *(f"U.{i}" for i in range(T + 1))) if k not in held]
+    if missing:
+        raise DidiError(
+            f"streamed parts: {missing[0]} is in no part; the parts must hold all {T + 1} modules"
+        )
     f64 = torch.float64
-    tol = (rtol if rtol is not None else max(m, n) * torch.finfo(dtype).eps) * float(S[:, 0].max())
+    S = [held[f"S.{i}"] for i in range(T + 1)]
+    tol = (rtol if rtol is not None else max(m, n) * torch.finfo(dtype).eps) * max(float(s[0]) for s in S)
     factors = {
-        "U_s": U[0],
+        "U_s": held["U.0"],
         "S_s": S[0].to(f64),
-        "V_s": V[0],
-        "U_t": U[1:],
-        "S_t": S[1:].to(f64),
-        "V_t": V[1:],
-        "a": a,
-        "b": b_,
-        "ms_sq": rows.ms_sq,
-        "mt_sq": rows.mt_sq,
-        "inner": rows.inner,
-        "tau_sq": rows.tau_sq,
+        "V_s": held["V.0"],
+        "U_t": torch.stack([held[f"U.{i}"] for i in range(1, T + 1)]),
+        "S_t": torch.stack(S[1:]).to(f64),
+        "V_t": torch.stack([held[f"V.{i}"] for i in range(1, T + 1)]),
+        "a": held["a"],
+        "b": torch.stack([held[f"b.{i}"] for i in range(1, T + 1)]),
+        **{k: held[k] for k in ("ms_sq", "mt_sq", "inner", "tau_sq")},
     }
-    factors = {k: v.detach().contiguous().cpu() for k, v in factors.items()}
-    return factors, int((S[0] > tol).sum()), [int((S[1 + t] > tol).sum()) for t in range(T)], rows.sha256()
+    factors = {k: v.contiguous() for k, v in factors.items()}
+    return factors, int((S[0] > tol).sum()), [int((s > tol).sum()) for s in S[1:]]
 
 
 def _omega(n: int, w: int, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -439,7 +540,7 @@ def _omega(n: int, w: int, seed: int, dtype: torch.dtype, device: torch.device) 
 
 
 def _factor(B: torch.Tensor, P: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U = B·Ũ [T+1, m, K], σ [T+1, K] and V [T+1, n, K] from the SVDs Ũ Σ Vᵀ of P = BᵀM (side by side, as
+    """U = B·Ũ [J, m, K], σ [J, K] and V [J, n, K] from the SVDs Ũ Σ Vᵀ of P = BᵀM (side by side, as
     `linalg.randomized_svds` takes them)."""
     small = linalg.each_on_one_thread(svd, list(P))
     U = torch.stack([B[i] @ ub[:, :K] for i, (ub, _, _) in enumerate(small)])
@@ -539,15 +640,22 @@ def _best_rank_r(
     pass) or orth(A_j) where j has no Y0, then `iters` times Q = orth(X (XᵀQ)); returns (Q, QᵀX, Y) with Y
     the `right` products (`_pass`) taken in the last pass, which the caller's next step starts from.
 
-    The products with X_j are those with source_j less the low-rank terms' (`_pass`)."""
-    Q = dict(zip(A, orthonormal_all([Y0[j] if j in Y0 else A[j] for j in A])))
+    The products with X_j are those with source_j less the low-rank terms' (`_pass`). Memory: `Y0` is
+    emptied once its products start the bases (the caller keeps none of them), each iteration's Q is dropped
+    before the next sketch and that sketch becomes the next Q in place, so about two m×w matrices per j are
+    held at once, not five."""
+    keys = list(A)
+    Q = dict(zip(keys, orthonormal_all([Y0[j] if j in Y0 else A[j] for j in keys])))
+    Y0.clear()
     for _ in range(iters):
-        _, W, _ = _pass(rows, left={j: (source[j], Q[j]) for j in Q})
-        Z = {j: minus_left(W[j], minus[j], Q[j]) for j in Q}
-        Y, _, _ = _pass(rows, right={j: (source[j], Z[j]) for j in Q})
-        Q = dict(zip(Q, orthonormal_all([minus_right(Y[j], minus[j], Z[j]) for j in Q])))
-    Y, W, _ = _pass(rows, right=right, left={j: (source[j], Q[j]) for j in Q})
-    return Q, {j: minus_left(W[j], minus[j], Q[j]).T.contiguous() for j in Q}, Y
+        _, W, _ = _pass(rows, left={j: (source[j], Q[j]) for j in keys})
+        Z = {j: minus_left(W[j], minus[j], Q[j]) for j in keys}
+        del W, Q
+        Y, _, _ = _pass(rows, right={j: (source[j], Z[j]) for j in keys})
+        Q = dict(zip(keys, orthonormal_over([minus_right(Y[j], minus[j], Z[j]) for j in keys])))
+        del Y, Z
+    Y, W, _ = _pass(rows, right=right, left={j: (source[j], Q[j]) for j in keys})
+    return Q, {j: minus_left(W[j], minus[j], Q[j]).T.contiguous() for j in keys}, Y
 
 
 def refine_als_streamed(
@@ -563,6 +671,7 @@ def refine_als_streamed(
     power_iters: int,
     row_block: int | None = None,
     expert_dtype: str = "float32",
+    consume: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """`refine.refine_als` on task vectors read a row block at a time: returns (A_s, B_s, A_t, B_t,
     err_before [T], err_after [T]) with A m×r, B r×n and the errors ‖A_sB_s + A_tB_t − τ_t‖² (float64,
@@ -589,6 +698,9 @@ def refine_als_streamed(
     ones; the sweeps run in float, then the experts are quantized once more and the errors recomputed in one
     more pass over the rows; if that is not below the starting error, the starting factors are returned. A
     streamed matrix is thus quantized after its ALS, not inside it as `refine.refine_als` does.
+
+    `consume`: the lists `A_t` and `B_t` are updated in place to the factors returned (as the sweeps go,
+    with float32 experts), so that the caller's lists do not keep the starting experts (T·m·r floats) alive.
     """
     if B_s is None:
         raise DidiError(
@@ -598,8 +710,10 @@ def refine_als_streamed(
     try:
         itemsize = A_s.element_size()
         rows = _TaskRows(read_rows, m, n, T, row_block or block_rows(n, T, itemsize), A_s)
+        # the starting factors are kept only where they may be returned
+        given = (A_t, B_t) if consume else None
         A_t, B_t = list(A_t), list(B_t)
-        start = (A_s, B_s, list(A_t), list(B_t))
+        start = (A_s, B_s, list(A_t), list(B_t)) if expert_dtype != "float32" else None
         # the starting errors, and τ_t·B_tᵀ for the first expert step in the same pass
         Y0, _, err = _pass(
             rows, right=_expert_starts(B_t) if sweeps else {}, residuals=_errors(A_s, B_s, A_t, B_t)
@@ -608,6 +722,8 @@ def refine_als_streamed(
         for sweep in range(sweeps):
             last = sweep == sweeps - 1
             A_t, B_t, Y0 = _expert_step(rows, A_s, B_s, A_t, B_t, power_iters, Y0)
+            if given is not None and start is None:
+                given[0][:], given[1][:] = A_t, B_t
             if A_s.shape[1]:
                 A_s, B_s, Y0 = _shared_step(rows, A_s, B_s, A_t, B_t, power_iters, Y0, last)
         if expert_dtype != "float32":
@@ -619,6 +735,8 @@ def refine_als_streamed(
             if float(err.sum()) >= float(err_before.sum()):
                 A_s, B_s, A_t, B_t = start
                 err = err_before.clone()
+        if given is not None:
+            given[0][:], given[1][:] = A_t, B_t
         return A_s, B_s, A_t, B_t, err_before, err
     finally:
         if hasattr(read_rows, "close"):
@@ -647,15 +765,18 @@ def _expert_step(
         return A_t, B_t, Y
     missing = {k: v for k, v in _expert_starts(B_t).items() if k not in Y0 and k[1] in active}
     if missing:  # no previous pass took them (no shared step before this one)
-        Y0 = {**Y0, **_pass(rows, right=missing)[0]}
+        Y0.update(_pass(rows, right=missing)[0])
     minus = {t: [(A_s, B_s)] for t in active}
     starts = {t: minus_right(Y0[("x", t)], minus[t], B_t[t].T) for t in active if ("x", t) in Y0}
+    Y0.clear()  # the caller's: held by `starts` alone, which `_best_rank_r` empties
+    # what the current factors explain, taken now so that the starts need not be kept to the end
+    current = {t: explained(starts.get(t), A_t[t], B_t[t]) for t in active}
     Q, Bn, Y = _best_rank_r(
         rows, {t: t for t in active}, minus, {t: A_t[t] for t in active}, starts, iters, right=shared_start
     )
     A_t, B_t = list(A_t), list(B_t)
     for t in active:
-        if squared_norm64(Bn[t]) > explained(starts.get(t), A_t[t], B_t[t]):
+        if squared_norm64(Bn[t]) > current[t]:
             A_t[t], B_t[t] = Q[t], Bn[t]
     return A_t, B_t, Y
 
@@ -670,8 +791,10 @@ def _shared_step(
     T = rows.T
     minus = {0: [(A / T, B) for A, B in zip(A_t, B_t) if A.shape[1]]}
     starts = {0: minus_right(Y0["s"], minus[0], B_s.T)} if "s" in Y0 else {}
+    Y0.clear()
+    current = explained(starts.get(0), A_s, B_s)
     nxt = {} if last else _expert_starts(B_t)
     Q, Bn, Y = _best_rank_r(rows, {0: "mean"}, minus, {0: A_s}, starts, iters, right=nxt)
-    if squared_norm64(Bn[0]) > explained(starts.get(0), A_s, B_s):
+    if squared_norm64(Bn[0]) > current:
         return Q[0], Bn[0], Y
     return A_s, B_s, Y

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from didi.closed_form import hard_error, hard_mask, literal_error, soft_error, soft_mask
-from didi.decompose import decompose_matrix, terms_from_factors
+from didi.decompose import cross_gram64, decompose_matrix, terms_from_factors
 
 
 def _case(m, n, T, seed):
@@ -68,3 +68,15 @@ def test_hard_error_is_truncation_error():
 def test_soft_mask_keeps_integer_rank_at_large_beta():
     g = soft_mask(torch.tensor([3.0]), 6, beta=10.0)[0]
     assert (g[:3] > 0.99).all() and (g[3:] < 0.01).all()
+
+
+def test_cross_gram_in_row_blocks_equals_the_whole_float64_product():
+    """The search's C_t = (U_sᵀU_t) ∘ (V_sᵀV_t) needs AᵀB_t in float64; taken a few rows at a time (so that
+    no float64 copy of Llama's embedding factors is held) it is the whole product up to summation order."""
+    g = torch.Generator().manual_seed(3)
+    A, B = torch.randn(1000, 7, generator=g), torch.randn(3, 1000, 5, generator=g)
+    whole = torch.einsum("mk,tmj->tkj", A.double(), B.double())
+    for chunk in (1, 64, 500, 1 << 22):  # 1 row per block … the whole matrix in one
+        torch.testing.assert_close(cross_gram64(A, B, chunk=chunk), whole, rtol=1e-12, atol=1e-12)
+    assert torch.equal(cross_gram64(A, B), whole)  # within one block: the same product as before
+    assert cross_gram64(A[:0], B[:, :0]).shape == (3, 7, 5)

@@ -7,13 +7,28 @@ import os
 
 import pytest
 import torch
+from lightning.fabric.utilities.distributed import _suggested_max_num_threads
 
 from didi.backbones import Zoo
 from didi.backbones.base import Adapter
-from didi.decompose import ShareWriter, assemble, assign_shares, decompose, make_layout
+from didi.decompose import (
+    DecomposeConfig,
+    ShareWriter,
+    assemble,
+    assign_shares,
+    decompose,
+    make_layout,
+    module_cost,
+    share_of,
+    streams,
+    svd_flops,
+    tensor_cost,
+    work_units,
+)
 from didi.errors import DidiError
 from didi.shards import factor_store
 from didi.trainer import TrainerConfig, Trainers
+from helpers import write_finetune_zoo
 
 
 def _files(root) -> dict[str, bytes]:
@@ -144,3 +159,104 @@ def test_out_of_device_memory_names_the_matrix_and_the_bound(tmp_path, tiny_zoo,
     ):
         decompose(zoo, fast[0], progress=False)
     assert not list((tmp_path / "cache").glob("*/index.json"))  # nothing half-written
+
+
+def _streaming_zoo(tmp_path) -> tuple[Zoo, DecomposeConfig]:
+    """A 3000×40 matrix whose T+1 float copies pass stream_mb = 1 MB (row-streamed), beside in-memory ones."""
+    shapes = {"tall.weight": (3000, 40), "sq.weight": (40, 40), "wide.weight": (24, 300)}
+    zoo = Zoo(Adapter(), *write_finetune_zoo(tmp_path / "zoo", shapes, T=4))
+    cfg = DecomposeConfig(
+        cache_dir=str(tmp_path / "cache"),
+        device="cpu",
+        max_rank=8,
+        svd="randomized",
+        oversample=4,
+        stream_mb=1,
+    )
+    return zoo, cfg
+
+
+def test_streamed_matrices_are_shared_out_by_module(tmp_path):
+    """With several processes each of a streamed matrix's T+1 modules is a unit (costs summing to the
+    tensor's), whole tensors stay whole, and a process's modules of a matrix come as one item."""
+    zoo, cfg = _streaming_zoo(tmp_path)
+    T = len(zoo.tasks)
+    tall = next(p for p, plan in enumerate(zoo.plan) if plan.name == "tall.weight")
+    assert [p for p, plan in enumerate(zoo.plan) if streams(plan, T, cfg)] == [tall]
+    units, costs = work_units(zoo, cfg, 1)
+    assert units == [(p, None) for p in range(len(zoo.plan))]
+    units, costs = work_units(zoo, cfg, 2)
+    assert [u for u in units if u[0] == tall] == [(tall, i) for i in range(T + 1)]
+    plan = zoo.plan[tall]
+    (m, n), K = plan.matrix_shape, cfg.max_rank
+    one = svd_flops(m, n, K, True, cfg.oversample, cfg.power_iters)  # the randomized SVD at the store's K
+    assert [module_cost(plan, T, cfg, i) for i in range(3)] == [one + 2 * T * m * n * K] + [
+        one + 2 * m * n * K
+    ] * 2
+    assert tensor_cost(plan, T, cfg) == pytest.approx((T + 1) * one + 4 * T * m * n * K, rel=1e-12)
+    shares = [share_of(units, s) for s in assign_shares(costs, 2)]
+    held = [mods for share in shares for p, mods in share if p == tall]
+    assert len(held) == 2 and sorted(i for mods in held for i in mods) == list(range(T + 1))
+    assert sorted(p for share in shares for p, mods in share if mods is None) == [
+        p for p in range(len(zoo.plan)) if p != tall
+    ]
+
+
+def test_split_streamed_matrix_joins_to_the_one_process_store(tmp_path):
+    """Shares that split a streamed matrix's modules (written here in one process, as two ranks would) give
+    the 1-process store byte for byte; a part rank 0 cannot see is an error naming the directory."""
+    zoo, cfg = _streaming_zoo(tmp_path)
+    one = decompose(zoo, cfg, progress=False).root
+    aside = one.with_name("one")
+    os.replace(one, aside)
+    tall = next(p for p, plan in enumerate(zoo.plan) if plan.name == "tall.weight")
+    rest = [p for p in range(len(zoo.plan)) if p != tall]
+    split = [
+        [(tall, (1, 3))] + [(p, None) for p in rest[::2]],
+        [(tall, (0, 2, 4))] + [(p, None) for p in rest[1::2]],
+    ]
+    for lose in (False, True):
+        out = tmp_path / f"split-{lose}"
+        make_layout(out)
+        records = []
+        for rank, share in enumerate(split):
+            w = ShareWriter(zoo, cfg, out)
+            for pos, mods in share:
+                w.add(pos, mods)
+            records.append(w.finish(rank))
+        assert records[0]["parts"][str(tall)]["modules"] == [1, 3]
+        if lose:
+            (out / records[0]["parts"][str(tall)]["file"]).unlink()
+            with pytest.raises(
+                DidiError, match=rf"{out}.*rank 0's file .*modules-1-3.*file system every rank"
+            ):
+                assemble(out, zoo, cfg, records)
+            continue
+        assemble(out, zoo, cfg, records)
+        assert not list(out.rglob("*modules-*"))  # the parts are joined and gone
+        assert _files(out) == _files(aside)
+        shares = json.loads((out / "shares.json").read_text())["shares"]
+        assert [s["modules"] for s in shares] == [{"tall.weight": [1, 3]}, {"tall.weight": [0, 2, 4]}]
+
+
+@pytest.mark.slow
+def test_two_processes_split_a_streamed_matrix_and_write_the_one_process_store(tmp_path):
+    """2 gloo processes (ddp_spawn): the streamed matrix's modules are decomposed by both, and the store is
+    the 1-process one byte for byte, at equal threads per process (Lightning gives each of 2 processes half
+    the cores, and CPU kernels round differently at other thread counts, the 24×300 matrix's SVD here)."""
+    zoo, cfg = _streaming_zoo(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_suggested_max_num_threads(2))
+    try:
+        one = decompose(zoo, cfg, progress=False).root
+    finally:
+        torch.set_num_threads(threads)
+    aside = one.with_name("one")
+    os.replace(one, aside)
+    trainers = Trainers(
+        TrainerConfig(accelerator="cpu", devices=2, strategy="ddp_spawn", logger="none", progress_bar=False)
+    )
+    two = factor_store(zoo, cfg, trainers, progress=False)
+    assert _files(two.root) == _files(aside)
+    held = [s["modules"].get("tall.weight", []) for s in two.shares["shares"]]
+    assert all(held) and sorted(i for mods in held for i in mods) == list(range(len(zoo.tasks) + 1))

@@ -17,7 +17,7 @@ from didi.errors import DidiError
 from didi.merges import mean_merge
 from didi.refine import init_factors, refine_als, task_errors
 from didi.sources import TensorSource, tensor_sha256
-from didi.streamed import decompose_streamed, refine_als_streamed
+from didi.streamed import decompose_streamed, decompose_streamed_part, join_parts, refine_als_streamed
 from helpers import write_finetune_zoo
 
 T = 3
@@ -127,6 +127,39 @@ def test_closed_form_equals_materialised_loss_of_the_stored_factors(zoo):
         torch.testing.assert_close(closed, lit, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("split", [[[0], [1, 2, 3]], [[2], [0, 3], [1]], [[0, 1, 2, 3]]])
+def test_parts_of_the_modules_join_to_the_whole_decomposition_bit_for_bit(zoo, split):
+    """A sharded run gives processes different modules of one streamed matrix: the joined parts are the
+    whole decomposition's factors to the last bit (each product is taken module by module), and only the
+    part with the shared module hashes the sources."""
+    name, K = "tall.weight", 6
+    plan = _plan(zoo, name)
+    whole, bound_s, bound_t, sha = decompose_streamed(zoo, plan, K, oversample=4, power_iters=2, row_block=64)
+    parts = []
+    for mods in split:
+        part, part_sha = decompose_streamed_part(zoo, plan, K, mods, 4, 2, row_block=64)
+        assert (part_sha == sha) if 0 in mods else part_sha is None
+        assert {k.split(".")[0] for k in part} >= {"U", "S", "V"}
+        parts.append(part)
+    joined, js, jt = join_parts(parts, T, *plan.matrix_shape)
+    assert (js, jt) == (bound_s, bound_t)
+    assert joined.keys() == whole.keys()
+    for k in whole:
+        assert joined[k].dtype == whole[k].dtype and torch.equal(joined[k], whole[k]), k
+
+
+def test_join_refuses_parts_that_miss_or_repeat_a_module(zoo):
+    plan = _plan(zoo, "tall.weight")
+    p0, _ = decompose_streamed_part(zoo, plan, 4, [0, 1], 2, 1)
+    p2, _ = decompose_streamed_part(zoo, plan, 4, [2], 2, 1)
+    with pytest.raises(DidiError, match=r"U\.3 is in no part"):
+        join_parts([p0, p2], T, *plan.matrix_shape)
+    with pytest.raises(DidiError, match=r"in two parts"):
+        join_parts([p0, p2, p2], T, *plan.matrix_shape)
+    with pytest.raises(DidiError, match=r"modules \[4\]; expected a non-empty subset of 0\.\.3"):
+        decompose_streamed_part(zoo, plan, 4, [4])
+
+
 @pytest.mark.parametrize("dtype,row_block", [(torch.float32, 97), (torch.float64, None)])
 def test_sha256_is_the_whole_tensors(zoo, dtype, row_block):
     """(d) The hashes the manifest records equal tensor_sha256 of each whole tensor read in `dtype` (blocks
@@ -194,6 +227,30 @@ def test_refine_streamed_equals_refine_als(zoo, dtype, tol, r_s):
     torch.testing.assert_close(err_after, task_errors(taus, *ref).double(), rtol=tol, atol=0)
     assert err_after.sum() <= err_before.sum() and err_after.sum() < 0.99 * err_before.sum()
     assert got[2][1].shape == (m, 0)  # a rank-0 expert stays empty
+
+
+def test_refine_streamed_consume_updates_the_callers_lists_and_changes_no_result(zoo):
+    """`consume=True` (what the refinement stage passes, so the starting experts can be freed) leaves the
+    returned factors in the caller's own lists, equal to a run without it."""
+    name = "tall.weight"
+    taus = _taus(zoo.base, zoo.tasks, name)
+    A_s, B_s, A_t, B_t = _refine_inputs(taus, 2, [3, 0, 5])
+    m, n = _plan(zoo, name).matrix_shape
+
+    def read_rows(start: int, stop: int) -> torch.Tensor:
+        base, xs = zoo.read_rows(name, start, stop)
+        return torch.stack(xs).sub_(base)
+
+    kept = refine_als_streamed(read_rows, m, n, T, A_s, B_s, list(A_t), list(B_t), 2, 1, row_block=64)
+    lists = (list(A_t), list(B_t))
+    got = refine_als_streamed(read_rows, m, n, T, A_s, B_s, *lists, 2, 1, row_block=64, consume=True)
+    assert all(a is b for a, b in zip(lists[0], got[2])) and all(a is b for a, b in zip(lists[1], got[3]))
+    assert not any(a is b for a, b in zip(lists[0], A_t) if a.numel())  # the starting experts are let go
+    for x, y in zip(
+        [got[0], got[1], *got[2], *got[3], got[4], got[5]],
+        [kept[0], kept[1], *kept[2], *kept[3], kept[4], kept[5]],
+    ):
+        assert torch.equal(x, y)
 
 
 def test_refine_streamed_refuses_a_folded_shared_part():

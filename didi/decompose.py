@@ -31,7 +31,7 @@ from didi.linalg import krylov_shape, randomized_svds, squared_norm64, svd
 from didi.merges import mean_merge, shared_merge_fn
 from didi.progress import stage_bar
 from didi.sources import file_sha256, load_owned
-from didi.streamed import STREAMABLE_MERGES, decompose_streamed, decompose_streamed_part, join_parts
+from didi.streamed import STREAMABLE_MERGES, decompose_streamed_part, join_parts
 from didi.task_vectors import DeltaReader
 
 STORE_VERSION = 3  # 3: sha256 of every file in index.json ("file_sha256"), checked when a store is opened
@@ -765,7 +765,7 @@ class ShareWriter:
             if not streams(plan, T, self.cfg):
                 raise DidiError(f"decompose: '{plan.name}' is not row-streamed; only its whole can be added")
             self.flops += sum(module_cost(plan, T, self.cfg, i) for i in set(modules))
-            self._add_part(pos, plan, sorted(set(modules)))
+            self._add_streamed(pos, plan, sorted(set(modules)))
             return
         self.flops += tensor_cost(plan, T, self.cfg)
         if streams(plan, T, self.cfg):
@@ -802,35 +802,17 @@ class ShareWriter:
                 {t: tau.to(torch.float32).contiguous() for t, tau in zip(tasks, taus)}, "nonmatrix", pos
             )
 
-    def _add_streamed(self, pos: int, plan: TensorPlan) -> None:
+    def _add_streamed(self, pos: int, plan: TensorPlan, modules: list[int] | None = None) -> None:
+        """A row-streamed matrix whole (`modules` None), or the part of it that holds `modules`, written for
+        `assemble` to join with the other processes' parts."""
         m, n = plan.matrix_shape
-        try:
-            factors, bound_s, bound_t, sha = decompose_streamed(
-                self.zoo,
-                plan,
-                width_of(m, n, self.cfg),
-                oversample=self.cfg.oversample,
-                power_iters=self.cfg.power_iters,
-                dtype=self.dtype,
-                device=self.device,
-            )
-        except torch.OutOfMemoryError as e:
-            raise out_of_memory([plan.name], (m, n), self.device, self.cfg, streamed=True) from e
-        for source, digest in sha.items():
-            self.reader.sha256[source][plan.name] = digest
-        if not bool((factors["tau_sq"] > 0).any()):
-            self._nonmatrix(pos, plan, True, None)
-            return
-        self._entry(pos, plan, factors, bound_s, bound_t)
-
-    def _add_part(self, pos: int, plan: TensorPlan, modules: list[int]) -> None:
-        m, n = plan.matrix_shape
+        T = len(self.zoo.tasks)
         try:
             part, sha = decompose_streamed_part(
                 self.zoo,
                 plan,
                 width_of(m, n, self.cfg),
-                modules,
+                range(T + 1) if modules is None else modules,
                 oversample=self.cfg.oversample,
                 power_iters=self.cfg.power_iters,
                 dtype=self.dtype,
@@ -840,9 +822,17 @@ class ShareWriter:
             raise out_of_memory([plan.name], (m, n), self.device, self.cfg, streamed=True) from e
         for source, digest in (sha or {}).items():
             self.reader.sha256[source][plan.name] = digest
-        name = f"p{pos:06d}.modules-{'-'.join(map(str, modules))}.safetensors"
-        self._save(part, "matrices", pos, name)
-        self.parts[pos] = {"name": plan.name, "modules": modules, "file": f"matrices/{name}"}
+        if modules is not None:
+            name = f"p{pos:06d}.modules-{'-'.join(map(str, modules))}.safetensors"
+            self._save(part, "matrices", pos, name)
+            self.parts[pos] = {"name": plan.name, "modules": modules, "file": f"matrices/{name}"}
+            return
+        factors, bound_s, bound_t = join_parts([part], T, m, n, self.dtype)
+        del part
+        if not bool((factors["tau_sq"] > 0).any()):
+            self._nonmatrix(pos, plan, True, None)
+            return
+        self._entry(pos, plan, factors, bound_s, bound_t)
 
     @staticmethod
     def _held(groups: dict) -> int:

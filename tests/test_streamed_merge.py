@@ -34,7 +34,7 @@ def test_streamed_merge_equals_the_in_memory_merge(tmp_path, fast, monkeypatch):
     base, tasks = write_finetune_zoo(tmp_path / "zoo", {"tall.weight": (3000, 40), "sq.weight": (40, 40)})
     zoo = Zoo(Adapter(), base, tasks)
     calls = {"decompose": 0, "refine": 0}
-    real_d, real_r = dec.decompose_streamed, ref.refine_als_streamed
+    real_d, real_r = dec.decompose_streamed_part, ref.refine_als_streamed
 
     def spy_d(*a, **k):
         calls["decompose"] += 1
@@ -44,7 +44,7 @@ def test_streamed_merge_equals_the_in_memory_merge(tmp_path, fast, monkeypatch):
         calls["refine"] += 1
         return real_r(*a, **k)
 
-    monkeypatch.setattr(dec, "decompose_streamed", spy_d)
+    monkeypatch.setattr(dec, "decompose_streamed_part", spy_d)
     monkeypatch.setattr(ref, "refine_als_streamed", spy_r)
     streamed = _merge(zoo, tmp_path, fast, 1, "streamed")
     assert calls == {"decompose": 1, "refine": 1}  # the tall matrix only (the 40×40 one stays in memory)

@@ -7,7 +7,7 @@ matrix (Llama's embedding) is shared out by module, so that its range finders do
 process (`work_units`). After a barrier rank 0 checks it sees every process's files, joins the streamed
 matrices' parts, assembles the index in plan order and renames the store into place. The store is the same
 bytes whatever the number of processes. Each process says its share on stderr and the store's `shares.json`
-records them (matrices, tensors, estimated flops, seconds).
+records them (tensors, the modules of split streamed matrices, estimated flops, seconds).
 """
 
 from __future__ import annotations

@@ -239,6 +239,36 @@ def test_split_streamed_matrix_joins_to_the_one_process_store(tmp_path):
         assert [s["modules"] for s in shares] == [{"tall.weight": [1, 3]}, {"tall.weight": [0, 2, 4]}]
 
 
+def test_a_split_streamed_matrix_no_task_changed_is_a_zero_delta_as_in_one_process(tmp_path):
+    """The joined parts of a streamed matrix whose task vectors are all zero are recorded as a zero delta
+    (not a matrix), by the share that holds the shared module, as the whole decomposition records it."""
+    from safetensors.torch import load_file, save_file
+
+    zoo, cfg = _streaming_zoo(tmp_path)
+    base = load_file(zoo.base)["tall.weight"]
+    for path in zoo.tasks.values():  # every task keeps θ0's tall matrix
+        tensors = {k: v.clone() for k, v in load_file(path).items()}  # owned before the file is rewritten
+        tensors["tall.weight"] = base.clone()
+        save_file(tensors, path)
+    zoo = Zoo(Adapter(), zoo.base, zoo.tasks)
+    one = decompose(zoo, cfg, progress=False).root
+    assert json.loads((one / "index.json").read_text())["nonmatrix"]["tall.weight"]["zero"] is True
+    tall = next(p for p, plan in enumerate(zoo.plan) if plan.name == "tall.weight")
+    out = tmp_path / "split"
+    make_layout(out)
+    records = []
+    for rank, mods in enumerate([(2, 4), (0, 1, 3)]):
+        w = ShareWriter(zoo, cfg, out)
+        w.add(tall, mods)
+        for pos in range(len(zoo.plan)):
+            if pos != tall and pos % 2 == rank:
+                w.add(pos)
+        records.append(w.finish(rank))
+    assemble(out, zoo, cfg, records)
+    assert str(tall) in records[1]["nonmatrix"] and not list(out.rglob("*modules-*"))
+    assert _files(out) == _files(one)
+
+
 @pytest.mark.slow
 def test_two_processes_split_a_streamed_matrix_and_write_the_one_process_store(tmp_path):
     """2 gloo processes (ddp_spawn): the streamed matrix's modules are decomposed by both, and the store is

@@ -743,8 +743,8 @@ class ShareWriter:
         gpu = self.device.type == "cuda"
         self.cap = (cfg.batch_mb if cfg.batch_mb is not None else 64 if gpu else 0) * 2**20
 
-    def _save(self, tensors: dict, sub: str, pos: int, name: str | None = None) -> None:
-        name = name or f"p{pos:06d}.safetensors"
+    def _save(self, tensors: dict, sub: str, pos: int) -> None:
+        name = f"p{pos:06d}.safetensors"
         path = self.out / sub / name
         save_file(tensors, str(path))
         self.sha[f"{sub}/{name}"] = file_sha256(path)
@@ -822,10 +822,12 @@ class ShareWriter:
             raise out_of_memory([plan.name], (m, n), self.device, self.cfg, streamed=True) from e
         for source, digest in (sha or {}).items():
             self.reader.sha256[source][plan.name] = digest
-        if modules is not None:
-            name = f"p{pos:06d}.modules-{'-'.join(map(str, modules))}.safetensors"
-            self._save(part, "matrices", pos, name)
-            self.parts[pos] = {"name": plan.name, "modules": modules, "file": f"matrices/{name}"}
+        if (
+            modules is not None
+        ):  # not hashed: rank 0 joins it into the file the index records, then deletes it
+            file = f"matrices/p{pos:06d}.modules-{'-'.join(map(str, modules))}.safetensors"
+            save_file(part, str(self.out / file))
+            self.parts[pos] = {"name": plan.name, "modules": modules, "file": file}
             return
         factors, bound_s, bound_t = join_parts([part], T, m, n, self.dtype)
         del part

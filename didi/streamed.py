@@ -318,8 +318,7 @@ def _co_sketch(rows: _ModuleRows, mods: list[int], Q: torch.Tensor) -> torch.Ten
 
 def _orthonormal_each(Y: torch.Tensor) -> torch.Tensor:
     """Q of each module's QR, in place (one module's workspace at a time per thread, not the batch's)."""
-    for i, q in zip(range(Y.shape[0]), orthonormal_all(list(Y))):
-        Y[i] = q
+    orthonormal_over(list(Y))
     return Y
 
 

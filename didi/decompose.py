@@ -27,7 +27,7 @@ from didi.artifact import sweep_stale_temps, temp_sibling
 from didi.backbones.base import TensorPlan, Zoo
 from didi.closed_form import GroupTerms
 from didi.errors import DidiError
-from didi.linalg import krylov_shape, randomized_svds, squared_norm64, svd
+from didi.linalg import each_on_one_thread, krylov_shape, randomized_svds, squared_norm64, svd
 from didi.merges import mean_merge, shared_merge_fn
 from didi.progress import stage_bar
 from didi.sources import file_sha256, load_owned
@@ -288,6 +288,8 @@ def decompose_batch(
                 triplets = randomized_svds(
                     modules, K, oversample, power_iters, seeds=range(T + 1), zero_sum=zero_sum
                 )
+            elif m * n <= SIDE_BY_SIDE:
+                triplets = each_on_one_thread(lambda X: _truncated(svd(X), K), modules)
             else:
                 triplets = (svd(X) for X in modules)
             for i, (u, s_, vh) in enumerate(triplets):
@@ -326,6 +328,18 @@ def decompose_batch(
             )
         )
     return out
+
+
+#: the largest module (elements) whose T+1 full SVDs run side by side, one per thread (`each_on_one_thread`):
+#: LAPACK runs on one thread, so one at a time left the other cores idle (Llama's k/v projections); larger
+#: modules run one after another, keeping one SVD's working set (a whole embedding's is gigabytes)
+SIDE_BY_SIDE = 1 << 24
+
+
+def _truncated(usv: tuple, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first K triplets as copies, so the full factors are freed at once."""
+    u, s_, vh = usv
+    return u[:, :K].clone(), s_[:K].clone(), vh[:K].clone()
 
 
 def randomized_is_cheaper(m: int, n: int, K: int, oversample: int = 32) -> bool:

@@ -32,8 +32,16 @@ def one_cpu_thread(t: torch.Tensor) -> Iterator[None]:
 
 
 def svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD (U, S, Vh), batched over leading dimensions."""
+    """Thin SVD (U, S, Vh), batched over leading dimensions.
+
+    On the CPU a wide matrix (fewer rows than columns) is decomposed as its transpose, M = (Mᵀ)ᵀ = V Σ Uᵀ:
+    torch's LAPACK path took 1.7–3.1× longer for a wide matrix than for its transpose (one thread, this
+    project's CPU: 512×2048 0.23 → 0.11 s, 1024×4096 2.16 → 0.77 s, 448×8192 0.74 → 0.24 s;
+    benchmarks/cpu_kernels.py). The randomized SVD's last step (BᵀM) and Llama's k/v projections are wide."""
     with one_cpu_thread(M):
+        if M.device.type == "cpu" and M.shape[-2] < M.shape[-1]:
+            U, S, Vh = torch.linalg.svd(M.mT, full_matrices=False)
+            return Vh.mT, S, U.mT
         return torch.linalg.svd(M, full_matrices=False)
 
 
@@ -48,6 +56,26 @@ def squared_norm64(X: torch.Tensor) -> torch.Tensor:
     and summed in float64: one read, exact to about 1e-9. Why: one fp32 norm of a whole 8192×2048 matrix was
     1e-3 off, and `X.pow(2).sum()` (or a float64 copy) costs a pass and a temporary more, 14× slower."""
     return torch.linalg.vector_norm(X, dim=-1).double().square().sum()
+
+
+#: a product Xᵀ·Q with Q of fewer columns than this is taken as (Qᵀ·X)ᵀ on the CPU (`t_matmul`)
+THIN = 16
+
+
+def t_matmul(X: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """Xᵀ·Q. Why not `X.mT @ Q` always: on the CPU, MKL's product with a transposed X ran at 0.8–6.9 GFLOPS
+    for Q of 2–8 columns where (QᵀX)ᵀ ran at 8–34 (2 threads, X 8192×2048; benchmarks/cpu_kernels.py); from
+    16 columns on the two are equal. The refinement's products with an expert of low rank are such."""
+    if Q.shape[-1] < THIN and Q.device.type == "cpu":
+        return (Q.mT @ X).mT
+    return X.mT @ Q
+
+
+def add_t_matmul(W: torch.Tensor, X: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """W += Xᵀ·Q in place (`t_matmul`'s choice; `addmm_` with a transposed X otherwise)."""
+    if Q.shape[-1] < THIN and Q.device.type == "cpu":
+        return W.add_(t_matmul(X, Q))
+    return W.addmm_(X.mT, Q)
 
 
 def minus_right(Y: torch.Tensor, terms: Sequence, Z: torch.Tensor) -> torch.Tensor:

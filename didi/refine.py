@@ -32,7 +32,7 @@ from didi.allocation import Ranks
 from didi.backbones.base import Zoo
 from didi.datamodules.layers import LayerBatchDataModule
 from didi.decompose import FactorStore, too_big_for_memory
-from didi.linalg import explained, minus_left, minus_right, orthonormal, squared_norm64, svd
+from didi.linalg import explained, minus_left, minus_right, orthonormal, squared_norm64, svd, t_matmul
 from didi.progress import StageProgressBar
 from didi.quantize import fake_quantize, fake_quantize_pair, stored_pair
 from didi.streamed import PHASES, BlockReader, refine_als_streamed
@@ -116,7 +116,7 @@ class _Target:
         return minus_right(self.D @ Z, self.terms, Z)
 
     def left(self, Q: torch.Tensor) -> torch.Tensor:
-        return minus_left(self.D.T @ Q, self.terms, Q)
+        return minus_left(t_matmul(self.D, Q), self.terms, Q)
 
     def dense(self) -> torch.Tensor:
         X = self.D.clone()

@@ -33,7 +33,7 @@ import torch
 from didi import linalg
 from didi.backbones.base import TensorPlan, Zoo
 from didi.errors import DidiError
-from didi.linalg import explained, minus_left, minus_right, squared_norm64, svd
+from didi.linalg import add_t_matmul, explained, minus_left, minus_right, squared_norm64, svd
 from didi.quantize import stored_pair
 from didi.sources import _ST_DTYPES, TensorSource
 
@@ -312,7 +312,7 @@ def _co_sketch(rows: _ModuleRows, mods: list[int], Q: torch.Tensor) -> torch.Ten
     for sl, X in rows.blocks():
         with PHASES("matmul"):
             for j, i in enumerate(mods):
-                Z[j].addmm_(X[i].T, Q[j, sl])
+                add_t_matmul(Z[j], X[i], Q[j, sl])
     return Z
 
 
@@ -608,7 +608,7 @@ def _pass(
             for k, (s, z) in right.items():
                 torch.matmul(src(s), z, out=Y[k][sl])
             for k, (s, q) in left.items():
-                W[k].addmm_(src(s).T, q[sl])
+                add_t_matmul(W[k], src(s), q[sl])
         if not residuals:
             continue
         with PHASES("residual"):

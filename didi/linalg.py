@@ -36,7 +36,7 @@ def svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
     On the CPU a wide matrix (fewer rows than columns) is decomposed as its transpose, M = (Mᵀ)ᵀ = V Σ Uᵀ:
     torch's LAPACK path took 1.7–3.1× longer for a wide matrix than for its transpose (one thread, this
-    project's CPU: 512×2048 0.23 → 0.11 s, 1024×4096 2.16 → 0.77 s, 448×8192 0.74 → 0.24 s;
+    project's CPU: 512×2048 0.19 → 0.095 s, 1024×4096 1.69 → 0.66 s, 448×8192 0.65 → 0.21 s;
     benchmarks/cpu_kernels.py). The randomized SVD's last step (BᵀM) and Llama's k/v projections are wide."""
     with one_cpu_thread(M):
         if M.device.type == "cpu" and M.shape[-2] < M.shape[-1]:
@@ -63,8 +63,8 @@ THIN = 16
 
 
 def t_matmul(X: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """Xᵀ·Q. Why not `X.mT @ Q` always: on the CPU, MKL's product with a transposed X ran at 0.8–6.9 GFLOPS
-    for Q of 2–8 columns where (QᵀX)ᵀ ran at 8–34 (2 threads, X 8192×2048; benchmarks/cpu_kernels.py); from
+    """Xᵀ·Q. Why not `X.mT @ Q` always: on the CPU, MKL's product with a transposed X ran at 0.8–6.0 GFLOPS
+    for Q of 2–8 columns where (QᵀX)ᵀ ran at 11–40 (2 threads, X 8192×2048; benchmarks/cpu_kernels.py); from
     16 columns on the two are equal. The refinement's products with an expert of low rank are such."""
     if Q.shape[-1] < THIN and Q.device.type == "cpu":
         return (Q.mT @ X).mT

@@ -48,7 +48,8 @@ def pending(title: str) -> str | None:
 
 #: a results path: benchmarks/results/ then path characters, braces and commas for {a,b} alternatives
 RESULTS_PATH = re.compile(r"benchmarks/results/(?:[\w.\-/]|\{[\w.,\-/]*\})+")
-NUMBER = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:e[−-]?\d+)?"
+#: an exponent has at most 3 digits: a commit like 89e7367 is a name, not 89·10^7367
+NUMBER = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:e[−-]?\d{1,3})?"
 #: a number not glued to a name (the look-behind), with its unit; a sign only after a space or bracket
 FIGURE = re.compile(
     r"(?<![\w.\-/−§])(?P<sign>(?<=[\s(|≈~])[−-])?(?P<num>" + NUMBER + r")"
@@ -217,6 +218,7 @@ def test_matcher_finds_a_wrong_figure(tmp_path):
 
 def test_figure_parsing():
     assert [f.text for f, _ in figures_in("Llama-3.1-8B, fp32, 2-D, refine_w64, §5.3, torch 2.14.1")] == []
+    assert [f.text for f, _ in figures_in("commit 89e7367, 1.5e-06")] == ["1.5e-06"]
     assert [f.text for f, _ in figures_in("12 blocks, 48 × 8, 0.9 GB, 4x, −26 %, 1.0211×, 2,666×")] == [
         "0.9",
         "4x",

@@ -32,7 +32,15 @@ from didi.allocation import Ranks
 from didi.backbones.base import Zoo
 from didi.datamodules.layers import LayerBatchDataModule
 from didi.decompose import FactorStore, too_big_for_memory
-from didi.linalg import explained, minus_left, minus_right, orthonormal, squared_norm64, svd, t_matmul
+from didi.linalg import (
+    explained,
+    minus_left,
+    minus_right,
+    orthonormal_all,
+    squared_norm64,
+    svd,
+    t_matmul,
+)
 from didi.progress import StageProgressBar
 from didi.quantize import fake_quantize, fake_quantize_pair, stored_pair
 from didi.streamed import PHASES, BlockReader, refine_als_streamed
@@ -128,10 +136,18 @@ class _Target:
 def _best_rank_r(X: _Target, A: torch.Tensor, P: torch.Tensor | None, iters: int) -> tuple:
     """Rank-r approximation of X by subspace iteration from P = X·Bᵀ, the product with the current factors
     (from the column space of A when B is zero: P None); returns (Q, QᵀX), Q with orthonormal columns."""
-    Q = orthonormal(A if P is None else P)
+    return _best_rank_r_all([X], [A], [P], iters)[0]
+
+
+def _best_rank_r_all(Xs: list[_Target], As: list, Ps: list, iters: int) -> list[tuple]:
+    """`_best_rank_r` of several targets in lockstep, their QRs side by side (`orthonormal_all`: each the
+    same single-threaded call, so the same bits as one target after another). Why: the QR of an m×r start
+    runs LAPACK on one thread, and the experts' T fits (independent given the shared part) left the other
+    cores idle meanwhile."""
+    Qs = orthonormal_all([A if P is None else P for A, P in zip(As, Ps)])
     for _ in range(iters):
-        Q = orthonormal(X.right(X.left(Q)))
-    return Q, X.left(Q).T.contiguous()
+        Qs = orthonormal_all([X.right(X.left(Q)) for X, Q in zip(Xs, Qs)])
+    return [(Q, X.left(Q).T.contiguous()) for X, Q in zip(Xs, Qs)]
 
 
 def _start(X: _Target, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor | None:
@@ -209,26 +225,28 @@ def refine_als(
     shared_step = folded or A_s.shape[1] > 0  # a rank-0 shared part has no block to update
     tau_mean = taus.mean(0) if sweeps and shared_step else None
     for _ in range(sweeps):
-        for t in range(T):
-            if not A_t[t].shape[1]:
-                continue
-            if folded:  # τ_t − M_s with M_s dense
-                X = _Target(taus[t] - A_s, [])
+        # given the shared part the experts' blocks are independent: their fits run in lockstep, except with
+        # a folded shared part, whose targets τ_t − M_s are dense (one m×n copy at a time)
+        active = [t for t in range(T) if A_t[t].shape[1]]
+        for group in [[t] for t in active] if folded else [active]:
+            if folded:
+                Xs = [_Target(taus[t] - A_s, []) for t in group]
             else:
-                X = _Target(taus[t], [(A_s, B_s)])
-            P = _start(X, A_t[t], B_t[t])
-            Q, B = _best_rank_r(X, A_t[t], P, power_iters)
-            if quantized:
-                D = X.dense()
-                x_sq = squared_norm64(D)
-                A, B, e = quantized_fit(D, Q, B, expert_dtype)
-                better = e < x_sq - explained(P, A_t[t], B_t[t])
-                del D
-            else:
-                A, better = Q, squared_norm64(B) > explained(P, A_t[t], B_t[t])
-            if better:
-                A_t[t], B_t[t] = A, B
-            del X
+                Xs = [_Target(taus[t], [(A_s, B_s)]) for t in group]
+            Ps = [_start(X, A_t[t], B_t[t]) for X, t in zip(Xs, group)]
+            fits = _best_rank_r_all(Xs, [A_t[t] for t in group], Ps, power_iters)
+            for X, P, (Q, B), t in zip(Xs, Ps, fits, group):
+                if quantized:
+                    D = X.dense()
+                    x_sq = squared_norm64(D)
+                    A, B, e = quantized_fit(D, Q, B, expert_dtype)
+                    better = e < x_sq - explained(P, A_t[t], B_t[t])
+                    del D
+                else:
+                    A, better = Q, squared_norm64(B) > explained(P, A_t[t], B_t[t])
+                if better:
+                    A_t[t], B_t[t] = A, B
+            Xs = Ps = fits = X = P = None  # a folded target's dense copy goes before the next is formed
         if not shared_step:
             continue
         # Σ_t ‖τ_t − A_tB_t − M‖² = T·‖R − M‖² + const with R = mean_t(τ_t − A_tB_t): the total drops iff

@@ -7,7 +7,9 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -78,3 +80,15 @@ def md_table(head: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def timed(fn, repeats: int, warm_up: bool = False) -> float:
+    """Median seconds of `repeats` calls of fn (after one untimed call with `warm_up`)."""
+    if warm_up:
+        fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)

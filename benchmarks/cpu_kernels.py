@@ -14,28 +14,16 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
-from common import md_table, write_results
+from common import md_table, timed, write_results
 
 from didi.linalg import svd, t_matmul
 from didi.synthetic import spectral
 
 WIDE = [(448, 2048), (448, 8192), (512, 2048), (768, 4096), (1024, 4096)]
 THIN = [2, 4, 8, 12, 16, 32, 64]
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
 
 
 def wide_svds(repeats: int) -> tuple[list[dict], str]:
@@ -49,8 +37,8 @@ def wide_svds(repeats: int) -> tuple[list[dict], str]:
         U, S, Vh = svd(M)
         err = float(((S - S_torch).abs() / S_torch).max())
         rec = float(((U * S) @ Vh - M).norm() / M.norm())
-        t_torch = timed(lambda: torch.linalg.svd(M, full_matrices=False), repeats)
-        t_didi = timed(lambda: svd(M), repeats)
+        t_torch = timed(lambda: torch.linalg.svd(M, full_matrices=False), repeats, warm_up=True)
+        t_didi = timed(lambda: svd(M), repeats, warm_up=True)
         rows.append([f"{m}×{n}", f"{t_torch:.3f}", f"{t_didi:.3f}", f"{t_torch / t_didi:.2f}"])
         rows[-1] += [f"{err:.1e}", f"{rec:.1e}"]
         results.append(
@@ -76,8 +64,8 @@ def thin_products(repeats: int) -> tuple[list[dict], str]:
     for r in THIN:
         Q = torch.randn(m, r)
         gf = 2 * m * n * r / 1e9
-        t_plain = timed(lambda: X.mT @ Q, repeats)
-        t_didi = timed(lambda: t_matmul(X, Q), repeats)
+        t_plain = timed(lambda: X.mT @ Q, repeats, warm_up=True)
+        t_didi = timed(lambda: t_matmul(X, Q), repeats, warm_up=True)
         rows.append([r, f"{gf / t_plain:.1f}", f"{gf / t_didi:.1f}", f"{t_plain / t_didi:.2f}"])
         results.append({"m": m, "n": n, "columns": r, "plain_s": t_plain, "didi_s": t_didi})
     head = ["columns of Q", "X.mT @ Q GFLOPS", "t_matmul GFLOPS", "speed-up"]

@@ -9,27 +9,16 @@ speed-up crosses 1 is what `decompose.randomized_is_cheaper` (the `svd: auto` ru
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
-from common import md_table, write_results
+from common import md_table, timed, write_results
 
 from didi.linalg import randomized_svd, svd
 from didi.synthetic import spectral
 
 SHAPES = [(768, 768), (3072, 768), (2048, 2048), (8192, 2048)]
 WIDTHS = [32, 64, 128, 256, 512]
-
-
-def timed(fn, repeats: int) -> float:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
 
 
 def main() -> None:

@@ -87,9 +87,10 @@ def minus_right(Y: torch.Tensor, terms: Sequence, Z: torch.Tensor) -> torch.Tens
 
 
 def minus_left(W: torch.Tensor, terms: Sequence, Q: torch.Tensor) -> torch.Tensor:
-    """W − (Σ A·B)ᵀ·Q in place, for W = Dᵀ·Q already taken (`minus_right`'s transpose)."""
+    """W − (Σ A·B)ᵀ·Q in place, for W = Dᵀ·Q already taken (`minus_right`'s transpose). AᵀQ is a thin
+    transposed product too when Q has few columns (`t_matmul`)."""
     for A, B in terms:
-        W.sub_(B.T @ (A.T @ Q))
+        W.sub_(B.T @ t_matmul(A, Q))
     return W
 
 

@@ -758,10 +758,8 @@ class ShareWriter:
         self.cap = (cfg.batch_mb if cfg.batch_mb is not None else 64 if gpu else 0) * 2**20
 
     def _save(self, tensors: dict, sub: str, pos: int) -> None:
-        name = f"p{pos:06d}.safetensors"
-        path = self.out / sub / name
-        save_file(tensors, str(path))
-        self.sha[f"{sub}/{name}"] = file_sha256(path)
+        key, digest = save_hashed(self.out, sub, pos, tensors)
+        self.sha[key] = digest
 
     def add(self, pos: int, modules: tuple[int, ...] | None = None) -> None:
         """Decompose tensor `pos`, or only the given `modules` (0: shared, t + 1: expert t) of a row-streamed
@@ -809,7 +807,7 @@ class ShareWriter:
         return fut.result()
 
     def _nonmatrix(self, pos: int, plan: TensorPlan, zero: bool, taus: torch.Tensor | None) -> None:
-        self.nonmatrix[pos] = {"name": plan.name, "shape": list(plan.shape), "zero": zero}
+        self.nonmatrix[pos] = nonmatrix_record(plan, zero)
         if not zero:
             tasks = self.zoo.task_names
             self._save(
@@ -904,6 +902,19 @@ class ShareWriter:
         }
 
 
+def save_hashed(out: Path, sub: str, pos: int, tensors: dict) -> tuple[str, str]:
+    """Write tensor `pos`'s file under out/sub and return (its name in the store, its sha256), hashed right
+    after it is written."""
+    name = f"p{pos:06d}.safetensors"
+    save_file(tensors, str(out / sub / name))
+    return f"{sub}/{name}", file_sha256(out / sub / name)
+
+
+def nonmatrix_record(plan: TensorPlan, zero: bool) -> dict:
+    """A tensor's entry in a share's record when it is stored whole, or as zero (no task changed it)."""
+    return {"name": plan.name, "shape": list(plan.shape), "zero": zero}
+
+
 def matrix_record(plan: TensorPlan, factors: dict, bound_s: int, bound_t: list[int]) -> dict:
     """A decomposed matrix's entry in a share's record (the index's `MatrixEntry` without its number)."""
     m, n = plan.matrix_shape
@@ -952,11 +963,10 @@ def join_streamed(out: Path, zoo: Zoo, cfg: DecomposeConfig, records: list[dict]
             raise DidiError(f"{out}: '{plan.name}': {err}") from None
         owner = next(r for r, e in pieces if 0 in e["modules"])
         if not bool((factors["tau_sq"] > 0).any()):
-            owner["nonmatrix"][str(pos)] = {"name": plan.name, "shape": list(plan.shape), "zero": True}
+            owner["nonmatrix"][str(pos)] = nonmatrix_record(plan, True)
         else:
-            name = f"p{pos:06d}.safetensors"
-            save_file(factors, str(out / "matrices" / name))
-            owner["file_sha256"][f"matrices/{name}"] = file_sha256(out / "matrices" / name)
+            key, digest = save_hashed(out, "matrices", pos, factors)
+            owner["file_sha256"][key] = digest
             owner["matrices"][str(pos)] = matrix_record(plan, factors, bound_s, bound_t)
         del factors
         for _, e in pieces:

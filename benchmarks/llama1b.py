@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -53,24 +54,29 @@ ROWS = ("full@1.24", "full@1.05", "exact@1.24", "exact@1.05", "auto@1.24", "auto
 RANK, ALPHA, TAIL = 48, 0.7, 0.25  # rank and decay of each low-rank part; energy share of the dense tail
 
 
-def config(hidden: int, layers: int, vocab: int) -> dict:
-    """Llama-3.2-1B's config.json, architecture fields only (width, depth and vocabulary overridable)."""
+def config(hidden: int, layers: int, vocab: int, model: str = "1b") -> dict:
+    """Llama-3.2-1B's config.json, architecture fields only (width, depth and vocabulary overridable); with
+    `model` "8b", Llama-3.1-8B's (hidden 4096, intermediate 14336, 32 query / 8 KV heads of 128, untied
+    embeddings) at `layers` layers (`hidden` and `vocab` ignored)."""
+    head = 64 if model == "1b" else 128
+    if model == "8b":
+        hidden, vocab = 4096, 128256
     return {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": 4 * hidden,
+        "intermediate_size": 4 * hidden if model == "1b" else 14336,
         "num_hidden_layers": layers,
-        "num_attention_heads": hidden // 64,
-        "num_key_value_heads": hidden // 256,
-        "head_dim": 64,
+        "num_attention_heads": hidden // head,
+        "num_key_value_heads": hidden // (4 * head),
+        "head_dim": head,
         "hidden_act": "silu",
         "max_position_embeddings": 131072,
         "rms_norm_eps": 1e-5,
         "rope_theta": 500000.0,
         "rope_scaling": {
-            "factor": 32.0,
+            "factor": 32.0 if model == "1b" else 8.0,
             "low_freq_factor": 1.0,
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192,
@@ -78,7 +84,7 @@ def config(hidden: int, layers: int, vocab: int) -> dict:
         },
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": model == "1b",
         "bos_token_id": 128000,
         "eos_token_id": 128001,
         "torch_dtype": "bfloat16",
@@ -102,7 +108,8 @@ def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
             (p + "input_layernorm.weight", (h,)),
             (p + "post_attention_layernorm.weight", (h,)),
         ]
-    return out + [("model.norm.weight", (h,))]
+    out.append(("model.norm.weight", (h,)))
+    return out if cfg["tie_word_embeddings"] else [*out, ("lm_head.weight", (v, h))]
 
 
 def _low_rank(m: int, n: int, g, scale: float):
@@ -158,12 +165,14 @@ def make(root: Path, cfg: dict, T: int, shard_gb: float = 1.0) -> None:
             m, n = shape
             base = torch.randn(shape, generator=g) * 0.02
             common = _low_rank(m, n, g, ((1 - TAIL) / 2) ** 0.5 * 1e-3 * (m * n) ** 0.5)
-            taus = [task_vector(m, n, g, common) for _ in range(T)]
-            del common
+            # one task's fp32 τ at a time (the same draws in the same order as all T at once): an 8B
+            # embedding's T copies would be 8.4 GB
+            taus = (task_vector(m, n, g, common) for _ in range(T))
         open_["base"][name] = base.to(torch.bfloat16)
         for t, tau in enumerate(taus):
             open_[f"task{t}"][name] = (base + tau).to(torch.bfloat16)
-        del taus, base
+            del tau
+        taus = common = base = None
         weight_map.append((name, len(shards["base"])))
         size += 2 * int(torch.tensor(shape).prod())
         if size >= shard_gb * 2**30:
@@ -185,8 +194,55 @@ def make(root: Path, cfg: dict, T: int, shard_gb: float = 1.0) -> None:
     (root / "zoo_done").write_text("ok")
 
 
-def merge(root: Path, row: str, T: int) -> dict:
-    """One merge (`kind@budget`) in this process; returns seconds per stage, peak RSS and errors."""
+def equivalent_budget(zoo, budget: float) -> float:
+    """The budget at which `zoo` gets as much rank per unit of Σ(m + n) as Llama-3.1-8B at `budget`:
+    (b − 1)·parameters / Σ(m + n) equal for both. Why: a few-layer 8B-shaped zoo holds most of its parameters
+    in its two embeddings, so the same ratio would give its matrices other ranks than the 8B's; at this budget
+    `allocation.auto_width` gives the 8B's width K and the search about the 8B's ranks."""
+    all8 = L8B["layer"] * L8B["layers"] + L8B["embeddings"]
+    per_unit = (budget - 1.0) * L8B["params"] / sum(m + n for m, n in all8)
+    return 1.0 + per_unit * sum(sum(p.matrix_shape) for p in zoo.matrices) / zoo.base_params
+
+
+@contextmanager
+def refine_seconds(seconds: dict[int, float]):
+    """Stage 2's seconds per matrix into `seconds` (by matrix index): its job's load (`RefineJobs` called one
+    index at a time) plus its refinement, from its step's start or the previous matrix's file to its own file
+    (`save_file` in didi.refine). Instrumentation only: the same calls in the same order."""
+    import didi.refine as R
+
+    load, step, save = R.RefineJobs.__call__, R.LoRARefine.training_step, R.save_file
+    mark = [0.0]
+
+    def load_each(self, indices: list[int]) -> list[dict]:
+        jobs = []
+        for i in indices:
+            t0 = time.perf_counter()
+            jobs += load(self, [i])
+            seconds[i] = seconds.get(i, 0.0) + time.perf_counter() - t0
+        return jobs
+
+    def step_marked(self, batch, batch_idx):
+        mark[0] = time.perf_counter()
+        return step(self, batch, batch_idx)
+
+    def save_marked(tensors, path, *args, **kwargs):
+        out = save(tensors, path, *args, **kwargs)
+        now, i = time.perf_counter(), int(Path(path).stem)
+        seconds[i] = seconds.get(i, 0.0) + now - mark[0]
+        mark[0] = now
+        return out
+
+    R.RefineJobs.__call__, R.LoRARefine.training_step, R.save_file = load_each, step_marked, save_marked
+    try:
+        yield
+    finally:
+        R.RefineJobs.__call__, R.LoRARefine.training_step, R.save_file = load, step, save
+
+
+def merge(root: Path, row: str, T: int, model: str = "1b") -> dict:
+    """One merge (`kind@budget`) in this process; returns seconds per stage (stage 2's also per matrix),
+    peak RSS and errors. On the 8B-shaped zoo the budget is the 8B's, realised at `equivalent_budget`."""
     from didi.allocation import resolve_width
     from didi.backbones import Zoo
     from didi.backbones.hf_llama import HFLlamaAdapter
@@ -195,12 +251,13 @@ def merge(root: Path, row: str, T: int) -> dict:
     from didi.shards import factor_store
     from didi.trainer import TrainerConfig, Trainers
 
-    kind, budget = row.split("@")
+    kind, row_budget = row.split("@")
     zoo = Zoo(
         HFLlamaAdapter(),
         str(root / "zoo" / "base"),
         {f"task{t}": str(root / "zoo" / f"task{t}") for t in range(T)},
     )
+    budget = float(row_budget) if model == "1b" else equivalent_budget(zoo, float(row_budget))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     dcfg = DecomposeConfig(cache_dir=str(root / "cache"), device="cpu")
     if kind == "full":
@@ -209,7 +266,7 @@ def merge(root: Path, row: str, T: int) -> dict:
         # the width stays `auto`; a full SVD needs the whole matrix in memory (never row-streamed)
         dcfg.svd, dcfg.stream_mb = "full", None
     opts = MergeOptions(
-        budget=float(budget),
+        budget=budget,
         decompose=dcfg,
         trainer=TrainerConfig(accelerator="cpu", logger="none", progress_bar=False),
     )
@@ -223,14 +280,16 @@ def merge(root: Path, row: str, T: int) -> dict:
     c0 = time.process_time()
     t0 = time.perf_counter()
     # the width run_search will use (max_rank auto: from the budget), decomposed here to time it alone
-    store = factor_store(zoo, resolve_width(zoo, opts.decompose, float(budget)), trainers, progress=True)
+    store = factor_store(zoo, resolve_width(zoo, opts.decompose, budget), trainers, progress=True)
     times["decompose_s"] = time.perf_counter() - t0
     times["decompose_cpu_s"] = time.process_time() - c0
     t1 = time.perf_counter()
     ranks, store = run_search(zoo, out, opts, progress=True, trainers=trainers)  # the store: a cache lookup
     times["search_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    path = run_refine(zoo, out, ranks, opts, progress=True, trainers=trainers, store=store)
+    per_matrix: dict[int, float] = {}
+    with refine_seconds(per_matrix):
+        path = run_refine(zoo, out, ranks, opts, progress=True, trainers=trainers, store=store)
     times["refine_write_s"] = time.perf_counter() - t2
     times["end_to_end_s"] = time.perf_counter() - t0
     times["end_to_end_cpu_s"] = time.process_time() - c0  # this process's threads (all stages run in it)
@@ -249,14 +308,18 @@ def merge(root: Path, row: str, T: int) -> dict:
         "shares": store.shares,
         "storage_ratio": manifest.get("storage", {}).get("ratio"),
         "base_params": zoo.base_params,
+        "budget": budget,
+        "refine_matrix_s": {store.matrices[i].name: s for i, s in sorted(per_matrix.items())},
     }
 
 
-def time_shapes(root: Path, T: int, budgets: list[float]) -> dict:
-    """Seconds to decompose one of each matrix shape (layer 0's seven projections and the embedding) with
-    full SVDs at full width and with the defaults at each budget's width; the whole model's decomposition is
-    then t(embedding) + layers · t(layer 0), its layers being identical in shape. The reads are timed with it
-    (a warm page cache: the zoo was just read)."""
+def time_shapes(root: Path, T: int, budgets: list[float], model: str = "1b") -> dict:
+    """Seconds to decompose one of each matrix shape (layer 0's seven projections, and the embeddings: those
+    outside the layers, `lm_head` too where untied) with full SVDs at full width and with the defaults at each
+    budget's width; the whole model's decomposition is then t(embeddings) + layers · t(layer 0), its layers
+    being identical in shape. The reads are timed with it (a warm page cache: the zoo was just read). The
+    8B-shaped zoo: the defaults only, at each budget's `equivalent_budget` (a full SVD of its 128256×4096
+    embeddings does not fit this machine)."""
     from didi.allocation import resolve_width
     from didi.backbones import Zoo
     from didi.backbones.hf_llama import HFLlamaAdapter
@@ -269,12 +332,13 @@ def time_shapes(root: Path, T: int, budgets: list[float]) -> dict:
     )
     layers = 1 + max(p.layer for p in zoo.plan if p.layer >= 0)
     pos = {
-        "embedding": [i for i, p in enumerate(zoo.plan) if p.name == "model.embed_tokens.weight"],
+        "embedding": [i for i, p in enumerate(zoo.plan) if p.layer < 0 and p.matrix_shape is not None],
         "layer": [i for i, p in enumerate(zoo.plan) if p.layer == 0 and p.matrix_shape is not None],
     }
-    variants = {"full": DecomposeConfig(max_rank=None, svd="full", device="cpu")}
+    variants = {"full": DecomposeConfig(max_rank=None, svd="full", device="cpu")} if model == "1b" else {}
     for b in budgets:
-        variants[f"auto@{b:g}"] = resolve_width(zoo, DecomposeConfig(device="cpu"), b)
+        zb = b if model == "1b" else equivalent_budget(zoo, b)
+        variants[f"auto@{b:g}"] = resolve_width(zoo, DecomposeConfig(device="cpu"), zb)
     out = {"layers": layers}
     for name, cfg in variants.items():
         row = {"max_rank": cfg.max_rank}
@@ -359,6 +423,64 @@ def projection_8b(rows: dict, cfg: dict, T: int) -> tuple[dict, str]:
     return out, text
 
 
+def projection_8b_measured(rows: dict, shapes: dict | None, layers: int) -> tuple[dict, str]:
+    """Llama-3.1-8B from the rows of a `layers`-layer zoo of its own shapes: each matrix's cost is measured
+    at the 8B's shapes and width, so only the layer count is scaled. Decomposition = t(embeddings) +
+    32·t(layer 0) (`time_shapes`); refinement = the embeddings' seconds + 32 × a layer's mean
+    (`refine_seconds`) + the rest of stage 2 (its set-up and the artifact) × parameters; search × matrices
+    (its terms are per matrix at one width); host memory = the measured peak (the largest in-memory matrix
+    and the streamed embeddings are the 8B's own; the peak does not grow with the layer count,
+    benchmarks/llama_streaming.py)."""
+    out = {}
+    L8 = L8B["layers"]
+    for name, r in rows.items():
+        sh = (shapes or {}).get(name)
+        if not sh or "refine_matrix_s" not in r:
+            continue
+        per = r["refine_matrix_s"]
+        in_layers = {k: v for k, v in per.items() if k.startswith("model.layers.")}
+        emb = sum(per.values()) - sum(in_layers.values())
+        layer = sum(in_layers.values()) / layers
+        rest = r["refine_write_s"] - sum(per.values())
+        dec = sh["embedding_s"] + L8 * sh["layer_s"]
+        search = r["search_s"] * (len(L8B["embeddings"]) + L8 * len(L8B["layer"])) / len(per)
+        refine = emb + L8 * layer + rest * L8B["params"] / r["base_params"]
+        out[name] = {
+            "width_K": r["store_widths"][-1],
+            "zoo_budget": r["budget"],
+            "embeddings_decompose_s": sh["embedding_s"],
+            "layer_decompose_s": sh["layer_s"],
+            "embeddings_refine_s": emb,
+            "layer_refine_s": layer,
+            "decompose_h": dec / 3600,
+            "search_h": search / 3600,
+            "refine_h": refine / 3600,
+            "total_h": (dec + search + refine) / 3600,
+            "peak_host_gib": r["peak_rss_mb"] / 1024,
+        }
+    text = (
+        f"Llama-3.1-8B, T = 4, on this CPU (2 threads), measured per shape on this {layers}-layer zoo of its "
+        "shapes at its width K (the zoo's budget gives the 8B's rank per unit of Σ(m + n) at the row's): "
+        "decomposition = embeddings + 32 × layer 0 (timed alone), refinement = embeddings + 32 × a layer's "
+        "mean (timed per matrix) + the rest of stage 2 × parameters, search × matrices; host memory = the "
+        "measured peak."
+    )
+    md = (
+        text + "\n\n| budget | zoo's budget | K | decompose: embeddings, a layer (s) | "
+        "refine: embeddings, a layer (s) | decompose (h) | search (h) | refine (h) | total (h) | "
+        "peak host (GiB) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    for name, q in out.items():
+        md += (
+            f"| {name.split('@')[1]}× | {q['zoo_budget']:.4f}× | {q['width_K']} | "
+            f"{q['embeddings_decompose_s']:.1f}, {q['layer_decompose_s']:.1f} | "
+            f"{q['embeddings_refine_s']:.1f}, {q['layer_refine_s']:.1f} | {q['decompose_h']:.2f} | "
+            f"{q['search_h']:.2f} | {q['refine_h']:.2f} | {q['total_h']:.2f} | {q['peak_host_gib']:.1f} |\n"
+        )
+    return out, md
+
+
 def table(rows: dict[str, dict], info: dict, shapes: dict | None) -> tuple[dict, str]:
     """The summary (speed-ups and error ratios against the full-SVD rows) and its markdown."""
     summary = {}
@@ -405,24 +527,26 @@ def table(rows: dict[str, dict], info: dict, shapes: dict | None) -> tuple[dict,
             for ref, s in refs.items()
         ]
     if shapes:
-        full = shapes["full"]
+        full = shapes.get("full")
         md += [
             "",
-            "Decomposition per shape (one of each: the embedding, and layer 0's seven projections; the "
-            f"model's = embedding + {shapes['layers']} × layer):",
+            "Decomposition per shape (one of each: the embeddings, and layer 0's seven projections; the "
+            f"zoo's = embeddings + {shapes['layers']} × layer):",
             "",
-            "| SVD | width K | embedding (s) | one layer (s) | model (s) | speed-up vs full |",
+            "| SVD | width K | embeddings (s) | one layer (s) | zoo (s) | speed-up vs full |",
             "|---|---|---:|---:|---:|---:|",
         ]
         for name, r in shapes.items():
             if name == "layers":
                 continue
             k = "all" if r["max_rank"] is None else r["max_rank"]
+            speedup = f"{full['model_s'] / r['model_s']:.1f}×" if full else "–"
             md.append(
                 f"| {name} | {k} | {r['embedding_s']:.1f} | {r['layer_s']:.1f} | {r['model_s']:.1f} | "
-                f"{full['model_s'] / r['model_s']:.1f}× |"
+                f"{speedup} |"
             )
-            summary.setdefault("shapes_speedup", {})[name] = full["model_s"] / r["model_s"]
+            if full:
+                summary.setdefault("shapes_speedup", {})[name] = full["model_s"] / r["model_s"]
     return summary, "\n".join(md) + "\n"
 
 
@@ -433,26 +557,45 @@ def main() -> None:
         epilog=__doc__,
     )
     p.add_argument("--zoo", help="where the zoo, factor stores and outputs live (kept); default: a temp dir")
-    p.add_argument("--rows", nargs="+", default=list(ROWS), help=f"rows to run (default: {' '.join(ROWS)})")
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument(
+        "--model",
+        choices=("1b", "8b"),
+        default="1b",
+        help="1b: Llama-3.2-1B's shapes (default); 8b: Llama-3.1-8B's, at --layers layers (default 2), for a "
+        "projection of the whole 8B measured at its own shapes (rows auto@B only)",
+    )
+    p.add_argument("--rows", nargs="+", help=f"rows to run (default: {' '.join(ROWS)}; 8b: auto@1.24)")
+    p.add_argument("--layers", type=int, help="decoder layers (default: 16; 8b: 2)")
+    p.add_argument("--hidden", type=int, default=2048, help="1b only")
+    p.add_argument("--vocab", type=int, default=128256, help="1b only")
     p.add_argument("--tasks", type=int, default=4)
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument(
         "--time_shapes",
         action="store_true",
-        help="time the decomposition of one of each shape, full SVD vs the defaults at 1.24 and 1.05",
+        help="time the decomposition of one of each shape, full SVD vs the defaults at 1.24 and 1.05 "
+        "(8b: the defaults at 1.24; its projection needs them)",
     )
     p.add_argument("--_make", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_shapes", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_merge", help=argparse.SUPPRESS)
     a = p.parse_args()
-    small = (a.layers, a.hidden, a.vocab) != (16, 2048, 128256)
-    cfg = config(a.hidden, a.layers, a.vocab)
+    eight = a.model == "8b"
+    a.layers = a.layers or (2 if eight else 16)
+    a.rows = a.rows or (["auto@1.24"] if eight else list(ROWS))
+    if eight and any(not r.startswith("auto@") for r in a.rows):
+        p.error(
+            f"--rows: the 8b zoo runs auto@B rows only (a full SVD of its embeddings does not fit here), "
+            f"got {' '.join(a.rows)}"
+        )
+    if eight:
+        a.hidden, a.vocab = 4096, 128256
+    small = not eight and (a.layers, a.hidden, a.vocab) != (16, 2048, 128256)
+    cfg = config(a.hidden, a.layers, a.vocab, a.model)
     tmp = None
     top = Path(a.zoo) if a.zoo else Path(tmp := tempfile.mkdtemp(prefix="llama1b-"))
-    stem = "llama1b" if not small else f"llama1b_L{a.layers}_h{a.hidden}_v{a.vocab}"
+    stem = f"llama1b_L{a.layers}_h{a.hidden}_v{a.vocab}" if small else "llama1b"
+    stem = f"llama8b_L{a.layers}" if eight else stem
     root = top / stem  # one folder per zoo shape: its zoo, rows, factor stores and outputs
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -461,13 +604,13 @@ def main() -> None:
             print(json.dumps({"ok": True}))
             return
         if a._merge:
-            print(json.dumps(merge(root, a._merge, a.tasks)))
+            print(json.dumps(merge(root, a._merge, a.tasks, a.model)))
             return
         if a._shapes:
-            print(json.dumps(time_shapes(root, a.tasks, [1.24, 1.05])))
+            print(json.dumps(time_shapes(root, a.tasks, [1.24] if eight else [1.24, 1.05], a.model)))
             return
         shape_args = ["--zoo", str(top), "--layers", str(a.layers), "--hidden", str(a.hidden)]
-        shape_args += ["--vocab", str(a.vocab), "--tasks", str(a.tasks)]
+        shape_args += ["--vocab", str(a.vocab), "--tasks", str(a.tasks), "--model", a.model]
         if not (root / "zoo" / "zoo_done").exists():
             t0 = time.perf_counter()
             child([*shape_args, "--_make"])
@@ -484,7 +627,8 @@ def main() -> None:
             r = child([*shape_args, "--_merge", row])
             f.write_text(json.dumps(r, indent=1))
             print(json.dumps(r), flush=True)
-        rows = {r: json.loads(f.read_text()) for r in ROWS if (f := root / "rows" / f"{r}.json").exists()}
+        names = sorted({*ROWS, *a.rows}, key=lambda r: (r not in ROWS, ROWS.index(r) if r in ROWS else r))
+        rows = {r: json.loads(f.read_text()) for r in names if (f := root / "rows" / f"{r}.json").exists()}
         shapes = json.loads(f.read_text()) if (f := root / "rows" / "shapes.json").exists() else None
     finally:
         if tmp:
@@ -492,11 +636,15 @@ def main() -> None:
     info = {
         "device": device_info(),
         "commit": git_rev(),
-        "zoo": f"{a.layers} layers, hidden {a.hidden}, vocabulary {a.vocab}, {a.tasks} tasks, bf16, tied "
-        f"embeddings, {rows[next(iter(rows))]['base_params']:,} parameters",
+        "zoo": f"{a.layers} layers, hidden {a.hidden}, vocabulary {a.vocab}, {a.tasks} tasks, bf16, "
+        f"{'untied' if eight else 'tied'} embeddings, {rows[next(iter(rows))]['base_params']:,} parameters",
     }
     summary, md = table(rows, info, shapes)
-    if not small:
+    if eight:
+        proj, text = projection_8b_measured(rows, shapes, a.layers)
+        summary["projection_llama_3_1_8b"] = proj
+        md += "\n" + text
+    elif not small:
         proj, text = projection_8b(rows, cfg, a.tasks)
         summary["projection_llama_3_1_8b"] = proj
         md += (

@@ -426,11 +426,12 @@ def projection_8b(rows: dict, cfg: dict, T: int) -> tuple[dict, str]:
 def projection_8b_measured(rows: dict, shapes: dict | None, layers: int) -> tuple[dict, str]:
     """Llama-3.1-8B from the rows of a `layers`-layer zoo of its own shapes: each matrix's cost is measured
     at the 8B's shapes and width, so only the layer count is scaled. Decomposition = t(embeddings) +
-    32·t(layer 0) (`time_shapes`); refinement = the embeddings' seconds + 32 × a layer's mean
-    (`refine_seconds`) + the rest of stage 2 (its set-up and the artifact) × parameters; search × matrices
-    (its terms are per matrix at one width); host memory = the measured peak (the largest in-memory matrix
-    and the streamed embeddings are the 8B's own; the peak does not grow with the layer count,
-    benchmarks/llama_streaming.py)."""
+    32·t(layer 0) (`time_shapes`) + the rest of the row's decomposition (the stage's set-up, the
+    checkpoints' fingerprints, the non-matrix tensors) × parameters; refinement = the embeddings' seconds +
+    32 × a layer's mean (`refine_seconds`) + the rest of stage 2 (its set-up and the artifact) × parameters;
+    search × matrices (its terms are per matrix at one width); host memory = the measured peak (the largest
+    in-memory matrix and the streamed embeddings are the 8B's own; the peak does not grow with the layer
+    count, benchmarks/llama_streaming.py)."""
     out = {}
     L8 = L8B["layers"]
     for name, r in rows.items():
@@ -442,9 +443,11 @@ def projection_8b_measured(rows: dict, shapes: dict | None, layers: int) -> tupl
         emb = sum(per.values()) - sum(in_layers.values())
         layer = sum(in_layers.values()) / layers
         rest = r["refine_write_s"] - sum(per.values())
-        dec = sh["embedding_s"] + L8 * sh["layer_s"]
+        scale = L8B["params"] / r["base_params"]
+        dec_rest = r["decompose_s"] - (sh["embedding_s"] + layers * sh["layer_s"])
+        dec = sh["embedding_s"] + L8 * sh["layer_s"] + max(dec_rest, 0.0) * scale
         search = r["search_s"] * (len(L8B["embeddings"]) + L8 * len(L8B["layer"])) / len(per)
-        refine = emb + L8 * layer + rest * L8B["params"] / r["base_params"]
+        refine = emb + L8 * layer + rest * scale
         out[name] = {
             "width_K": r["store_widths"][-1],
             "zoo_budget": r["budget"],
@@ -452,6 +455,8 @@ def projection_8b_measured(rows: dict, shapes: dict | None, layers: int) -> tupl
             "layer_decompose_s": sh["layer_s"],
             "embeddings_refine_s": emb,
             "layer_refine_s": layer,
+            "decompose_rest_s": dec_rest,
+            "refine_rest_s": rest,
             "decompose_h": dec / 3600,
             "search_h": search / 3600,
             "refine_h": refine / 3600,
@@ -461,9 +466,9 @@ def projection_8b_measured(rows: dict, shapes: dict | None, layers: int) -> tupl
     text = (
         f"Llama-3.1-8B, T = 4, on this CPU (2 threads), measured per shape on this {layers}-layer zoo of its "
         "shapes at its width K (the zoo's budget gives the 8B's rank per unit of Σ(m + n) at the row's): "
-        "decomposition = embeddings + 32 × layer 0 (timed alone), refinement = embeddings + 32 × a layer's "
-        "mean (timed per matrix) + the rest of stage 2 × parameters, search × matrices; host memory = the "
-        "measured peak."
+        "decomposition = embeddings + 32 × layer 0 (timed alone) + the rest of the row's decomposition × "
+        "parameters, refinement = embeddings + 32 × a layer's mean (timed per matrix) + the rest of stage 2 "
+        "× parameters, search × matrices; host memory = the measured peak."
     )
     md = (
         text + "\n\n| budget | zoo's budget | K | decompose: embeddings, a layer (s) | "

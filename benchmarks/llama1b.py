@@ -22,11 +22,21 @@ was stopped resumes at the next missing row. Rows:
   what the randomized SVD costs, at a full SVD's time, and fits in memory.
 - `auto@B`: the defaults (`max_rank` from the budget, `svd: auto`).
 
+`--model 8b` writes a zoo of Llama-3.1-8B's own shapes instead (hidden 4096, intermediate 14336, 32 query /
+8 KV heads of 128, vocabulary 128256, untied embeddings: `embed_tokens` and `lm_head`) with `--layers` decoder
+layers (default 2: 1,486,901,248 parameters, about 14.9 GB), and merges it in `auto@B` rows at
+`equivalent_budget(B)`, the budget that gives its matrices as much rank per unit of Σ(m + n) as the 8B's at
+B (and so the 8B's width K). With
+`--time_shapes` it then projects the whole 8B from that zoo's own measurements (`projection_8b_measured`):
+only the layer count is extrapolated, not a rate from other shapes.
+
     python benchmarks/llama1b.py --zoo /tmp/llama1b            # every row, then the table
     python benchmarks/llama1b.py --zoo /tmp/llama1b --rows full@1.24 full@1.05
     python benchmarks/llama1b.py --layers 2 --vocab 8192       # a smoke test of the script (small zoo)
+    python benchmarks/llama1b.py --model 8b --zoo /tmp/zoo8b --time_shapes   # about 30 min on 2 cores
 
-Writes benchmarks/results/llama1b.json and .md (with the default shapes), else llama1b_small.*.
+Writes benchmarks/results/llama1b.json and .md (with the default shapes), else
+llama1b_L{layers}_h{hidden}_v{vocab}.*; with `--model 8b`, llama8b_L{layers}.*.
 """
 
 from __future__ import annotations

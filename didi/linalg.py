@@ -62,20 +62,21 @@ def squared_norm64(X: torch.Tensor) -> torch.Tensor:
 THIN = 16
 
 
+def _thin(Q: torch.Tensor) -> bool:
+    """Whether Xᵀ·Q is taken as (QᵀX)ᵀ: Q of fewer than `THIN` columns, on the CPU."""
+    return Q.shape[-1] < THIN and Q.device.type == "cpu"
+
+
 def t_matmul(X: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """Xᵀ·Q. Why not `X.mT @ Q` always: on the CPU, MKL's product with a transposed X ran at 0.8–6.0 GFLOPS
     for Q of 2–8 columns where (QᵀX)ᵀ ran at 11–40 (2 threads, X 8192×2048; benchmarks/cpu_kernels.py); from
     16 columns on the two are equal. The refinement's products with an expert of low rank are such."""
-    if Q.shape[-1] < THIN and Q.device.type == "cpu":
-        return (Q.mT @ X).mT
-    return X.mT @ Q
+    return (Q.mT @ X).mT if _thin(Q) else X.mT @ Q
 
 
 def add_t_matmul(W: torch.Tensor, X: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """W += Xᵀ·Q in place (`t_matmul`'s choice; `addmm_` with a transposed X otherwise)."""
-    if Q.shape[-1] < THIN and Q.device.type == "cpu":
-        return W.add_(t_matmul(X, Q))
-    return W.addmm_(X.mT, Q)
+    return W.add_((Q.mT @ X).mT) if _thin(Q) else W.addmm_(X.mT, Q)
 
 
 def minus_right(Y: torch.Tensor, terms: Sequence, Z: torch.Tensor) -> torch.Tensor:

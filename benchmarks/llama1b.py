@@ -430,7 +430,16 @@ def projection_8b(rows: dict, cfg: dict, T: int) -> tuple[dict, str]:
         "each model); host memory = the measured 1B peak + 4.26·(T+1)·4 B·(14336·4096 − 8192·2048) for the "
         "larger in-memory matrix."
     )
-    return out, text
+    md = (
+        text + "\n\n| budget | K | decompose (h) | search (h) | refine (h) | total (h) | peak host (GiB) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n"
+    )
+    for b, q in out.items():
+        md += (
+            f"| {b}× | {q['width_K']} | {q['decompose_h']:.2f} | {q['search_h']:.2f} | "
+            f"{q['refine_h']:.2f} | {q['total_h']:.2f} | {q['peak_host_gib']:.1f} |\n"
+        )
+    return out, md
 
 
 def projection_8b_measured(rows: dict, shapes: dict | None, layers: int) -> tuple[dict, str]:
@@ -642,7 +651,7 @@ def main() -> None:
             r = child([*shape_args, "--_merge", row])
             f.write_text(json.dumps(r, indent=1))
             print(json.dumps(r), flush=True)
-        names = sorted({*ROWS, *a.rows}, key=lambda r: (r not in ROWS, ROWS.index(r) if r in ROWS else r))
+        names = [*ROWS, *(r for r in a.rows if r not in ROWS)]
         rows = {r: json.loads(f.read_text()) for r in names if (f := root / "rows" / f"{r}.json").exists()}
         shapes = json.loads(f.read_text()) if (f := root / "rows" / "shapes.json").exists() else None
     finally:
@@ -655,24 +664,12 @@ def main() -> None:
         f"{'untied' if eight else 'tied'} embeddings, {rows[next(iter(rows))]['base_params']:,} parameters",
     }
     summary, md = table(rows, info, shapes)
-    if eight:
-        proj, text = projection_8b_measured(rows, shapes, a.layers)
+    if eight or not small:
+        proj, text = (
+            projection_8b_measured(rows, shapes, a.layers) if eight else projection_8b(rows, cfg, a.tasks)
+        )
         summary["projection_llama_3_1_8b"] = proj
         md += "\n" + text
-    elif not small:
-        proj, text = projection_8b(rows, cfg, a.tasks)
-        summary["projection_llama_3_1_8b"] = proj
-        md += (
-            "\n"
-            + text
-            + "\n\n| budget | K | decompose (h) | search (h) | refine (h) | total (h) | peak host (GiB) |\n"
-        )
-        md += "|---|---:|---:|---:|---:|---:|---:|\n"
-        for b, q in proj.items():
-            md += (
-                f"| {b}× | {q['width_K']} | {q['decompose_h']:.2f} | {q['search_h']:.2f} | "
-                f"{q['refine_h']:.2f} | {q['total_h']:.2f} | {q['peak_host_gib']:.1f} |\n"
-            )
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"info": info, "rows": rows, "summary": summary, "shapes": shapes}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -177,6 +178,7 @@ def run(a: argparse.Namespace, work: Path, res: dict, save) -> None:
     from didi.decompose import DecomposeConfig, streams
     from didi.pipeline import MergeOptions, run_refine, run_search
     from didi.shards import factor_store
+    from didi.streamed import keeps_rows
     from didi.trainer import TrainerConfig, Trainers
 
     zoo = Zoo(
@@ -196,11 +198,22 @@ def run(a: argparse.Namespace, work: Path, res: dict, save) -> None:
     )
     width = resolve_width(zoo, opts.decompose, a.budget)
     T = len(zoo.tasks)
+    streamed = [q for q in zoo.plan if streams(q, T, width)]
+    device = width.torch_device()
     res["info"].update(
         base_params=zoo.base_params,
         width_K=width.max_rank,
         stream_mb=dcfg.stream_mb,
-        streamed=[q.name for q in zoo.plan if streams(q, T, width)],
+        streamed=[q.name for q in streamed],
+        # whether each streamed matrix's rows stay on the device after the first pass, as judged before the
+        # merge (decomposition: T+1 fp32 copies; refinement: T), from the free memory then
+        rows_kept=[
+            [
+                keeps_rows(device, (T + 1) * math.prod(q.matrix_shape) * 4),
+                keeps_rows(device, T * math.prod(q.matrix_shape) * 4),
+            ]
+            for q in streamed
+        ],
     )
     trainers = Trainers(opts.trainer)
     out = work / "merged"
@@ -272,6 +285,7 @@ def summary(res: dict) -> None:
         f"\nstorage ratio {r['storage_ratio']:.4f}, rec. error {r['rec_err_svd']:.4f} (SVD) → "
         f"{r['rec_err']:.4f}, "
         f"store width K = {res['info']['width_K']}, streamed: {', '.join(res['info']['streamed']) or 'none'}"
+        f" (rows kept on the device in decompose, refine: {res['info']['rows_kept']})"
     )
     print("\n".join(rows), file=sys.stderr, flush=True)
 

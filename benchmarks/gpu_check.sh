@@ -17,8 +17,9 @@
 # Budget: about 7.5 GB of temporary files (the zoo: 5 × 1.49 GB) in a directory under ${TMPDIR:-/tmp},
 # removed at the end (also after a failure or the time limit); about 20 GB of host memory while the zoo is
 # written (an estimate); one GPU. Not yet run on a GPU: estimated 3-5 min on one H100/H200 (writing the zoo
-# about 1 min on 16 cores; the row-streamed embedding's ~80 passes over 5 × 1 GB of bf16 rows in the
-# refinement the largest stage). The whole check is cut at 470 s (GPU_CHECK_LIMIT_S) so it ends within 8
+# about 1 min on 16 cores; the row-streamed embedding's rows are read from the checkpoints once per stage
+# and then kept on the GPU, 10.5 GB in the decomposition, 8.4 GB in the refinement, if they take at most half
+# its free memory: `rows_kept` in the JSON). The whole check is cut at 470 s (GPU_CHECK_LIMIT_S) so it ends within 8
 # minutes; what it measured until then is kept in the JSON, with the stage it was stopped in.
 # Output: $OUT/gpu_check.json when OUT is set (the device machine returns files written under $OUT), else
 # benchmarks/results/gpu_check.json; the table of stages on stderr. Exit status 2 without CUDA or without

@@ -13,7 +13,9 @@ The price is reads: every product with a whole matrix is one pass over its rows.
 makes 2·power_iters + 3 passes (9 at the defaults); `refine_als_streamed` 2·(2·power_iters + 1) per sweep,
 plus two. A pass costs its matmuls plus reading and casting the T+1 blocks (a block is read into buffers
 allocated once, since a fresh block-sized allocation is page-faulted in again every time) and QRs of the
-tall sketches (several on threads at once). benchmarks/streamed_embedding.py times each phase.
+tall sketches (several on threads at once). benchmarks/streamed_embedding.py times each phase. On a GPU with
+room for them (`keeps_rows`), the row blocks read in the first pass stay in device memory and every later pass
+reads them there: the host still holds one block, and the checkpoints are read once per stage.
 
 Only row-separable shared merges can be streamed (`STREAMABLE_MERGES`): a row of the mean depends on that row
 of the τ's alone, whereas TIES trims by a per-tensor quantile and TSV-M takes SVDs of whole task vectors.
@@ -48,6 +50,24 @@ BLOCK_BYTES = 256 * 2**20
 
 #: (start, stop) -> task-vector rows [T, stop − start, n]
 RowReader = Callable[[int, int], torch.Tensor]
+
+#: the share of a GPU's free memory that a streamed matrix's row blocks may take when kept there
+KEEP_SHARE = 0.5
+
+
+def keeps_rows(device: torch.device, nbytes: int) -> bool:
+    """Whether a streamed matrix's row blocks (`nbytes` in all, as the passes use them) stay on `device`
+    after the first pass, so that every later pass reads them from device memory instead of from the
+    checkpoints again.
+
+    Why only on a GPU: streaming bounds host memory, which keeping the rows in host memory would undo,
+    while a GPU's memory is a budget of its own. There a pass over host rows costs a read, a cast and a
+    host-to-device copy of the whole matrix T+1 times over, and a refinement makes ~80 passes. Why half
+    the free memory: the other half is left to the factors (O((m + n)·w·(T+1))) and the workspaces."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= KEEP_SHARE * free
 
 
 def block_rows(n: int, tensors: int, itemsize: int, target: int = BLOCK_BYTES) -> int:
@@ -210,7 +230,8 @@ class _ModuleRows:
     the next block overwrites; a context manager (the reader's files).
 
     The first pass (`first=True`) checks every source's rows for NaN/Inf and, with `stats`, also hashes them
-    and accumulates the float64 norms, so that no pass is spent on them alone.
+    and accumulates the float64 norms, so that no pass is spent on them alone. With `keep` (`keeps_rows`),
+    the first pass keeps each block's modules, and every later pass yields those instead of reading again.
     """
 
     def __init__(
@@ -221,8 +242,10 @@ class _ModuleRows:
         device: torch.device,
         row_block: int,
         stats: bool = True,
+        keep: bool = False,
     ) -> None:
         self.zoo, self.name, self.dtype, self.device, self.stats = zoo, plan.name, dtype, device, stats
+        self.keep, self.kept, self.all_kept = keep, [], False
         self.m, self.n = _row_separable_shape(plan)
         self.T = len(zoo.task_names)
         self.row_block = row_block
@@ -239,8 +262,12 @@ class _ModuleRows:
 
     def __exit__(self, *exc) -> None:
         self.reader.close()
+        self.kept = []
 
     def blocks(self, first: bool = False) -> Iterator[tuple[slice, torch.Tensor]]:
+        if self.all_kept:
+            yield from self.kept
+            return
         stats = first and self.stats
         for sl in row_slices(self.m, self.row_block):
             X = self.reader.read(sl.start, sl.stop, check=first)  # θ0, then the tasks
@@ -248,7 +275,7 @@ class _ModuleRows:
                 with PHASES("hash"):
                     for h, t in zip(self.hashes, X):
                         h.update(t.view(torch.uint8).numpy())
-            X = X.to(self.device)
+            X = X.to(self.device, copy=self.keep)  # a kept block must not be the reader's buffer
             # in place, the same operations as decompose_batch on the whole matrix: τ_t = task − θ0 in the
             # experts' slots, M_s = their mean in θ0's, then M_t = τ_t − M_s
             with PHASES("modules"):
@@ -265,8 +292,11 @@ class _ModuleRows:
                     self.ms_sq += G[0, 0]
                     self.mt_sq += G.diagonal()[1:]
                     self.inner += G[0, 1:]
+            if self.keep:
+                self.kept.append((sl, X))
             yield sl, X
         self.f64 = None
+        self.all_kept = self.keep
 
     def _f64(self) -> torch.Tensor:
         """gram64's float64 chunk buffer, allocated at the first block (first pass only)."""
@@ -386,6 +416,7 @@ def decompose_streamed(
     device: str | torch.device = "cpu",
     row_block: int | None = None,
     rtol: float | None = None,
+    keep_rows: bool | None = None,
 ) -> tuple[dict[str, torch.Tensor], int, list[int], dict[str, str]]:
     """`decompose_batch(taus[None], mean, K, svd_method="randomized", ...)[0]` of one matrix, never holding an
     m×n matrix: returns (factors, bound_s, bound_t, sha256) with the same factor dict (U_s, S_s, V_s, U_t,
@@ -410,11 +441,13 @@ def decompose_streamed(
     finder spans the whole range (a full SVD up to rounding) and the saving is gone: stream only K ≪ min(m,n).
     NaN/Inf in any block is a DidiError naming the source and tensor (checked in the first pass). A tensor
     whose task vectors are all zero comes back with tau_sq all 0 (the caller may treat it as a zero delta).
+    `keep_rows`: keep the modules' row blocks on the device after the first pass (None: `keeps_rows`, on a
+    GPU with room for them); the results are the same bits either way.
     """
     m, n = _row_separable_shape(plan)
     T = len(zoo.task_names)
     part, sha = decompose_streamed_part(
-        zoo, plan, K, range(T + 1), oversample, power_iters, dtype, device, row_block
+        zoo, plan, K, range(T + 1), oversample, power_iters, dtype, device, row_block, keep_rows
     )
     factors, bound_s, bound_t = join_parts([part], T, m, n, dtype, rtol)
     return factors, bound_s, bound_t, sha
@@ -430,6 +463,7 @@ def decompose_streamed_part(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     row_block: int | None = None,
+    keep_rows: bool | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
     """The factors of some of one streamed matrix's T+1 modules (0: the shared part, t + 1: expert t), as a
     flat dict of CPU tensors (`U.i`, `S.i` in `dtype`, `V.i`; `b.i` for an expert; with module 0 also `a`
@@ -439,7 +473,7 @@ def decompose_streamed_part(
     embedding), so that no process holds every module's range finder; `join_parts` of the parts is the
     factor dict of `decompose_streamed`, byte for byte, since every product is taken module by module. Every
     part reads all T+1 sources in every pass (a module is formed from all of them); memory is the modules'
-    share of `decompose_streamed`'s plus one row block."""
+    share of `decompose_streamed`'s plus one row block (or, with `keep_rows`, every block on the device)."""
     m, n = _row_separable_shape(plan)
     T = len(zoo.task_names)
     mods = sorted(set(int(i) for i in modules))
@@ -453,7 +487,9 @@ def decompose_streamed_part(
     b, blocks = linalg.krylov_shape(m, n, K, oversample, power_iters)
     J = len(mods)
     block = row_block or block_rows(n, T + 1, itemsize)
-    with _ModuleRows(zoo, plan, dtype, device, block, stats=0 in mods) as rows:
+    if keep_rows is None:
+        keep_rows = keeps_rows(device, (T + 1) * m * n * itemsize)
+    with _ModuleRows(zoo, plan, dtype, device, block, stats=0 in mods, keep=keep_rows) as rows:
         # the experts share one Ω (seed 1), as `linalg.randomized_svds(..., zero_sum=True)` draws them
         omega = torch.stack([_omega(n, b, min(i, 1), dtype, device) for i in mods])
         Y = _orthonormal_each(_sketch(rows, mods, omega, first=True))
@@ -558,19 +594,36 @@ Source = int | str
 class _TaskRows:
     """Row blocks of the task vectors [T, rows, n] from a reader, on the factors' device and dtype, with
     scratch buffers of one block's rows for the mean and the residuals (allocated once: a fresh block-sized
-    allocation is page-faulted in again at every block)."""
+    allocation is page-faulted in again at every block). With `keep` (`keeps_rows`), the first pass keeps
+    the blocks, and every later pass yields those instead of reading again."""
 
     def __init__(
-        self, read_rows: RowReader, m: int, n: int, T: int, row_block: int, like: torch.Tensor
+        self,
+        read_rows: RowReader,
+        m: int,
+        n: int,
+        T: int,
+        row_block: int,
+        like: torch.Tensor,
+        keep: bool = False,
     ) -> None:
         self.read_rows, self.m, self.n, self.T, self.row_block = read_rows, m, n, T, row_block
         self.dtype, self.device = like.dtype, like.device
         self.scratch = torch.empty(3, min(m, row_block), n, dtype=self.dtype, device=self.device)
+        self.keep, self.kept, self.all_kept = keep, [], False
 
     def blocks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        if self.all_kept:
+            yield from self.kept
+            return
         for sl in row_slices(self.m, self.row_block):
             tau = self.read_rows(sl.start, sl.stop)  # timed by the reader (BlockReader's phases)
-            yield sl, tau.to(self.device, self.dtype).reshape(self.T, sl.stop - sl.start, self.n)
+            # a kept block must not be the reader's buffer, which its next call overwrites
+            tau = tau.to(self.device, self.dtype, copy=self.keep).reshape(self.T, sl.stop - sl.start, self.n)
+            if self.keep:
+                self.kept.append((sl, tau))
+            yield sl, tau
+        self.all_kept = self.keep
 
 
 def _pass(
@@ -671,6 +724,7 @@ def refine_als_streamed(
     row_block: int | None = None,
     expert_dtype: str = "float32",
     consume: bool = False,
+    keep_rows: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """`refine.refine_als` on task vectors read a row block at a time: returns (A_s, B_s, A_t, B_t,
     err_before [T], err_after [T]) with A m×r, B r×n and the errors ‖A_sB_s + A_tB_t − τ_t‖² (float64,
@@ -700,6 +754,9 @@ def refine_als_streamed(
 
     `consume`: the lists `A_t` and `B_t` are updated in place to the factors returned (as the sweeps go,
     with float32 experts), so that the caller's lists do not keep the starting experts (T·m·r floats) alive.
+
+    `keep_rows`: keep the task vectors' row blocks on the device after the first pass, so that the reader is
+    called once per block (None: `keeps_rows`, on a GPU with room for T·m·n numbers); same results.
     """
     if B_s is None:
         raise DidiError(
@@ -708,7 +765,9 @@ def refine_als_streamed(
         )
     try:
         itemsize = A_s.element_size()
-        rows = _TaskRows(read_rows, m, n, T, row_block or block_rows(n, T, itemsize), A_s)
+        if keep_rows is None:
+            keep_rows = keeps_rows(A_s.device, T * m * n * itemsize)
+        rows = _TaskRows(read_rows, m, n, T, row_block or block_rows(n, T, itemsize), A_s, keep_rows)
         # the starting factors are kept only where they may be returned
         given = (A_t, B_t) if consume else None
         A_t, B_t = list(A_t), list(B_t)

@@ -15,9 +15,16 @@ from didi.closed_form import hard_error
 from didi.decompose import decompose_batch, terms_from_factors
 from didi.errors import DidiError
 from didi.merges import mean_merge
-from didi.refine import init_factors, refine_als, task_errors
+from didi.refine import TaskVectorRows, init_factors, refine_als, task_errors
 from didi.sources import TensorSource, tensor_sha256
-from didi.streamed import decompose_streamed, decompose_streamed_part, join_parts, refine_als_streamed
+from didi.streamed import (
+    BlockReader,
+    decompose_streamed,
+    decompose_streamed_part,
+    join_parts,
+    keeps_rows,
+    refine_als_streamed,
+)
 from helpers import write_finetune_zoo
 
 T = 3
@@ -251,6 +258,86 @@ def test_refine_streamed_consume_updates_the_callers_lists_and_changes_no_result
         [kept[0], kept[1], *kept[2], *kept[3], kept[4], kept[5]],
     ):
         assert torch.equal(x, y)
+
+
+def _counting(monkeypatch, cls, method: str) -> list[int]:
+    """Wrap `cls.method` so that each call appends the start row it was called with."""
+    calls: list[int] = []
+    orig = getattr(cls, method)
+
+    def counted(self, start, *a, **k):
+        calls.append(start)
+        return orig(self, start, *a, **k)
+
+    monkeypatch.setattr(cls, method, counted)
+    return calls
+
+
+@pytest.mark.parametrize("parts", [[[0, 1, 2, 3]], [[0, 2], [1, 3]]])
+def test_kept_rows_read_each_block_once_and_change_no_bit_of_the_decomposition(zoo, monkeypatch, parts):
+    """`keep_rows` (the GPU default where the rows fit): the checkpoints are read in the first pass only,
+    every later pass reuses the kept blocks, and the factors, norms and hashes are the same bits as when
+    every pass reads the rows again (a whole decomposition, and a sharded run's parts)."""
+    name, K, power_iters, row_block = "tall.weight", 6, 2, 64
+    plan = _plan(zoo, name)
+    reads = _counting(monkeypatch, BlockReader, "read")
+    for mods in parts:
+        got = {}
+        for keep in (False, True):
+            reads.clear()
+            got[keep] = decompose_streamed_part(
+                zoo, plan, K, mods, 4, power_iters, row_block=row_block, keep_rows=keep
+            )
+            passes = 1 if keep else 2 * power_iters + 3  # the passes the docstring counts
+            assert reads == list(range(0, plan.matrix_shape[0], row_block)) * passes
+        (read, read_sha), (kept, kept_sha) = got[False], got[True]
+        assert read_sha == kept_sha and read.keys() == kept.keys()
+        for k in read:
+            assert torch.equal(read[k], kept[k]), k
+
+
+@pytest.mark.parametrize("r_s", [2, 0])
+def test_kept_rows_are_read_once_and_change_no_bit_of_the_refinement(zoo, r_s):
+    """`refine_als_streamed(keep_rows=True)` calls its reader once per block (the first pass) and returns the
+    same bits as the run that reads every block at every pass (with the refinement stage's reader, which
+    returns a buffer that its next call overwrites)."""
+    name, r_t, row_block = "tall.weight", [3, 0, 5], 64
+    taus = _taus(zoo.base, zoo.tasks, name)
+    A_s, B_s, A_t, B_t = _refine_inputs(taus, r_s, r_t)
+    m, n = _plan(zoo, name).matrix_shape
+    got, calls = {}, {}
+    for keep in (False, True):
+        starts: list[int] = []
+        rows = TaskVectorRows(zoo, name, n)  # the stage's reader: its next call overwrites the block
+
+        def read_rows(start: int, stop: int) -> torch.Tensor:
+            starts.append(start)
+            return rows(start, stop)
+
+        got[keep] = refine_als_streamed(
+            read_rows, m, n, T, A_s, B_s, list(A_t), list(B_t), 2, 1, row_block=row_block, keep_rows=keep
+        )
+        calls[keep] = starts
+    once = list(range(0, m, row_block))
+    assert calls[True] == once
+    # without: every pass reads every block; with a shared part, the docstring's 2·(2·power_iters + 1)
+    # passes a sweep, plus two
+    assert calls[False] == once * (len(calls[False]) // len(once)) and len(calls[False]) > 5 * len(once)
+    if r_s:
+        assert len(calls[False]) == (2 * (2 * 1 + 1) * 2 + 2) * len(once)
+    flat = lambda g: [g[0], g[1], *g[2], *g[3], g[4], g[5]]  # noqa: E731
+    for x, y in zip(flat(got[False]), flat(got[True])):
+        assert torch.equal(x, y)
+
+
+def test_rows_are_kept_on_a_gpu_with_room_for_them_only(monkeypatch):
+    """`keeps_rows`: never on the CPU (streaming bounds host memory), on a GPU when the rows take at most
+    half its free memory (its free memory faked: no test needs a GPU)."""
+    assert not keeps_rows(torch.device("cpu"), 1)
+    free = 10 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
+    assert keeps_rows(torch.device("cuda"), free // 2)
+    assert not keeps_rows(torch.device("cuda"), free // 2 + 1)
 
 
 def test_refine_streamed_refuses_a_folded_shared_part():

@@ -8,6 +8,7 @@ import torch
 
 import didi.decompose as dec
 import didi.refine as ref
+import didi.streamed as streamed
 from didi.artifact import Artifact
 from didi.backbones import Adapter, Zoo
 from didi.decompose import DecomposeConfig
@@ -63,3 +64,25 @@ def test_streamed_merge_equals_the_in_memory_merge(tmp_path, fast, monkeypatch):
 
 def _deltas(path, task):
     return {n: d.float() for n, d in Artifact(path).task_deltas(task).items()}
+
+
+def test_rows_kept_on_the_device_give_the_same_artifact(tmp_path, fast, monkeypatch):
+    """The GPU's choice to keep a streamed matrix's rows after the first pass (`keeps_rows`, forced here on
+    the CPU), taken by both stages of a whole merge, writes the same artifact tensors, byte for byte."""
+    base, tasks = write_finetune_zoo(tmp_path / "zoo", {"tall.weight": (3000, 40), "sq.weight": (40, 40)})
+    zoo = Zoo(Adapter(), base, tasks)
+    read = _merge(zoo, tmp_path, fast, 1, "read")
+    asked: list[int] = []
+
+    def keep(device, nbytes):
+        asked.append(nbytes)
+        return True
+
+    monkeypatch.setattr(streamed, "keeps_rows", keep)
+    kept = _merge(zoo, tmp_path, fast, 1, "kept")
+    T, m, n = len(tasks), 3000, 40
+    assert asked == [(T + 1) * m * n * 4, T * m * n * 4]  # the decomposition's T+1 copies, the refinement's T
+    files = sorted(p.relative_to(read) for p in read.rglob("*.safetensors"))
+    assert files and files == sorted(p.relative_to(kept) for p in kept.rglob("*.safetensors"))
+    for f in files:
+        assert (read / f).read_bytes() == (kept / f).read_bytes(), f

@@ -314,6 +314,7 @@ def test_kept_rows_are_read_once_and_change_no_bit_of_the_refinement(zoo, r_s):
             starts.append(start)
             return rows(start, stop)
 
+        read_rows.close = rows.close  # called at the end, as the stage's reader is
         got[keep] = refine_als_streamed(
             read_rows, m, n, T, A_s, B_s, list(A_t), list(B_t), 2, 1, row_block=row_block, keep_rows=keep
         )

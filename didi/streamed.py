@@ -70,6 +70,32 @@ def keeps_rows(device: torch.device, nbytes: int) -> bool:
     return nbytes <= KEEP_SHARE * free
 
 
+class _KeptBlocks:
+    """A stage's row blocks kept from its first pass for every later one: `keep` (None: `keeps_rows` of the
+    device and the blocks' `nbytes`), else every pass reads its blocks again. A kept block must be a copy,
+    never a reader's buffer that its next read overwrites (`copy=self.keep` where it is moved)."""
+
+    def __init__(self, keep: bool | None, device: torch.device, nbytes: int) -> None:
+        self.keep = keeps_rows(device, nbytes) if keep is None else keep
+        self.blocks: list[tuple[slice, torch.Tensor]] = []
+        self.complete = False
+
+    def replay(self, read: Iterator[tuple[slice, torch.Tensor]]) -> Iterator[tuple[slice, torch.Tensor]]:
+        """The kept blocks once a whole pass is kept (`read` is then never started), else `read`'s blocks,
+        kept as they go."""
+        if self.complete:
+            yield from self.blocks
+            return
+        for block in read:
+            if self.keep:
+                self.blocks.append(block)
+            yield block
+        self.complete = self.keep
+
+    def release(self) -> None:
+        self.blocks, self.complete = [], False
+
+
 def block_rows(n: int, tensors: int, itemsize: int, target: int = BLOCK_BYTES) -> int:
     """Rows per block so that one block of `tensors` row-sliced tensors of n columns is about `target`
     bytes: large enough that each matmul is efficient, small enough to be negligible next to the factors."""
@@ -230,8 +256,9 @@ class _ModuleRows:
     the next block overwrites; a context manager (the reader's files).
 
     The first pass (`first=True`) checks every source's rows for NaN/Inf and, with `stats`, also hashes them
-    and accumulates the float64 norms, so that no pass is spent on them alone. With `keep` (`keeps_rows`),
-    the first pass keeps each block's modules, and every later pass yields those instead of reading again.
+    and accumulates the float64 norms, so that no pass is spent on them alone. With `keep` (None:
+    `keeps_rows`), the first pass keeps each block's modules and every later pass yields those
+    (`_KeptBlocks`).
     """
 
     def __init__(
@@ -242,12 +269,13 @@ class _ModuleRows:
         device: torch.device,
         row_block: int,
         stats: bool = True,
-        keep: bool = False,
+        keep: bool | None = False,
     ) -> None:
         self.zoo, self.name, self.dtype, self.device, self.stats = zoo, plan.name, dtype, device, stats
-        self.keep, self.kept, self.all_kept = keep, [], False
         self.m, self.n = _row_separable_shape(plan)
         self.T = len(zoo.task_names)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.kept = _KeptBlocks(keep, device, (self.T + 1) * self.m * self.n * itemsize)
         self.row_block = row_block
         self.reader = BlockReader(zoo, plan.name, self.n, dtype, row_block)
         prefix = f"{dtype}|{tuple(plan.shape)}|".encode()  # as didi.sources.tensor_sha256 of the whole
@@ -262,12 +290,12 @@ class _ModuleRows:
 
     def __exit__(self, *exc) -> None:
         self.reader.close()
-        self.kept = []
+        self.kept.release()
 
     def blocks(self, first: bool = False) -> Iterator[tuple[slice, torch.Tensor]]:
-        if self.all_kept:
-            yield from self.kept
-            return
+        return self.kept.replay(self._read(first))
+
+    def _read(self, first: bool) -> Iterator[tuple[slice, torch.Tensor]]:
         stats = first and self.stats
         for sl in row_slices(self.m, self.row_block):
             X = self.reader.read(sl.start, sl.stop, check=first)  # θ0, then the tasks
@@ -275,7 +303,7 @@ class _ModuleRows:
                 with PHASES("hash"):
                     for h, t in zip(self.hashes, X):
                         h.update(t.view(torch.uint8).numpy())
-            X = X.to(self.device, copy=self.keep)  # a kept block must not be the reader's buffer
+            X = X.to(self.device, copy=self.kept.keep)  # a kept block must not be the reader's buffer
             # in place, the same operations as decompose_batch on the whole matrix: τ_t = task − θ0 in the
             # experts' slots, M_s = their mean in θ0's, then M_t = τ_t − M_s
             with PHASES("modules"):
@@ -292,11 +320,8 @@ class _ModuleRows:
                     self.ms_sq += G[0, 0]
                     self.mt_sq += G.diagonal()[1:]
                     self.inner += G[0, 1:]
-            if self.keep:
-                self.kept.append((sl, X))
             yield sl, X
         self.f64 = None
-        self.all_kept = self.keep
 
     def _f64(self) -> torch.Tensor:
         """gram64's float64 chunk buffer, allocated at the first block (first pass only)."""
@@ -487,8 +512,6 @@ def decompose_streamed_part(
     b, blocks = linalg.krylov_shape(m, n, K, oversample, power_iters)
     J = len(mods)
     block = row_block or block_rows(n, T + 1, itemsize)
-    if keep_rows is None:
-        keep_rows = keeps_rows(device, (T + 1) * m * n * itemsize)
     with _ModuleRows(zoo, plan, dtype, device, block, stats=0 in mods, keep=keep_rows) as rows:
         # the experts share one Ω (seed 1), as `linalg.randomized_svds(..., zero_sum=True)` draws them
         omega = torch.stack([_omega(n, b, min(i, 1), dtype, device) for i in mods])
@@ -594,8 +617,8 @@ Source = int | str
 class _TaskRows:
     """Row blocks of the task vectors [T, rows, n] from a reader, on the factors' device and dtype, with
     scratch buffers of one block's rows for the mean and the residuals (allocated once: a fresh block-sized
-    allocation is page-faulted in again at every block). With `keep` (`keeps_rows`), the first pass keeps
-    the blocks, and every later pass yields those instead of reading again."""
+    allocation is page-faulted in again at every block). With `keep` (None: `keeps_rows`), the first pass
+    keeps the blocks and every later pass yields those (`_KeptBlocks`)."""
 
     def __init__(
         self,
@@ -605,25 +628,22 @@ class _TaskRows:
         T: int,
         row_block: int,
         like: torch.Tensor,
-        keep: bool = False,
+        keep: bool | None = False,
     ) -> None:
         self.read_rows, self.m, self.n, self.T, self.row_block = read_rows, m, n, T, row_block
         self.dtype, self.device = like.dtype, like.device
         self.scratch = torch.empty(3, min(m, row_block), n, dtype=self.dtype, device=self.device)
-        self.keep, self.kept, self.all_kept = keep, [], False
+        self.kept = _KeptBlocks(keep, self.device, T * m * n * like.element_size())
 
     def blocks(self) -> Iterator[tuple[slice, torch.Tensor]]:
-        if self.all_kept:
-            yield from self.kept
-            return
+        return self.kept.replay(self._read())
+
+    def _read(self) -> Iterator[tuple[slice, torch.Tensor]]:
         for sl in row_slices(self.m, self.row_block):
             tau = self.read_rows(sl.start, sl.stop)  # timed by the reader (BlockReader's phases)
             # a kept block must not be the reader's buffer, which its next call overwrites
-            tau = tau.to(self.device, self.dtype, copy=self.keep).reshape(self.T, sl.stop - sl.start, self.n)
-            if self.keep:
-                self.kept.append((sl, tau))
-            yield sl, tau
-        self.all_kept = self.keep
+            tau = tau.to(self.device, self.dtype, copy=self.kept.keep)
+            yield sl, tau.reshape(self.T, sl.stop - sl.start, self.n)
 
 
 def _pass(
@@ -765,8 +785,6 @@ def refine_als_streamed(
         )
     try:
         itemsize = A_s.element_size()
-        if keep_rows is None:
-            keep_rows = keeps_rows(A_s.device, T * m * n * itemsize)
         rows = _TaskRows(read_rows, m, n, T, row_block or block_rows(n, T, itemsize), A_s, keep_rows)
         # the starting factors are kept only where they may be returned
         given = (A_t, B_t) if consume else None
